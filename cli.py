@@ -1,0 +1,107 @@
+"""Command line: preprocess | train | evaluate | inspect | demo.
+
+Parsing and dispatch only; the work lives in ``engine`` and ``alpnet``, imported lazily so that
+``preprocess`` and ``inspect`` start fast and never import torch.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="FILE", help="YAML config file (default: built-in defaults)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one config value, e.g. --set superpixels.slic.n_segments=60 (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cli.py", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("preprocess", help="compute superpixel pseudo-labels into an HDF5 store",
+                       description="Read volumes, normalise slices, compute superpixels in parallel and "
+                                   "commit them to a crash-safe, resumable HDF5 store.")
+    p.add_argument("--input", help="NIfTI folder/file, raw CHAOS folder, or 'phantom' "
+                                   "(default: data.input = phantom)")
+    p.add_argument("--out", help="store path (default: engine.out = data/store.h5)")
+    p.add_argument("--threads", type=int, help="compute workers (default: all cores)")
+    p.add_argument("--backend", choices=["threads", "processes"], help="worker kind (default: threads)")
+    p.add_argument("--method", choices=["slic", "felzenszwalb", "meanshift"],
+                   help="pseudo-label method (default: slic)")
+    p.add_argument("--batch", type=int, help="slices per commit (default: 64)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="discard an existing store whose settings differ, instead of refusing")
+    p.add_argument("--no-progress", action="store_true", help="plain log lines instead of a progress bar")
+    _config_args(p)
+
+    p = sub.add_parser("inspect", help="summarise a store, or list the volumes of a data source",
+                       description="inspect STORE: one-screen summary and integrity check of a store. "
+                                   "inspect --data PATH: list the volumes a source yields.")
+    p.add_argument("store", nargs="?", help="store file (e.g. data/store.h5)")
+    p.add_argument("--data", help="list the volumes of this source instead (folder, file or 'phantom')")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("--volume", help="with --slice and --png: volume id of the overlay")
+    p.add_argument("--slice", type=int, help="with --volume and --png: slice index z")
+    p.add_argument("--png", help="write a superpixel/label overlay of one slice to this PNG")
+    _config_args(p)
+
+    p = sub.add_parser("train", help="self-supervised ALPNet training streamed from a store",
+                       description="Train ALPNet on superpixel episodes read from a store.")
+    p.add_argument("--store", help="store to train from (default: train.store)")
+    p.add_argument("--out", help="run folder (default: train.out)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default: auto (cuda when available)")
+    p.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
+    _config_args(p)
+
+    p = sub.add_parser("evaluate", help="1-way 1-shot evaluation (Dice per organ)",
+                       description="Evaluate a checkpoint with the Roy et al. C-chunk protocol on labelled "
+                                   "volumes; --baseline support-copy needs no checkpoint.")
+    p.add_argument("--checkpoint", help="model checkpoint (.pt) from `train`")
+    p.add_argument("--baseline", choices=["support-copy"], help="evaluate a reference that needs no model")
+    p.add_argument("--data", help="folder of image_<id>/label_<id> NIfTI volumes, or 'phantom'")
+    p.add_argument("--fold", help="fold index 0..4 or 'all' (default: evaluate.fold)")
+    p.add_argument("--setting", type=int, choices=[1, 2], help="1 or 2 (default: from the checkpoint)")
+    p.add_argument("--out", help="report folder (default: evaluate.out)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default: auto")
+    _config_args(p)
+
+    p = sub.add_parser("demo", help="preprocess, train and evaluate on the built-in phantom",
+                       description="The whole job on the built-in synthetic phantom, CPU-sized.")
+    p.add_argument("--out", default="runs/demo", help="demo folder (default: runs/demo)")
+    _config_args(p)
+    return parser
+
+
+# command -> (module, function); each function takes the parsed args and returns an exit status
+HANDLERS = {
+    "preprocess": ("engine.commands", "preprocess"),
+    "inspect": ("engine.commands", "inspect"),
+    "train": ("alpnet.commands", "train"),
+    "evaluate": ("alpnet.commands", "evaluate"),
+    "demo": ("alpnet.commands", "demo"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    module_name, func_name = HANDLERS[args.command]
+    try:
+        handler = getattr(importlib.import_module(module_name), func_name)
+    except (ImportError, AttributeError):
+        print(f"cli.py {args.command}: not built yet", file=sys.stderr)
+        return 2
+    from engine.config import ConfigError
+    try:
+        return int(handler(args) or 0)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,214 @@
+"""Typed configuration: plain YAML mapped onto dataclasses.
+
+Every section is a dataclass whose defaults are the paper's values (method.md). ``load_config`` reads an
+optional YAML file, applies ``--set a.b=value`` overrides and validates everything against the dataclass
+types; an unknown key or a wrong type is rejected with its dotted name before any work starts.
+This module holds the machinery and the engine's sections; ``alpnet.config`` adds the trainer's sections.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration key or value is invalid; the message names the dotted key."""
+
+
+# --------------------------------------------------------------------------------------------- sections
+@dataclasses.dataclass
+class DataConfig:
+    """Where volumes come from. ``input`` is a NIfTI folder/file, a raw CHAOS folder, or ``phantom``."""
+    input: str = "phantom"
+    phantom_volumes: int = 20
+    phantom_seed: int = 0
+
+
+@dataclasses.dataclass
+class PrepareConfig:
+    """Slice preparation (method.md 1.3-1.6)."""
+    fg_threshold: float = 50.0 + 1e-4   # body mask: raw intensity > threshold (CHAOS-T2 setting)
+    size: int = 256                      # in-plane size after centre crop / pad
+    clip_percentile: float = 99.5        # raw CHAOS DICOM only: bright-tail clip before resampling
+    target_spacing: list[float] = dataclasses.field(default_factory=lambda: [1.25, 1.25, 7.7])
+
+
+@dataclasses.dataclass
+class SlicConfig:
+    n_segments: int = 50
+    compactness: float = 0.1
+    max_num_iter: int = 10
+    sigma: float = 0.0
+    min_size_factor: float = 0.5
+    max_size_factor: float = 3.0
+    mask: bool = True                    # maskSLIC: seeds and labels restricted to the body mask
+
+
+@dataclasses.dataclass
+class FelzenszwalbConfig:
+    scale: float = 1.0
+    sigma: float = 1.0
+    min_size: int = 400
+    faithful: bool = False               # True: reproduce SSL-ALPNet's relabelling quirks (id gaps)
+
+
+@dataclasses.dataclass
+class MeanShiftConfig:
+    kernel_size: float = 8.0
+    max_dist: float = 40.0
+    ratio: float = 0.5
+    sigma: float = 1.0
+
+
+@dataclasses.dataclass
+class SuperpixelConfig:
+    method: str = "slic"                 # slic | felzenszwalb | meanshift
+    slic: SlicConfig = dataclasses.field(default_factory=SlicConfig)
+    felzenszwalb: FelzenszwalbConfig = dataclasses.field(default_factory=FelzenszwalbConfig)
+    meanshift: MeanShiftConfig = dataclasses.field(default_factory=MeanShiftConfig)
+
+    def __post_init__(self) -> None:
+        if self.method not in ("slic", "felzenszwalb", "meanshift"):
+            raise ConfigError(f"superpixels.method: {self.method!r} is not one of slic, felzenszwalb, meanshift")
+
+
+@dataclasses.dataclass
+class EngineConfig:
+    backend: str = "threads"             # threads | processes
+    threads: int = 0                     # compute workers; 0 = all cores
+    batch: int = 64                      # slices per commit
+    queue_slices: int = 256              # bound of the work queue (slices in flight)
+    out: str = "data/store.h5"
+    compression: str = "gzip-worker"     # see engine.store: chosen by measurement
+
+    def __post_init__(self) -> None:
+        if self.backend not in ("threads", "processes"):
+            raise ConfigError(f"engine.backend: {self.backend!r} is not one of threads, processes")
+        if self.threads < 0 or self.batch < 1 or self.queue_slices < 1:
+            raise ConfigError("engine.threads must be >= 0, engine.batch and engine.queue_slices >= 1")
+
+
+# --------------------------------------------------------------------------------------------- machinery
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against type hint ``tp`` (int promotes to float), recursing into containers."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
+        return from_dict(tp, value, key)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if errors else f"{key}: invalid value {value!r}")
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+        (item_tp, *_) = typing.get_args(tp) or (Any,)
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
+        ktp, vtp = typing.get_args(tp) or (Any, Any)
+        return {_coerce(k, ktp, f"{key}"): _coerce(v, vtp, f"{key}.{k}") for k, v in value.items()}
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {type(value).__name__} {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {type(value).__name__} {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true/false, got {type(value).__name__} {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {type(value).__name__} {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported type {_type_name(tp)}")
+
+
+def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from a mapping; unknown keys and wrong types raise ``ConfigError``."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    dotted = (lambda k: f"{prefix}.{k}" if prefix else k)
+    unknown = [k for k in data if k not in names]
+    if unknown:
+        raise ConfigError(f"{dotted(unknown[0])}: unknown key (allowed: {', '.join(sorted(names))})")
+    kwargs = {k: _coerce(v, hints[k], dotted(k)) for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except ConfigError as exc:
+        raise ConfigError(f"{prefix + ': ' if prefix and not str(exc).startswith(prefix) else ''}{exc}") from None
+
+
+def to_dict(cfg: Any) -> dict:
+    """Plain nested dict of a config dataclass (for YAML dumps and checkpoints)."""
+    return dataclasses.asdict(cfg)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"a.b=value"`` -> (["a", "b"], value parsed as YAML, so 3 -> int, true -> bool, [1,2] -> list)."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. train.iterations=200")
+    key, raw = text.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"--set {text!r}: empty key component")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return parts, value
+
+
+def merge_override(data: dict, parts: list[str], value: Any) -> None:
+    node = data
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{'.'.join(parts[:i + 1])}: is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def load_config(cls: type, path: str | Path | None = None, overrides: list[str] | None = None) -> Any:
+    """Load ``cls`` from an optional YAML file plus ``a.b=value`` overrides, validated."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    for text in overrides or []:
+        merge_override(data, *parse_override(text))
+    return from_dict(cls, data)

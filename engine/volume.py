@@ -1,0 +1,53 @@
+"""The volume record every source yields, and the error a source reports for one bad input."""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+
+class VolumeError(Exception):
+    """One input cannot be used. ``str(err)`` is a single line naming the file and the problem."""
+
+    def __init__(self, path: str, reason: str):
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"{self.path}: {reason}")
+
+
+@dataclasses.dataclass
+class Volume:
+    """A 3D scan as read from its source, before normalisation.
+
+    Attributes
+    ----------
+    id : str
+        Scan id (e.g. ``"1"`` for ``image_1.nii.gz``, ``"phantom_003"``).
+    image : ndarray, shape (H, W, Z), float32
+        Intensities as stored (CHAOS-T2: clipped, 0 .. ~1300). Slices are ``image[:, :, z]``:
+        the third array axis is the acquisition axis.
+    spacing : tuple of 3 floats
+        Voxel size in mm along the three array axes.
+    affine : ndarray, shape (4, 4), float64
+        Voxel-to-world (RAS+) transform, as recorded by the source.
+    orientation : str
+        Axis codes of the array axes, e.g. ``"LAS"`` (nibabel ``aff2axcodes``); recorded, never changed.
+    label : ndarray, shape (H, W, Z), uint8, or None
+        Organ labels when the source has them (CHAOS: 1 liver, 2 right kidney, 3 left kidney, 4 spleen).
+    path : str
+        The file or folder the volume was read from.
+    checksum : str
+        sha256 of the source file(s), or of the generator settings for the phantom.
+    """
+    id: str
+    image: np.ndarray
+    spacing: tuple[float, float, float]
+    affine: np.ndarray
+    orientation: str
+    label: np.ndarray | None
+    path: str
+    checksum: str
+
+    @property
+    def n_slices(self) -> int:
+        return int(self.image.shape[2])
