@@ -74,27 +74,84 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# command -> (module, function); each function takes the parsed args and returns an exit status
-HANDLERS = {
-    "preprocess": ("engine.commands", "preprocess"),
-    "inspect": ("engine.commands", "inspect"),
-    "train": ("alpnet.commands", "train"),
-    "evaluate": ("alpnet.commands", "evaluate"),
-    "demo": ("alpnet.commands", "demo"),
-}
+def _load_config(args: argparse.Namespace):
+    from alpnet.config import load  # torch-free
+    return load(args.config, args.overrides)
+
+
+def _call(module_name: str, func_name: str, *a, **kw) -> int:
+    """Call ``module.func``; a part that does not exist yet says so in one line (exit 2)."""
+    try:
+        func = getattr(importlib.import_module(module_name), func_name)
+    except (ImportError, AttributeError) as exc:
+        if isinstance(exc, ImportError) and exc.name not in (module_name, None):
+            raise
+        print(f"{module_name}.{func_name}: not built yet", file=sys.stderr)
+        return 2
+    return int(func(*a, **kw) or 0)
+
+
+def _apply(cfg_section, **values) -> None:
+    for key, value in values.items():
+        if value is not None:
+            setattr(cfg_section, key, value)
+
+
+def cmd_preprocess(args: argparse.Namespace) -> int:
+    cfg = _load_config(args)
+    _apply(cfg.data, input=args.input)
+    _apply(cfg.engine, out=args.out, threads=args.threads, backend=args.backend, batch=args.batch)
+    _apply(cfg.superpixels, method=args.method)
+    cfg.engine.__post_init__()
+    cfg.superpixels.__post_init__()
+    return _call("engine.pipeline", "preprocess", cfg, overwrite=args.overwrite,
+                 progress=not args.no_progress)
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    cfg = _load_config(args)
+    if args.data:
+        return _call("engine.sources", "describe", args.data, cfg, as_json=args.json)
+    if not args.store:
+        print("inspect: give a STORE file, or --data PATH to list a source's volumes", file=sys.stderr)
+        return 2
+    if args.png and (args.volume is None or args.slice is None):
+        print("inspect: --png needs --volume ID and --slice Z", file=sys.stderr)
+        return 2
+    return _call("engine.inspect", "inspect_store", args.store, as_json=args.json, volume=args.volume,
+                 z=args.slice, png=args.png)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    cfg = _load_config(args)
+    _apply(cfg.train, store=args.store, out=args.out, device=args.device)
+    return _call("alpnet.train", "main", cfg, resume=args.resume)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    cfg = _load_config(args)
+    if not args.checkpoint and not args.baseline:
+        print("evaluate: give --checkpoint CKPT or --baseline support-copy", file=sys.stderr)
+        return 2
+    _apply(cfg.evaluate, data=args.data, fold=args.fold, out=args.out)
+    return _call("alpnet.evaluate", "main", cfg, checkpoint=args.checkpoint, baseline=args.baseline,
+                 setting=args.setting, device=args.device or "auto")
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    cfg = _load_config(args)
+    return _call("alpnet.demo", "main", cfg, out=args.out)
+
+
+HANDLERS = {"preprocess": cmd_preprocess, "inspect": cmd_inspect, "train": cmd_train,
+            "evaluate": cmd_evaluate, "demo": cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    module_name, func_name = HANDLERS[args.command]
-    try:
-        handler = getattr(importlib.import_module(module_name), func_name)
-    except (ImportError, AttributeError):
-        print(f"cli.py {args.command}: not built yet", file=sys.stderr)
-        return 2
     from engine.config import ConfigError
     try:
-        return int(handler(args) or 0)
+        return HANDLERS[args.command](args)
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2

@@ -13,7 +13,7 @@ from engine.config import (ConfigError, DataConfig, EngineConfig, PrepareConfig,
 
 @dataclasses.dataclass
 class ModelConfig:
-    encoder: str = "resnet18"            # resnet101 (paper) | resnet50 | resnet18 | tiny
+    encoder: str = "resnet18"            # resnet101 (paper) | resnet50 | resnet18 | resnet18_l3 | tiny
     pretrained: str = ""                 # local weights file; empty = random init
     feature_dim: int = 256
     local_size_train: int = 4            # L: ALP window at training time (method.md 3.3)
@@ -31,9 +31,26 @@ class EpisodeConfig:
     setting: int = 2                     # 1: no exclusion; 2: drop slices containing the fold's test organs
     label_group: int = 0                 # setting 2: 0 = kidney model (exclude 2, 3), 1 = liver/spleen (1, 4)
     exclude_labels: list[int] = dataclasses.field(default_factory=list)  # explicit override of the group
-    fold: int = 0                        # held-out scans of this fold never enter training (method.md 5.2)
+    fold: int = 0                        # held-out scans of this fold never enter training (method.md 5.2;
+                                         # folds built by alpnet.protocol.make_fold with evaluate.n_folds)
     holdout: bool = True                 # False: train on every volume (e.g. phantom smoke runs)
     epoch_length: int = 1000
+    # Added by the episode stream (helper D). The reference draws ids 1..max-1 uniformly, empty and
+    # vanishing ones included (method.md 2.1/7.2: ~8% of its episodes teach "all background"); we drop
+    # them and count how often that happens. Set both False to keep them, as the reference does (our ids are
+    # consecutive, so all of 1..K are drawn; the reference never draws its largest id, a relabelling quirk).
+    drop_empty_ids: bool = True          # id with no pixel in the slice -> draw another id
+    drop_vanishing_ids: bool = True      # id with no pixel left after the bilinear down-sampling to H/8
+    feature_stride: int = 8              # encoder output stride, for the vanishing test
+    max_slice_tries: int = 1000          # consecutive slices without a usable id before giving up
+
+    def __post_init__(self) -> None:
+        if self.setting not in (1, 2):
+            raise ConfigError(f"episodes.setting: {self.setting!r} is not 1 or 2")
+        if self.label_group not in (0, 1):
+            raise ConfigError(f"episodes.label_group: {self.label_group!r} is not 0 or 1")
+        if self.fold < 0 or self.feature_stride < 1 or self.max_slice_tries < 1:
+            raise ConfigError("episodes.fold must be >= 0; feature_stride and max_slice_tries >= 1")
 
 
 @dataclasses.dataclass
@@ -45,6 +62,18 @@ class AugmentConfig:
     elastic_alpha: float = 10.0
     elastic_sigma: float = 5.0
     gamma: list[float] = dataclasses.field(default_factory=lambda: [0.5, 1.5])
+    # Added by helper D: the reference's blur kernel size (cv2.GaussianBlur 21x21) and a switch for
+    # debugging/tests (False: support and query are the unaugmented slice).
+    elastic_kernel: int = 21
+    enabled: bool = True
+
+    def __post_init__(self) -> None:
+        for key in ("zoom", "gamma"):
+            low_high = getattr(self, key)
+            if len(low_high) != 2 or not 0 < low_high[0] <= low_high[1]:
+                raise ConfigError(f"augment.{key}: expected [low, high] with 0 < low <= high, got {low_high}")
+        if self.elastic_kernel < 1 or self.elastic_kernel % 2 == 0 or self.elastic_sigma <= 0:
+            raise ConfigError("augment.elastic_kernel must be odd and positive, augment.elastic_sigma > 0")
 
 
 @dataclasses.dataclass
@@ -55,7 +84,8 @@ class TrainConfig:
     lr: float = 1e-3
     momentum: float = 0.9
     weight_decay: float = 5e-4
-    lr_step: int = 1000                  # lr *= lr_gamma every lr_step iterations
+    lr_step: int = 1000                  # lr *= lr_gamma every lr_step iterations; 0 = iterations // 100
+                                         # (the paper's 100 decays spread over a shorter run)
     lr_gamma: float = 0.95
     seed: int = 1234
     num_workers: int = 0                 # DataLoader workers
@@ -64,18 +94,37 @@ class TrainConfig:
     amp: bool = False                    # CUDA autocast
     log_every: int = 20
     ckpt_every: int = 1000
+    # Added by helper D.
+    batch_size: int = 1                  # episodes per iteration (paper: 1)
+    amp_dtype: str = "bfloat16"          # with amp: bfloat16 (CUDA or CPU) | float16 (CUDA, with grad scaling)
+    channels_last: bool = False          # NHWC memory format (measured 4-14% faster steps on this CPU)
+    keep_checkpoints: bool = False       # also keep checkpoint_<iteration>.pt at every ckpt_every (snapshots)
+
+    def __post_init__(self) -> None:
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"train.device: {self.device!r} is not one of auto, cpu, cuda")
+        if self.amp_dtype not in ("bfloat16", "float16"):
+            raise ConfigError(f"train.amp_dtype: {self.amp_dtype!r} is not one of bfloat16, float16")
+        if self.iterations < 1 or self.batch_size < 1 or self.log_every < 1 or self.ckpt_every < 1:
+            raise ConfigError("train.iterations, batch_size, log_every and ckpt_every must be >= 1")
+        if self.lr_step < 0 or self.num_workers < 0 or self.torch_threads < 0:
+            raise ConfigError("train.lr_step, num_workers and torch_threads must be >= 0")
 
 
 @dataclasses.dataclass
 class EvaluateConfig:
     data: str = "../shared/data/chaos_t2"
-    fold: str = "0"                      # 0..4 or "all"
+    fold: str | int = "0"                # 0..n_folds-1 or "all" (int accepted: --set evaluate.fold=1)
     chunks: int = 3                      # C of the Roy et al. protocol
     classes: dict[str, int] = dataclasses.field(
         default_factory=lambda: {"LIVER": 1, "RK": 2, "LK": 3, "SPLEEN": 4})
     n_folds: int = 5
     overlays: int = 2                    # scans per organ with overlay PNGs
     out: str = "runs/eval"
+    batch: int = 8                       # query slices per encoder pass (BN in eval mode: no effect on Dice)
+    allow_train_overlap: bool = False    # evaluate a fold whose scans the checkpoint may have trained on
+                                         # (another fold than its training fold); the report flags it
+    label: str = ""                      # row name in results.md; empty = derived from the checkpoint
 
 
 @dataclasses.dataclass

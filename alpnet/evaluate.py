@@ -1,0 +1,538 @@
+"""``cli.py evaluate``: 1-way 1-shot evaluation with the Roy et al. C-chunk protocol (method.md 5).
+
+For every fold and every test organ: the support scan gives C annotated slices (one per chunk of the organ's
+extent), every query scan's slices inside the organ's ground-truth extent are segmented with the support slice
+of their chunk, and a 3D Dice per scan is computed from TP/FP/FN summed over those slices. Scores are averaged
+over scans, then over organs, and written to ``evaluate.out`` as ``results.json``, ``results.md`` and overlay
+PNGs.
+
+Two predictors share the protocol: the network of a checkpoint (test-time ALP pooling with L = 2, no
+augmentation, support features encoded once per chunk and reused for every query slice) and the model-free
+``support-copy`` reference, which predicts the support slice's mask unchanged.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from alpnet.protocol import (Counts, Fold, ProtocolError, held_out_labels, make_fold, numeric_key,
+                             organ_slices, parse_folds, query_plan, select_classes, summarise,
+                             support_slice_indices)
+
+BASELINES = ("support-copy",)
+METHOD_NAMES = {"slic": "SLIC", "felzenszwalb": "Felzenszwalb", "meanshift": "MeanShift"}
+
+
+class EvaluationError(Exception):
+    """The evaluation cannot start or go on; ``str`` is one line naming the input and the problem."""
+
+
+# --------------------------------------------------------------------------------------------- predictors
+class Predictor:
+    """Segments query slices given the C support slices of one organ.
+
+    ``set_support`` is called once per (fold, organ) with the support images and masks of the C chunks;
+    ``predict`` then segments a stack of query slices that all belong to one chunk.
+    """
+    name = "predictor"
+
+    def set_support(self, images: np.ndarray, masks: np.ndarray) -> None:
+        """``images``: (C, H, W) float32 z-scored support slices; ``masks``: (C, H, W) bool organ masks."""
+        raise NotImplementedError
+
+    def predict(self, chunk: int, queries: np.ndarray) -> np.ndarray:
+        """``queries``: (N, H, W) float32 z-scored slices of chunk ``chunk`` -> (N, H, W) bool masks."""
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        """JSON-ready description of the predictor (recorded in ``results.json``)."""
+        return {"name": self.name}
+
+
+class SupportCopy(Predictor):
+    """Reference without a model: each query slice gets its chunk's support mask, pixel for pixel.
+
+    It measures how much of the Dice comes from the anatomy being in the same place in every scan and from
+    the protocol handing over the organ's extent; the network must beat it to have learnt anything.
+    """
+    name = "support-copy"
+
+    def set_support(self, images: np.ndarray, masks: np.ndarray) -> None:
+        self._masks = np.asarray(masks, dtype=bool)
+
+    def predict(self, chunk: int, queries: np.ndarray) -> np.ndarray:
+        n = queries.shape[0]
+        return np.broadcast_to(self._masks[chunk], (n,) + self._masks.shape[1:]).copy()
+
+
+class NetworkPredictor(Predictor):
+    """ALPNet at test time: eval mode, L = ``model.local_size_test``, no augmentation, 3 tiled channels.
+
+    The C support slices are encoded once per (fold, organ) and their features reused for every query slice
+    (the reference code re-encodes the support for each query slice; the result is the same since BatchNorm
+    runs in eval mode). Query slices go through the encoder in batches of ``batch``.
+    """
+    name = "network"
+
+    def __init__(self, model: Any, device: str, batch: int = 8):
+        import torch
+        self.torch = torch
+        self.model = model.to(device).eval()
+        self.device = device
+        self.batch = max(1, int(batch))
+        self._support = None
+        self.counters: dict[str, int] = {}      # prototype cases summed over every query slice
+
+    def _tensor(self, slices: np.ndarray):
+        t = self.torch.from_numpy(np.ascontiguousarray(slices, dtype=np.float32)).to(self.device)
+        return t[:, None].expand(-1, 3, -1, -1)  # 3 identical channels, as in training
+
+    def set_support(self, images: np.ndarray, masks: np.ndarray) -> None:
+        with self.torch.inference_mode():
+            feats = self.model.encode(self._tensor(images))
+        fg = self.torch.from_numpy(np.asarray(masks, dtype=np.float32)).to(self.device)
+        self._support = (feats, fg)
+
+    def logits(self, chunk: int, queries: np.ndarray) -> np.ndarray:
+        """(N, H, W) query slices of chunk ``chunk`` -> (N, 2, H, W) float32 logits [background, organ]."""
+        return np.concatenate([r["logits"].float().cpu().numpy() for r in self._forward(chunk, queries)])
+
+    def predict(self, chunk: int, queries: np.ndarray) -> np.ndarray:
+        return np.concatenate([(r["pred"] == 1).cpu().numpy() for r in self._forward(chunk, queries)])
+
+    def _forward(self, chunk: int, queries: np.ndarray):
+        if self._support is None:
+            raise RuntimeError("set_support must be called before predict")
+        feats, fg = self._support
+        with self.torch.inference_mode():
+            for i in range(0, queries.shape[0], self.batch):
+                q = self._tensor(queries[i:i + self.batch])
+                n = q.shape[0]
+                res = self.model.predict(None, fg[chunk:chunk + 1].expand(n, -1, -1), q,
+                                         support_feats=feats[chunk:chunk + 1].expand(n, -1, -1, -1))
+                for k, v in res.get("counters", {}).items():
+                    self.counters[k] = self.counters.get(k, 0) + int(v)
+                yield res
+
+    def describe(self) -> dict:
+        return {"name": self.name, "device": self.device, "batch": self.batch,
+                "prototype_counters": dict(self.counters)}
+
+
+# --------------------------------------------------------------------------------------------- data
+@dataclasses.dataclass
+class Scan:
+    """One prepared, labelled scan: ``image`` (H, W, Z) float32 z-scored, ``label`` (H, W, Z) uint8."""
+    id: str
+    image: np.ndarray
+    label: np.ndarray
+    path: str
+    checksum: str
+    notes: list[str] = dataclasses.field(default_factory=list)
+
+
+class ScanLoader:
+    """Lists the labelled scans of a source and loads/prepares them on demand (a few kept in memory)."""
+
+    def __init__(self, spec: str, cfg: Any, keep: int = 6):
+        from engine.sources import open_source
+        self.spec = spec
+        self.cfg = cfg
+        self.source = open_source(spec, cfg)
+        self.refs = {str(r): r for r in self.source.refs()}      # refs are the scan ids
+        self._cache: dict[str, Scan] = {}
+        self._keep = keep
+        self.load_s = 0.0                      # time spent reading and preparing volumes
+
+    @property
+    def ids(self) -> list[str]:
+        """Scan ids of the source, sorted numerically."""
+        return sorted(self.refs, key=numeric_key)
+
+    def load(self, scan_id: str) -> Scan:
+        """Read and prepare scan ``scan_id`` (z-scored image, cropped/padded to ``prepare.size``).
+
+        Raises ``EvaluationError`` for an unknown id or a scan without labels, and lets the source's
+        one-line ``VolumeError`` through for an unreadable file.
+        """
+        if scan_id in self._cache:
+            return self._cache[scan_id]
+        from engine.prepare import prepare_volume
+        if scan_id not in self.refs:
+            raise EvaluationError(f"{self.spec}: no scan with id {scan_id!r}")
+        t0 = time.perf_counter()
+        vol = self.source.load(self.refs[scan_id])
+        prep = prepare_volume(vol, self.cfg.prepare)
+        if prep.label is None:
+            raise EvaluationError(f"{vol.path}: scan {scan_id} has no label volume; evaluation needs labels")
+        scan = Scan(id=scan_id, image=np.asarray(prep.image, dtype=np.float32),
+                    label=np.asarray(prep.label), path=str(vol.path), checksum=str(vol.checksum),
+                    notes=list(prep.notes))
+        self.load_s += time.perf_counter() - t0
+        if len(self._cache) >= self._keep:
+            self._cache.pop(next(iter(self._cache)))
+        self._cache[scan_id] = scan
+        return scan
+
+
+# --------------------------------------------------------------------------------------------- protocol
+def evaluate_fold(fold: Fold, classes: Mapping[str, int], n_chunks: int, predictor: Predictor,
+                  load, overlay_scans: int = 0) -> tuple[dict, dict]:
+    """Run the protocol on one fold.
+
+    Parameters
+    ----------
+    fold : Fold
+    classes : mapping name -> label value
+        Organs to evaluate.
+    n_chunks : int
+        C.
+    predictor : Predictor
+    load : callable scan id -> Scan
+    overlay_scans : int
+        For the first ``overlay_scans`` query scans of each organ, keep the middle slice of each chunk
+        (image, truth, prediction) for the overlay PNGs.
+
+    Returns
+    -------
+    result : dict
+        JSON-ready: queries, support, and per organ its support slices and per-scan Dice/TP/FP/FN (or the
+        reason a scan or the organ was skipped).
+    overlays : dict
+        ``{(organ, scan id, chunk): dict(z, image, truth, pred, support_image, support_mask, dice)}``.
+    """
+    t0 = time.perf_counter()
+    support = load(fold.support)
+    queries = [load(q) for q in fold.queries]
+    t_load = time.perf_counter() - t0
+    organs: dict[str, Any] = {}
+    overlays: dict = {}
+    n_pred = 0
+    t_support = t_query = 0.0
+    for name, value in classes.items():
+        z_sup = organ_slices(support.label, value)
+        entry: dict[str, Any] = {"label": int(value), "support_extent": None, "support_slices": None,
+                                 "skipped": None, "scans": {}}
+        organs[name] = entry
+        if z_sup.size == 0:
+            reason = f"absent from the support scan {fold.support}"
+            entry["skipped"] = reason
+            entry["scans"] = {q.id: {"skipped": reason} for q in queries}
+            continue
+        entry["support_extent"] = [int(z_sup[0]), int(z_sup[-1])]
+        sup_z = support_slice_indices(z_sup, n_chunks)
+        entry["support_slices"] = sup_z
+        sup_img = np.stack([support.image[:, :, z] for z in sup_z])
+        sup_mask = np.stack([support.label[:, :, z] == value for z in sup_z])
+        ts = time.perf_counter()
+        predictor.set_support(sup_img, sup_mask)
+        t_support += time.perf_counter() - ts
+        for qi, q in enumerate(queries):
+            plan = query_plan(q.label, value, n_chunks)
+            if plan is None:
+                entry["scans"][q.id] = {"skipped": f"absent from the query scan {q.id}"}
+                continue
+            counts = Counts()
+            per_chunk = []
+            for p in range(n_chunks):
+                zs = plan.slices_of_chunk(p)
+                if not zs:
+                    per_chunk.append({"slices": [], "tp": 0, "fp": 0, "fn": 0})
+                    continue
+                tq = time.perf_counter()
+                pred = predictor.predict(p, np.stack([q.image[:, :, z] for z in zs]))
+                t_query += time.perf_counter() - tq
+                n_pred += len(zs)
+                truth = np.stack([q.label[:, :, z] == value for z in zs])
+                c = Counts().add(pred, truth)
+                counts.tp += c.tp
+                counts.fp += c.fp
+                counts.fn += c.fn
+                per_chunk.append({"slices": [int(z) for z in zs], "support_slice": int(sup_z[p]),
+                                  "tp": c.tp, "fp": c.fp, "fn": c.fn})
+                if qi < overlay_scans:
+                    m = len(zs) // 2
+                    overlays[(name, q.id, p)] = dict(
+                        z=int(zs[m]), image=q.image[:, :, zs[m]], truth=truth[m], pred=np.asarray(pred[m]),
+                        support_image=sup_img[p], support_mask=sup_mask[p], support_z=int(sup_z[p]),
+                        dice=Counts().add(pred[m], truth[m]).dice)
+            entry["scans"][q.id] = {"dice": counts.dice, "tp": counts.tp, "fp": counts.fp, "fn": counts.fn,
+                                    "z_min": plan.z_min, "z_max": plan.z_max, "n_slices": len(plan.slices),
+                                    "chunks": per_chunk}
+        entry["mean"] = summarise({name: _dices(entry)}, [name])["organs"][name]
+    per_scan = {n: _dices(e) for n, e in organs.items()}
+    result = {"fold": fold.index, "queries": list(fold.queries), "support": fold.support,
+              "scan_files": {s.id: {"path": s.path, "checksum": s.checksum, "notes": s.notes}
+                             for s in [*queries, support]},
+              "organs": organs, "summary": summarise(per_scan, list(classes)),
+              "timings": {"load_s": t_load, "support_s": t_support, "query_s": t_query,
+                          "query_slices": n_pred, "total_s": time.perf_counter() - t0}}
+    return result, overlays
+
+
+def _dices(entry: Mapping) -> dict[str, float]:
+    """{scan id: Dice} of the scored scans of one organ entry."""
+    return {sid: s["dice"] for sid, s in entry["scans"].items() if "dice" in s}
+
+
+def overall_summary(folds: Sequence[Mapping], classes: Sequence[str]) -> dict:
+    """Mean over every scored (fold, scan) per organ, then over organs; plus the per-fold means.
+
+    With equal-sized folds (CHAOS: 4 queries per fold) the mean over scans equals the paper's mean over
+    fold means.
+    """
+    per_scan: dict[str, dict[str, float]] = {c: {} for c in classes}
+    for f in folds:
+        for c in classes:
+            if c in f["organs"]:
+                for sid, d in _dices(f["organs"][c]).items():
+                    per_scan[c][f"{f['fold']}:{sid}"] = d
+    out = summarise(per_scan, classes)
+    out["folds"] = {str(f["fold"]): f["summary"] for f in folds}
+    return out
+
+
+# --------------------------------------------------------------------------------------------- main
+def sha256_file(path: str | Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def resolve_device(device: str) -> str:
+    """``"auto"`` -> ``"cuda"`` when available else ``"cpu"``; ``"cuda"`` without a GPU is an error."""
+    if device not in ("auto", "cpu", "cuda"):
+        raise EvaluationError(f"--device {device!r}: not one of auto, cpu, cuda")
+    if device == "cpu":
+        return "cpu"
+    import torch
+    if device == "cuda" and not torch.cuda.is_available():
+        raise EvaluationError("--device cuda: no CUDA device is available")
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def training_volumes(ckpt_cfg: Mapping, meta: Mapping) -> tuple[list[dict] | None, str]:
+    """Volumes (id, checksum) the checkpoint trained on, read from its store when the store is still there.
+
+    Training drops the held-out fold's scans (``episodes.fold`` with ``episodes.holdout``) from the store's
+    volumes, using the same fold function as here. Returns (None, reason) when the store cannot be read.
+    """
+    store = (meta or {}).get("store") or {}
+    path = store.get("path")
+    if not path or not Path(path).exists():
+        return None, f"training store {path!r} not found"
+    try:
+        from engine.store import StoreReader
+        with StoreReader(path) as reader:
+            vols = [{"id": str(v["id"]), "checksum": str(v.get("checksum", ""))} for v in reader.volumes]
+    except Exception as exc:  # any unreadable store: fall back to the config rule, say why
+        return None, f"training store {path} unreadable ({type(exc).__name__})"
+    ep = ckpt_cfg.get("episodes", {})
+    if ep.get("holdout", True):
+        n_folds = int(ckpt_cfg.get("evaluate", {}).get("n_folds", 5))
+        try:
+            held = set(make_fold([v["id"] for v in vols], n_folds, int(ep.get("fold", 0))).scans)
+        except ProtocolError:
+            held = set()
+        vols = [v for v in vols if v["id"] not in held]
+    return vols, f"volumes of the training store {path}"
+
+
+def training_overlap(ckpt_cfg: Mapping, train_vols: list[dict] | None, fold: Fold,
+                     scans: Mapping[str, str], n_folds: int) -> list[str]:
+    """Scans of ``fold`` the checkpoint may have trained on.
+
+    Parameters
+    ----------
+    ckpt_cfg : the checkpoint's config dict
+    train_vols : list of {"id", "checksum"} or None
+        From :func:`training_volumes`. A fold scan overlaps when its checksum is among them (the same file,
+        whatever its id). None: judged from the config alone, assuming the evaluation data is the training
+        data: every scan outside the checkpoint's held-out fold was a training scan.
+    fold : Fold
+    scans : mapping scan id -> checksum of the evaluation data
+    n_folds : int
+    """
+    if train_vols is not None:
+        sums = {v["checksum"] for v in train_vols if v["checksum"]}
+        ids = {v["id"] for v in train_vols}
+        return [s for s in fold.scans if scans.get(s) in sums or (not sums and s in ids)]
+    ep = ckpt_cfg.get("episodes", {})
+    if not ep.get("holdout", True):
+        return list(fold.scans)
+    ckpt_folds = int(ckpt_cfg.get("evaluate", {}).get("n_folds", n_folds))
+    try:
+        held = set(make_fold(list(scans), ckpt_folds, int(ep.get("fold", 0))).scans)
+    except ProtocolError:
+        return list(fold.scans)
+    return [s for s in fold.scans if s not in held]
+
+
+def main(cfg: Any, checkpoint: str | None = None, baseline: str | None = None, setting: int | None = None,
+         device: str = "auto") -> int:
+    """Evaluate a checkpoint or a baseline with the C-chunk protocol and write the report.
+
+    Parameters
+    ----------
+    cfg : alpnet.config.Config
+        ``cfg.evaluate`` gives the data, fold(s), C, classes and output folder; ``cfg.prepare`` the slice
+        preparation (z-scoring, crop/pad).
+    checkpoint : str or None
+        A ``train`` checkpoint; exactly one of ``checkpoint`` and ``baseline``.
+    baseline : {"support-copy"} or None
+    setting : {1, 2} or None
+        None: the checkpoint's own setting. 2: the checkpoint's label group decides the organs.
+    device : {"auto", "cpu", "cuda"}
+
+    Returns
+    -------
+    int
+        0 on success, 1 when nothing could be scored, 2 for bad input (one line on stderr).
+    """
+    try:
+        return _run(cfg, checkpoint, baseline, setting, device)
+    except (EvaluationError, ProtocolError) as exc:
+        print(f"evaluate: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # one line for bad inputs raised by the data layer
+        from engine.volume import VolumeError
+        if isinstance(exc, VolumeError):
+            print(f"evaluate: {exc}", file=sys.stderr)
+            return 2
+        raise
+
+
+def _run(cfg: Any, checkpoint: str | None, baseline: str | None, setting: int | None, device: str) -> int:
+    from engine.config import to_dict
+    from engine.runinfo import write_run_info
+
+    from alpnet import report
+
+    ev = cfg.evaluate
+    t_start = time.perf_counter()
+    if (checkpoint is None) == (baseline is None):
+        raise EvaluationError("give exactly one of --checkpoint CKPT and --baseline support-copy")
+    if baseline is not None and baseline not in BASELINES:
+        raise EvaluationError(f"--baseline {baseline!r}: not one of {', '.join(BASELINES)}")
+    if setting not in (None, 1, 2):
+        raise EvaluationError(f"--setting {setting!r}: must be 1 or 2")
+    if ev.chunks < 1:
+        raise EvaluationError(f"evaluate.chunks = {ev.chunks}: must be >= 1")
+    folds = parse_folds(ev.fold, ev.n_folds)
+    notes: list[str] = []
+    ckpt_info: dict[str, Any] | None = None
+    ckpt_cfg: dict = {}
+
+    if checkpoint is not None:
+        path = Path(checkpoint)
+        if not path.is_file():
+            raise EvaluationError(f"{checkpoint}: checkpoint file not found")
+        from alpnet.checkpoint import CheckpointError, load_checkpoint
+        dev = resolve_device(device)
+        try:
+            model, ckpt_cfg, meta = load_checkpoint(str(path), dev)
+        except CheckpointError as exc:
+            raise EvaluationError(str(exc)) from None
+        ep = ckpt_cfg.get("episodes", {})
+        ckpt_setting = int(ep.get("setting", 1))
+        eff_setting = ckpt_setting if setting is None else int(setting)
+        if eff_setting == 2 and ckpt_setting != 2:
+            raise EvaluationError(f"{checkpoint}: trained in setting 1 (test organs seen in training "
+                                  "slices); it cannot give a setting-2 result")
+        test_labels = held_out_labels(ep) if eff_setting == 2 else None
+        predictor: Predictor = NetworkPredictor(model, dev, batch=ev.batch)
+        ckpt_info = {"path": str(path.resolve()), "sha256": sha256_file(path), "device": dev,
+                     "setting": ckpt_setting, "label_group": ep.get("label_group"),
+                     "exclude_labels": ep.get("exclude_labels"), "train_fold": ep.get("fold"),
+                     "holdout": ep.get("holdout", True), "encoder": ckpt_cfg.get("model", {}).get("encoder"),
+                     "meta": report.jsonable(meta)}
+        method = ((meta or {}).get("store") or {}).get("method") or ckpt_cfg.get("superpixels", {}).get("method")
+        method = METHOD_NAMES.get(str(method), method)
+        default_label = f"{method}-ALPNet (this run)" if method else "ALPNet (this run)"
+        if setting == 1 and ckpt_setting == 2:
+            notes.append("setting 1 asked of a setting-2 checkpoint: every class is evaluated; the organs its "
+                         "training excluded are held out more strictly than setting 1 requires")
+    else:
+        predictor = SupportCopy()
+        eff_setting = None
+        test_labels = None
+        notes.append("support-copy needs no training: every configured class is evaluated"
+                     + (f" (--setting {setting} does not apply)" if setting is not None else ""))
+        default_label = "support copy (no model)"
+    classes = select_classes(ev.classes, test_labels)
+
+    loader = ScanLoader(ev.data, cfg)
+    ids = loader.ids
+    fold_objs = [make_fold(ids, ev.n_folds, k) for k in folds]
+    overlaps: dict[int, list[str]] = {}
+    if checkpoint is not None:
+        train_vols, basis = training_volumes(ckpt_cfg, meta)
+        ckpt_info["overlap_basis"] = basis if train_vols is not None else f"checkpoint config ({basis})"
+        for f in fold_objs:
+            # checksums identify the files whatever their ids; only needed when the store's list is known
+            sums = ({sid: loader.load(sid).checksum for sid in f.scans} if train_vols is not None
+                    else dict.fromkeys(ids, ""))
+            ov = training_overlap(ckpt_cfg, train_vols, f, sums, ev.n_folds)
+            if ov:
+                overlaps[f.index] = ov
+                msg = (f"fold {f.index}: scan(s) {', '.join(ov)} may be training scans of this checkpoint "
+                       f"(trained for fold {ckpt_info['train_fold']}, holdout={ckpt_info['holdout']}; judged "
+                       f"from the {ckpt_info['overlap_basis']}), so its Dice is not a held-out result")
+                if not ev.allow_train_overlap:
+                    raise EvaluationError(f"{checkpoint}: {msg}; set evaluate.allow_train_overlap=true to "
+                                          "evaluate anyway (the report marks it)")
+                notes.append("WARNING " + msg)
+
+    out = Path(ev.out)
+    out.mkdir(parents=True, exist_ok=True)
+    fold_results = []
+    all_overlays: dict = {}
+    for f in fold_objs:
+        print(f"fold {f.index}: queries {', '.join(f.queries)}, support {f.support}; "
+              f"organs {', '.join(classes)}; C = {ev.chunks}", flush=True)
+        res, ovl = evaluate_fold(f, classes, ev.chunks, predictor, loader.load, overlay_scans=ev.overlays)
+        res["train_overlap"] = overlaps.get(f.index, [])
+        fold_results.append(res)
+        all_overlays.update({(f.index,) + k: v for k, v in ovl.items()})
+        for sid, info in res["scan_files"].items():
+            notes += [f"fold {f.index}, scan {sid}: {n}" for n in info["notes"]]
+        for organ, e in res["organs"].items():
+            for sid, s in e["scans"].items():
+                if "skipped" in s:
+                    notes.append(f"fold {f.index}, {organ}, scan {sid}: skipped ({s['skipped']})")
+
+    summary = overall_summary(fold_results, list(classes))
+    label = ev.label or default_label
+    results = {
+        "schema": 1, "label": label, "predictor": predictor.name, "baseline": baseline,
+        "setting": eff_setting, "data": str(ev.data), "classes": dict(classes),
+        "all_classes": dict(ev.classes), "chunks": ev.chunks, "n_folds": ev.n_folds, "folds_evaluated": folds,
+        "checkpoint": ckpt_info, "predictor_info": predictor.describe(), "summary": summary,
+        "folds": fold_results, "notes": notes,
+        "timings": {"total_s": time.perf_counter() - t_start,
+                    "query_slices": sum(f["timings"]["query_slices"] for f in fold_results),
+                    "query_s": sum(f["timings"]["query_s"] for f in fold_results),
+                    "support_s": sum(f["timings"]["support_s"] for f in fold_results),
+                    "load_s": loader.load_s},
+        "config": to_dict(cfg), "checkpoint_config": ckpt_cfg or None,
+    }
+    report.write_report(out, results, all_overlays)
+    write_run_info(out, to_dict(cfg), name="evaluate")
+    print(report.results_table(results))
+    print(f"report: {out / 'results.md'}, {out / 'results.json'}, {out / 'overlays'}/")
+    scored = sum(summary["n_scans"].values())
+    if scored == 0:
+        print("evaluate: no (organ, scan) pair could be scored; see the notes in results.md", file=sys.stderr)
+        return 1
+    return 0
+

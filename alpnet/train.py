@@ -1,0 +1,341 @@
+"""Self-supervised ALPNet training streamed from a store: ``python cli.py train``.
+
+Layout follows the torchvision reference scripts: :func:`main` sets everything up, :func:`train_one_epoch`
+runs iterations until the stream ends. One iteration = ``train.batch_size`` episodes (paper: 1), SGD with
+momentum and weight decay, the learning rate multiplied by ``lr_gamma`` every ``lr_step`` iterations
+(method.md 4). The run folder holds::
+
+    train.config.yaml / train.info.json   resolved config, command line, versions (engine.runinfo)
+    log.txt                               the log lines printed to stdout
+    metrics.jsonl                         one record per log line (loss terms, lr, timings, counters)
+    checkpoint.pt                         latest checkpoint (atomic), what --resume continues from
+    checkpoint_NNNNNN.pt                  snapshots, with train.keep_checkpoints (paper: 25k, 50k, 75k, 100k)
+    loss_curve.png                        loss terms against iterations
+"""
+from __future__ import annotations
+
+import json
+import random
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from alpnet.backbones import EncoderError
+from alpnet.checkpoint import CheckpointError, read_checkpoint, save_checkpoint
+from alpnet.episodes import EpisodeError, EpisodeStream, worker_init
+from alpnet.model import ALPNet, COUNTERS
+from engine.config import to_dict
+from engine.runinfo import write_run_info
+
+CHECKPOINT_NAME = "checkpoint.pt"
+REDRAWS = ("empty_redraws", "vanishing_redraws", "slice_redraws")
+
+
+class TrainError(RuntimeError):
+    """The run cannot start as asked; the message is one line."""
+
+
+# --------------------------------------------------------------------------------------------- helpers
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> cuda when available else cpu; ``cuda`` without a GPU is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise TrainError("train.device=cuda but torch sees no CUDA device (use --device cpu or auto)")
+    return torch.device(name)
+
+
+def lr_step_of(cfg) -> int:
+    """Iterations between two decays: ``train.lr_step``, or iterations // 100 when it is 0 (short runs keep the
+    paper's 100 decays of x0.95 over the whole run)."""
+    return cfg.train.lr_step or max(1, cfg.train.iterations // 100)
+
+
+def rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]], "python": random.getstate()}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"].cpu())
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+    n = state["numpy"]
+    np.random.set_state((n[0], np.asarray(n[1], dtype=np.uint32), *n[2:]))
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+
+
+def _plain(obj: Any) -> Any:
+    """JSON-safe copy (numpy scalars/arrays -> python), so store metadata can live in a checkpoint."""
+    return json.loads(json.dumps(obj, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
+
+
+class RunLog:
+    """Prints log lines and appends them to ``log.txt``; metrics records go to ``metrics.jsonl``."""
+
+    def __init__(self, out: Path, keep_until: int | None):
+        self.out = out
+        self.metrics_path = out / "metrics.jsonl"
+        if keep_until is not None and self.metrics_path.exists():
+            # A resumed run drops records logged after its checkpoint (they will be produced again).
+            kept = [ln for ln in self.metrics_path.read_text().splitlines()
+                    if ln.strip() and json.loads(ln)["iteration"] <= keep_until]
+            self.metrics_path.write_text("".join(k + "\n" for k in kept))
+        elif keep_until is None:
+            self.metrics_path.write_text("")
+        self.log = open(out / "log.txt", "a")
+
+    def line(self, text: str) -> None:
+        print(text, flush=True)
+        self.log.write(text + "\n")
+        self.log.flush()
+
+    def record(self, rec: dict) -> None:
+        with open(self.metrics_path, "a") as fh:
+            fh.write(json.dumps(rec) + "\n")
+
+    def close(self) -> None:
+        self.log.close()
+
+
+def plot_loss_curve(metrics_path: Path, png: Path) -> Path | None:
+    """Loss terms against iterations from ``metrics.jsonl`` into ``png`` (None when there is nothing)."""
+    recs = [json.loads(ln) for ln in metrics_path.read_text().splitlines() if ln.strip()]
+    if not recs:
+        return None
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    its = [r["iteration"] for r in recs]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key, style in (("loss", "-"), ("loss_query", "--"), ("loss_par", ":")):
+        ax.plot(its, [r[key] for r in recs], style, label=key)
+    ax.set_xlabel("iteration")
+    ax.set_ylabel(f"mean loss over {recs[0].get('window', '?')} iterations")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+    return png
+
+
+# --------------------------------------------------------------------------------------------- training
+def train_one_epoch(model: ALPNet, optimizer, scheduler, loader, device: torch.device, cfg, start_it: int,
+                    log: RunLog, totals: dict, save_fn, scaler=None) -> int:
+    """Run iterations ``start_it + 1 ..`` until ``loader`` is exhausted; returns the last iteration done.
+
+    Logs every ``train.log_every`` iterations: mean loss terms, lr, episodes/s, data time (waiting for the
+    next batch) vs step time (forward, backward, update), and the prototype/id fallback counters.
+    Calls ``save_fn(iteration)`` every ``train.ckpt_every`` iterations and at the last one. ``scaler``: a
+    ``torch.amp.GradScaler`` for float16 autocast on CUDA, else None.
+    """
+    tc = cfg.train
+    amp = tc.amp
+    amp_dtype = getattr(torch, tc.amp_dtype)
+    mem = torch.channels_last if tc.channels_last else torch.contiguous_format
+    win: dict[str, float] = defaultdict(float)
+    n_win = 0
+    it = start_it
+    t_win = t_prev = time.perf_counter()
+    for batch in loader:
+        t_data = time.perf_counter()
+        sup = batch["support_image"].to(device, non_blocking=True).contiguous(memory_format=mem)
+        qry = batch["query_image"].to(device, non_blocking=True).contiguous(memory_format=mem)
+        sup_fg = batch["support_mask"].to(device, non_blocking=True).float()
+        qry_mask = batch["query_mask"].to(device, non_blocking=True)
+        with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=amp):
+            out = model(sup, sup_fg, qry, qry_mask, train=True)
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(out["loss"]).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            out["loss"].backward()
+            optimizer.step()
+        scheduler.step()
+        terms = {k: float(out[k].detach()) for k in ("loss", "loss_query", "loss_par")}   # syncs the device
+        t_step = time.perf_counter()
+        it += 1
+        for k, v in terms.items():
+            win[k] += v
+        win["data_s"] += t_data - t_prev
+        win["step_s"] += t_step - t_data
+        for k in COUNTERS:
+            win[k] += out["counters"][k]
+            totals[k] = totals.get(k, 0) + out["counters"][k]
+        for k in REDRAWS:
+            v = int(batch["meta"][k].sum())
+            win[k] += v
+            totals[k] = totals.get(k, 0) + v
+        n_win += 1
+        t_prev = t_step
+        if not all(np.isfinite(v) for v in terms.values()):
+            raise TrainError(f"iteration {it}: loss is not finite ({terms}); lower train.lr or disable train.amp")
+        if it % tc.log_every == 0 or it == tc.iterations:
+            _log_window(log, it, tc, win, n_win, time.perf_counter() - t_win, optimizer, totals)
+            win.clear()
+            n_win = 0
+            t_win = time.perf_counter()
+        if it % tc.ckpt_every == 0 or it == tc.iterations:
+            save_fn(it)
+            t_prev = time.perf_counter()   # checkpoint time is neither data nor step time
+    return it
+
+
+def _log_window(log: RunLog, it: int, tc, win: dict, n: int, wall: float, optimizer, totals: dict) -> None:
+    eps = win["episodes"]
+    data, step = win["data_s"], win["step_s"]
+    draws = eps + win["empty_redraws"] + win["vanishing_redraws"]
+    rec = {"iteration": it, "window": n, "loss": win["loss"] / n, "loss_query": win["loss_query"] / n,
+           "loss_par": win["loss_par"] / n, "lr": optimizer.param_groups[0]["lr"],
+           "episodes_per_s": eps / wall if wall > 0 else 0.0, "data_ms": 1000 * data / n,
+           "step_ms": 1000 * step / n, "data_share": data / (data + step) if data + step > 0 else 0.0,
+           "fg_global_only_rate": win["fg_global_only"] / max(eps, 1),
+           "fg_local_protos_mean": win["fg_local_protos"] / max(eps, 1),
+           "fg_empty": int(win["fg_empty"]), "bg_fallback_global": int(win["bg_fallback_global"]),
+           "par_fg_empty": int(win["par_fg_empty"]), "par_bg_fallback_global": int(win["par_bg_fallback_global"]),
+           "empty_id_rate": win["empty_redraws"] / max(draws, 1),
+           "vanishing_id_rate": win["vanishing_redraws"] / max(draws, 1),
+           "totals": dict(totals)}
+    log.record(rec)
+    log.line(f"it {it:>6}/{tc.iterations}  loss {rec['loss']:.4f} (query {rec['loss_query']:.4f} "
+             f"par {rec['loss_par']:.4f})  lr {rec['lr']:.2e}  {rec['episodes_per_s']:.2f} ep/s  "
+             f"data {rec['data_ms']:.1f} ms / step {rec['step_ms']:.0f} ms ({100 * rec['data_share']:.1f}% data)  "
+             f"fg global-only {100 * rec['fg_global_only_rate']:.0f}%  fg-empty {rec['fg_empty']}  "
+             f"bg-fallback {rec['bg_fallback_global']}  par fg-empty {rec['par_fg_empty']} "
+             f"bg-fallback {rec['par_bg_fallback_global']}  id redraws: empty {int(win['empty_redraws'])} "
+             f"vanishing {int(win['vanishing_redraws'])}")
+
+
+def _store_record(stream: EpisodeStream, path: str) -> dict:
+    meta = stream.store_meta
+    return _plain({"path": str(Path(path).resolve()), "method": meta.get("method"), "params": meta.get("params"),
+                   "code_version": meta.get("code_version"), "schema_version": meta.get("schema_version"),
+                   "training_slices": int(stream.index.rows.size), "dropped": stream.index.dropped,
+                   "held_out": stream.index.held_out, "exclude_labels": stream.index.exclude_labels})
+
+
+def _check_resume_config(saved: dict, current: dict, log) -> None:
+    if saved.get("model") != current.get("model"):
+        diff = sorted(k for k in set(saved.get("model", {})) | set(current["model"])
+                      if saved.get("model", {}).get(k) != current["model"].get(k))
+        raise TrainError(f"--resume: model settings differ from the checkpoint's ({', '.join('model.' + k for k in diff)})")
+    changed = [f"{sec}.{k}" for sec in ("episodes", "augment", "train") for k in current.get(sec, {})
+               if saved.get(sec, {}).get(k) != current[sec][k]]
+    if changed:
+        log(f"note: resuming with changed settings: {', '.join(changed)}")
+
+
+# --------------------------------------------------------------------------------------------- main
+def main(cfg, resume: bool = False) -> int:
+    """Train ALPNet on the episodes of ``cfg.train.store`` into the run folder ``cfg.train.out``.
+
+    Returns 0 on success, 2 with a one-line message on stderr when the run cannot start (missing or empty
+    store, missing checkpoint for ``resume``, an occupied run folder, a bad encoder or weights file).
+    """
+    try:
+        return _main(cfg, resume)
+    except (EpisodeError, CheckpointError, EncoderError, TrainError) as exc:
+        print(f"train: {exc}", file=sys.stderr)
+        return 2
+
+
+def _main(cfg, resume: bool) -> int:
+    tc = cfg.train
+    out = Path(tc.out)
+    ckpt_path = out / CHECKPOINT_NAME
+    state = None
+    if resume:
+        if not ckpt_path.is_file():
+            raise TrainError(f"{ckpt_path}: no checkpoint to resume from (--resume needs a previous run in "
+                             f"{out})")
+        state = read_checkpoint(ckpt_path, "cpu")
+        _check_resume_config(state["config"], to_dict(cfg), print)
+    elif ckpt_path.exists():
+        raise TrainError(f"{out}: already holds a run ({CHECKPOINT_NAME}); use --resume to continue it or "
+                         f"another --out")
+    start_it = int(state["iteration"]) if state else 0
+    if start_it >= tc.iterations:
+        print(f"train: {ckpt_path} is at iteration {start_it} >= train.iterations={tc.iterations}; "
+              "nothing to do (raise train.iterations to continue)")
+        return 0
+
+    device = resolve_device(tc.device)
+    if tc.torch_threads:
+        torch.set_num_threads(tc.torch_threads)
+    torch.manual_seed(tc.seed)
+    random.seed(tc.seed)
+    np.random.seed(tc.seed)
+
+    stream = EpisodeStream.from_store(tc.store, cfg.episodes, cfg.augment, seed=tc.seed,
+                                      batch_size=tc.batch_size, start_batch=start_it,
+                                      n_batches=tc.iterations - start_it, n_folds=cfg.evaluate.n_folds)
+    model = ALPNet(cfg.model, quiet=state is not None).to(device)
+    if tc.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(model.parameters(), lr=tc.lr, momentum=tc.momentum, weight_decay=tc.weight_decay)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=lr_step_of(cfg), gamma=tc.lr_gamma)
+    scaler = (torch.amp.GradScaler("cuda") if tc.amp and device.type == "cuda" and tc.amp_dtype == "float16"
+              else None)
+    totals: dict[str, int] = {}
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"])
+        totals = dict(state.get("totals", {}))
+
+    out.mkdir(parents=True, exist_ok=True)
+    cfg_dict = to_dict(cfg)
+    write_run_info(out, cfg_dict, "train")
+    log = RunLog(out, keep_until=start_it if state else None)
+    store = _store_record(stream, tc.store)
+    idx = stream.index
+    log.line(f"train: {'resuming at iteration ' + str(start_it) if state else 'new run'} in {out}; "
+             f"device {device}, {torch.get_num_threads()} torch threads, {tc.num_workers} loader workers; "
+             f"encoder {cfg.model.encoder}; store {tc.store} ({store['method']}): {idx.rows.size} training "
+             f"slices of {idx.n_store_slices} (dropped {idx.dropped}; held out {idx.held_out or 'none'}; "
+             f"excluded labels {idx.exclude_labels or 'none'}); lr step {lr_step_of(cfg)}")
+
+    def save(it: int) -> None:
+        state = {"iteration": it, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None,
+                 "config": cfg_dict, "store": store, "rng": rng_state(), "totals": dict(totals)}
+        save_checkpoint(ckpt_path, state)
+        if tc.keep_checkpoints:
+            save_checkpoint(out / f"checkpoint_{it:06d}.pt", state)
+
+    loader = DataLoader(stream, batch_size=tc.batch_size, num_workers=tc.num_workers,
+                        worker_init_fn=worker_init if tc.num_workers else None,
+                        pin_memory=device.type == "cuda", prefetch_factor=4 if tc.num_workers else None)
+    t0 = time.perf_counter()
+    try:
+        last = train_one_epoch(model, optimizer, scheduler, loader, device, cfg, start_it, log, totals, save,
+                               scaler)
+    finally:
+        stream.close()
+    wall = time.perf_counter() - t0
+    png = plot_loss_curve(log.metrics_path, out / "loss_curve.png")
+    draws = totals.get("episodes", 0) + totals.get("empty_redraws", 0) + totals.get("vanishing_redraws", 0)
+    log.line(f"train: done, iteration {last} in {wall:.0f} s ({(last - start_it) / max(wall, 1e-9):.2f} it/s); "
+             f"checkpoint {ckpt_path}; loss curve {png}; totals: fg global-only "
+             f"{totals.get('fg_global_only', 0)}/{totals.get('episodes', 0)} episodes, fg-empty "
+             f"{totals.get('fg_empty', 0)}, bg-fallback {totals.get('bg_fallback_global', 0)}, "
+             f"id redraws empty {totals.get('empty_redraws', 0)}/{draws} vanishing "
+             f"{totals.get('vanishing_redraws', 0)}/{draws}")
+    log.close()
+    return 0

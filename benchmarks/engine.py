@@ -1,0 +1,423 @@
+"""End-to-end engine benchmark: CHAOS ``.nii.gz`` in, committed store out (issue 4, "Performance").
+
+One run measures, on the same 20 CHAOS-T2 volumes (718 slices) and with the configured SLIC defaults:
+
+1. **compression**: what the store's encoding costs (the table in ``engine/store.py``'s docstring): a single
+   writer applying HDF5 filters (none / lzf / gzip-1..4, with and without shuffle) and worker-side zlib per
+   dataset, on the first volumes' real slices; writer MB/s (uncompressed bytes), slices/s, kB per slice.
+2. **kernel**: the bare SLIC kernel (``engine.superpixels.pseudolabels`` on in-memory slices with precomputed
+   body masks) in a tight loop, on 1 and on all cores (one thread per core pulling slices).
+3. **serial SSL-ALPNet-style pipeline**: read each ``.nii.gz`` (nibabel), SSL-ALPNet body mask
+   (scipy/skimage), the Felzenszwalb recipe (``engine.recipes.felzenszwalb_pseudolabels``), write the
+   superpixel volume as ``.nii.gz`` (float64, as the official notebook does); one thread.
+4. **engine**: ``cli.py preprocess`` in a fresh subprocess per run (so that its peak memory is its own), with
+   1 and all workers, both backends; throughput from the engine's profile (first read to last commit) and
+   the whole process wall time (interpreter start, imports and kernel loading included).
+5. **memory**: peak RSS of the CHAOS run and of a run ten times larger (the 20 volumes linked 10 times:
+   7180 slices), both backends.
+
+Configurations are repeated round-robin (repeat 1 of all, then repeat 2 of all) and the median is kept, so a
+burst of background load on this shared machine hits all of them alike; ratios are computed inside the run.
+
+Run from the repository root: ``.venv/bin/python benchmarks/engine.py`` (``--quick`` for a smoke run).
+Writes ``benchmarks/results/engine-<host>.json`` and prints a Markdown summary.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402  (sets NUMBA_CACHE_DIR / MPLBACKEND and the import path first)
+
+import numpy as np  # noqa: E402
+
+REPO = common.REPO
+say = common.log
+
+
+# --------------------------------------------------------------------------------------------- data
+def load_chaos(spec: str, cfg, max_volumes: int | None):
+    """Prepared slices in memory: raw (N, H, W) f32, image (N, H, W) f32, label (N, H, W) u8, fg (N, H, W)."""
+    from engine.prepare import body_mask, prepare_volume
+    from engine.sources import open_source
+
+    src = open_source(spec, cfg)
+    refs = src.refs()[:max_volumes] if max_volumes else src.refs()
+    raws, images, labels = [], [], []
+    for ref in refs:
+        p = prepare_volume(src.load(ref), cfg.prepare)
+        raws.append(np.moveaxis(p.raw, 2, 0))
+        images.append(np.moveaxis(p.image, 2, 0))
+        labels.append(np.moveaxis(p.label, 2, 0) if p.label is not None else np.zeros_like(raws[-1], np.uint8))
+    raw = np.ascontiguousarray(np.concatenate(raws))
+    image = np.ascontiguousarray(np.concatenate(images))
+    label = np.ascontiguousarray(np.concatenate(labels))
+    fg = np.stack([body_mask(r, cfg.prepare.fg_threshold) for r in raw])
+    return raw, image, label, fg, refs
+
+
+# --------------------------------------------------------------------------------------------- 1. compression
+def bench_compression(raw, image, label, fg, sp_cfg, tmp: Path, repeats: int) -> dict:
+    """Writer and worker-side encoding costs of the store's datasets on real slices."""
+    import h5py
+
+    from engine.superpixels import pseudolabels
+
+    n = len(raw)
+    sp = np.stack([pseudolabels(r, f, sp_cfg) for r, f in zip(raw, fg)]).astype(np.int32)
+    shape = raw.shape[1:]
+    f8 = fg.astype(np.uint8)
+
+    def raw_mb(sp_dtype) -> float:
+        return (image.nbytes + sp.astype(sp_dtype).nbytes + f8.nbytes + label.nbytes) / 1e6
+
+    def writer_run(filters: dict, sp_dtype) -> dict:
+        path = tmp / "comp.h5"
+        sp_cast = sp.astype(sp_dtype)
+        t0 = time.perf_counter()
+        with h5py.File(path, "w") as f:
+            ds = [f.create_dataset(name, (n,) + shape, dt, chunks=(1,) + shape, **filters)
+                  for name, dt in (("image", np.float32), ("superpixels", sp_dtype), ("fg", np.uint8),
+                                   ("label", np.uint8))]
+            for i in range(n):
+                ds[0][i] = image[i]
+                ds[1][i] = sp_cast[i]
+                ds[2][i] = f8[i]
+                ds[3][i] = label[i]
+        dt = time.perf_counter() - t0
+        size = path.stat().st_size
+        path.unlink()
+        return {"seconds": dt, "size": size}
+
+    options = [("none, superpixels int32", {}, np.int32), ("none, superpixels uint16", {}, np.uint16),
+               ("lzf", {"compression": "lzf"}, np.uint16),
+               ("lzf + shuffle", {"compression": "lzf", "shuffle": True}, np.uint16)]
+    for level in (1, 2, 3, 4):
+        options.append((f"gzip-{level}", {"compression": "gzip", "compression_opts": level}, np.uint16))
+    options.append(("gzip-1 + shuffle", {"compression": "gzip", "compression_opts": 1, "shuffle": True}, np.uint16))
+    runs = {name: [] for name, _, _ in options}
+    for _ in range(repeats):
+        for name, filters, dt in options:
+            runs[name].append(writer_run(filters, dt))
+    writer = []
+    for name, _, dt in options:
+        sec = statistics.median(r["seconds"] for r in runs[name])
+        writer.append({"option": name, "slices_per_s": round(n / sec, 1), "mb_per_s": round(raw_mb(dt) / sec, 1),
+                       "kb_per_slice": round(runs[name][0]["size"] / n / 1e3, 1)})
+        say(f"  writer {name:26s} {n / sec:8.0f} slices/s {raw_mb(dt) / sec:7.0f} MB/s "
+            f"{runs[name][0]['size'] / n / 1e3:6.1f} kB/slice")
+
+    # worker-side zlib: cost per slice of each dataset, and the writer with ready chunks
+    arrays = {"image": image, "superpixels": sp.astype(np.uint16), "fg": f8, "label": label}
+    worker = []
+    for level in (1, 4):
+        for name, arr in arrays.items():
+            times = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                total = sum(len(zlib.compress(np.ascontiguousarray(a), level)) for a in arr)
+                times.append(time.perf_counter() - t0)
+            sec = statistics.median(times)
+            worker.append({"dataset": name, "level": level, "ms_per_slice": round(1e3 * sec / n, 3),
+                           "kb_per_slice": round(total / n / 1e3, 2), "raw_kb_per_slice": round(arr[0].nbytes / 1e3, 1)})
+            say(f"  worker zlib-{level} {name:12s} {1e3 * sec / n:6.3f} ms/slice {total / n / 1e3:6.1f} kB/slice")
+
+    from engine.store import Codec
+    direct = []
+    for spec in ("none", "maps-gzip-1", "gzip-1"):
+        codec = Codec.parse(spec)
+        t0 = time.perf_counter()
+        chunks = [{k: codec.encode(k, arrays[k][i]) for k in arrays} for i in range(n)]
+        enc = time.perf_counter() - t0
+        times, size = [], 0
+        for _ in range(repeats):
+            path = tmp / "direct.h5"
+            t0 = time.perf_counter()
+            with h5py.File(path, "w") as f:
+                for k in arrays:
+                    d = f.create_dataset(k, (n,) + shape, arrays[k].dtype, chunks=(1,) + shape,
+                                         **codec.dataset_kwargs(k))
+                    for i in range(n):
+                        d.id.write_direct_chunk((i, 0, 0), chunks[i][k])
+            times.append(time.perf_counter() - t0)
+            size = path.stat().st_size
+            path.unlink()
+        sec = statistics.median(times)
+        direct.append({"codec": spec, "encode_ms_per_slice_one_thread": round(1e3 * enc / n, 3),
+                       "writer_slices_per_s": round(n / sec, 1), "writer_mb_per_s": round(raw_mb(np.uint16) / sec, 1),
+                       "kb_per_slice": round(size / n / 1e3, 1)})
+        say(f"  direct-chunk writer {spec:12s} encode {1e3 * enc / n:6.3f} ms/slice, write {n / sec:7.0f} slices/s, "
+            f"{size / n / 1e3:6.1f} kB/slice")
+    return {"slices": n, "writer_filters": writer, "worker_zlib": worker, "direct_chunk": direct}
+
+
+# --------------------------------------------------------------------------------------------- 2. kernel
+def kernel_rate(raw, fg, sp_cfg, workers: int) -> float:
+    """Seconds for the bare pseudo-label kernel over every slice, ``workers`` threads pulling slices."""
+    from engine.superpixels import pseudolabels
+
+    n = len(raw)
+    if workers == 1:
+        t0 = time.perf_counter()
+        for i in range(n):
+            pseudolabels(raw[i], fg[i], sp_cfg)
+        return time.perf_counter() - t0
+    counter = iter(range(n))
+    import threading
+    lock = threading.Lock()
+
+    def loop():
+        while True:
+            with lock:
+                i = next(counter, None)
+            if i is None:
+                return
+            pseudolabels(raw[i], fg[i], sp_cfg)
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(workers) as ex:
+        for fut in [ex.submit(loop) for _ in range(workers)]:
+            fut.result()
+    return time.perf_counter() - t0
+
+
+# --------------------------------------------------------------------------------------------- 3. serial recipe
+def serial_felzenszwalb(spec: str, cfg, tmp: Path, max_volumes: int | None) -> dict:
+    """SSL-ALPNet-style: read, body mask (scipy/skimage), Felzenszwalb recipe, write .nii.gz; one thread."""
+    import nibabel as nib
+
+    from engine.prepare import body_mask_reference
+    from engine.recipes import felzenszwalb_pseudolabels
+
+    f = cfg.superpixels.felzenszwalb
+    files = sorted(Path(spec).glob("image_*.nii.gz"), key=lambda p: int(p.name[6:-7]))[:max_volumes]
+    out = tmp / "ssl-alpnet"
+    out.mkdir(exist_ok=True)
+    n = 0
+    t0 = time.perf_counter()
+    for path in files:
+        img = nib.load(str(path))
+        data = np.asarray(img.dataobj, dtype=np.float64)
+        sp = np.zeros(data.shape, np.float64)
+        for z in range(data.shape[2]):
+            fg = body_mask_reference(data[:, :, z], cfg.prepare.fg_threshold)
+            sp[:, :, z] = felzenszwalb_pseudolabels(data[:, :, z], fg, f.scale, f.sigma, f.min_size, True)
+            n += 1
+        nib.save(nib.Nifti1Image(sp, img.affine, img.header), str(out / f"superpix-MIDDLE_{path.name[6:]}"))
+    sec = time.perf_counter() - t0
+    shutil.rmtree(out)
+    return {"seconds": sec, "slices": n, "slices_per_s": n / sec}
+
+
+# --------------------------------------------------------------------------------------------- 4. engine
+def engine_run(spec: str, out_dir: Path, workers: int, backend: str, extra: list[str]) -> dict:
+    """One ``cli.py preprocess`` in a fresh subprocess; its profile plus the process' own wall time."""
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True)
+    store = out_dir / "store.h5"
+    cmd = [sys.executable, str(REPO / "cli.py"), "preprocess", "--input", spec, "--out", str(store),
+           "--threads", str(workers), "--backend", backend, "--no-progress", *extra]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise common.BenchmarkError(f"{' '.join(cmd)} exited {proc.returncode}: "
+                                    f"{' | '.join(proc.stderr.strip().splitlines()[-3:])}")
+    prof = json.loads(store.with_name("store.h5.profile.json").read_text())
+    size = store.stat().st_size + sum(p.stat().st_size for p in (out_dir / "store.h5.parts").iterdir())
+    shutil.rmtree(out_dir)
+    return {"seconds": wall, "profile": prof, "store_bytes": size}
+
+
+def summarise_engine(runs: list[dict]) -> dict:
+    mid = sorted(runs, key=lambda r: r["profile"]["wall_s"])[len(runs) // 2]
+    p = mid["profile"]
+    wt = p["worker_time"]
+    total = wt["busy_s"] + wt["waiting_s"] + wt["barrier_s"]
+    return {"slices": p["slices"], "engine_slices_per_s": round(p["slices_per_s"], 1),
+            "engine_slices_per_s_all": [round(r["profile"]["slices_per_s"], 1) for r in runs],
+            "process_wall_s": round(statistics.median(r["seconds"] for r in runs), 2),
+            "process_slices_per_s": round(p["slices"] / statistics.median(r["seconds"] for r in runs), 1),
+            "busy_pct": round(100 * wt["busy_s"] / total, 1) if total else 0.0,
+            "waiting_pct": round(100 * wt["waiting_s"] / total, 1) if total else 0.0,
+            "barrier_pct": round(100 * wt["barrier_s"] / total, 1) if total else 0.0,
+            "cpu_pct": p["cpu"]["utilisation_pct"], "peak_rss_mb": p["memory"]["peak_rss_mb"],
+            "per_slice_ms": p["per_slice_ms"], "store_mb": round(mid["store_bytes"] / 1e6, 1)}
+
+
+# --------------------------------------------------------------------------------------------- main
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--input", default=str(common.DEFAULT_CHAOS), help="folder of CHAOS .nii.gz volumes")
+    ap.add_argument("--repeats", type=int, default=2, help="timed rounds per configuration (median kept)")
+    ap.add_argument("--quick", action="store_true", help="4 volumes, 1 repeat, no 10x memory run (smoke test)")
+    ap.add_argument("--skip", default="", help="comma list of sections to skip: compression,kernel,serial,engine,memory")
+    ap.add_argument("--tag", help="result file tag (default: host name)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    args = ap.parse_args(argv)
+    skip = set(filter(None, args.skip.split(",")))
+    common.check_source(args.input)
+    cfg = common.load_config(None, args.overrides)
+    max_vol = 4 if args.quick else None
+    repeats = 1 if args.quick else max(1, args.repeats)
+    workers_all = common.n_cores()
+    info = common.host_info()
+    result: dict = {"host": info, "input": args.input, "method": cfg.superpixels.method,
+                    "params": json.loads(json.dumps(vars(cfg.superpixels.slic))), "engine": vars(cfg.engine).copy(),
+                    "quick": args.quick, "repeats": repeats}
+    tmp = Path(tempfile.mkdtemp(prefix="bench-engine-"))
+    extra = [f"--set={o}" for o in args.overrides]
+    try:
+        say(f"loading {args.input} ...")
+        raw, image, label, fg, refs = load_chaos(args.input, cfg, max_vol)
+        n = len(raw)
+        result["slices"] = n
+        result["volumes"] = len(refs)
+        say(f"{n} slices from {len(refs)} volumes")
+        from engine.superpixels import pseudolabels
+        pseudolabels(raw[0], fg[0], cfg.superpixels)                     # kernel loaded before any timing
+
+        if "compression" not in skip:
+            k = min(n, 144)                                               # about the first 4 volumes
+            say(f"compression (first {k} slices) ...")
+            result["compression"] = bench_compression(raw[:k], image[:k], label[:k], fg[:k], cfg.superpixels, tmp,
+                                                      repeats)
+
+        kernel = {}
+        if "kernel" not in skip:
+            say("bare kernel ...")
+            counts = sorted({1, workers_all})
+            times = {w: [] for w in counts}
+            kernel_rate(raw[:20], fg[:20], cfg.superpixels, workers_all)  # warm
+            for _ in range(repeats):
+                for w in counts:
+                    times[w].append(kernel_rate(raw, fg, cfg.superpixels, w))
+            for w in counts:
+                kernel[w] = n / statistics.median(times[w])
+                say(f"  kernel, {w} thread(s): {kernel[w]:.1f} slices/s")
+            result["kernel_slices_per_s"] = {str(w): round(v, 1) for w, v in kernel.items()}
+
+        if "serial" not in skip:
+            say("serial SSL-ALPNet-style pipeline (read, Felzenszwalb recipe, write) ...")
+            s = serial_felzenszwalb(args.input, cfg, tmp, max_vol)
+            result["serial_felzenszwalb"] = {k: round(v, 3) for k, v in s.items()}
+            say(f"  {s['slices_per_s']:.1f} slices/s")
+
+        spec = common.engine_input(args.input, tmp / "in", max_volumes=max_vol)
+        engine = {}
+        if "engine" not in skip:
+            configs = [(b, w) for b in ("threads", "processes") for w in sorted({1, workers_all})]
+            say(f"engine runs (subprocesses): {configs} ...")
+            engine_run(spec, tmp / "warm", workers_all, "threads", extra)    # page cache, numba cache
+            runs = {c: [] for c in configs}
+            for r in range(repeats):
+                for b, w in configs:
+                    runs[(b, w)].append(engine_run(spec, tmp / "run", w, b, extra))
+                    say(f"  round {r + 1} {b} x{w}: {runs[(b, w)][-1]['profile']['slices_per_s']:.1f} slices/s "
+                        f"(engine), process {runs[(b, w)][-1]['seconds']:.2f} s")
+            for c in configs:
+                engine[c] = summarise_engine(runs[c])
+            result["engine"] = {f"{b}-{w}": v for (b, w), v in engine.items()}
+
+        if "memory" not in skip and not args.quick:
+            say("memory: CHAOS x10 (7180 slices, symlinked) ...")
+            big = common.engine_input(args.input, tmp / "big", copies=10)
+            mem = {}
+            for b in ("threads", "processes"):
+                r = engine_run(big, tmp / "bigrun", workers_all, b, extra)
+                mem[b] = {"slices": r["profile"]["slices"], "peak_rss_mb": r["profile"]["memory"]["peak_rss_mb"],
+                          "engine_slices_per_s": r["profile"]["slices_per_s"]}
+                say(f"  {b}: {mem[b]}")
+            result["memory_10x"] = mem
+
+        # ratios and targets (issue 4)
+        ratios = {}
+        if engine:
+            for b in ("threads", "processes"):
+                one, alln = engine.get((b, 1)), engine.get((b, workers_all))
+                if one and alln and workers_all > 1:
+                    ratios[f"{b}: {workers_all} workers / 1 worker"] = alln["engine_slices_per_s"] / one["engine_slices_per_s"]
+                for w in sorted({1, workers_all}):
+                    if kernel.get(w) and engine.get((b, w)):
+                        ratios[f"{b}: engine / bare kernel at {w} worker(s)"] = engine[(b, w)]["engine_slices_per_s"] / kernel[w]
+                if "serial_felzenszwalb" in result and alln:
+                    ratios[f"{b}: engine ({workers_all} workers) / serial Felzenszwalb pipeline"] = \
+                        alln["engine_slices_per_s"] / result["serial_felzenszwalb"]["slices_per_s"]
+        result["ratios"] = {k: round(v, 3) for k, v in ratios.items()}
+        targets = {}
+        for k, v in ratios.items():
+            if "/ 1 worker" in k:
+                targets[k] = {"value": round(v, 3), "target": ">= 1.8 (at 2 workers)", "met": v >= 1.8}
+            elif "bare kernel" in k:
+                targets[k] = {"value": round(v, 3), "target": ">= 0.5", "met": v >= 0.5}
+            elif "serial" in k:
+                targets[k] = {"value": round(v, 3), "target": ">= 10", "met": v >= 10}
+        if engine:
+            targets["peak RSS CHAOS (MB)"] = {"value": max(e["peak_rss_mb"] for e in engine.values()),
+                                              "target": "< 1536", "met": max(e["peak_rss_mb"] for e in engine.values()) < 1536}
+        if "memory_10x" in result:
+            worst = max(m["peak_rss_mb"] for m in result["memory_10x"].values())
+            targets["peak RSS 10x CHAOS (MB)"] = {"value": worst, "target": "< 1536", "met": worst < 1536}
+        result["targets"] = targets
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    common.finish_host_info(info)
+    warn = common.busy_warning(info)
+    if warn:
+        result["warning"] = warn
+    stem = common.result_stem("engine", args.tag, args.quick)
+    path = common.write_json(common.RESULTS_DIR / f"{stem}.json", result)
+    print(render(result))
+    say(f"written: {path}")
+    return 0
+
+
+def render(r: dict) -> str:
+    """A Markdown summary of a result dict."""
+    lines = [f"## Engine benchmark: {r.get('slices')} slices from {r.get('volumes')} volumes "
+             f"({r['host']['cpu']}, {r['host']['usable_cpus']} cores)", ""]
+    if r.get("warning"):
+        lines += [f"> {r['warning']}", ""]
+    rows = []
+    for name, e in r.get("engine", {}).items():
+        ps = e["per_slice_ms"]
+        rows.append([name, common.fmt(e["engine_slices_per_s"]), common.fmt(e["process_slices_per_s"]),
+                     f"{e['busy_pct']:.0f}/{e['waiting_pct']:.0f}/{e['barrier_pct']:.0f}", common.fmt(e["cpu_pct"]),
+                     common.fmt(e["peak_rss_mb"], 0),
+                     " ".join(f"{k} {v:.2f}" for k, v in ps.items())])
+    if rows:
+        lines += [common.markdown_table(["engine", "slices/s (engine)", "slices/s (process)", "busy/wait/barrier %",
+                                         "CPU %", "peak RSS MB", "CPU ms per slice by stage"], rows), ""]
+    if "kernel_slices_per_s" in r:
+        lines.append("bare kernel: " + ", ".join(f"{w} thread(s) {v} slices/s" for w, v in r["kernel_slices_per_s"].items()))
+    if "serial_felzenszwalb" in r:
+        lines.append(f"serial SSL-ALPNet pipeline (read, Felzenszwalb, write): "
+                     f"{r['serial_felzenszwalb']['slices_per_s']:.1f} slices/s")
+    if "memory_10x" in r:
+        lines.append("10x CHAOS: " + ", ".join(f"{b} {m['slices']} slices, peak RSS {m['peak_rss_mb']:.0f} MB, "
+                                               f"{m['engine_slices_per_s']:.0f} slices/s" for b, m in r["memory_10x"].items()))
+    lines.append("")
+    if r.get("targets"):
+        lines.append(common.markdown_table(["target", "value", "goal", "met"],
+                                           [[k, v["value"], v["target"], "yes" if v["met"] else "NO"]
+                                            for k, v in r["targets"].items()]))
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except common.BenchmarkError as exc:
+        print(f"benchmarks/engine.py: {exc}", file=sys.stderr)
+        sys.exit(2)

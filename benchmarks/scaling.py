@@ -1,0 +1,423 @@
+"""Engine throughput and parallel efficiency against the number of workers, both backends, with Amdahl's law.
+
+Reproduce on any machine (from the repository root, after ``make install``)::
+
+    .venv/bin/python benchmarks/scaling.py                          # 1..nproc workers and beyond (to 2 x nproc)
+    .venv/bin/python benchmarks/scaling.py --quick                  # 2 volumes, 1 repeat: a smoke run
+    .venv/bin/python benchmarks/scaling.py --max-workers 16 --tag 16core    # a 16-core machine
+    .venv/bin/python benchmarks/scaling.py --tag i7-10750H          # the paper's 6-core laptop
+
+Writes ``benchmarks/results/scaling-<tag>.json`` and ``.png`` (``<tag>`` defaults to the host name;
+``--quick`` adds ``-quick``) and prints a Markdown table.
+
+What is measured
+----------------
+Each point is one end-to-end engine run (``engine.pipeline.preprocess``, what ``cli.py preprocess --threads N
+--backend B`` runs) on the CHAOS-T2 volumes (``--input``; ``--copies K`` links the volumes K times for longer
+runs on many cores; ``--uncompressed`` reads a temporary float32 ``.nii`` copy instead of the ``.nii.gz``
+files) into a fresh temporary store. Throughput is the engine's own figure from its profile
+(``STORE.profile.json``: slices / time from the first read to the last commit); the time around the whole
+call (store creation and worker start included) is kept as ``end_to_end_fps``. From the same profile: per
+worker busy / waiting-for-input / barrier time, CPU utilisation (psutil, the process and its children) and
+peak memory. Worker counts go from 1 to the number of cores and beyond it (to 2 x cores by default) to show
+what oversubscription does. Each configuration is warmed up once, then repeats are interleaved round-robin
+(``benchmarks/common.py``); points are medians with the min-max range.
+
+Efficiency: ``X(n) / (n X(1))`` per worker, and ``X(n) / (min(n, cores) X(1))`` per core in use (the two
+agree up to the core count). Amdahl's law ``X(n) = X(1) n / (1 + s (n - 1))`` is fitted (X(1) and the serial
+fraction s, least squares on relative errors) to the points with n <= cores, and projected to 6 cores, the
+paper's i7-10750H, next to its 91 frames/s. The projection keeps this machine's per-core speed; the paper's own
+figures (SLIC 28 frames/s serial, 91 on 6 cores) imply s = 0.17.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+_HERE = Path(__file__).resolve().parent
+# Python puts a script's folder first on sys.path, and benchmarks/ also holds engine.py (the engine benchmark),
+# which would then shadow the ``engine`` package: the repository root goes first and benchmarks/ is dropped.
+sys.path[:] = [str(_HERE.parent)] + [p for p in sys.path if Path(p or ".").resolve() not in (_HERE, _HERE.parent)]
+from benchmarks import common  # noqa: E402  (sets NUMBA_CACHE_DIR before engine is imported)
+from benchmarks.common import PAPER, BenchmarkError, fmt, log, markdown_table  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+BACKENDS = ("threads", "processes")
+
+
+# --------------------------------------------------------------------------------------------- Amdahl
+def amdahl(n, x1: float, s: float):
+    """Throughput predicted by Amdahl's law for ``n`` workers: ``x1 * n / (1 + s * (n - 1))``."""
+    n = np.asarray(n, dtype=float)
+    return x1 * n / (1.0 + s * (n - 1.0))
+
+
+def implied_serial_fraction(n: float, speedup: float) -> float:
+    """The serial fraction s for which Amdahl's law gives ``speedup`` on ``n`` workers."""
+    return (n / speedup - 1.0) / (n - 1.0)
+
+
+def fit_amdahl(ns, xs) -> dict | None:
+    """Least-squares fit of Amdahl's law to throughput points.
+
+    Parameters
+    ----------
+    ns : sequence of int
+        Worker counts (at least two distinct values).
+    xs : sequence of float
+        Throughput at each count (frames/s).
+
+    Returns
+    -------
+    dict or None
+        ``x1`` (fitted one-worker throughput), ``serial_fraction`` (s in [0, 1]), ``rms_rel_error`` and
+        ``points``; None with fewer than two distinct worker counts.
+    """
+    from scipy.optimize import least_squares
+
+    ns = np.asarray(ns, dtype=float)
+    xs = np.asarray(xs, dtype=float)
+    if len(set(ns.tolist())) < 2:
+        return None
+    x1_guess = float(xs[np.argmin(ns)] / ns.min())
+
+    def resid(p):
+        return amdahl(ns, p[0], p[1]) / xs - 1.0
+
+    fit = least_squares(resid, x0=[x1_guess, 0.05], bounds=([1e-9, 0.0], [np.inf, 1.0]))
+    x1, s = (float(v) for v in fit.x)
+    return {"x1": x1, "serial_fraction": s, "rms_rel_error": float(np.sqrt(np.mean(resid(fit.x) ** 2))),
+            "points": [int(n) for n in ns]}
+
+
+# --------------------------------------------------------------------------------------------- the sweep
+def default_workers(ncores: int, max_workers: int | None = None) -> list[int]:
+    """Every count from 1 to ``ncores``, then steps of ``ncores // 2`` up to ``max_workers`` (default 2 x cores)."""
+    top = max_workers or 2 * ncores
+    out = list(range(1, min(top, ncores) + 1))
+    step = max(1, ncores // 2)
+    n = ncores + step
+    while n <= top:
+        out.append(n)
+        n += step
+    if top > ncores and out[-1] != top:
+        out.append(top)
+    return out
+
+
+def run_scaling(cfg, spec: str, workers: list[int], backends: list[str], repeats: int, tmp_root: Path,
+                readers: int | None = None, warmup: bool = True, ncores: int | None = None,
+                say: Callable[[str], None] | None = None) -> dict:
+    """Run the engine at every (backend, worker count) and derive speed-up, efficiency and the Amdahl fit.
+
+    Parameters
+    ----------
+    cfg : Config
+        ``cli.py``'s config (superpixel, preparation and engine settings).
+    spec : str
+        Engine input.
+    workers : list of int
+        Worker counts.
+    backends : list of str
+        ``threads`` and/or ``processes``.
+    repeats : int
+        Timed runs per configuration.
+    tmp_root : Path
+        Folder for the temporary stores.
+    readers : int, optional
+        ``engine.readers``; default: the config's.
+    warmup : bool
+        One untimed run per configuration first.
+    ncores : int, optional
+        Cores of this machine (default: those this process may use).
+    say : callable, optional
+        Progress messages.
+
+    Returns
+    -------
+    dict
+        ``points`` (one dict per backend and worker count), ``fits`` (per backend: Amdahl fit and 6-core
+        projection), ``slices``, ``settings``.
+    """
+    ncores = ncores or common.n_cores()
+    configs = [(b, n) for b in backends for n in workers]
+    run = (lambda c: common.run_engine(cfg, spec, c[1], c[0], tmp_root, readers))
+    results = common.round_robin(configs, warmup=(run if warmup else (lambda c: None)), measure=run,
+                                 repeats=repeats, log=say, label=lambda c: f"{c[0]} x{c[1]}")
+    points = []
+    for (backend, n), res in zip(configs, results):
+        slices = res[0]["slices"]
+        engine_walls = [r["profile"]["wall_s"] for r in res]
+        summ = common.summarise(engine_walls, slices)
+        outer = common.summarise([r["seconds"] for r in res], slices)
+        order = np.argsort(engine_walls)
+        median_run = res[int(order[len(order) // 2])]
+        prof = common.profile_summary(median_run["profile"])
+        points.append({"backend": backend, "workers": n, "slices": slices, "fps": summ["fps"],
+                       "fps_min": summ["fps_min"], "fps_max": summ["fps_max"], "spread_pct": summ["spread_pct"],
+                       "engine_wall_s": summ["times_s"], "end_to_end_fps": outer["fps"],
+                       "end_to_end_s": outer["times_s"],
+                       "cpu_pct_median": float(np.median([r["profile"]["cpu"]["utilisation_pct"] for r in res])),
+                       "profile": prof})
+    fits = {}
+    for backend in backends:
+        pts = [p for p in points if p["backend"] == backend]
+        base = min(pts, key=lambda p: p["workers"])
+        for p in pts:
+            p["speedup"] = p["fps"] / base["fps"] * base["workers"]
+            p["efficiency"] = p["fps"] * base["workers"] / (p["workers"] * base["fps"])
+            p["efficiency_per_core"] = p["fps"] * min(base["workers"], ncores) / (
+                min(p["workers"], ncores) * base["fps"])
+        inside = [p for p in pts if p["workers"] <= ncores]
+        fit = fit_amdahl([p["workers"] for p in inside], [p["fps"] for p in inside])
+        if fit is not None:
+            fit["projected_fps_6"] = float(amdahl(PAPER["cores"], fit["x1"], fit["serial_fraction"]))
+            fit["projected_vs_paper"] = fit["projected_fps_6"] / PAPER["slic_parallel"]
+            fit["projected_fps_6_ideal"] = fit["x1"] * PAPER["cores"]
+        measured6 = next((p for p in pts if p["workers"] == PAPER["cores"]), None)
+        fits[backend] = {"amdahl": fit, "measured_fps_6": measured6["fps"] if measured6 else None,
+                         "best": max(pts, key=lambda p: p["fps"])["workers"]}
+    return {"points": points, "fits": fits, "ncores": ncores,
+            "paper": {**PAPER, "implied_serial_fraction": implied_serial_fraction(
+                PAPER["cores"], PAPER["slic_parallel"] / PAPER["slic"]),
+                "efficiency_6": PAPER["slic_parallel"] / (PAPER["cores"] * PAPER["slic"])},
+            "settings": {"input": spec, "workers": workers, "backends": backends, "repeats": repeats,
+                         "warmup": warmup, "readers": readers or cfg.engine.readers,
+                         "batch": cfg.engine.batch, "compression": cfg.engine.compression,
+                         "superpixels": common.jsonable(dataclasses.asdict(cfg.superpixels))}}
+
+
+# --------------------------------------------------------------------------------------------- output
+def plot_scaling(result: dict, path: Path) -> Path:
+    """Throughput, efficiency and the workers' time split against the worker count (PNG), paper points marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
+
+    ncores, paper = result["ncores"], result["paper"]
+    backends = list(dict.fromkeys(p["backend"] for p in result["points"]))
+    colours = {"threads": "tab:blue", "processes": "tab:orange"}
+    fig, axes = plt.subplots(1, 3, figsize=(17, 5.2))
+    ax, ax_e, ax_t = axes
+    nmax = max(max(p["workers"] for p in result["points"]), paper["cores"])
+    grid = np.linspace(1, nmax, 200)
+    for b in backends:
+        pts = sorted((p for p in result["points"] if p["backend"] == b), key=lambda p: p["workers"])
+        n = np.array([p["workers"] for p in pts])
+        x = np.array([p["fps"] for p in pts])
+        err = np.array([[p["fps"] - p["fps_min"] for p in pts], [p["fps_max"] - p["fps"] for p in pts]])
+        c = colours.get(b, None)
+        ax.errorbar(n, x, yerr=err, marker="o", color=c, capsize=3, label=f"engine, {b} backend")
+        fit = result["fits"][b]["amdahl"]
+        if fit:
+            ax.plot(grid, amdahl(grid, fit["x1"], fit["serial_fraction"]), "--", color=c, alpha=0.7,
+                    label=f"Amdahl fit ({b}): s = {fit['serial_fraction']:.3f}")
+            ax.plot([paper["cores"]], [fit["projected_fps_6"]], marker="D", mfc="none", color=c, ls="none",
+                    label=f"projected on {paper['cores']} cores ({b}): {fit['projected_fps_6']:.0f}/s")
+        ax_e.plot(n, 100 * np.array([p["efficiency_per_core"] for p in pts]), marker="o", color=c,
+                  label=f"{b}, per core in use")
+        ax_e.plot(n, 100 * np.array([p["efficiency"] for p in pts]), marker=".", ls=":", color=c,
+                  label=f"{b}, per worker")
+    first = min(result["points"], key=lambda p: p["workers"])
+    x1 = first["fps"] / first["workers"]
+    ax.plot(grid, x1 * np.minimum(grid, ncores), ":", color="grey", label="linear up to the cores")
+    ax.plot([1], [paper["felzenszwalb"]], "kx", ms=9, label=f"paper: Felzenszwalb {paper['felzenszwalb']:.0f}/s")
+    ax.plot([1], [paper["slic"]], "ks", mfc="none", ms=8, label=f"paper: SLIC {paper['slic']:.0f}/s")
+    ax.plot([paper["cores"]], [paper["slic_parallel"]], "k*", ms=12,
+            label=f"paper: SLIC-parallel {paper['slic_parallel']:.0f}/s")
+    for a in (ax, ax_e):
+        a.axvline(ncores, color="grey", lw=0.8, ls="--")
+        a.set_xlabel("workers")
+        a.grid(alpha=0.3)
+    ax.set_yscale("log")
+    plain = FuncFormatter(lambda v, _pos: f"{v:g}")
+    ax.yaxis.set_major_formatter(plain)
+    ax.yaxis.set_minor_formatter(plain)
+    ax.set_ylabel("slices / s (engine profile)")
+    ax.set_title(f"Throughput ({ncores} cores here; dashed line = core count)")
+    ax.legend(fontsize=7, loc="lower right")
+    ax_e.plot([1, paper["cores"]], [100, 100 * paper["efficiency_6"]], "k*", ms=10,
+              label=f"paper SLIC-parallel ({100 * paper['efficiency_6']:.0f}% on {paper['cores']} cores)")
+    ax_e.axhline(90, color="green", lw=0.8, ls="-.", label="target 90% at 2 workers")
+    ax_e.axhline(80, color="olive", lw=0.8, ls=":", label="target 80% at 6 workers")
+    ax_e.set_ylim(0, 115)
+    ax_e.set_ylabel("parallel efficiency, %")
+    ax_e.set_title("Efficiency")
+    ax_e.legend(fontsize=7, loc="lower left")
+    # where the workers' time went, from the engine's profile
+    width = 0.8 / max(1, len(backends))
+    allw = sorted({p["workers"] for p in result["points"]})
+    pos = {w: i for i, w in enumerate(allw)}
+    parts = (("busy_pct", "busy"), ("waiting_pct", "waiting for input"), ("barrier_pct", "batch barrier"))
+    shades = ("#4c72b0", "#dd8452", "#8c8c8c")
+    for j, b in enumerate(backends):
+        pts = [p for p in result["points"] if p["backend"] == b]
+        xs = np.array([pos[p["workers"]] for p in pts]) + (j - (len(backends) - 1) / 2) * width
+        bottom = np.zeros(len(pts))
+        for (key, name), shade in zip(parts, shades):
+            vals = np.array([p["profile"][key] for p in pts])
+            ax_t.bar(xs, vals, width * 0.95, bottom=bottom, color=shade, hatch="//" if b == "processes" else None,
+                     edgecolor="white", label=name if j == 0 else None)
+            bottom += vals
+        ax_t.plot(xs, [min(100.0, p["cpu_pct_median"] / min(p["workers"], ncores)) for p in pts], "k.",
+                  label="CPU % per core in use" if j == 0 else None)
+    ax_t.set_xticks(range(len(allw)), [str(w) for w in allw])
+    ax_t.set_xlabel("workers (left/plain: threads, right/hatched: processes)" if len(backends) > 1 else "workers")
+    ax_t.set_ylabel("% of the workers' wall time")
+    ax_t.set_ylim(0, 110)
+    ax_t.set_title("Where the workers' time went (engine profile)")
+    ax_t.legend(fontsize=7, loc="lower left")
+    host = result.get("host", {})
+    fig.suptitle(f"Engine scaling on {host.get('cpu', '?')} ({ncores} cores), {result['slices_label']}"
+                 + ("  [quick run: noisy]" if result.get("quick") else ""), fontsize=11)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def render_markdown(result: dict) -> str:
+    """The sweep as a Markdown table plus the Amdahl fits and the 6-core projection."""
+    host, ncores, paper = result.get("host", {}), result["ncores"], result["paper"]
+    lines = [f"# Engine scaling on {host.get('cpu', '?')} ({ncores} cores), {host.get('date', '')}", ""]
+    if result.get("quick"):
+        lines += ["**Quick run** (few slices, 1 repeat): a smoke test of the script, not a measurement.", ""]
+    if result.get("warning"):
+        lines += [f"**Note:** {result['warning']}.", ""]
+    lines += [f"{result['slices_label']}; {result['settings']['repeats']} timed runs per point after a warm-up, "
+              "interleaved round-robin; frames/s from the engine profile (first read to last commit), median "
+              "and slowest..fastest run.", ""]
+    head = ["backend", "workers", "frames/s", "range", "speed-up", "eff./worker %", "eff./core %",
+            "end-to-end frames/s", "busy %", "waiting %", "barrier %", "CPU %", "peak RSS MB"]
+    rows = []
+    for p in result["points"]:
+        pr = p["profile"]
+        rows.append([p["backend"], p["workers"], fmt(p["fps"]), f"{fmt(p['fps_min'])}..{fmt(p['fps_max'])}",
+                     fmt(p["speedup"], 2), fmt(100 * p["efficiency"]), fmt(100 * p["efficiency_per_core"]),
+                     fmt(p["end_to_end_fps"]), fmt(pr["busy_pct"]), fmt(pr["waiting_pct"]), fmt(pr["barrier_pct"]),
+                     fmt(p["cpu_pct_median"]), fmt(pr["peak_rss_mb"])])
+    lines += [markdown_table(head, rows), ""]
+    lines += [f"Paper (Table II, {paper['machine']}): SLIC {paper['slic']:.0f} frames/s serial, SLIC-parallel "
+              f"{paper['slic_parallel']:.0f} on {paper['cores']} cores = {100 * paper['efficiency_6']:.0f}% "
+              f"efficiency, Amdahl serial fraction {paper['implied_serial_fraction']:.3f}.", ""]
+    for b, f in result["fits"].items():
+        fit = f["amdahl"]
+        if fit is None:
+            lines.append(f"- {b}: fewer than two worker counts within the {ncores} cores: no Amdahl fit.")
+            continue
+        meas = f" (measured on {paper['cores']} workers: {fmt(f['measured_fps_6'])}/s)" if f["measured_fps_6"] else ""
+        lines.append(f"- {b}: Amdahl fit on n <= {ncores}: X(1) = {fmt(fit['x1'])}/s, serial fraction s = "
+                     f"{fit['serial_fraction']:.3f} (rms error {100 * fit['rms_rel_error']:.1f}%); projected on "
+                     f"{paper['cores']} cores at this machine's per-core speed: **{fmt(fit['projected_fps_6'])} "
+                     f"frames/s** vs the paper's {paper['slic_parallel']:.0f} "
+                     f"(x{fit['projected_vs_paper']:.1f}){meas}; best measured at {f['best']} workers.")
+    lines.append("")
+    if host:
+        lines += [f"Host: `{host.get('host')}`, {host.get('cpu')}, {host.get('physical_cores')} physical / "
+                  f"{host.get('logical_cpus')} logical CPUs, {host.get('memory_gb')} GB; load average "
+                  f"{host.get('load_average_start')} at start, {host.get('load_average_end')} at end; code "
+                  f"{host.get('git')}.", f"Command: `{host.get('command')}`", ""]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------- main
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--input", default=str(common.DEFAULT_CHAOS), help="engine input (default: the CHAOS-T2 folder)")
+    p.add_argument("--quick", action="store_true", help="2 volumes, 1 repeat: checks the script, numbers are noisy")
+    p.add_argument("--max-workers", type=int, default=None,
+                   help="largest worker count (default 2 x cores: every count up to the cores, then steps)")
+    p.add_argument("--workers", default=None, help="explicit worker counts, e.g. 1,2,4,8 or 1-16")
+    p.add_argument("--backends", default=",".join(BACKENDS), help="threads,processes (default both)")
+    p.add_argument("--repeats", type=int, default=None, help="timed runs per point (default 3, quick 1)")
+    p.add_argument("--no-warmup", action="store_true", help="skip the untimed run of each configuration")
+    p.add_argument("--copies", type=int, default=1, help="link the input volumes K times (longer runs)")
+    p.add_argument("--max-volumes", type=int, default=None, help="use only the first volumes of the input")
+    p.add_argument("--uncompressed", action="store_true",
+                   help="read a temporary uncompressed float32 .nii copy of the input instead of .nii.gz")
+    p.add_argument("--readers", type=int, default=None, help="engine.readers (default: the config's)")
+    p.add_argument("--tag", default=None, help="result file name tag (default: host name), e.g. 16core")
+    p.add_argument("--out-dir", default=str(common.RESULTS_DIR), help="folder of the result files")
+    p.add_argument("--tmp", default=None, help="folder for temporary stores (default: the system's)")
+    p.add_argument("--config", default=None, help="YAML config, as for cli.py")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, as for cli.py")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        return _main(args)
+    except (BenchmarkError, ValueError) as exc:
+        print(f"scaling: {exc}", file=sys.stderr)
+        return 2
+
+
+def _main(args: argparse.Namespace) -> int:
+    from engine.config import ConfigError
+
+    ncores = common.n_cores()
+    try:
+        cfg = common.load_config(args.config, args.set)
+    except ConfigError as exc:
+        raise BenchmarkError(str(exc)) from None
+    cfg.superpixels.method = "slic"
+    repeats = args.repeats or (1 if args.quick else 3)
+    max_volumes = args.max_volumes or (2 if args.quick else None)
+    if args.workers:
+        workers = common.parse_int_list(args.workers)
+    else:
+        workers = default_workers(ncores, args.max_workers)
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    if not backends or any(b not in BACKENDS for b in backends):
+        raise BenchmarkError(f"--backends {args.backends!r}: choose among {', '.join(BACKENDS)}")
+    if repeats < 1 or args.copies < 1 or (args.readers is not None and args.readers < 1):
+        raise BenchmarkError("--repeats, --copies and --readers must be >= 1")
+    common.check_source(args.input)
+    info = common.host_info()
+    t_start = time.perf_counter()
+    tmp_root = Path(tempfile.mkdtemp(prefix="scaling-", dir=args.tmp))
+    try:
+        source = args.input
+        if args.uncompressed:
+            source = common.uncompressed_copy(args.input, tmp_root, max_volumes)
+        spec = common.engine_input(source, tmp_root, max_volumes=None if args.uncompressed else max_volumes,
+                                   copies=args.copies)
+        log(f"scaling: workers {workers}, backends {backends}, {repeats} repeat(s), input {spec}")
+        result = run_scaling(cfg, spec, workers, backends, repeats, tmp_root, readers=args.readers,
+                             warmup=not args.no_warmup, ncores=ncores, say=log)
+    finally:
+        shutil.rmtree(tmp_root, ignore_errors=True)
+    n_slices = result["points"][0]["slices"]
+    result["slices_label"] = (f"{n_slices} slices from {args.input}" + (f" x{args.copies} (linked copies)"
+                              if args.copies > 1 else "") + (f", first {max_volumes} volumes" if max_volumes else "")
+                              + (", read from an uncompressed .nii copy" if args.uncompressed else ", .nii.gz"))
+    result["host"] = common.finish_host_info(info)
+    result["quick"] = bool(args.quick)
+    result["total_s"] = time.perf_counter() - t_start
+    result["warning"] = common.busy_warning(info)
+    md = render_markdown(result)
+    result["markdown"] = md
+    stem = common.result_stem("scaling", args.tag, args.quick)
+    out_dir = Path(args.out_dir)
+    common.write_json(out_dir / f"{stem}.json", result)
+    plot_scaling(result, out_dir / f"{stem}.png")
+    print(md)
+    log(f"scaling: done in {result['total_s']:.0f} s; wrote {out_dir / stem}.json and .png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

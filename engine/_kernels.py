@@ -1,0 +1,855 @@
+"""Numba kernels behind :mod:`engine.superpixels` (2D grey-level SLIC / maskSLIC).
+
+Everything here is ``njit(nogil=True, cache=True)`` on plain arrays and scalars, so a call releases the GIL
+for its whole duration and several threads can run SLIC on different slices at the same time. The public,
+validated entry point is :func:`engine.superpixels.slic`; these functions trust their arguments.
+
+How the SLIC iterations are laid out
+------------------------------------
+* Work arrays are flat and row-padded: the row stride is at least W + 16 and a multiple of 16, so every row
+  segment of a search window is swept in whole 16-lane SIMD blocks. A pixel's internal label is the index
+  ``k`` of its centre, -1 for "none" (outside the mask, padding, or never inside a search window).
+* Assignment is centre-major: each live centre sweeps its own window and keeps, per pixel, the smallest
+  distance seen so far (``best``) and the centre that gave it, with a branch-free select that LLVM turns into
+  masked AVX-512 / AVX2 code. Pixels that must never be assigned (outside the mask, padding) start a sweep
+  with ``best = -inf``; the columns a SIMD block covers beyond the window get a spatial term of ``+inf``.
+  Neither needs a test in the loop. This relies on IEEE infinities, so the sweep is compiled without
+  fastmath (which would also contract multiply-adds and round distances differently from scikit-image).
+* Centre update: one pass over the runs of equal labels of each row; a run's row and column sums have
+  closed forms and its intensity sum is a difference of row prefix sums (computed once per slice).
+* Centres are float32 (row, column, intensity), as in scikit-image for a float32 image. Positions are means
+  of exact integer sums, so they equal scikit-image's; intensity sums are summed in another order, so a
+  centre intensity can differ in its last bit (the parity tests bound the effect).
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+_JIT = dict(nogil=True, cache=True)
+
+STATUS_OK = 0
+STATUS_NAN = 1
+STATUS_INF = 2
+
+_I32_MAX = 2147483647
+_I32_MIN = -2147483648
+
+
+@njit(**_JIT)
+def _aligned_f32(n):
+    """Uninitialised float32 array of ``n`` elements starting on a 64-byte (cache line, AVX-512) boundary."""
+    raw = np.empty(n + 16, dtype=np.float32)
+    off = ((-raw.ctypes.data) % 64) // 4
+    return raw[off:off + n]
+
+
+@njit(**_JIT)
+def _aligned_i32(n):
+    """Uninitialised int32 array of ``n`` elements starting on a 64-byte boundary."""
+    raw = np.empty(n + 16, dtype=np.int32)
+    off = ((-raw.ctypes.data) % 64) // 4
+    return raw[off:off + n]
+
+
+# --------------------------------------------------------------------------------------------- input range
+@njit(**_JIT)
+def _order_key(bits):
+    # float32 bit pattern -> integer with the same order as the float (monotone for all finite values)
+    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
+
+
+@njit(**_JIT)
+def masked_range(img, mask, use_mask):
+    """Min and max of ``img`` over the mask (or everywhere), its pixel count and a non-finite status.
+
+    Parameters
+    ----------
+    img : (H, W) float32, C-contiguous
+    mask : (H, W) uint8 (read only when ``use_mask``)
+
+    Returns
+    -------
+    imin, imax : float32
+    status : int
+        STATUS_NAN or STATUS_INF when such a value lies inside the mask, else STATUS_OK. Values outside
+        the mask are ignored, as in scikit-image.
+    n : int
+        Number of pixels considered.
+    """
+    h, w = img.shape
+    bits = img.reshape(-1).view(np.int32)
+    flat_mask = mask.reshape(-1)
+    kmin = np.int64(_I32_MAX)
+    kmax = np.int64(_I32_MIN)
+    bad = False
+    n = 0
+    # min / max on order-preserving integer keys: integer reductions vectorise without fastmath
+    if use_mask:
+        for i in range(h * w):
+            b = np.int64(bits[i])
+            inside = flat_mask[i] != 0
+            key = _order_key(b)
+            bad = bad | (((b & 0x7F800000) == 0x7F800000) & inside)
+            kmin = min(kmin, key if inside else np.int64(_I32_MAX))
+            kmax = max(kmax, key if inside else np.int64(_I32_MIN))
+            n += inside
+    else:
+        for i in range(h * w):
+            b = np.int64(bits[i])
+            key = _order_key(b)
+            bad = bad | ((b & 0x7F800000) == 0x7F800000)
+            kmin = min(kmin, key)
+            kmax = max(kmax, key)
+        n = h * w
+    status = STATUS_OK
+    if bad:
+        flat = img.reshape(-1)
+        for i in range(h * w):
+            if use_mask and flat_mask[i] == 0:
+                continue
+            v = flat[i]
+            if v != v:
+                status = STATUS_NAN
+                break
+            if v == np.inf or v == -np.inf:
+                status = STATUS_INF
+    tmp = np.empty(2, dtype=np.int32)
+    tmp[0] = np.int32(_order_key(kmin))
+    tmp[1] = np.int32(_order_key(kmax))
+    vals = tmp.view(np.float32)
+    return vals[0], vals[1], status, n
+
+
+# --------------------------------------------------------------------------------------------- seeding
+@njit(**_JIT)
+def grid_seeds(h, w, start_y, step_y, start_x, step_x, cy, cx):
+    """Centres on the regular grid ``start::step`` of each axis (scikit-image ``regular_grid``)."""
+    k = 0
+    for y in range(start_y, h, step_y):
+        for x in range(start_x, w, step_x):
+            cy[k] = y
+            cx[k] = x
+            k += 1
+    return k
+
+
+@njit(**_JIT)
+def _nearest_assign(py, px, n_pts, cy, cx, n_c, best, lab):
+    # centre-major like the SLIC sweep; float32 and unsigned indices so the inner loop vectorises
+    best[:] = np.inf
+    lab[:] = 0
+    n = np.uint64(n_pts)
+    for k in range(n_c):
+        yk = np.float32(cy[k])
+        xk = np.float32(cx[k])
+        kk = np.int32(k)
+        for i in range(n):
+            dy = py[i] - yk
+            dx = px[i] - xk
+            d = dy * dy + dx * dx
+            old = best[i]
+            m = d < old
+            best[i] = d if m else old
+            lab[i] = kk if m else lab[i]
+
+
+@njit(**_JIT)
+def mask_seeds(mask, n_want, cy, cx, lloyd_iter=5, density=25):
+    """Seeds spread homogeneously over a mask: k-means on the mask's pixel coordinates (maskSLIC step 1).
+
+    scikit-image draws ``n`` random mask pixels with a fixed seed and refines them with 5 k-means iterations
+    over a random subset of ~100 n mask pixels. Here both choices are deterministic: the starting points are
+    the first mask pixels hit by the plastic-number (R2) low-discrepancy sequence over the mask's bounding
+    box, and the k-means runs on a regular sub-grid of the mask with about ``density * n`` points (25 n by
+    default: a regular sub-grid covers the mask evenly with fewer points than a random subset). A seed whose
+    cluster mean falls outside the mask (a non-convex mask) is moved to the nearest sub-grid point, so every
+    seed lies inside the mask.
+
+    Parameters
+    ----------
+    mask : (H, W) uint8
+    n_want : int
+        Number of seeds; ``min(n_want, mask.sum())`` are returned.
+    cy, cx : (>= n_want,) float64
+        Output seed coordinates (row, column), filled in place.
+
+    Returns
+    -------
+    n : int
+        Number of seeds written.
+    """
+    h, w = mask.shape
+    n_mask = 0
+    y0 = h
+    y1 = -1
+    x0 = w
+    x1 = -1
+    for y in range(h):
+        for x in range(w):
+            if mask[y, x]:
+                n_mask += 1
+                if y < y0:
+                    y0 = y
+                if y > y1:
+                    y1 = y
+                if x < x0:
+                    x0 = x
+                if x > x1:
+                    x1 = x
+    n = min(n_want, n_mask)
+    if n <= 0:
+        return 0
+    bh = y1 - y0 + 1
+    bw = x1 - x0 + 1
+    taken = np.zeros((bh, bw), dtype=np.uint8)
+    # R2 sequence (Roberts 2018): alpha = (1/g, 1/g^2), g the plastic number; well spread for any prefix
+    g = 1.32471795724474602596
+    a1 = 1.0 / g
+    a2 = 1.0 / (g * g)
+    k = 0
+    i = 0
+    max_tries = 64 * n + 4 * bh * bw
+    while k < n and i < max_tries:
+        u = (0.5 + a1 * i) % 1.0
+        v = (0.5 + a2 * i) % 1.0
+        i += 1
+        yy = int(u * bh)
+        xx = int(v * bw)
+        if mask[y0 + yy, x0 + xx] and not taken[yy, xx]:
+            taken[yy, xx] = 1
+            cy[k] = y0 + yy
+            cx[k] = x0 + xx
+            k += 1
+    if k < n:
+        # a very thin mask: take the remaining seeds at evenly spaced ranks among the unused mask pixels
+        free = n_mask - k
+        need = n - k
+        rank = 0
+        nxt = 0
+        for y in range(y0, y1 + 1):
+            for x in range(x0, x1 + 1):
+                if mask[y, x] and not taken[y - y0, x - x0]:
+                    if k < n and rank == (nxt * free) // need:
+                        cy[k] = y
+                        cx[k] = x
+                        k += 1
+                        nxt += 1
+                    rank += 1
+    # k-means points: a regular sub-grid of the mask about `density` times denser than the seeds
+    stride = max(1, int(np.sqrt(n_mask / (density * n))))
+    off = stride // 2
+    n_pts = 0
+    for y in range(y0 + off, y1 + 1, stride):
+        for x in range(x0 + off, x1 + 1, stride):
+            if mask[y, x]:
+                n_pts += 1
+    if n_pts < n:
+        stride = 1
+        off = 0
+        n_pts = n_mask
+    py = np.empty(n_pts, dtype=np.float32)
+    px = np.empty(n_pts, dtype=np.float32)
+    j = 0
+    for y in range(y0 + off, y1 + 1, stride):
+        for x in range(x0 + off, x1 + 1, stride):
+            if mask[y, x]:
+                py[j] = y
+                px[j] = x
+                j += 1
+    best = np.empty(n_pts, dtype=np.float32)
+    lab = np.empty(n_pts, dtype=np.int32)
+    sy = np.empty(n, dtype=np.float64)
+    sx = np.empty(n, dtype=np.float64)
+    cnt = np.empty(n, dtype=np.int64)
+    for _ in range(lloyd_iter):
+        _nearest_assign(py, px, n_pts, cy, cx, n, best, lab)
+        sy[:] = 0.0
+        sx[:] = 0.0
+        cnt[:] = 0
+        for i in range(n_pts):
+            c = lab[i]
+            sy[c] += py[i]
+            sx[c] += px[i]
+            cnt[c] += 1
+        for c in range(n):
+            if cnt[c] > 0:  # an empty cluster keeps its centre, as scipy's kmeans2 does
+                cy[c] = sy[c] / cnt[c]
+                cx[c] = sx[c] / cnt[c]
+    # the mean of a cluster can fall outside a non-convex mask: such a seed moves to the nearest mask point
+    for c in range(n):
+        yy = int(np.floor(cy[c] + 0.5))
+        xx = int(np.floor(cx[c] + 0.5))
+        if 0 <= yy < h and 0 <= xx < w and mask[yy, xx]:
+            continue
+        best_d = np.inf
+        for i in range(n_pts):
+            d = (py[i] - cy[c]) ** 2 + (px[i] - cx[c]) ** 2
+            if d < best_d:
+                best_d = d
+                yy = int(py[i])
+                xx = int(px[i])
+        cy[c] = yy
+        cx[c] = xx
+    return n
+
+
+@njit(**_JIT)
+def mean_nn_steps(cy, cx, n):
+    """Mean absolute row / column offset from each seed to its nearest other seed (scikit-image's ``steps``)."""
+    sum_y = 0.0
+    sum_x = 0.0
+    for i in range(n):
+        best = np.inf
+        j_best = i
+        for j in range(n):
+            if j == i:
+                continue
+            dy = cy[i] - cy[j]
+            dx = cx[i] - cx[j]
+            d = dy * dy + dx * dx
+            if d < best:
+                best = d
+                j_best = j
+        sum_y += abs(cy[i] - cy[j_best])
+        sum_x += abs(cx[i] - cx[j_best])
+    return sum_y / n, sum_x / n
+
+
+# --------------------------------------------------------------------------------------------- k-means
+@njit(**_JIT)
+def _sweep(img, best, lab, stride, lo, hi, cy, cx, cc, alive, n_c, half_y, half_x, h, w, sw, sp_y, sp_x,
+           use_color, dxs):
+    """One assignment step: every live centre scans its window, keeping each pixel's nearest centre.
+
+    ``half_y`` / ``half_x`` are the window half-widths (float32; scikit-image: 2 * grid step). ``dxs``
+    (length >= stride) must hold +inf on entry and is restored before returning. Returns True if any pixel
+    was reached.
+    """
+    any_pixel = False
+    one = np.float32(1.0)
+    zero = np.float32(0.0)
+    inf = np.float32(np.inf)
+    hf = np.float32(h)
+    wf = np.float32(w)
+    for k in range(n_c):
+        if not alive[k]:
+            continue
+        yc = cy[k]
+        xc = cx[k]
+        c = cc[k]
+        kk = np.int32(k)
+        # window bounds as scikit-image computes them (float32, truncated toward zero)
+        ya = int(max(yc - half_y, zero))
+        yb = int(min(yc + half_y + one, hf))
+        xa = int(max(xc - half_x, zero))
+        xb = int(min(xc + half_x + one, wf))
+        if xb <= xa or yb <= ya:
+            continue
+        for x in range(xa, xb):
+            t = sp_x * (xc - np.float32(x))
+            dxs[x] = t * t
+        for y in range(ya, yb):
+            a = max(xa, lo[y])
+            b = min(xb, hi[y])
+            if b <= a:
+                continue
+            any_pixel = True
+            t = sp_y * (yc - np.float32(y))
+            dy2 = t * t
+            # whole aligned 16-lane blocks (the arrays are 64-byte aligned, the stride a multiple of 16);
+            # unsigned indices: numba then emits no negative-index wrap-around and the loop vectorises
+            a &= ~15
+            n16 = np.uint64((b - a + 15) & ~15)
+            base = np.uint64(y * stride + a)
+            da = np.uint64(a)
+            if use_color:
+                for j in range(n16):
+                    i = base + j
+                    t2 = img[i] - c
+                    d = (dy2 + dxs[da + j]) * sw + t2 * t2
+                    old = best[i]
+                    m = d < old
+                    best[i] = d if m else old
+                    lab[i] = kk if m else lab[i]
+            else:
+                for j in range(n16):
+                    i = base + j
+                    d = (dy2 + dxs[da + j]) * sw
+                    old = best[i]
+                    m = d < old
+                    best[i] = d if m else old
+                    lab[i] = kk if m else lab[i]
+        for x in range(xa, xb):
+            dxs[x] = inf
+    return any_pixel
+
+
+@njit(**_JIT)
+def _update(lab, stride, pw, h, lo, hi, prefix, cy, cx, cc, alive, n_c, cnt, s_y, s_x, s_c):
+    """Move every centre to the mean (row, column, intensity) of its pixels.
+
+    One pass over the runs of equal labels in each row: a run adds its length, its row and column sums
+    (closed forms) and its intensity sum (difference of the row prefix sums ``prefix``, row stride ``pw``).
+    Pixels that no window reached in this sweep still carry their previous label and count for it, as in
+    scikit-image.
+    """
+    cnt[:] = 0
+    s_y[:] = 0
+    s_x[:] = 0
+    s_c[:] = 0.0
+    for y in range(h):
+        a = lo[y]
+        b = hi[y]
+        if b <= a:
+            continue
+        base = y * stride
+        pb = y * pw
+        k = lab[base + a]
+        x0 = a
+        for x in range(a + 1, b + 1):
+            kn = lab[base + x] if x < b else np.int32(-2)
+            if kn != k:
+                if k >= 0:
+                    n = x - x0
+                    cnt[k] += n
+                    s_y[k] += n * y
+                    s_x[k] += (x0 + x - 1) * n  # twice the column sum
+                    s_c[k] += prefix[pb + x] - prefix[pb + x0]
+                k = kn
+                x0 = x
+    for k in range(n_c):
+        if cnt[k] == 0:
+            # scikit-image divides by zero here and the centre becomes NaN: it never wins a pixel again
+            alive[k] = False
+            continue
+        nf = np.float32(cnt[k])
+        cy[k] = np.float32(s_y[k]) / nf
+        cx[k] = np.float32(0.5 * s_x[k]) / nf
+        cc[k] = np.float32(s_c[k]) / nf
+
+
+@njit(**_JIT)
+def kmeans_passes(img, stride, base_best, lo, hi, prefix, pw, h, w, cy, cx, cc, alive, n_c, n_iter, step,
+                  half_y, half_x, sp_y, sp_x, use_color, lab):
+    """``n_iter`` SLIC iterations (assign, update) in place on the centres; ``lab`` gets the last assignment.
+
+    ``img``, ``base_best`` and ``lab`` are padded (row stride ``stride``); ``base_best`` is +inf where a
+    pixel may be assigned and -inf elsewhere. ``lab`` is reset to -1 once, not per iteration: a pixel that no
+    window reaches keeps its previous label, as in scikit-image.
+    """
+    best = _aligned_f32(h * stride)
+    dxs = _aligned_f32(stride)
+    dxs[:] = np.inf
+    cnt = np.empty(n_c, dtype=np.int64)
+    s_y = np.empty(n_c, dtype=np.int64)
+    s_x = np.empty(n_c, dtype=np.int64)
+    s_c = np.empty(n_c, dtype=np.float64)
+    # scikit-image: spatial_weight = 1.0 / (step * step) with a C float step, stored as float32
+    sw = np.float32(1.0 / np.float32(np.float32(step) * np.float32(step)))
+    lab[:] = -1
+    for _ in range(n_iter):
+        best[:] = base_best
+        changed = _sweep(img, best, lab, stride, lo, hi, cy, cx, cc, alive, n_c, half_y, half_x, h, w, sw,
+                         np.float32(sp_y), np.float32(sp_x), use_color, dxs)
+        if not changed:
+            break
+        _update(lab, stride, pw, h, lo, hi, prefix, cy, cx, cc, alive, n_c, cnt, s_y, s_x, s_c)
+
+
+# --------------------------------------------------------------------------------------------- connectivity
+@njit(**_JIT)
+def _find(parent, i):
+    root = i
+    while parent[root] != root:
+        root = parent[root]
+    while parent[i] != root:  # path compression
+        nxt = parent[i]
+        parent[i] = root
+        i = nxt
+    return root
+
+
+@njit(**_JIT)
+def _bfs_component(lab, ls, out, h, w, y, x, cur, mask_label, limit, qy, qx):
+    """scikit-image's breadth-first search from (y, x): gives up to ``limit`` pixels the label ``cur``.
+
+    ``lab`` has row stride ``ls``, ``out`` row stride ``w``. Returns (size, adjacent): ``adjacent`` is the
+    last already-labelled neighbour of another segment met during the search, in scikit-image's neighbour
+    order (x+1, x-1, y+1, y-1), or ``cur`` if there is none.
+    """
+    label = lab[y * ls + x]
+    out[y * w + x] = cur
+    qy[0] = y
+    qx[0] = x
+    size = 1
+    visited = 0
+    adjacent = cur
+    while visited < size and size < limit:
+        vy = qy[visited]
+        vx = qx[visited]
+        for d in range(4):
+            ny = vy
+            nx = vx
+            if d == 0:
+                nx = vx + 1
+            elif d == 1:
+                nx = vx - 1
+            elif d == 2:
+                ny = vy + 1
+            else:
+                ny = vy - 1
+            if nx < 0 or nx >= w or ny < 0 or ny >= h:
+                continue
+            j = ny * w + nx
+            if lab[ny * ls + nx] == label and out[j] == mask_label:
+                out[j] = cur
+                qy[size] = ny
+                qx[size] = nx
+                size += 1
+                if size >= limit:
+                    break
+            elif out[j] > mask_label and out[j] != cur:
+                adjacent = out[j]
+        visited += 1
+    return size, adjacent
+
+
+@njit(**_JIT)
+def _connectivity_bfs(lab, ls, out, h, w, min_size, max_size, start_label):
+    """scikit-image's connectivity enforcement, pixel by pixel (used when a segment reaches ``max_size``)."""
+    mask_label = start_label - 1
+    out[:] = mask_label
+    qy = np.empty(max_size, dtype=np.int64)
+    qx = np.empty(max_size, dtype=np.int64)
+    cur = start_label
+    for y in range(h):
+        for x in range(w):
+            if lab[y * ls + x] < 0 or out[y * w + x] != mask_label:
+                continue
+            size, adjacent = _bfs_component(lab, ls, out, h, w, y, x, cur, mask_label, max_size, qy, qx)
+            if size < min_size:
+                for q in range(size):
+                    out[qy[q] * w + qx[q]] = adjacent
+            else:
+                cur += 1
+    return cur - start_label
+
+
+@njit(**_JIT)
+def _adjacent_of(order, n, rix, root_of, fin, pad, cur):
+    """The ``adjacent`` label scikit-image's search would end with for a component visited in ``order``.
+
+    scikit-image keeps the last labelled neighbour of another segment met while it visits the pixels
+    (neighbours in the order x+1, x-1, y+1, y-1); scanning the visit order backwards and the neighbours in
+    reverse gives the same answer at the first hit. A neighbour is labelled when its component was met
+    earlier in the raster scan, and then carries that component's final label ``fin`` (-1: not yet met).
+    """
+    for t in range(n - 1, -1, -1):
+        i = order[t]
+        for d in range(4):
+            if d == 0:
+                q = i - pad
+            elif d == 1:
+                q = i + pad
+            elif d == 2:
+                q = i - 1
+            else:
+                q = i + 1
+            root = root_of[rix[q]]
+            if root >= 0:
+                f = fin[root]
+                if f >= 0 and f != cur:
+                    return f
+    return cur
+
+
+@njit(**_JIT)
+def enforce_connectivity(lab, ls, out, h, w, min_size, max_size, start_label):
+    """Split labels into 4-connected segments and merge the segments under ``min_size`` into a neighbour.
+
+    Same result as scikit-image's ``_enforce_label_connectivity_cython``: segments are numbered in raster
+    order of their first pixel from ``start_label``; a small segment takes the label of the last labelled
+    neighbour its breadth-first search meets (or, with none, the next label without using it up). Here the
+    components come from a union-find over horizontal runs; only small segments spanning several rows need
+    a per-pixel search (for its visiting order), and it tests membership only. scikit-image cuts a component
+    at ``max_size`` pixels; that rare case runs the pixel-by-pixel algorithm instead.
+
+    Parameters
+    ----------
+    lab : (H * ls,) int32
+        Centre index per pixel with row stride ``ls`` (>= W); -1 where there is none (outside the mask).
+    out : (H * W,) int32
+        Output labels; ``start_label - 1`` where ``lab`` is -1.
+
+    Returns
+    -------
+    n_labels : int
+        Number of labels used (``start_label .. start_label + n_labels - 1``).
+    """
+    mask_label = start_label - 1
+    # ---- runs of equal label along each row. Run 0 is a dummy standing for "no segment" (outside the mask,
+    # and the frame of the run-index map ``rix``, whose rows have a stride of ``pad`` = w + 1 and which has
+    # an extra row above and below, so the searches need no bounds tests)
+    pad = w + 1
+    rix = np.zeros((h + 2) * pad, dtype=np.int32)
+    cap = h * w + 2
+    run_x0 = np.empty(cap, dtype=np.int32)
+    run_x1 = np.empty(cap, dtype=np.int32)
+    run_y = np.empty(cap, dtype=np.int32)
+    run_k = np.empty(cap, dtype=np.int32)
+    row_start = np.empty(h + 1, dtype=np.int64)
+    run_k[0] = -1
+    run_x0[0] = 0
+    run_x1[0] = 0
+    run_y[0] = -1
+    n_runs = 1
+    uw = np.uint64(w)
+    one = np.uint64(1)
+    for y in range(h):
+        row_start[y] = n_runs
+        lb = np.uint64(y * ls)
+        rb = np.uint64((y + 1) * pad)
+        # branch-free: every pixel gets the index of its run (the count of label changes so far)
+        r = np.int32(n_runs)
+        run_x0[r] = 0
+        rix[rb] = r
+        for x in range(one, uw):
+            run_x0[r + 1] = np.int32(x)  # start of the next run, kept only if the label changes here
+            r += np.int32(lab[lb + x] != lab[lb + x - one])
+            rix[rb + x] = r
+        n_row = r + 1
+        for q in range(n_runs, n_row):
+            run_x1[q] = run_x0[q + 1] if q + 1 < n_row else np.int32(w)
+            run_y[q] = y
+            run_k[q] = lab[lb + np.uint64(run_x0[q])]
+        n_runs = n_row
+    row_start[h] = n_runs
+    # ---- union-find over runs: a run joins the runs of the row above that overlap it with the same label
+    parent = np.empty(n_runs, dtype=np.int32)
+    for r in range(n_runs):
+        parent[r] = r if run_k[r] >= 0 else -1
+    for y in range(1, h):
+        p = row_start[y - 1]
+        p_end = row_start[y]
+        for r in range(row_start[y], row_start[y + 1]):
+            k = run_k[r]
+            if k < 0:
+                continue
+            x0 = run_x0[r]
+            x1 = run_x1[r]
+            while p < p_end and run_x1[p] <= x0:
+                p += 1
+            q = p
+            pr = np.int32(-1)  # root of r so far (r itself is never the root once it touches a run above)
+            while q < p_end and run_x0[q] < x1:
+                if run_k[q] == k:
+                    rq = _find(parent, q)
+                    if pr < 0:
+                        pr = rq
+                    elif rq != pr:
+                        # the root is always the component's first run in raster order
+                        if rq < pr:
+                            parent[pr] = rq
+                            pr = rq
+                        else:
+                            parent[rq] = pr
+                q += 1
+            if pr >= 0:
+                parent[r] = pr
+            if q > p and run_x1[q - 1] > x1:
+                p = q - 1  # the last overlapping run may also overlap the next run of this row
+    size = np.zeros(n_runs, dtype=np.int64)
+    multi = np.zeros(n_runs, dtype=np.bool_)
+    big = False
+    for r in range(1, n_runs):
+        if parent[r] < 0:
+            continue
+        root = _find(parent, r)
+        parent[r] = root
+        size[root] += run_x1[r] - run_x0[r]
+        if root != r:
+            multi[root] = True
+        if size[root] >= max_size:
+            big = True
+    if big:
+        return _connectivity_bfs(lab, ls, out, h, w, min_size, max_size, start_label)
+    # ---- final label of every component, in raster order of its first pixel
+    fin = np.full(n_runs, -1, dtype=np.int32)
+    order = np.empty(max(min_size, 1), dtype=np.int64)
+    seen = np.zeros((h + 2) * pad, dtype=np.uint8)
+    cur = start_label
+    for r in range(1, n_runs):
+        if parent[r] != r:
+            continue
+        if size[r] >= min_size:
+            fin[r] = cur
+            cur += 1
+            continue
+        # a small component: its visiting order, then the neighbour it merges into
+        base = (run_y[r] + 1) * pad
+        if not multi[r]:
+            m = 0
+            for x in range(run_x0[r], run_x1[r]):
+                order[m] = base + x
+                m += 1
+        else:
+            order[0] = base + run_x0[r]
+            seen[order[0]] = 1
+            m = 1
+            v = 0
+            while v < m:
+                i = order[v]
+                for d in range(4):
+                    if d == 0:
+                        q = i + 1
+                    elif d == 1:
+                        q = i - 1
+                    elif d == 2:
+                        q = i + pad
+                    else:
+                        q = i - pad
+                    if seen[q] == 0 and parent[rix[q]] == r:
+                        seen[q] = 1
+                        order[m] = q
+                        m += 1
+                v += 1
+        fin[r] = cur  # its own pixels read as "cur" during the search, as in scikit-image
+        fin[r] = _adjacent_of(order, m, rix, parent, fin, pad, cur)
+    # ---- write: one table lookup per pixel
+    run_lab = np.empty(n_runs, dtype=np.int32)
+    run_lab[0] = mask_label
+    for r in range(1, n_runs):
+        run_lab[r] = fin[parent[r]] if parent[r] >= 0 else mask_label
+    for y in range(h):
+        ob = np.uint64(y * w)
+        rb = np.uint64((y + 1) * pad)
+        for x in range(uw):
+            out[ob + x] = run_lab[rix[rb + x]]
+    return cur - start_label
+
+
+@njit(**_JIT)
+def relabel_consecutive(lab, out, start):
+    """Renumber the labels >= 0 of ``lab`` as ``start, start + 1, ...`` in raster order of first appearance;
+    negative labels become ``start - 1``. Returns the number of distinct labels."""
+    m = 0
+    for i in range(lab.size):
+        if lab[i] > m:
+            m = lab[i]
+    table = np.full(m + 1, -1, dtype=np.int64)
+    nxt = 0
+    for i in range(lab.size):
+        v = lab[i]
+        if v < 0:
+            out[i] = start - 1
+            continue
+        if table[v] < 0:
+            table[v] = nxt
+            nxt += 1
+        out[i] = start + table[v]
+    return nxt
+
+
+# --------------------------------------------------------------------------------------------- driver
+@njit(**_JIT)
+def slic_core(img, mask, use_mask, imin, imax, ratio, n_c, gy0, gsy, gx0, gsx, grid_step, fallback_step,
+              half_y, half_x, n_iter, n_iter_spatial, sp_y, sp_x, enforce, min_size, max_size, start_label, out):
+    """The whole SLIC / maskSLIC of one slice in one GIL-free call (arguments prepared by ``slic``).
+
+    Grid mode (``use_mask`` False): ``n_c`` centres on the grid ``gy0::gsy`` x ``gx0::gsx`` with intensity 0,
+    distance scale ``grid_step``. Mask mode: ``n_c`` k-means seeds in the mask, scale = their mean
+    nearest-neighbour offset (``fallback_step`` when there is a single seed), then a colour-blind pass of
+    ``n_iter`` iterations before the SLIC pass (maskSLIC). ``half_y`` / ``half_x``: search window
+    half-widths. ``out`` (H*W int32) receives the labels. Returns the number of labels when connectivity is
+    enforced, else the number of centres.
+    """
+    h, w = img.shape
+    stride = (w + 31) & ~15  # >= w + 16 and a multiple of the 16-lane SIMD width
+    scaled = _aligned_f32(h * stride)
+    scaled[:] = 0.0
+    base_best = _aligned_f32(h * stride)
+    base_best[:] = -np.inf
+    lo = np.zeros(h, dtype=np.int64)
+    hi = np.zeros(h, dtype=np.int64)
+    rng = imax - imin
+    div = rng if rng != np.float32(0.0) else np.float32(1.0)
+    r32 = np.float32(ratio)
+    inf = np.float32(np.inf)
+    zero = np.float32(0.0)
+    for y in range(h):
+        base = y * stride
+        if use_mask:
+            first = -1
+            last = -1
+            for x in range(w):
+                inside = mask[y, x] != 0
+                # scikit-image's order of operations: subtract the minimum, divide by the range, weight
+                v = ((img[y, x] - imin) / div) * r32
+                scaled[base + x] = v if inside else zero
+                base_best[base + x] = inf if inside else -inf
+            for x in range(w):
+                if mask[y, x] != 0:
+                    first = x
+                    break
+            for x in range(w - 1, -1, -1):
+                if mask[y, x] != 0:
+                    last = x
+                    break
+            if first >= 0:
+                lo[y] = first
+                hi[y] = last + 1
+        else:
+            for x in range(w):
+                scaled[base + x] = ((img[y, x] - imin) / div) * r32
+                base_best[base + x] = inf
+            lo[y] = 0
+            hi[y] = w
+    # row prefix sums of the weighted intensities (float64): a run's intensity sum in O(1) in the update
+    pw = w + 1
+    prefix = np.empty(h * pw, dtype=np.float64)
+    for y in range(h):
+        acc = 0.0
+        prefix[y * pw] = 0.0
+        for x in range(w):
+            acc += scaled[y * stride + x]
+            prefix[y * pw + x + 1] = acc
+    sy64 = np.empty(n_c, dtype=np.float64)
+    sx64 = np.empty(n_c, dtype=np.float64)
+    if use_mask:
+        mask_seeds(mask, n_c, sy64, sx64)
+        my, mx = mean_nn_steps(sy64, sx64, n_c)
+        step = max(my, mx)
+        if not step > 0.0:
+            step = fallback_step
+    else:
+        grid_seeds(h, w, gy0, gsy, gx0, gsx, sy64, sx64)
+        step = grid_step
+    cy = sy64.astype(np.float32)
+    cx = sx64.astype(np.float32)
+    cc = np.zeros(n_c, dtype=np.float32)
+    alive = np.ones(n_c, dtype=np.bool_)
+    labp = _aligned_i32(h * stride)
+    hy = np.float32(half_y)
+    hx = np.float32(half_x)
+    if use_mask and n_iter_spatial > 0:
+        kmeans_passes(scaled, stride, base_best, lo, hi, prefix, pw, h, w, cy, cx, cc, alive, n_c,
+                      n_iter_spatial, step, hy, hx, sp_y, sp_x, False, labp)
+    kmeans_passes(scaled, stride, base_best, lo, hi, prefix, pw, h, w, cy, cx, cc, alive, n_c, n_iter, step,
+                  hy, hx, sp_y, sp_x, True, labp)
+    # pixels of the mask that no search window ever reached (possible when the window is narrower than
+    # scikit-image's) form one extra cluster rather than staying unlabelled; connectivity enforcement then
+    # merges its small pieces into neighbours like any other fragment
+    orphan = np.int32(n_c)
+    for y in range(h):
+        for x in range(lo[y], hi[y]):
+            i = y * stride + x
+            if labp[i] < 0 and base_best[i] > 0:
+                labp[i] = orphan
+    if enforce:
+        return enforce_connectivity(labp, stride, out, h, w, min_size, max_size, start_label)
+    for y in range(h):
+        for x in range(w):
+            k = labp[y * stride + x]
+            out[y * w + x] = k + start_label if k >= 0 else start_label - 1
+    return n_c

@@ -1,0 +1,288 @@
+"""``cli.py inspect STORE``: one-screen summary and integrity check of a store; optional overlay PNG."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from engine.store import DATASETS, StoreError, StoreReader, describe_holder, lock_path, parts_dir, shard_name
+
+
+def _disk_size(path: Path) -> int:
+    total = path.stat().st_size if path.exists() else 0
+    parts = parts_dir(path)
+    if parts.is_dir():
+        total += sum(p.stat().st_size for p in parts.iterdir() if p.is_file())
+    return total
+
+
+def _writer_holding(path: Path) -> dict | None:
+    """Who is writing the store right now, from its lock file (None when nobody is).
+
+    The lock is only read, never taken: a reader must not make a starting writer fail. A lock file left by a
+    killed run names a process that no longer exists and is ignored.
+    """
+    import platform
+
+    import psutil
+    lp = lock_path(path)
+    try:
+        holder = json.loads(lp.read_text() or "{}")
+    except (OSError, ValueError):
+        return None
+    if not holder:
+        return None
+    if holder.get("host") == platform.node() and not psutil.pid_exists(int(holder.get("pid", -1))):
+        return None
+    return holder
+
+
+def check_integrity(reader: StoreReader, read_pixels: bool = True) -> list[str]:
+    """Problems found in a store snapshot (empty list: consistent).
+
+    Checks that every shard the index names exists and agrees with the index (slice count, volume, z), that
+    the virtual datasets map every shard, that each volume's slices are z = 0, 1, ... without gap or
+    duplicate (a partly written last volume is allowed while the store is incomplete), and, with
+    ``read_pixels``, that every slice decodes and is consistent (finite image, superpixel ids 1..n inside
+    the body only, label present exactly when recorded).
+    """
+    problems: list[str] = []
+    sl = reader.slices
+    n = reader.n_slices
+    shards = np.asarray([reader.shard_of(i)[0] for i in range(n)], dtype=np.int64)
+    rows = np.asarray([reader.shard_of(i)[1] for i in range(n)], dtype=np.int64)
+    # shards: contiguous, each one agreeing with the index
+    if n:
+        for k in np.unique(shards):
+            idx = np.flatnonzero(shards == k)
+            path = reader.parts / shard_name(int(k))
+            if not np.array_equal(rows[idx], np.arange(len(idx))):
+                problems.append(f"shard {k}: rows in the index are not 0..{len(idx) - 1}")
+            try:
+                with h5py.File(path, "r") as f:
+                    vols = [v.decode() if isinstance(v, bytes) else str(v) for v in f["slices/volume"][()]]
+                    zs = f["slices/z"][()]
+                    if len(vols) != len(idx):
+                        problems.append(f"{path}: holds {len(vols)} slices, the index maps {len(idx)}")
+                    elif list(sl["volume"][idx]) != vols or not np.array_equal(sl["z"][idx], zs):
+                        problems.append(f"{path}: its slice table differs from the index")
+                    for name in DATASETS:
+                        if f[name].shape[0] != len(vols):
+                            problems.append(f"{path}: dataset {name} has {f[name].shape[0]} rows for {len(vols)} slices")
+            except (OSError, KeyError) as exc:
+                problems.append(f"{path}: missing or unreadable ({exc})")
+    # the virtual datasets of the index (what h5py / HDFView users read)
+    try:
+        with h5py.File(reader.path, "r") as f:
+            if int(f.attrs.get("n_slices", -1)) != n:
+                # A run has published a newer index since this snapshot was taken; its mapping is not ours.
+                return problems + _check_volumes_and_pixels(reader, read_pixels)
+            for name in DATASETS:
+                d = f[name]
+                if d.shape[0] != n:
+                    problems.append(f"index dataset {name} has {d.shape[0]} rows, the slice table {n}")
+                elif n and d.is_virtual:
+                    mapped = sum(int(np.prod([s.stop - s.start for s in _vslices(vs)][:1]))
+                                 for vs in d.virtual_sources())
+                    if mapped != n:
+                        problems.append(f"index dataset {name}: virtual mapping covers {mapped} of {n} slices")
+    except OSError as exc:
+        problems.append(f"{reader.path}: cannot reopen the index ({exc})")
+    return problems + _check_volumes_and_pixels(reader, read_pixels)
+
+
+def _check_volumes_and_pixels(reader: StoreReader, read_pixels: bool) -> list[str]:
+    problems: list[str] = []
+    sl = reader.slices
+    n = reader.n_slices
+    # per volume: z = 0..n-1 once each
+    complete = bool(reader.meta.get("complete", False))
+    last_volume = sl["volume"][-1] if n else None
+    for row in reader.volumes:
+        idx = reader.slices_of(row["id"])
+        zs = sl["z"][idx]
+        if len(np.unique(zs)) != len(zs):
+            problems.append(f"volume {row['id']}: duplicated slices")
+        expected = row["n_slices"]
+        if not np.array_equal(zs, np.arange(len(zs))):
+            problems.append(f"volume {row['id']}: slices are not z = 0..{len(zs) - 1} in order (gap)")
+        elif len(zs) != expected and (complete or row["id"] != last_volume):
+            problems.append(f"volume {row['id']}: {len(zs)} of its {expected} slices in the store")
+    if read_pixels:
+        for i in range(n):
+            try:
+                d = reader.read(i)
+            except Exception as exc:  # any decoding failure is a finding, not a crash
+                problems.append(f"slice {i} (volume {sl['volume'][i]} z={sl['z'][i]}): unreadable ({exc})")
+                continue
+            tag = f"slice {i} (volume {sl['volume'][i]} z={sl['z'][i]})"
+            sp, fg = d["superpixels"], d["fg"]
+            if not np.isfinite(d["image"]).all():
+                problems.append(f"{tag}: image has NaN/Inf")
+            nsp = int(sl["n_superpixels"][i])
+            if int(sp.max(initial=0)) != nsp:
+                problems.append(f"{tag}: max superpixel id {int(sp.max(initial=0))}, table says {nsp}")
+            elif nsp and len(np.unique(sp[sp > 0])) != nsp:
+                problems.append(f"{tag}: superpixel ids are not consecutive 1..{nsp}")
+            if (sp[~fg] != 0).any():
+                problems.append(f"{tag}: superpixels outside the body mask")
+            if (d["label"] is not None) != bool(sl["labels_present"][i]):
+                problems.append(f"{tag}: label presence differs from the table")
+            if len(problems) > 50:
+                problems.append("... (stopped after 50 problems)")
+                break
+    return problems
+
+
+def _vslices(vs) -> list:
+    sel = vs.vspace.get_select_bounds()
+    return [slice(lo, hi + 1) for lo, hi in zip(*sel)]
+
+
+def summarize(reader: StoreReader, path: Path, check_pixels: bool = True) -> dict:
+    """Everything ``inspect`` shows, as a JSON-able dict."""
+    meta = reader.meta
+    nsp = reader.slices["n_superpixels"]
+    problems = check_integrity(reader, read_pixels=check_pixels)
+    counts = {}
+    for v in reader.slices["volume"]:
+        counts[v] = counts.get(v, 0) + 1
+    volumes = [{"id": r["id"], "n_slices": r["n_slices"], "slices_in_store": counts.get(r["id"], 0),
+                "has_label": r["has_label"], "spacing": r["spacing"], "orientation": r["orientation"],
+                "path": r["path"], "checksum": r["checksum"], "notes": r["notes"]} for r in reader.volumes]
+    size = _disk_size(path)
+    holder = _writer_holding(path)
+    return {
+        "store": str(path), "schema_version": meta.get("schema_version"), "complete": bool(meta.get("complete"))
+        and not problems, "recorded_complete": bool(meta.get("complete")), "being_written_by": holder,
+        "volumes": volumes, "n_volumes": len(volumes), "slices": reader.n_slices,
+        "shards": int(meta.get("n_shards", 0)), "method": meta.get("method"), "params": meta.get("params"),
+        "prepare": meta.get("prepare"), "source": meta.get("source"), "settings_hash": meta.get("settings_hash"),
+        "code_version": meta.get("code_version"), "code_versions": meta.get("code_versions"),
+        "created": meta.get("created"), "updated": meta.get("updated"),
+        "superpixels_per_slice": {
+            "min": int(nsp.min()) if nsp.size else 0, "median": float(np.median(nsp)) if nsp.size else 0.0,
+            "max": int(nsp.max()) if nsp.size else 0, "mean": round(float(nsp.mean()), 2) if nsp.size else 0.0,
+            "empty_slices": int((nsp == 0).sum())},
+        "size_bytes": size, "bytes_per_slice": round(size / reader.n_slices) if reader.n_slices else None,
+        "log": meta.get("log", []), "problems": problems,
+    }
+
+
+def _print_summary(s: dict) -> None:
+    state = "complete" if s["complete"] else ("INCOMPLETE" if not s["problems"] else "DAMAGED")
+    if s["being_written_by"]:
+        state += f", being written now ({describe_holder(s['being_written_by'])})"
+    params = " ".join(f"{k}={v}" for k, v in (s["params"] or {}).items())
+    prep = " ".join(f"{k}={v}" for k, v in (s["prepare"] or {}).items())
+    src = s["source"] or {}
+    with_label = sum(1 for v in s["volumes"] if v["has_label"])
+    sp = s["superpixels_per_slice"]
+    print(f"store        {s['store']}  ({state})")
+    print(f"written      schema {s['schema_version']}, code {s['code_version']}, created {s['created']}, "
+          f"updated {s['updated']}")
+    print(f"source       {src.get('input', '?')} ({src.get('n_refs', '?')} volumes listed)")
+    print(f"volumes      {s['n_volumes']} ({with_label} with labels)   slices {s['slices']}   batches {s['shards']}")
+    print(f"method       {s['method']}  {params}")
+    print(f"prepare      {prep}")
+    print(f"superpixels  per slice: min {sp['min']}, median {sp['median']:g}, max {sp['max']} "
+          f"(mean {sp['mean']:g}; {sp['empty_slices']} slices with no body)")
+    per = f", {s['bytes_per_slice'] / 1e3:.0f} kB per slice" if s["bytes_per_slice"] else ""
+    print(f"on disk      {s['size_bytes'] / 1e6:.1f} MB{per}")
+    if s["problems"]:
+        print(f"integrity    {len(s['problems'])} problem(s):")
+        for p in s["problems"][:10]:
+            print(f"  {p}")
+    else:
+        print(f"integrity    OK: {s['slices']} slices read and consistent, no gaps, every batch mapped")
+    if s["log"]:
+        print(f"failures     {len(s['log'])} volume(s) could not be used:")
+        for f in s["log"][:8]:
+            print(f"  {f.get('path')}: {f.get('reason')}")
+        if len(s["log"]) > 8:
+            print(f"  ... and {len(s['log']) - 8} more (--json lists all)")
+    else:
+        print("failures     none")
+
+
+def write_overlay(reader: StoreReader, volume: str, z: int, png: str | Path) -> Path:
+    """PNG of one slice: superpixel boundaries on the image (left), labels on the image (right).
+
+    Raises
+    ------
+    KeyError
+        No slice ``z`` of ``volume`` in the store.
+    """
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from skimage.segmentation import find_boundaries, mark_boundaries
+
+    idx = reader.slices_of(volume)
+    hit = [int(i) for i in idx if int(reader.slices["z"][i]) == int(z)]
+    if not hit:
+        have = f"z 0..{len(idx) - 1}" if len(idx) else "no such volume"
+        raise KeyError(f"volume {volume!r} slice {z} is not in the store ({have})")
+    d = reader.read(hit[0])
+    img = d["image"]
+    lo, hi = np.percentile(img, [0.5, 99.5])
+    grey = np.clip((img - lo) / (hi - lo if hi > lo else 1.0), 0, 1)
+    sp_view = mark_boundaries(np.dstack([grey] * 3), d["superpixels"], color=(1, 0.85, 0), mode="inner")
+    body = find_boundaries(d["fg"], mode="inner")
+    sp_view[body] = (0, 0.8, 1)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 5.2))
+    axes[0].imshow(sp_view)
+    axes[0].set_title(f"{int(reader.slices['n_superpixels'][hit[0]])} superpixels ({reader.meta.get('method')}), "
+                      f"body outline", fontsize=9)
+    axes[1].imshow(grey, cmap="gray")
+    if d["label"] is not None and d["label"].any():
+        lab = np.ma.masked_equal(d["label"], 0)
+        axes[1].imshow(lab, cmap="tab10", alpha=0.45, vmin=0, vmax=9, interpolation="nearest")
+        values = ", ".join(str(v) for v in np.unique(d["label"]) if v)
+        axes[1].set_title(f"labels {values}", fontsize=9)
+    else:
+        axes[1].set_title("no label" if d["label"] is None else "label: background only", fontsize=9)
+    for ax in axes:
+        ax.set_axis_off()
+    fig.suptitle(f"{reader.path.name}: volume {volume}, slice z={z}", fontsize=10)
+    fig.tight_layout()
+    png = Path(png)
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+    return png
+
+
+def inspect_store(path: str, as_json: bool = False, volume: str | None = None, z: int | None = None,
+                  png: str | None = None) -> int:
+    """``cli.py inspect STORE``: print the summary (or JSON) and optionally write an overlay PNG.
+
+    Returns
+    -------
+    int
+        0: consistent (complete, or a consistent snapshot of a run in progress); 1: integrity problems;
+        2: not a readable store, or the overlay slice does not exist.
+    """
+    p = Path(path)
+    try:
+        reader = StoreReader(p)
+    except StoreError as exc:
+        print(f"inspect: {exc}", file=sys.stderr)
+        return 2
+    with reader:
+        if png is not None:
+            try:
+                out = write_overlay(reader, str(volume), int(z), png)
+            except KeyError as exc:
+                print(f"inspect: {p}: {exc.args[0]}", file=sys.stderr)
+                return 2
+            print(f"overlay written: {out}", file=sys.stderr)
+        s = summarize(reader, p)
+    if as_json:
+        print(json.dumps(s, indent=1, default=str))
+    else:
+        _print_summary(s)
+    return 1 if s["problems"] else 0

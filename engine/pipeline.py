@@ -1,0 +1,987 @@
+"""The engine: parallel reading, per-slice pseudo-labels on N workers, batched crash-safe commits.
+
+::
+
+    reader threads (load + prepare volumes, in parallel, handed on in source order)
+        -> producer: numbers the slices (volume order, z ascending), opens / closes batches
+        -> bounded work queue (threads) | shared-memory ring + per-worker pipes (processes)
+        -> N compute workers: body mask, pseudo-labels, chunk encoding (zlib releases the GIL)
+        -> batch barrier: a batch is handed on when all its slices are done
+        -> one writer thread: shard + index commit (engine.store), strictly in batch order
+
+At most two uncommitted batches exist at any time: workers compute batch k+1 while the writer commits
+batch k (double buffering); the producer waits at the barrier before opening batch k+2. Memory is therefore
+bounded by the batch size, the queue bound and the reader look-ahead, never by the dataset.
+
+Backends
+--------
+``threads`` (default): workers are threads; the numba kernels and zlib release the GIL.
+``processes``: workers are forked processes. Slices travel through a ``multiprocessing.shared_memory`` ring
+of slots (inputs: raw, image, label; outputs: encoded chunks); only slot numbers and a few integers travel
+through one pair of pipes per worker. The parent waits on the result pipes *and* the process sentinels,
+so a worker that dies (killed, segfault, out of memory) is noticed at once; the run then stops, naming the
+slice the worker held, and commits nothing of the unfinished batch.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import multiprocessing as mp
+import multiprocessing.connection as mpc
+import os
+import queue
+import signal
+import sys
+import threading
+import time
+import traceback
+from concurrent.futures import ThreadPoolExecutor
+from multiprocessing import shared_memory
+from pathlib import Path
+
+import numpy as np
+
+from engine.config import to_dict
+from engine.prepare import body_mask, prepare_volume
+from engine.profile import Profiler, summary_lines
+from engine.runinfo import git_revision, write_run_info
+from engine.sources import open_source
+from engine.store import (DATASETS, DTYPES, MAX_SUPERPIXEL_ID, SCHEMA_VERSION, Batch, Codec, SettingsMismatch,
+                          SliceResult, StoreError, StoreLocked, StoreWriter, settings_hash, volume_row)
+from engine.superpixels import pseudolabels
+from engine.volume import VolumeError
+
+INFLIGHT_BATCHES = 2          # the batch being written + the batch being computed
+PREFETCH_PER_WORKER = 2       # processes backend: tasks queued at each worker (hides the pipe round trip)
+
+
+class _Stopped(Exception):
+    """Raised inside engine threads when the run is being stopped."""
+
+
+# --------------------------------------------------------------------------------------------- settings
+def store_settings(cfg, spec: str, refs: list[str]) -> dict:
+    """What a store's content depends on: a run whose settings differ is refused (design.md Store, 4).
+
+    Worker count, backend, batch size and compression are left out on purpose: they change how the content
+    is computed and packed, never the content itself.
+    """
+    import hashlib
+    method = cfg.superpixels.method
+    spec = str(spec)
+    is_phantom = spec == "phantom" or spec.startswith("phantom:")
+    source = {"input": spec if is_phantom else os.path.realpath(spec), "n_refs": len(refs),
+              "refs_sha256": hashlib.sha256("\n".join(map(str, refs)).encode()).hexdigest()[:16]}
+    if is_phantom:
+        source["phantom_seed"] = cfg.data.phantom_seed
+        if spec == "phantom":
+            source["phantom_volumes"] = cfg.data.phantom_volumes
+    return {"schema_version": SCHEMA_VERSION, "method": method,
+            "params": to_dict(getattr(cfg.superpixels, method)), "prepare": to_dict(cfg.prepare),
+            "source": source}
+
+
+def n_workers(cfg) -> int:
+    """``engine.threads``, with 0 meaning every core this process may run on."""
+    if cfg.engine.threads > 0:
+        return int(cfg.engine.threads)
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:
+        return max(1, os.cpu_count() or 1)
+
+
+# --------------------------------------------------------------------------------------------- one slice
+def compute_slice(raw: np.ndarray, image: np.ndarray, label: np.ndarray | None, threshold: float, sp_cfg,
+                  codec: Codec, zero_label: bytes | np.ndarray) -> tuple[dict, int, dict]:
+    """Everything a worker does for one slice.
+
+    Parameters
+    ----------
+    raw : (H, W) float32
+        Source intensities (input of the body mask and of the superpixels).
+    image : (H, W) float32
+        The z-scored slice that is stored.
+    label : (H, W) uint8 or None
+    threshold : float
+        Body-mask threshold (``prepare.fg_threshold``).
+    sp_cfg : SuperpixelConfig
+    codec : Codec
+    zero_label : encoded all-zero label chunk (stored when the volume has no labels)
+
+    Returns
+    -------
+    chunks : dict name -> encoded chunk
+    n_superpixels : int
+    stages : dict stage -> seconds
+    """
+    t0 = time.perf_counter()
+    fg = body_mask(raw, threshold)
+    t1 = time.perf_counter()
+    sp = pseudolabels(raw, fg, sp_cfg)
+    t2 = time.perf_counter()
+    nsp = int(sp.max()) if sp.size else 0
+    if nsp > MAX_SUPERPIXEL_ID:
+        raise ValueError(f"{nsp} superpixels in one slice; the store's uint16 ids allow {MAX_SUPERPIXEL_ID}")
+    chunks = {"image": codec.encode("image", image), "superpixels": codec.encode("superpixels", sp),
+              "fg": codec.encode("fg", fg.view(np.uint8)),
+              "label": codec.encode("label", label) if label is not None else zero_label}
+    t3 = time.perf_counter()
+    return chunks, nsp, {"mask": t1 - t0, "superpixels": t2 - t1, "encode": t3 - t2}
+
+
+def organ_bits(label: np.ndarray | None, n_slices: int) -> np.ndarray:
+    """Per slice, bit v set when label value v (1..63) occurs: (Z,) uint64 from a (Z, H, W) label volume.
+
+    Computed once per volume in the reader threads (vectorised), so workers spend no GIL time on it.
+    """
+    bits = np.zeros(n_slices, dtype=np.uint64)
+    if label is None:
+        return bits
+    present = np.flatnonzero(np.bincount(label.ravel(), minlength=64)[1:64]) + 1
+    for v in present:
+        bits[(label == v).any(axis=(1, 2))] |= np.uint64(1 << int(v))
+    return bits
+
+
+def _warm_slice(size: int, threshold: float) -> np.ndarray:
+    """A synthetic body-like slice: compiles/loads the numba kernels before timing and before forking."""
+    yy, xx = np.mgrid[:size, :size].astype(np.float32)
+    c = (size - 1) / 2
+    disc = ((yy - c) ** 2 + (xx - c) ** 2) < (0.4 * size) ** 2
+    rng = np.random.default_rng(0)
+    return (disc * (threshold + 200.0 + 50.0 * np.sin(xx / 7.0)) + rng.random((size, size)) * 5).astype(np.float32)
+
+
+# --------------------------------------------------------------------------------------------- records
+@dataclasses.dataclass
+class _Loaded:
+    """A prepared volume, slices first: ``raw[z]``, ``image[z]``, ``label[z]`` are contiguous (H, W)."""
+    ref: str
+    id: str
+    path: str
+    raw: np.ndarray
+    image: np.ndarray
+    label: np.ndarray | None
+    row: dict
+    skip: set
+    notes: list
+    organs: np.ndarray
+
+
+@dataclasses.dataclass
+class _Failure:
+    ref: str
+    path: str
+    reason: str
+
+    def record(self) -> dict:
+        return {"ref": self.ref, "path": self.path, "reason": self.reason}
+
+    def line(self) -> str:
+        return f"{self.path}: {self.reason}"
+
+
+@dataclasses.dataclass
+class _Task:
+    seq: int
+    vol: _Loaded
+    z: int
+    slot: int = -1
+
+
+class _BatchState:
+    def __init__(self, index: int, first_slice: int):
+        self.index = index
+        self.first_slice = first_slice
+        self.count = 0
+        self.closed = False
+        self.results: dict[int, SliceResult] = {}
+        self.volumes: dict[str, dict] = {}
+        self.failures: list[dict] = []
+
+    @property
+    def ready(self) -> bool:
+        return self.closed and len(self.results) == self.count
+
+
+class _Batches:
+    """Batch bookkeeping shared by producer, workers and writer (one condition variable)."""
+
+    def __init__(self, first_index: int, first_seq: int, size: int, clock, stop: threading.Event):
+        self.size = size
+        self.first_index = first_index
+        self.first_seq = first_seq
+        self.sem = threading.Semaphore(INFLIGHT_BATCHES)
+        self.cond = threading.Condition()
+        self.open: dict[int, _BatchState] = {}
+        self.next_commit = first_index
+        self.clock = clock
+        self.stop = stop
+
+    def begin(self, index: int, first_slice: int) -> _BatchState:
+        """Open a batch; blocks (the barrier) while INFLIGHT_BATCHES batches are uncommitted."""
+        self.clock.start()
+        try:
+            while not self.sem.acquire(timeout=0.1):
+                if self.stop.is_set():
+                    raise _Stopped
+        finally:
+            self.clock.stop()
+        st = _BatchState(index, first_slice)
+        with self.cond:
+            self.open[index] = st
+        return st
+
+    def close(self, st: _BatchState) -> None:
+        with self.cond:
+            st.closed = True
+            self.cond.notify_all()
+
+    def add_result(self, seq: int, result: SliceResult) -> None:
+        index = self.first_index + (seq - self.first_seq) // self.size
+        with self.cond:
+            st = self.open[index]
+            st.results[seq] = result
+            if st.ready:
+                self.cond.notify_all()
+
+    def take_next(self, timeout: float) -> _BatchState | None:
+        with self.cond:
+            st = self.open.get(self.next_commit)
+            if st is None or not st.ready:
+                self.cond.wait(timeout)
+                st = self.open.get(self.next_commit)
+            return st if st is not None and st.ready else None
+
+    def committed(self) -> None:
+        with self.cond:
+            self.open.pop(self.next_commit, None)
+            self.next_commit += 1
+        self.sem.release()
+
+    def pending(self) -> int:
+        with self.cond:
+            return len(self.open)
+
+
+# --------------------------------------------------------------------------------------------- processes
+def _out_capacity(shape: tuple[int, int]) -> int:
+    n = 0
+    for name in DATASETS:
+        nbytes = int(np.prod(shape)) * DTYPES[name].itemsize
+        n += nbytes + nbytes // 1000 + 64         # above zlib's worst-case expansion (compressBound)
+    return n
+
+
+class _Ring:
+    """Slot layout of the shared-memory ring: inputs (raw, image, label) and an output byte area per slot."""
+
+    def __init__(self, buf, slots: int, shape: tuple[int, int]):
+        h, w = shape
+        self.slots = slots
+        self.cap = _out_capacity(shape)
+        off = 0
+        self.raw = np.ndarray((slots, h, w), np.float32, buffer=buf, offset=off)
+        off += slots * h * w * 4
+        self.image = np.ndarray((slots, h, w), np.float32, buffer=buf, offset=off)
+        off += slots * h * w * 4
+        self.label = np.ndarray((slots, h, w), np.uint8, buffer=buf, offset=off)
+        off += slots * h * w
+        self.out = np.ndarray((slots, self.cap), np.uint8, buffer=buf, offset=off)
+
+    @staticmethod
+    def nbytes(slots: int, shape: tuple[int, int]) -> int:
+        h, w = shape
+        return slots * (h * w * 9 + _out_capacity(shape))
+
+
+def _process_worker(w: int, task_conn, result_conn, all_conns, lock_fd, shm, slots, shape, threshold, sp_cfg,
+                    codec, zero_label) -> None:
+    """Body of a worker process (forked): slot numbers in, encoded chunks into the ring, lengths out."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)     # Ctrl-C is handled by the parent, which stops us
+    if lock_fd is not None:
+        try:
+            os.close(lock_fd)                        # never keep the store lock alive after the parent
+        except OSError:
+            pass
+    for c in all_conns:                              # other workers' pipe ends: keep EOF detection exact
+        if c is not task_conn and c is not result_conn:
+            c.close()
+    ring = _Ring(shm.buf, slots, shape)
+    parent = os.getppid()
+    while True:
+        while not task_conn.poll(0.5):
+            if os.getppid() != parent:               # the parent died (e.g. kill -9): leave quietly
+                os._exit(3)
+        try:
+            msg = task_conn.recv()
+        except (EOFError, OSError):
+            os._exit(0)
+        if msg is None:
+            break
+        slot, seq, has_label = msg
+        try:
+            chunks, nsp, stages = compute_slice(
+                ring.raw[slot], ring.image[slot], ring.label[slot] if has_label else None, threshold, sp_cfg,
+                codec, zero_label)
+            lens, off = [], 0
+            out = ring.out[slot]
+            for name in DATASETS:
+                b = np.frombuffer(chunks[name], dtype=np.uint8) if isinstance(chunks[name], bytes) \
+                    else np.asarray(chunks[name]).reshape(-1).view(np.uint8)
+                out[off:off + b.size] = b
+                lens.append(int(b.size))
+                off += b.size
+            result_conn.send(("ok", slot, seq, lens, nsp, stages))
+        except Exception as exc:  # reported to the parent, which stops the run naming the slice
+            result_conn.send(("error", slot, seq, f"{type(exc).__name__}: {exc}"))
+            break
+    try:
+        result_conn.close()
+    except OSError:
+        pass
+
+
+def _signal_name(exitcode: int | None) -> str:
+    if exitcode is None:
+        return "still running"
+    if exitcode < 0:
+        try:
+            return f"killed by signal {-exitcode} ({signal.Signals(-exitcode).name})"
+        except ValueError:
+            return f"killed by signal {-exitcode}"
+    return f"exited with status {exitcode}"
+
+
+# --------------------------------------------------------------------------------------------- the run
+class _Run:
+    def __init__(self, cfg, overwrite: bool, progress: bool):
+        self.cfg = cfg
+        self.overwrite = overwrite
+        self.show_progress = progress
+        self.store = Path(cfg.engine.out)
+        self.n_workers = n_workers(cfg)
+        self.backend = cfg.engine.backend
+        self.batch_size = int(cfg.engine.batch)
+        self.size = int(cfg.prepare.size)
+        self.shape = (self.size, self.size)
+        self.stop = threading.Event()
+        self.done = threading.Event()
+        self.error: str | None = None
+        self.interrupted = False
+        self.failures: list[_Failure] = []
+        self.notes: list[str] = []
+        self._lock = threading.Lock()
+        self.computed = 0
+        self.committed_this_run = 0
+        self.slices_planned = 0          # slices of the volumes loaded so far (to process in this run)
+        self.refs_loaded = 0
+        self.producer_done = False
+        self.threads: list[threading.Thread] = []
+        self.bar = None
+        self.current: dict[int, _Task | None] = {}
+
+    # -------------------------------------------------------------- messages
+    def say(self, line: str) -> None:
+        if self.bar is not None:
+            self.bar.write(line, file=sys.stderr)
+        else:
+            print(line, file=sys.stderr, flush=True)
+
+    def fail(self, message: str) -> None:
+        with self._lock:
+            if self.error is None:
+                self.error = message
+        self.stop.set()
+        self.done.set()
+
+    # -------------------------------------------------------------- setup
+    def run(self) -> int:
+        cfg = self.cfg
+        try:
+            self.codec = Codec.parse(cfg.engine.compression)
+        except ValueError as exc:
+            print(f"preprocess: {exc}", file=sys.stderr)
+            return 2
+        try:
+            self.source = open_source(cfg.data.input, cfg)
+            self.refs = [str(r) for r in self.source.refs()]
+        except VolumeError as exc:
+            print(f"preprocess: {exc}", file=sys.stderr)
+            return 2
+        settings = store_settings(cfg, cfg.data.input, self.refs)
+        try:
+            self.writer = StoreWriter.open(self.store, settings, self.codec, self.shape, git_revision(),
+                                           overwrite=self.overwrite, command=" ".join(sys.argv))
+        except (StoreLocked, SettingsMismatch, StoreError) as exc:
+            print(f"preprocess: {exc}", file=sys.stderr)
+            return 2
+        try:
+            return self._run_locked(settings)
+        finally:
+            if self.writer.lock.fd is not None:      # any path that did not finish/abort
+                self.writer.lock.release()
+
+    def _run_locked(self, settings: dict) -> int:
+        cfg, writer = self.cfg, self.writer
+        for line in writer.dropped:
+            print(f"preprocess: warning: {line}", file=sys.stderr)
+        if writer.lock.stale:
+            print(f"preprocess: note: the previous run (pid {writer.lock.stale.get('pid', '?')} on "
+                  f"{writer.lock.stale.get('host', '?')}, started {writer.lock.stale.get('started', '?')}) ended "
+                  f"without releasing the store; resuming it", file=sys.stderr)
+        write_run_info(self.store.parent, to_dict(cfg), name=self.store.name)
+        if writer.was_complete:
+            writer.finish(complete=True)
+            log = [f for s in writer.shards for f in s.failures]
+            print(f"preprocess: {self.store} is already complete ({writer.n_committed} slices, settings "
+                  f"{settings_hash(settings)}); nothing to do")
+            if log:
+                print(f"  {len(log)} volume(s) failed earlier (see `cli.py inspect {self.store}`); fix them and "
+                      f"rerun with --overwrite")
+            return 1 if log else 0
+        by_ref, failed, rows = writer.committed_progress()
+        self.plan = []
+        for ref in self.refs:
+            if ref in failed:
+                continue
+            done = by_ref.get(ref, set())
+            row = rows.get(ref)
+            if row is not None and len(done) >= row["n_slices"]:
+                continue
+            self.plan.append((ref, done, row))
+        if writer.resumed:
+            print(f"preprocess: resuming {self.store}: {writer.n_committed} slices in {len(writer.shards)} "
+                  f"committed batches kept; {len(self.plan)} of {len(self.refs)} volumes left", file=sys.stderr)
+
+        # Kernels are compiled / loaded from the numba cache and the settings validated before any timing and
+        # before forking, so that worker processes inherit ready machine code.
+        warm = _warm_slice(self.size, cfg.prepare.fg_threshold)
+        self.zero_label = self.codec.encode("label", np.zeros(self.shape, np.uint8))
+        try:
+            compute_slice(warm, warm, None, cfg.prepare.fg_threshold, cfg.superpixels, self.codec, self.zero_label)
+        except ValueError as exc:
+            writer.discard_if_empty()
+            writer.abort()
+            print(f"preprocess: the superpixel settings are not usable: {exc}", file=sys.stderr)
+            return 2
+
+        if self.backend == "processes":
+            self.q: queue.Queue = queue.Queue()
+        else:
+            self.q = queue.Queue(maxsize=max(1, cfg.engine.queue_slices))
+        self.prof = Profiler(self.n_workers, self.backend, queue_depth=self._queue_depth)
+        self.batches = _Batches(len(writer.shards), writer.n_committed, self.batch_size, self.prof.barrier_clock,
+                                self.stop)
+        if self.backend == "processes":
+            self._start_pool()                      # fork before any thread of ours exists
+        self._start_progress()
+        self.t_start = time.time()
+        self.prof.start()
+        self._spawn(self._producer, "producer")
+        if self.backend == "processes":
+            self._spawn(self._dispatcher, "dispatcher")
+        else:
+            for w in range(self.n_workers):
+                self._spawn(self._thread_worker, f"worker-{w}", w)
+        self._spawn(self._writer, "writer")
+        try:
+            self._wait()
+        except KeyboardInterrupt:
+            self.interrupted = True
+            self.fail("interrupted (Ctrl-C); committed batches are kept, rerun the same command to resume")
+        finally:
+            self._join()
+        self.prof.stop()
+        return self._finish(settings)
+
+    def _spawn(self, fn, name: str, *args) -> None:
+        def body():
+            try:
+                fn(*args)
+            except _Stopped:
+                pass
+            except BaseException as exc:   # a bug in the engine itself: stop everything, show where
+                tb = traceback.format_exc(limit=-3).strip().splitlines()
+                self.fail(f"internal error in {name}: {type(exc).__name__}: {exc} ({tb[-3].strip() if len(tb) > 2 else ''})")
+        t = threading.Thread(target=body, name=f"engine-{name}", daemon=True)
+        t.start()
+        self.threads.append(t)
+
+    def _queue_depth(self) -> int:
+        q = getattr(self, "q", None)
+        return q.qsize() if q is not None else 0
+
+    # -------------------------------------------------------------- reading
+    def _load(self, ref: str, done: set, row: dict | None) -> _Loaded | _Failure:
+        t0 = time.perf_counter()
+        try:
+            vol = self.source.load(ref)
+            t1 = time.perf_counter()
+            prep = prepare_volume(vol, self.cfg.prepare)
+        except VolumeError as exc:
+            return _Failure(ref, exc.path, exc.reason)
+        except MemoryError:
+            return _Failure(ref, ref, "out of memory while reading/preparing this volume")
+        except Exception as exc:  # a reader bug or an exotic file: one line for this volume, the run goes on
+            return _Failure(ref, ref, f"unexpected {type(exc).__name__} while reading: {exc}")
+        raw = np.ascontiguousarray(np.moveaxis(prep.raw, 2, 0), dtype=np.float32)
+        image = np.ascontiguousarray(np.moveaxis(prep.image, 2, 0), dtype=np.float32)
+        label = None if prep.label is None else np.ascontiguousarray(np.moveaxis(prep.label, 2, 0), dtype=np.uint8)
+        v = prep.volume
+        new_row = volume_row(prep.id, ref, raw.shape[0], v.spacing, v.orientation, v.affine, v.path, v.checksum,
+                             label is not None, prep.notes)
+        organs = organ_bits(label, raw.shape[0])
+        del prep, vol, v
+        t2 = time.perf_counter()
+        self.prof.add_read(t1 - t0, t2 - t1)
+        if row is not None and (row["checksum"] != new_row["checksum"] or row["n_slices"] != new_row["n_slices"]):
+            raise _SourceChanged(f"{new_row['path']}: changed since part of it was committed to {self.store} "
+                                 f"(checksum or slice count differs); use --overwrite to start again")
+        return _Loaded(ref, new_row["id"], new_row["path"], raw, image, label, new_row, set(done), new_row["notes"],
+                       organs)
+
+    def _ordered_loads(self):
+        """Prepared volumes (or failures) in source order; up to ``engine.readers`` volumes load in parallel."""
+        readers = max(1, int(getattr(self.cfg.engine, "readers", 2)))
+        with ThreadPoolExecutor(max_workers=readers, thread_name_prefix="engine-reader") as ex:
+            pending: collections.deque = collections.deque()
+            plan = iter(self.plan)
+            for item in plan:
+                pending.append(ex.submit(self._load, *item))
+                if len(pending) >= readers:
+                    break
+            try:
+                while pending:
+                    fut = pending.popleft()
+                    while True:
+                        if self.stop.is_set():
+                            raise _Stopped
+                        try:
+                            result = fut.result(timeout=0.1)
+                            break
+                        except TimeoutError:
+                            continue
+                    nxt = next(plan, None)
+                    if nxt is not None:
+                        pending.append(ex.submit(self._load, *nxt))
+                    yield result
+            finally:
+                for fut in pending:
+                    fut.cancel()
+
+    # -------------------------------------------------------------- producer
+    def _producer(self) -> None:
+        seq = self.writer.n_committed
+        index = len(self.writer.shards)
+        cur: _BatchState | None = None
+        try:
+            for item in self._ordered_loads():
+                with self._lock:
+                    self.refs_loaded += 1
+                if isinstance(item, _Failure):
+                    self.failures.append(item)
+                    self.say(f"preprocess: skipped {item.line()}")
+                    if cur is None:
+                        cur = self.batches.begin(index, seq)
+                        index += 1
+                    cur.failures.append(item.record())
+                    continue
+                vol = item
+                for note in vol.notes:
+                    self.notes.append(f"{vol.path}: {note}")
+                todo = [z for z in range(vol.raw.shape[0]) if z not in vol.skip]
+                with self._lock:
+                    self.slices_planned += len(todo)
+                for z in todo:
+                    if cur is None:
+                        cur = self.batches.begin(index, seq)
+                        index += 1
+                    cur.volumes.setdefault(vol.ref, vol.row)
+                    cur.count += 1
+                    self._dispatch(_Task(seq, vol, z))
+                    seq += 1
+                    if cur.count == self.batch_size:
+                        self.batches.close(cur)
+                        cur = None
+                del vol, item
+            if cur is not None:
+                self.batches.close(cur)
+        except _SourceChanged as exc:
+            self.fail(str(exc))
+        finally:
+            self.producer_done = True
+            if self.backend == "threads":
+                for _ in range(self.n_workers):
+                    self._put(None)
+            else:
+                self._wake()
+
+    def _put(self, item) -> None:
+        while True:
+            try:
+                self.q.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                if self.stop.is_set():
+                    return
+
+    def _dispatch(self, task: _Task) -> None:
+        if self.backend == "threads":
+            self._put(task)
+            if self.stop.is_set():
+                raise _Stopped
+            return
+        while True:                                  # a free slot of the ring (bounds memory)
+            try:
+                slot = self.free_slots.get(timeout=0.1)
+                break
+            except queue.Empty:
+                if self.stop.is_set():
+                    raise _Stopped
+        ring = self.ring
+        ring.raw[slot] = task.vol.raw[task.z]
+        ring.image[slot] = task.vol.image[task.z]
+        if task.vol.label is not None:
+            ring.label[slot] = task.vol.label[task.z]
+        task.slot = slot
+        self.q.put(task)
+        self._wake()
+
+    # -------------------------------------------------------------- thread workers
+    def _thread_worker(self, w: int) -> None:
+        prof, cfg = self.prof, self.cfg
+        while True:
+            t0 = time.perf_counter()
+            c0 = prof.barrier_clock.value(t0)
+            while True:
+                try:
+                    task = self.q.get(timeout=0.1)
+                    break
+                except queue.Empty:
+                    if self.stop.is_set():
+                        prof.add_idle(w, t0, time.perf_counter(), c0)
+                        return
+            prof.add_idle(w, t0, time.perf_counter(), c0)
+            if task is None or self.stop.is_set():
+                return
+            vol, z = task.vol, task.z
+            self.current[w] = task
+            try:
+                chunks, nsp, stages = compute_slice(
+                    vol.raw[z], vol.image[z], None if vol.label is None else vol.label[z],
+                    cfg.prepare.fg_threshold, cfg.superpixels, self.codec, self.zero_label)
+            except Exception as exc:
+                self.fail(f"volume {vol.id} slice z={z} ({vol.path}) failed in worker {w}: "
+                          f"{type(exc).__name__}: {exc}")
+                return
+            self.current[w] = None
+            prof.add_work(w, stages)
+            self._result(task, chunks, nsp)
+
+    def _result(self, task: _Task, chunks: dict, nsp: int) -> None:
+        vol = task.vol
+        self.batches.add_result(task.seq, SliceResult(vol.id, vol.ref, task.z, chunks, nsp, vol.label is not None,
+                                                      int(vol.organs[task.z])))
+        with self._lock:
+            self.computed += 1
+
+    # -------------------------------------------------------------- process workers
+    def _start_pool(self) -> None:
+        n = self.n_workers
+        slots = max(2 * PREFETCH_PER_WORKER * n + 4, 8)
+        slots = min(slots, max(self.cfg.engine.queue_slices, PREFETCH_PER_WORKER * n + 1))
+        self.shm = shared_memory.SharedMemory(create=True, size=_Ring.nbytes(slots, self.shape))
+        self.ring = _Ring(self.shm.buf, slots, self.shape)
+        self.free_slots: queue.Queue = queue.Queue()
+        for s in range(slots):
+            self.free_slots.put(s)
+        ctx = mp.get_context("fork")
+        pipes = [(ctx.Pipe(duplex=False), ctx.Pipe(duplex=False)) for _ in range(n)]
+        all_conns = [c for (a, b) in pipes for pair in (a, b) for c in pair]
+        self.procs, self.task_conns, self.result_conns = [], [], []
+        sp_cfg, thr = self.cfg.superpixels, self.cfg.prepare.fg_threshold
+        for w, ((task_r, task_w), (res_r, res_w)) in enumerate(pipes):
+            p = ctx.Process(target=_process_worker, name=f"engine-worker-{w}", daemon=True,
+                            args=(w, task_r, res_w, all_conns, self.writer.lock.fd, self.shm, slots, self.shape,
+                                  thr, sp_cfg, self.codec, self.zero_label))
+            p.start()
+            self.procs.append(p)
+        for w, ((task_r, task_w), (res_r, res_w)) in enumerate(pipes):
+            task_r.close()                           # the parent keeps only its own ends: a dead worker
+            res_w.close()                            # then reads as EOF, never as a hang
+            self.task_conns.append(task_w)
+            self.result_conns.append(res_r)
+        # Every worker has mapped the ring: remove its name now, so that no crash can leak it.
+        self.shm.unlink()
+        self.wake_r, self.wake_w = os.pipe()
+        os.set_blocking(self.wake_r, False)
+        os.set_blocking(self.wake_w, False)
+
+    def _wake(self) -> None:
+        try:
+            os.write(self.wake_w, b"x")
+        except (BlockingIOError, OSError):
+            pass                                     # the pipe is full: the dispatcher is awake anyway
+
+    def _dispatcher(self) -> None:
+        prof, ring = self.prof, self.ring
+        n = self.n_workers
+        outstanding = [collections.deque() for _ in range(n)]
+        idle_since = [time.perf_counter()] * n
+        clock0 = [prof.barrier_clock.value(idle_since[0])] * n
+        sentinel_of = {p.sentinel: w for w, p in enumerate(self.procs)}
+        result_of = {id(c): w for w, c in enumerate(self.result_conns)}
+        pending: collections.deque = collections.deque()
+        try:
+            while not self.stop.is_set():
+                while True:
+                    try:
+                        pending.append(self.q.get_nowait())
+                    except queue.Empty:
+                        break
+                if self.producer_done and not pending and self.q.empty() and not any(outstanding):
+                    break
+                order = sorted(range(n), key=lambda k: len(outstanding[k]))
+                for w in order:
+                    while pending and len(outstanding[w]) < PREFETCH_PER_WORKER:
+                        task = pending.popleft()
+                        if not outstanding[w]:
+                            now = time.perf_counter()
+                            prof.add_idle(w, idle_since[w], now, clock0[w])
+                        self.task_conns[w].send((task.slot, task.seq, task.vol.label is not None))
+                        outstanding[w].append(task)
+                ready = mpc.wait(self.result_conns + list(sentinel_of) + [self.wake_r], timeout=0.5)
+                for r in ready:
+                    if r == self.wake_r:
+                        try:
+                            while os.read(self.wake_r, 4096):
+                                pass
+                        except BlockingIOError:
+                            pass
+                        continue
+                    if isinstance(r, int) and r in sentinel_of:
+                        w = sentinel_of[r]
+                        self._worker_died(w, outstanding[w])
+                        return
+                    w = result_of[id(r)]
+                    try:
+                        msg = r.recv()
+                    except (EOFError, OSError):
+                        self.procs[w].join(timeout=2)
+                        self._worker_died(w, outstanding[w])
+                        return
+                    task = outstanding[w].popleft()
+                    if msg[0] == "error":
+                        self.fail(f"volume {task.vol.id} slice z={task.z} ({task.vol.path}) failed in worker "
+                                  f"process {w}: {msg[3]}")
+                        return
+                    _, slot, seq, lens, nsp, stages = msg
+                    if seq != task.seq or slot != task.slot:
+                        self.fail(f"internal error: worker {w} answered slice {seq}, expected {task.seq}")
+                        return
+                    out, off, chunks = ring.out[slot], 0, {}
+                    for name, ln in zip(DATASETS, lens):
+                        chunks[name] = out[off:off + ln].tobytes()
+                        off += ln
+                    self.free_slots.put(slot)
+                    prof.add_work(w, stages)
+                    self._result(task, chunks, nsp)
+                    if not outstanding[w]:
+                        idle_since[w] = time.perf_counter()
+                        clock0[w] = prof.barrier_clock.value(idle_since[w])
+        finally:
+            self._stop_pool(graceful=not self.stop.is_set())
+
+    def _worker_died(self, w: int, outstanding) -> None:
+        p = self.procs[w]
+        p.join(timeout=1)
+        why = _signal_name(p.exitcode)
+        if outstanding:
+            task = outstanding[0]
+            what = f"while computing volume {task.vol.id} slice z={task.z} ({task.vol.path})"
+        else:
+            what = "while idle"
+        self.fail(f"worker process {w} (pid {p.pid}) died ({why}) {what}; the unfinished batch was not "
+                  f"committed; rerun the same command to resume")
+
+    def _stop_pool(self, graceful: bool) -> None:
+        if graceful:
+            for c in self.task_conns:
+                try:
+                    c.send(None)
+                except OSError:
+                    pass
+            deadline = time.time() + 5
+            for p in self.procs:
+                p.join(timeout=max(0.0, deadline - time.time()))
+        for p in self.procs:
+            if p.is_alive():
+                p.kill()
+        for p in self.procs:
+            p.join(timeout=5)
+        for c in self.task_conns + self.result_conns:
+            try:
+                c.close()
+            except OSError:
+                pass
+        for fd in (self.wake_r, self.wake_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        try:
+            del self.ring
+            self.shm.close()
+        except (BufferError, OSError):
+            pass                                     # a view still alive: the mapping goes with the process
+
+    # -------------------------------------------------------------- writer
+    def _writer(self) -> None:
+        prof = self.prof
+        try:
+            while True:
+                if self.stop.is_set():
+                    return
+                st = self.batches.take_next(timeout=0.1)
+                if st is None:
+                    if self.producer_done and self.batches.pending() == 0:
+                        return
+                    continue
+                results = [st.results[s] for s in sorted(st.results)]
+                batch = Batch(st.index, st.first_slice, results, st.volumes, st.failures)
+                t0 = time.perf_counter()
+                try:
+                    self.writer.commit(batch)
+                except (OSError, StoreError) as exc:
+                    self.fail(f"cannot commit batch {st.index} to {self.store}: {exc}; the batches committed "
+                              f"before it are kept, rerun the same command to resume")
+                    return
+                t1 = time.perf_counter()
+                nbytes = sum(len(memoryview(r.chunks[name]).cast("B")) for r in results for name in DATASETS)
+                prof.add_write(self.writer.last_write_s, t1 - t0 - self.writer.last_write_s, nbytes)
+                self.batches.committed()
+                with self._lock:
+                    self.committed_this_run += len(results)
+        finally:
+            self.done.set()
+
+    # -------------------------------------------------------------- progress
+    def _estimate_total(self) -> int:
+        with self._lock:
+            loaded, planned = self.refs_loaded, self.slices_planned
+        left = len(self.plan) - loaded
+        if loaded == 0:
+            return 0
+        return int(planned + left * planned / loaded)
+
+    def _start_progress(self) -> None:
+        self.tty = bool(self.show_progress and sys.stderr.isatty())
+        self.last_line = 0.0
+        self.last_committed = -1
+        if self.tty:
+            from tqdm import tqdm
+            self.bar = tqdm(total=None, unit="slice", desc="preprocess", file=sys.stderr, dynamic_ncols=True,
+                            smoothing=0.1)
+
+    def _tick(self, final: bool = False) -> None:
+        total = self._estimate_total()
+        with self._lock:
+            done, committed = self.computed, self.committed_this_run
+        if self.bar is not None:
+            if total and self.bar.total != max(total, done):
+                self.bar.total = max(total, done)
+            self.bar.update(done - self.bar.n)
+            self.bar.set_postfix_str(f"committed {self.writer.n_committed}", refresh=False)
+            return
+        now = time.time()
+        if not final and (now - self.last_line < 2.0 or committed == self.last_committed):
+            return
+        self.last_line, self.last_committed = now, committed
+        elapsed = max(now - self.t_start, 1e-9)
+        rate = done / elapsed
+        eta = f"{(total - done) / rate:.0f} s" if rate > 0 and total >= done else "?"
+        print(f"preprocess: {committed}/{total or '?'} slices committed ({self.writer.n_committed} in the store), "
+              f"{rate:.1f} slices/s, ETA {eta}", file=sys.stderr, flush=True)
+
+    def _wait(self) -> None:
+        while not self.done.wait(0.2):
+            self._tick()
+        self._tick(final=True)
+
+    def _join(self) -> None:
+        for t in self.threads:
+            t.join(timeout=60)
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    # -------------------------------------------------------------- end
+    def _finish(self, settings: dict) -> int:
+        writer = self.writer
+        complete = self.error is None and self.producer_done
+        record = {"started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(self.t_start)),
+                  "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "pid": os.getpid(),
+                  "host": os.uname().nodename, "command": " ".join(sys.argv), "code_version": writer.code_version,
+                  "backend": self.backend, "workers": self.n_workers, "batch": self.batch_size,
+                  "compression": self.codec.spec, "slices_committed": self.committed_this_run,
+                  "status": "complete" if complete else ("interrupted" if self.interrupted else "failed"),
+                  "error": self.error}
+        if complete:
+            writer.finish(complete=True, run_record=record)
+        else:
+            writer.abort(run_record=record)
+        log = [f for s in writer.shards for f in s.failures]
+        profile_path = self.store.with_name(self.store.name + ".profile.json")
+        prof = self.prof.write_json(profile_path, self.committed_this_run, extra={
+            "store": str(self.store), "settings_hash": settings_hash(settings), "batch": self.batch_size,
+            "compression": self.codec.spec, "readers": int(getattr(self.cfg.engine, "readers", 2)),
+            "status": record["status"], "failed_volumes": [f.record() for f in self.failures]})
+        out = sys.stdout
+        method = self.cfg.superpixels.method
+        params = ", ".join(f"{k}={v}" for k, v in to_dict(getattr(self.cfg.superpixels, method)).items())
+        state = "complete" if complete else "INCOMPLETE"
+        print(f"preprocess: {self.store} {state}: {writer.n_committed} slices from "
+              f"{len({r['ref'] for s in writer.shards for r in s.volumes})} volumes; {method} ({params})", file=out)
+        for line in summary_lines(prof):
+            print(f"  {line}", file=out)
+        if self.notes:
+            print(f"  {len(self.notes)} repair note(s) (in the store's volumes table), e.g. {self.notes[0]}", file=out)
+        if log:
+            print(f"  {len(log)} volume(s) failed (listed in the store's log):", file=out)
+            for f in log[:20]:
+                print(f"    {f['path']}: {f['reason']}", file=out)
+            if len(log) > 20:
+                print(f"    ... and {len(log) - 20} more", file=out)
+        print(f"  profile: {profile_path}", file=out)
+        out.flush()
+        if self.error:
+            print(f"preprocess: stopped: {self.error}", file=sys.stderr)
+            return 130 if self.interrupted else 1
+        return 1 if log else 0
+
+
+class _SourceChanged(Exception):
+    pass
+
+
+def preprocess(cfg, overwrite: bool = False, progress: bool = True) -> int:
+    """``cli.py preprocess``: compute pseudo-labels of every slice of ``cfg.data.input`` into ``cfg.engine.out``.
+
+    Parameters
+    ----------
+    cfg : alpnet.config.Config (or any object with ``data``, ``prepare``, ``superpixels``, ``engine``)
+    overwrite : bool
+        Discard a store made with other settings instead of refusing.
+    progress : bool
+        A progress bar when stderr is a terminal; plain log lines otherwise or when False.
+
+    Returns
+    -------
+    int
+        0: the store is complete and no volume failed; 1: some volumes failed (skipped, listed in the store's
+        log) or the run stopped (a worker died, a slice failed, Ctrl-C: 130); 2: refused before any work (bad
+        input path, store locked by another run, settings mismatch, bad settings).
+    """
+    return _Run(cfg, overwrite, progress).run()

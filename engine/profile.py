@@ -1,0 +1,286 @@
+"""Per-run statistics of the engine: where each slice's time goes, how busy the workers are, memory and CPU.
+
+A ``Profiler`` is shared by the engine's threads. Workers add their per-stage times and their idle intervals;
+idle time is split into *waiting* (no slice was ready: reading/preparing volumes is the bottleneck) and
+*barrier* (the producer was held back because two uncommitted batches were already in flight, i.e. the
+writer or a straggling slice of the older batch held the line). The split uses ``BlockClock``: the
+producer's cumulative blocked time, sampled at both ends of each idle interval. A sampler thread records
+queue depth, CPU utilisation (psutil, this process and its children) and resident memory over time.
+"""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+import psutil
+
+STAGES_READ = ("load", "prepare")                 # per volume, in the reader threads
+STAGES_WORK = ("mask", "superpixels", "encode")   # per slice, in the workers
+STAGES_WRITE = ("write", "index")                 # per batch, in the writer thread
+
+
+class BlockClock:
+    """Cumulative time some party has spent blocked; ``value(t)`` is the total up to time ``t``."""
+
+    def __init__(self) -> None:
+        self._total = 0.0
+        self._since: float | None = None
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        with self._lock:
+            self._since = time.perf_counter()
+
+    def stop(self) -> None:
+        with self._lock:
+            if self._since is not None:
+                self._total += time.perf_counter() - self._since
+                self._since = None
+
+    def value(self, t: float | None = None) -> float:
+        with self._lock:
+            t = time.perf_counter() if t is None else t
+            return self._total + (max(0.0, t - self._since) if self._since is not None else 0.0)
+
+
+class WorkerStats:
+    """Times of one compute worker, in seconds."""
+
+    def __init__(self) -> None:
+        self.slices = 0
+        self.busy = 0.0
+        self.waiting = 0.0
+        self.barrier = 0.0
+        self.stages = {k: 0.0 for k in STAGES_WORK}
+
+    def to_dict(self, wall: float) -> dict:
+        return {"slices": self.slices, "busy_s": round(self.busy, 4), "waiting_s": round(self.waiting, 4),
+                "barrier_s": round(self.barrier, 4),
+                "busy_frac": round(self.busy / wall, 4) if wall > 0 else 0.0,
+                "stages_s": {k: round(v, 4) for k, v in self.stages.items()}}
+
+
+class Profiler:
+    """Collects the run's profile; ``to_dict`` is what ``STORE.profile.json`` holds.
+
+    Parameters
+    ----------
+    n_workers : int
+    backend : str
+    queue_depth : callable returning int
+        Slices waiting for a worker, sampled by the sampler thread.
+    interval : float
+        Sampling period in seconds.
+    """
+
+    def __init__(self, n_workers: int, backend: str, queue_depth: Callable[[], int] | None = None,
+                 interval: float = 0.25):
+        self.backend = backend
+        self.workers = [WorkerStats() for _ in range(n_workers)]
+        self.barrier_clock = BlockClock()
+        self.read = {k: 0.0 for k in STAGES_READ}
+        self.write = {k: 0.0 for k in STAGES_WRITE}
+        self.volumes_read = 0
+        self.batches_written = 0
+        self.bytes_written = 0
+        self.samples: list[dict] = []
+        self._queue_depth = queue_depth or (lambda: 0)
+        self._interval = interval
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._proc = psutil.Process()
+        self.t0 = time.perf_counter()
+        self.t_end: float | None = None
+        self.peak_rss_total = 0
+        self._cpu0 = self._cpu_times()
+
+    # ------------------------------------------------------------------ recording
+    def add_idle(self, w: int, t0: float, t1: float, clock0: float) -> None:
+        """Worker ``w`` was idle from ``t0`` to ``t1``; ``clock0`` = ``barrier_clock.value(t0)``."""
+        idle = max(0.0, t1 - t0)
+        barrier = min(idle, max(0.0, self.barrier_clock.value(t1) - clock0))
+        st = self.workers[w]
+        st.barrier += barrier
+        st.waiting += idle - barrier
+
+    def add_work(self, w: int, stages: dict) -> None:
+        st = self.workers[w]
+        st.slices += 1
+        for k, v in stages.items():
+            st.stages[k] = st.stages.get(k, 0.0) + v
+            st.busy += v
+
+    def add_read(self, load: float, prepare: float) -> None:
+        with self._lock:
+            self.read["load"] += load
+            self.read["prepare"] += prepare
+            self.volumes_read += 1
+
+    def add_write(self, write: float, index: float, nbytes: int) -> None:
+        with self._lock:
+            self.write["write"] += write
+            self.write["index"] += index
+            self.batches_written += 1
+            self.bytes_written += nbytes
+
+    # ------------------------------------------------------------------ sampling
+    def _cpu_times(self) -> float:
+        try:
+            t = self._proc.cpu_times()
+            total = t.user + t.system + t.children_user + t.children_system
+            for child in self._proc.children(recursive=True):
+                try:
+                    c = child.cpu_times()
+                    total += c.user + c.system
+                except psutil.Error:
+                    pass
+            return total
+        except psutil.Error:
+            return 0.0
+
+    def _rss_total(self) -> int:
+        """Resident memory of this process plus its children.
+
+        Forked workers share most pages with the parent, so summing their RSS would count those pages
+        several times; with children present the proportional set size (PSS, Linux) is summed instead.
+        """
+        try:
+            children = self._proc.children(recursive=True)
+            if not children:
+                return self._proc.memory_info().rss
+            total = 0
+            for proc in [self._proc] + children:
+                try:
+                    info = proc.memory_full_info()
+                    total += getattr(info, "pss", info.rss)
+                except psutil.Error:
+                    pass
+            return total
+        except psutil.Error:
+            return 0
+
+    def sample(self) -> None:
+        now = time.perf_counter()
+        rss = self._rss_total()
+        self.peak_rss_total = max(self.peak_rss_total, rss)
+        cpu = self._cpu_times()
+        prev = self.samples[-1] if self.samples else {"t": 0.0, "cpu_s": self._cpu0}
+        dt = (now - self.t0) - prev["t"]
+        self.samples.append({"t": round(now - self.t0, 3), "queue": int(self._queue_depth()),
+                             "cpu_s": cpu, "cpu_pct": round(100.0 * (cpu - prev["cpu_s"]) / dt, 1) if dt > 0 else 0.0,
+                             "rss_mb": round(rss / 2 ** 20, 1)})
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self._interval):
+            self.sample()
+
+    def start(self) -> "Profiler":
+        self.t0 = time.perf_counter()
+        self._cpu0 = self._cpu_times()
+        self._thread = threading.Thread(target=self._loop, name="profile-sampler", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=2)
+        self.sample()
+        self.t_end = time.perf_counter()
+
+    # ------------------------------------------------------------------ report
+    @property
+    def wall(self) -> float:
+        return (self.t_end or time.perf_counter()) - self.t0
+
+    def to_dict(self, slices: int, extra: dict | None = None) -> dict:
+        """The profile as a JSON-able dict (``slices`` = slices computed by this run)."""
+        wall = self.wall
+        n_work = sum(w.slices for w in self.workers)
+        busy = sum(w.busy for w in self.workers)
+        waiting = sum(w.waiting for w in self.workers)
+        barrier = sum(w.barrier for w in self.workers)
+        per_slice = {}
+        if slices:
+            for k, v in self.read.items():
+                per_slice[k] = 1000.0 * v / slices
+            for k in STAGES_WORK:
+                per_slice[k] = 1000.0 * sum(w.stages.get(k, 0.0) for w in self.workers) / slices
+            for k, v in self.write.items():
+                per_slice[k] = 1000.0 * v / slices
+        cpu_total = self._cpu_times() - self._cpu0
+        ru_self = _peak_rss_self()
+        ru_children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+        out = {
+            "backend": self.backend, "workers": len(self.workers), "wall_s": round(wall, 4),
+            "slices": slices, "slices_per_s": round(slices / wall, 2) if wall > 0 else 0.0,
+            "volumes_read": self.volumes_read, "batches_written": self.batches_written,
+            "bytes_written": self.bytes_written,
+            "worker_time": {"busy_s": round(busy, 4), "waiting_s": round(waiting, 4), "barrier_s": round(barrier, 4),
+                            "busy_frac": round(busy / (wall * len(self.workers)), 4) if wall > 0 and self.workers
+                            else 0.0},
+            "per_worker": [w.to_dict(wall) for w in self.workers],
+            "per_slice_ms": {k: round(v, 4) for k, v in per_slice.items()},
+            "stage_totals_s": {**{k: round(v, 4) for k, v in self.read.items()},
+                               **{k: round(sum(w.stages.get(k, 0.0) for w in self.workers), 4)
+                                  for k in STAGES_WORK},
+                               **{k: round(v, 4) for k, v in self.write.items()}},
+            "cpu": {"cpu_s": round(cpu_total, 3), "utilisation_pct": round(100 * cpu_total / wall, 1) if wall else 0,
+                    "cores": os.cpu_count(), "of_all_cores_pct":
+                        round(100 * cpu_total / wall / (os.cpu_count() or 1), 1) if wall else 0},
+            "memory": {"peak_rss_mb": round(max(self.peak_rss_total, ru_self) / 2 ** 20, 1),
+                       "peak_rss_main_mb": round(ru_self / 2 ** 20, 1),
+                       "peak_rss_children_mb": round(ru_children / 2 ** 20, 1),
+                       "peak_rss_sampled_total_mb": round(self.peak_rss_total / 2 ** 20, 1)},
+            "timeline": [{k: s[k] for k in ("t", "queue", "cpu_pct", "rss_mb")} for s in self.samples],
+            "n_processed_by_workers": n_work,
+        }
+        out.update(extra or {})
+        return out
+
+    def write_json(self, path: str | Path, slices: int, extra: dict | None = None) -> dict:
+        data = self.to_dict(slices, extra)
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(data, indent=1))
+        os.replace(tmp, path)
+        return data
+
+
+def _peak_rss_self() -> int:
+    """Peak resident memory of this process in bytes.
+
+    ``VmHWM`` (Linux) rather than ``getrusage``: ``ru_maxrss`` survives ``execve``, so a process started by a
+    big parent would report the parent's peak.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def summary_lines(p: dict) -> list[str]:
+    """A few human lines from a profile dict (``Profiler.to_dict``)."""
+    wt = p["worker_time"]
+    total = wt["busy_s"] + wt["waiting_s"] + wt["barrier_s"]
+    frac = (lambda v: f"{100 * v / total:.0f}%" if total > 0 else "-")
+    lines = [f"{p['slices']} slices in {p['wall_s']:.2f} s = {p['slices_per_s']:.1f} slices/s with "
+             f"{p['workers']} {p['backend']} worker(s)",
+             f"workers: busy {frac(wt['busy_s'])}, waiting for input {frac(wt['waiting_s'])}, "
+             f"barrier {frac(wt['barrier_s'])}; CPU {p['cpu']['utilisation_pct']:.0f}% "
+             f"({p['cpu']['cores']} cores); peak RSS {p['memory']['peak_rss_mb']:.0f} MB"]
+    ps = p["per_slice_ms"]
+    if ps:
+        part = (lambda keys: ", ".join(f"{k} {ps[k]:.2f}" for k in keys if k in ps))
+        lines.append(f"CPU ms per slice: read [{part(STAGES_READ)}] | workers [{part(STAGES_WORK)}] | "
+                     f"writer [{part(STAGES_WRITE)}]")
+    return lines

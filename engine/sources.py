@@ -1,0 +1,445 @@
+"""Data sources: every reader yields the same ``Volume`` record.
+
+Accepted specs (``open_source``):
+
+- a folder of ``image_<id>.nii[.gz]`` files, each with an optional ``label_<id>.nii[.gz]``
+  (e.g. ``../shared/data/chaos_t2``);
+- a single NIfTI file (its ``label_<id>`` sibling is used when the file is ``image_<id>``);
+- the raw CHAOS MR layout: a folder of ``<id>/T2SPIR/DICOM_anon/*.dcm`` (+ ``Ground/*.png``), the
+  ``MR`` folder of the download, its parent, or one ``<id>`` folder (``engine.dicom``);
+- ``phantom`` or ``phantom:N``: the built-in synthetic volumes (``engine.phantom``).
+
+``Source.refs()`` is a cheap listing; ``Source.load(ref)`` reads one volume and raises ``VolumeError``
+(one line naming the file and the problem) for a bad input. ``load`` keeps no shared state, so several
+reader threads may call it at once (nibabel's zlib and file reads release the GIL).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from engine.volume import Volume, VolumeError
+
+_NIFTI_RE = re.compile(r"^(image|label)_(.+?)\.nii(\.gz)?$")
+_MAX_VOXELS = 1 << 30               # 4 GiB as float32: far beyond any abdominal scan, rejects absurd headers
+
+
+def _id_key(vid: str) -> tuple:
+    """Numeric ids in numeric order, then the others alphabetically."""
+    return (0, int(vid), "") if vid.isdigit() else (1, 0, vid)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+def sha256_file(path: str | Path) -> str:
+    """sha256 hex digest of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _configs(cfg):
+    from engine.config import DataConfig, PrepareConfig
+    data = getattr(cfg, "data", None) or DataConfig()
+    prep = getattr(cfg, "prepare", None) or PrepareConfig()
+    return data, prep
+
+
+# --------------------------------------------------------------------------------------------- NIfTI
+def _nifti_array(path: Path, kind: str):
+    """Open a NIfTI file; return (image object, shape checked to be 3D). Reads only the header."""
+    import nibabel as nib
+
+    try:
+        img = nib.load(str(path))
+    except FileNotFoundError:
+        raise VolumeError(path, "file not found") from None
+    except Exception as exc:               # nibabel raises many types for non-NIfTI / corrupt files
+        raise VolumeError(path, f"not a readable NIfTI {kind} ({_one_line(exc)})") from None
+    shape = tuple(int(s) for s in img.shape)
+    if len(shape) > 3 and all(s == 1 for s in shape[3:]):
+        shape = shape[:3]                  # (H, W, Z, 1) is a 3D volume written with a time axis of 1
+    if len(shape) != 3:
+        what = f"{len(shape)}D" if len(shape) != 1 else "1D"
+        raise VolumeError(path, f"{what} {kind} of shape {tuple(img.shape)}; expected a 3D volume (H, W, Z)")
+    if min(shape) < 1:
+        raise VolumeError(path, f"empty {kind} (shape {shape})")
+    if int(np.prod(shape, dtype=np.int64)) > _MAX_VOXELS:
+        raise VolumeError(path, f"{kind} of shape {shape} is too large (> {_MAX_VOXELS} voxels)")
+    return img, shape
+
+
+def _read_data(img, path: Path, shape, dtype) -> np.ndarray:
+    try:
+        arr = np.asanyarray(img.dataobj)
+    except (EOFError, OSError, ValueError, MemoryError) as exc:
+        raise VolumeError(path, f"truncated or corrupt file ({_one_line(exc)})") from None
+    except Exception as exc:
+        raise VolumeError(path, f"cannot read the voxel data ({_one_line(exc)})") from None
+    if np.iscomplexobj(arr) or not np.issubdtype(arr.dtype, np.number):
+        raise VolumeError(path, f"voxel type {arr.dtype} is not a real number type")
+    arr = arr.reshape(shape)
+    return arr.astype(dtype, copy=False) if dtype is not None else arr
+
+
+def _to_uint8_labels(arr: np.ndarray, path: Path) -> np.ndarray:
+    """Label ids as uint8; non-finite, non-integer, negative or > 255 values are an error."""
+    if np.issubdtype(arr.dtype, np.integer) or arr.dtype == bool:
+        if arr.size and (arr.min() < 0 or arr.max() > 255):
+            raise VolumeError(path, f"label values must be 0..255, found {arr.min()}..{arr.max()}")
+        return arr.astype(np.uint8, copy=False)
+    if not np.all(np.isfinite(arr)):
+        raise VolumeError(path, "label contains NaN/Inf values")
+    rounded = np.rint(arr)
+    frac = rounded != arr
+    if frac.any():
+        raise VolumeError(path, f"label values must be integers, found {arr[frac].flat[0]:g}")
+    if arr.size and (rounded.min() < 0 or rounded.max() > 255):
+        raise VolumeError(path, f"label values must be 0..255, found {rounded.min():g}..{rounded.max():g}")
+    return rounded.astype(np.uint8)
+
+
+def load_nifti(image_path: str | Path, label_path: str | Path | None, vid: str) -> Volume:
+    """Read an image (and optional label) NIfTI into a Volume.
+
+    Parameters
+    ----------
+    image_path, label_path : path
+    vid : str
+        Scan id.
+
+    Returns
+    -------
+    Volume
+        ``image`` float32 (H, W, Z) as stored (NaN/Inf kept: ``prepare`` handles them); ``label`` uint8.
+
+    Raises
+    ------
+    VolumeError
+        Unreadable/truncated file, not 3D, label shape or values invalid.
+    """
+    import nibabel as nib
+
+    image_path = Path(image_path)
+    img, shape = _nifti_array(image_path, "image")
+    data = _read_data(img, image_path, shape, np.float32)
+    affine = np.asarray(img.affine if img.affine is not None else np.eye(4), dtype=np.float64)
+    try:
+        orientation = "".join(c or "?" for c in nib.aff2axcodes(affine))
+    except Exception:                      # a degenerate affine: record that rather than fail
+        orientation = "???"
+    zooms = img.header.get_zooms()[:3]
+    # header zooms are float32: round to 6 decimals so 7.7 reads 7.7, not 7.699999809
+    spacing = tuple(round(float(z), 6) for z in zooms) + (1.0,) * (3 - len(zooms))
+    checksum = sha256_file(image_path)
+    label = None
+    if label_path is not None:
+        label_path = Path(label_path)
+        limg, lshape = _nifti_array(label_path, "label")
+        if lshape != shape:
+            raise VolumeError(label_path, f"label shape {lshape} differs from image shape {shape}")
+        label = _to_uint8_labels(_read_data(limg, label_path, lshape, None), label_path)
+        checksum += "+" + sha256_file(label_path)
+    return Volume(id=str(vid), image=data, spacing=spacing, affine=affine, orientation=orientation,
+                  label=label, path=str(image_path), checksum=checksum)
+
+
+# --------------------------------------------------------------------------------------------- sources
+class Source:
+    """A listing of volumes and a way to load each. Subclasses set ``kind`` and ``path``."""
+
+    kind = "source"
+
+    def __init__(self, path: str):
+        self.path = str(path)
+        self.warnings: list[str] = []     # listing-time remarks (e.g. a label without image), one line each
+
+    def refs(self) -> list[str]:
+        """Volume references (ids), sorted numerically."""
+        raise NotImplementedError
+
+    def load(self, ref: str) -> Volume:
+        """Read one volume; raises VolumeError naming the file and the problem."""
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        return len(self.refs())
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.path!r}, {len(self)} volumes)"
+
+
+class NiftiFolderSource(Source):
+    """``image_<id>.nii[.gz]`` (+ optional ``label_<id>.nii[.gz]``) files of one folder."""
+
+    kind = "nifti-folder"
+
+    def __init__(self, folder: str | Path):
+        super().__init__(folder)
+        self._images: dict[str, list[Path]] = {}
+        self._labels: dict[str, list[Path]] = {}
+        for p in Path(folder).iterdir():
+            m = _NIFTI_RE.match(p.name)
+            if m and p.is_file():
+                (self._images if m.group(1) == "image" else self._labels).setdefault(m.group(2), []).append(p)
+        for vid in sorted(set(self._labels) - set(self._images), key=_id_key):
+            self.warnings.append(f"{self._labels[vid][0]}: label without an image_{vid} file (ignored)")
+
+    def refs(self) -> list[str]:
+        return sorted(self._images, key=_id_key)
+
+    def load(self, ref: str) -> Volume:
+        images = self._images.get(ref)
+        if not images:
+            raise VolumeError(Path(self.path) / f"image_{ref}.nii.gz", "no such volume in this folder")
+        if len(images) > 1:
+            raise VolumeError(images[0], f"several image files for id {ref}: "
+                                         f"{', '.join(sorted(p.name for p in images))}")
+        labels = self._labels.get(ref, [])
+        if len(labels) > 1:
+            raise VolumeError(labels[0], f"several label files for id {ref}: "
+                                         f"{', '.join(sorted(p.name for p in labels))}")
+        return load_nifti(images[0], labels[0] if labels else None, ref)
+
+
+class NiftiFileSource(Source):
+    """One NIfTI file; ``image_<id>`` files pick up their ``label_<id>`` sibling."""
+
+    kind = "nifti-file"
+
+    def __init__(self, path: str | Path):
+        super().__init__(path)
+        p = Path(path)
+        m = _NIFTI_RE.match(p.name)
+        self._label = None
+        if m and m.group(1) == "image":
+            self._id = m.group(2)
+            for ext in (".nii.gz", ".nii"):
+                cand = p.with_name(f"label_{self._id}{ext}")
+                if cand.is_file():
+                    self._label = cand
+                    break
+        else:
+            self._id = re.sub(r"\.nii(\.gz)?$", "", p.name)
+
+    def refs(self) -> list[str]:
+        return [self._id]
+
+    def load(self, ref: str) -> Volume:
+        if ref != self._id:
+            raise VolumeError(self.path, f"this source holds only volume {self._id!r}, not {ref!r}")
+        return load_nifti(self.path, self._label, self._id)
+
+
+def find_chaos_subjects(folder: Path) -> dict[str, Path]:
+    """``{id: <id>/T2SPIR folder}`` of a raw CHAOS tree rooted at ``folder`` (empty when none)."""
+    if (folder / "T2SPIR" / "DICOM_anon").is_dir():
+        return {folder.name: folder / "T2SPIR"}
+    for base in (folder, folder / "MR", folder / "Train_Sets" / "MR"):
+        if base.is_dir():
+            found = {d.name: d / "T2SPIR" for d in base.iterdir() if (d / "T2SPIR" / "DICOM_anon").is_dir()}
+            if found:
+                return found
+    return {}
+
+
+class ChaosRawSource(Source):
+    """Raw CHAOS MR download: ``<id>/T2SPIR/DICOM_anon/*.dcm`` + ``Ground/*.png`` (engine.dicom)."""
+
+    kind = "chaos-raw"
+
+    def __init__(self, folder: str | Path, subjects: dict[str, Path], prepare_cfg):
+        super().__init__(folder)
+        self._subjects = subjects
+        self._cfg = prepare_cfg
+
+    def refs(self) -> list[str]:
+        return sorted(self._subjects, key=_id_key)
+
+    def load(self, ref: str) -> Volume:
+        from engine.dicom import read_chaos_subject
+
+        if ref not in self._subjects:
+            raise VolumeError(Path(self.path) / ref, "no such CHAOS subject")
+        return read_chaos_subject(self._subjects[ref], ref, self._cfg)
+
+
+class PhantomSource(Source):
+    """The built-in synthetic volumes ``phantom_000`` ... (generated on demand by ``engine.phantom``)."""
+
+    kind = "phantom"
+
+    def __init__(self, n: int, seed: int):
+        super().__init__(f"phantom:{n}")
+        self.n = int(n)
+        self.seed = int(seed)
+
+    def refs(self) -> list[str]:
+        return [f"phantom_{i:03d}" for i in range(self.n)]
+
+    def load(self, ref: str) -> Volume:
+        m = re.fullmatch(r"phantom_(\d+)", ref)
+        if not m or int(m.group(1)) >= self.n:
+            raise VolumeError(self.path, f"no phantom volume {ref!r} (ids phantom_000..phantom_{self.n - 1:03d})")
+        try:
+            from engine.phantom import make_volume
+        except ImportError as exc:
+            raise VolumeError(self.path, f"the built-in phantom is not available ({_one_line(exc)})") from None
+        return make_volume(int(m.group(1)), seed=self.seed)
+
+
+def open_source(spec: str, cfg=None) -> Source:
+    """Open a data source.
+
+    Parameters
+    ----------
+    spec : str
+        A NIfTI folder or file, a raw CHAOS folder, ``phantom`` or ``phantom:N``.
+    cfg : Config, optional
+        Uses ``cfg.data`` (phantom count and seed) and ``cfg.prepare`` (raw CHAOS normalisation);
+        defaults when None.
+
+    Returns
+    -------
+    Source
+
+    Raises
+    ------
+    VolumeError
+        Missing path, a file that is not NIfTI, or a folder with nothing usable.
+    """
+    data_cfg, prep_cfg = _configs(cfg)
+    spec = str(spec)
+    if spec == "phantom" or spec.startswith("phantom:"):
+        n_text = spec.partition(":")[2]
+        if not n_text:
+            return PhantomSource(data_cfg.phantom_volumes, data_cfg.phantom_seed)
+        if not n_text.isdigit() or int(n_text) < 1:
+            raise VolumeError(spec, "phantom:N needs a positive integer N, e.g. phantom:5")
+        return PhantomSource(int(n_text), data_cfg.phantom_seed)
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise VolumeError(spec, "no such file or folder")
+    if path.is_file():
+        if re.search(r"\.nii(\.gz)?$", path.name):
+            return NiftiFileSource(path)
+        raise VolumeError(spec, "not a NIfTI file (.nii or .nii.gz); give a NIfTI file, a folder or 'phantom'")
+    if not path.is_dir():
+        raise VolumeError(spec, "neither a file nor a folder")
+    try:
+        entries = list(path.iterdir())
+    except OSError as exc:
+        raise VolumeError(spec, f"cannot list the folder ({_one_line(exc)})") from None
+    if not entries:
+        raise VolumeError(spec, "empty folder")
+    folder = NiftiFolderSource(path)
+    if folder.refs():
+        return folder
+    subjects = find_chaos_subjects(path)
+    if subjects:
+        return ChaosRawSource(path, subjects, prep_cfg)
+    hint = " (only label files: every label_<id> needs its image_<id>)" if folder.warnings else ""
+    raise VolumeError(spec, "no image_<id>.nii[.gz] files and no raw CHAOS <id>/T2SPIR/DICOM_anon "
+                            f"folders{hint}")
+
+
+def iter_volumes(source: Source) -> Iterator[Volume | VolumeError]:
+    """Load every volume of ``source`` in ``refs()`` order; a bad one yields its VolumeError and the
+    iteration goes on."""
+    for ref in source.refs():
+        try:
+            yield source.load(ref)
+        except VolumeError as exc:
+            yield exc
+        except Exception as exc:           # never let one input stop the others
+            yield VolumeError(f"{source.path}[{ref}]", f"unexpected error ({_one_line(exc)})")
+
+
+# --------------------------------------------------------------------------------------------- describe
+def _volume_row(vol: Volume) -> tuple[dict, list[str], str | None]:
+    """Summary row of a volume, warnings, and an error when ``prepare`` would reject it."""
+    img = vol.image
+    finite = np.isfinite(img)
+    n_bad = int(img.size - np.count_nonzero(finite))
+    warnings, error = [], None
+    if n_bad == img.size:
+        error = "no finite voxel (all NaN/Inf)"
+    else:
+        if n_bad:
+            warnings.append(f"{vol.path}: {n_bad} NaN/Inf voxel(s) (replaced by the finite minimum when prepared)")
+        lo, hi = float(img[finite].min()), float(img[finite].max())
+        if lo == hi:
+            error = f"constant volume (every voxel = {lo:g})"
+    labels = [int(v) for v in np.unique(vol.label)] if vol.label is not None else None
+    row = dict(id=vol.id, shape=list(img.shape), spacing=[float(s) for s in vol.spacing],
+               slices=vol.n_slices, orientation=vol.orientation, labels=labels, path=vol.path,
+               checksum=vol.checksum)
+    return row, warnings, error
+
+
+def describe(spec: str, cfg=None, as_json: bool = False) -> int:
+    """Print the volumes a source yields: one row each (id, shape, spacing, slices, orientation, label
+    ids), totals, and one line per bad input.
+
+    Returns
+    -------
+    int
+        0 when every input loaded, 1 otherwise (also for a missing or unusable source).
+    """
+    try:
+        source = open_source(spec, cfg)
+    except VolumeError as exc:
+        if as_json:
+            print(json.dumps(dict(source=str(spec), volumes=[], errors=[str(exc)], warnings=[],
+                                  totals=dict(volumes=0, slices=0, failed=1)), indent=2))
+        else:
+            print(f"error: {exc}", file=sys.stderr)
+        return 1
+    rows, errors, warnings = [], [], list(source.warnings)
+    if not as_json:
+        print(f"{source.kind} source {source.path}")
+        print(f"{'id':>12}  {'shape':>16}  {'spacing (mm)':>20}  {'slices':>6}  {'orient':>6}  labels")
+    for item in iter_volumes(source):
+        if isinstance(item, VolumeError):
+            errors.append(str(item))
+            if not as_json:
+                print(f"error: {item}", file=sys.stderr, flush=True)
+            continue
+        row, warns, error = _volume_row(item)
+        warnings += warns
+        if error:
+            errors.append(f"{item.path}: {error}")
+            if not as_json:
+                print(f"error: {item.path}: {error}", file=sys.stderr, flush=True)
+            continue
+        rows.append(row)
+        if not as_json:
+            shape = "x".join(str(s) for s in row["shape"])
+            spacing = " x ".join(f"{s:.4g}" for s in row["spacing"])
+            labels = "-" if row["labels"] is None else " ".join(str(v) for v in row["labels"])
+            print(f"{row['id']:>12}  {shape:>16}  {spacing:>20}  {row['slices']:>6}  "
+                  f"{row['orientation']:>6}  {labels}", flush=True)
+    totals = dict(volumes=len(rows), slices=int(sum(r["slices"] for r in rows)), failed=len(errors))
+    label_ids = sorted({v for r in rows for v in (r["labels"] or [])})
+    totals["label_ids"] = label_ids
+    if as_json:
+        print(json.dumps(dict(source=source.path, kind=source.kind, volumes=rows, errors=errors,
+                              warnings=warnings, totals=totals), indent=2))
+    else:
+        for w in warnings:
+            print(f"warning: {w}", file=sys.stderr)
+        ids = " ".join(str(v) for v in label_ids) if label_ids else "none"
+        print(f"total: {totals['volumes']} volumes, {totals['slices']} slices, label ids {ids}"
+              + (f"; {len(errors)} input(s) failed" if errors else ""))
+    return 1 if errors else 0

@@ -1,0 +1,887 @@
+"""The HDF5 store: immutable per-batch shards, an atomically replaced index, a writer lock, a lazy reader.
+
+Layout on disk, for a store ``STORE`` (e.g. ``data/store.h5``)::
+
+    STORE                 the file users open: a small HDF5 index rebuilt after every commit (tmp + rename).
+                          Virtual datasets image / superpixels / fg / label of shape (N, H, W) mapped onto the
+                          shards (so h5ls/h5dump/HDFView read it like a plain file), the tables ``slices`` and
+                          ``volumes`` (one dataset per column) and the provenance attributes.
+    STORE.parts/NNNNNN.h5 one immutable shard per committed batch: written under a temporary name, flushed,
+                          fsync'd, then renamed (rename is atomic). Shards are the source of truth; the index is
+                          derived from them and can always be rebuilt.
+    STORE.parts/runs.jsonl one line per run (start, end, status, host, pid, code version): history, not content.
+    STORE.lock            exists while a writer runs: JSON with pid / host / start time / command, and an
+                          exclusive ``flock`` on it. The kernel drops the flock when the holder dies, so a lock
+                          left by a killed run is taken over at once.
+
+Why the requirements of design.md "Store" hold:
+
+1. Readers see whole committed batches: a shard becomes visible only by its rename, and the index that points
+   to it only by its own atomic replace; ``StoreReader`` reads the index once and then only reads immutable
+   shards, so it keeps one consistent snapshot however long it stays open, also while a run writes.
+2. ``kill -9`` then the same command: the slices of a run form one deterministic sequence (volumes in source
+   order, z ascending; a volume that fails takes no slots), cut into batches of ``engine.batch`` slices
+   starting at the number of slices already committed. A rerun skips what the shards hold and recomputes only
+   the batches that were in flight (at most the one being written and the one being computed). Stray
+   temporary files are removed under the lock.
+3. A second writer is refused at once, naming the holder (``StoreLocked``).
+4. ``settings`` (schema, method, parameters, preparation, source) are hashed into every shard; a run with
+   other settings is refused (``SettingsMismatch``) unless ``overwrite``.
+5. Provenance: every shard and the index record schema version, method and parameters, preparation and
+   source settings, code version, creation time; the ``volumes`` table records path, checksum, spacing,
+   orientation and affine of every source volume; the ``log`` attribute lists every volume that failed.
+
+Encoding (chosen by measurement, ``benchmarks/engine.py --compression``; 256 x 256 CHAOS-T2 slices, one
+writer thread, this 2-core machine, numbers noisy because the machine was shared)::
+
+    option (HDF5 filter in the writer)    writer slices/s   kB per slice (image f32 + superpixels u16 + fg + label)
+    none, superpixels int32                1300             656
+    none, superpixels uint16               1740             525
+    lzf                                     520             130
+    gzip-1                                  240              95
+    gzip-4                                  230              87
+    gzip-1 + shuffle                        210             162   (z-scored MR floats: shuffle makes it worse)
+    zlib in the workers, per dataset:  image 1.6-2.1 ms -> 84 kB; superpixels u16 0.24 ms -> 7 kB;
+                                       fg 0.09 ms -> 2.4 kB; label 0.06 ms -> 0.9 kB
+    writer with ready chunks (write_direct_chunk): ~2200 slices/s
+
+A single writer applying gzip or lzf caps the engine at 240-520 slices/s, far below the SLIC kernel on two
+cores. Compressing the image in the workers costs 1.6-2.1 ms of CPU per slice, more than the SLIC kernel
+itself (~1 ms), for a 3x smaller file. The default ``maps-gzip-1`` therefore stores the z-scored image as raw
+float32 (lossless, no CPU) and deflates the three label-like maps in the workers (0.4 ms per slice, 7 kB
+instead of 260 kB); the writer only copies ready chunks (``write_direct_chunk``). ``gzip-N`` deflates
+everything (smallest store, ~95 kB per slice); ``none`` deflates nothing. Superpixel ids are uint16 (uint8
+would cap K at 255; int32 doubles the bytes). Only the standard deflate filter is used, so every HDF5 reader
+opens the store without plugins.
+"""
+from __future__ import annotations
+
+import dataclasses
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import platform
+import re
+import sys
+import time
+import zlib
+from pathlib import Path
+from typing import Any, Iterable
+
+import h5py
+import numpy as np
+
+SCHEMA_VERSION = 1
+FORMAT_NAME = "slic-alpnet pseudo-label store"
+DATASETS = ("image", "superpixels", "fg", "label")
+DTYPES = {"image": np.dtype(np.float32), "superpixels": np.dtype(np.uint16),
+          "fg": np.dtype(np.uint8), "label": np.dtype(np.uint8)}
+MAX_SUPERPIXEL_ID = int(np.iinfo(np.uint16).max)
+_SHARD_RE = re.compile(r"^(\d{6})\.h5$")
+_STR = h5py.string_dtype("utf-8")
+
+
+class StoreError(Exception):
+    """A store cannot be opened or written; ``str(err)`` is one line naming the store and the problem."""
+
+
+class StoreLocked(StoreError):
+    """Another run holds the store's writer lock."""
+
+
+class SettingsMismatch(StoreError):
+    """The store was made with other settings (method, parameters, preparation or source)."""
+
+
+# --------------------------------------------------------------------------------------------- paths
+def parts_dir(store: str | Path) -> Path:
+    """Folder of the shard files of ``store``."""
+    store = Path(store)
+    return store.with_name(store.name + ".parts")
+
+
+def shard_name(index: int) -> str:
+    return f"{index:06d}.h5"
+
+
+def lock_path(store: str | Path) -> Path:
+    store = Path(store)
+    return store.with_name(store.name + ".lock")
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        _fsync_path(path)
+    except OSError:  # some filesystems refuse fsync on a directory; the rename is still atomic there
+        pass
+
+
+# --------------------------------------------------------------------------------------------- settings
+def settings_hash(settings: dict) -> str:
+    """Stable 16-hex-digit hash of a JSON-able settings dict (key order does not matter)."""
+    text = json.dumps(settings, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """Dotted keys where two settings trees differ, with both values (for the mismatch message)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for key in sorted(set(old) | set(new), key=str):
+            out += _differences(old.get(key, "<absent>"), new.get(key, "<absent>"),
+                                f"{prefix}.{key}" if prefix else str(key))
+        return out
+    if old != new:
+        def short(v):
+            text = json.dumps(v, default=str)
+            return text if len(text) <= 60 else text[:57] + "..."
+        return [f"{prefix or 'settings'}: store has {short(old)}, this run {short(new)}"]
+    return []
+
+
+# --------------------------------------------------------------------------------------------- codec
+@dataclasses.dataclass(frozen=True)
+class Codec:
+    """How each dataset's chunks are encoded: ``levels[name]`` is a deflate level (1-9) or None (raw).
+
+    Workers call ``encode`` (zlib releases the GIL, so threads compress in parallel); the writer hands the
+    bytes to HDF5 unchanged with ``write_direct_chunk``; the datasets declare the standard deflate filter so
+    any HDF5 reader decodes them.
+    """
+    spec: str
+    levels: dict
+
+    @staticmethod
+    def parse(spec: str) -> "Codec":
+        """``none`` | ``gzip-N`` (every dataset) | ``maps-gzip-N`` (superpixels, fg, label; image raw)."""
+        m = re.fullmatch(r"(none)|(maps-)?gzip-([1-9])", spec or "")
+        if not m:
+            raise ValueError(f"engine.compression: {spec!r} is not one of none, gzip-1..9, maps-gzip-1..9")
+        if m.group(1):
+            levels = {name: None for name in DATASETS}
+        else:
+            level = int(m.group(3))
+            levels = {name: level for name in DATASETS}
+            if m.group(2):
+                levels["image"] = None
+        return Codec(spec, levels)
+
+    def encode(self, name: str, arr: np.ndarray) -> bytes | np.ndarray:
+        """One chunk of dataset ``name``: ``arr`` (H, W) in its store dtype -> bytes for write_direct_chunk."""
+        arr = np.ascontiguousarray(arr, dtype=DTYPES[name])
+        level = self.levels[name]
+        return arr if level is None else zlib.compress(arr, level)
+
+    def dataset_kwargs(self, name: str) -> dict:
+        level = self.levels[name]
+        return {} if level is None else {"compression": "gzip", "compression_opts": level}
+
+
+# --------------------------------------------------------------------------------------------- records
+@dataclasses.dataclass
+class SliceResult:
+    """One computed slice, ready to commit. ``chunks[name]`` are encoded by ``Codec.encode``."""
+    volume: str                  # volume id
+    ref: str                     # source reference (Source.refs entry)
+    z: int
+    chunks: dict
+    n_superpixels: int
+    labels_present: bool
+    organs: int                  # bit v set when label value v (1..63) occurs in the slice
+
+
+@dataclasses.dataclass
+class Batch:
+    """One commit: consecutive slices of the run's sequence, the volumes they come from, failures seen."""
+    index: int                   # shard number
+    first_slice: int             # global slice index of slices[0]
+    slices: list                 # list[SliceResult], in sequence order
+    volumes: dict                # ref -> volume row dict (see _volume_columns), for volumes in ``slices``
+    failures: list               # [{"ref", "path", "reason"}] met since the previous batch
+
+
+_VOLUME_FIELDS = ("id", "ref", "n_slices", "spacing", "orientation", "affine", "path", "checksum", "has_label",
+                  "notes")
+
+
+def volume_row(vol_id: str, ref: str, n_slices: int, spacing, orientation: str, affine, path: str,
+               checksum: str, has_label: bool, notes: Iterable[str] = ()) -> dict:
+    """A row of the ``volumes`` table (plain Python values)."""
+    return {"id": str(vol_id), "ref": str(ref), "n_slices": int(n_slices),
+            "spacing": [float(s) for s in spacing], "orientation": str(orientation),
+            "affine": np.asarray(affine, dtype=np.float64).reshape(4, 4).tolist(), "path": str(path),
+            "checksum": str(checksum), "has_label": bool(has_label), "notes": list(notes)}
+
+
+def _write_volume_table(group: h5py.Group, rows: list[dict]) -> None:
+    n = len(rows)
+    group.create_dataset("id", data=[r["id"] for r in rows], dtype=_STR)
+    group.create_dataset("ref", data=[r["ref"] for r in rows], dtype=_STR)
+    group.create_dataset("n_slices", data=np.array([r["n_slices"] for r in rows], dtype=np.int32))
+    group.create_dataset("spacing", data=np.array([r["spacing"] for r in rows], dtype=np.float64).reshape(n, 3))
+    group.create_dataset("orientation", data=[r["orientation"] for r in rows], dtype=_STR)
+    group.create_dataset("affine", data=np.array([r["affine"] for r in rows], dtype=np.float64).reshape(n, 4, 4))
+    group.create_dataset("path", data=[r["path"] for r in rows], dtype=_STR)
+    group.create_dataset("checksum", data=[r["checksum"] for r in rows], dtype=_STR)
+    group.create_dataset("has_label", data=np.array([r["has_label"] for r in rows], dtype=bool))
+    group.create_dataset("notes", data=[json.dumps(r["notes"]) for r in rows], dtype=_STR)
+
+
+def _read_volume_table(group: h5py.Group) -> list[dict]:
+    cols = {k: group[k][()] for k in _VOLUME_FIELDS}
+    rows = []
+    for i in range(len(cols["id"])):
+        rows.append(volume_row(
+            _s(cols["id"][i]), _s(cols["ref"][i]), cols["n_slices"][i], cols["spacing"][i],
+            _s(cols["orientation"][i]), cols["affine"][i], _s(cols["path"][i]), _s(cols["checksum"][i]),
+            cols["has_label"][i], json.loads(_s(cols["notes"][i]))))
+    return rows
+
+
+def _write_json_rows(f: h5py.File, name: str, rows: list) -> None:
+    f.create_dataset(name, shape=(len(rows),), dtype=_STR, data=[json.dumps(r) for r in rows] if rows else None)
+
+
+def _read_json_rows(f: h5py.File, name: str) -> list:
+    return [json.loads(_s(v)) for v in f[name][()]] if name in f else []
+
+
+def _s(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _write_slice_table(group: h5py.Group, volume, z, nsp, present, organs, shard=None, row=None) -> None:
+    group.create_dataset("volume", data=list(volume), dtype=_STR)
+    group.create_dataset("z", data=np.asarray(z, dtype=np.int32))
+    group.create_dataset("n_superpixels", data=np.asarray(nsp, dtype=np.int32))
+    group.create_dataset("labels_present", data=np.asarray(present, dtype=bool))
+    group.create_dataset("organs", data=np.asarray(organs, dtype=np.uint64))
+    if shard is not None:
+        group.create_dataset("shard", data=np.asarray(shard, dtype=np.int32))
+        group.create_dataset("row", data=np.asarray(row, dtype=np.int32))
+
+
+# --------------------------------------------------------------------------------------------- shards
+@dataclasses.dataclass
+class ShardInfo:
+    """What the index needs from one committed shard (read back from disk on resume)."""
+    index: int
+    first_slice: int
+    n: int
+    volume: list                 # str ids
+    ref: list
+    z: np.ndarray
+    n_superpixels: np.ndarray
+    labels_present: np.ndarray
+    organs: np.ndarray
+    volumes: list                # volume rows
+    failures: list
+    settings_hash: str
+    code_version: str
+    created: str
+    shape: tuple
+    compression: str
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def write_shard(parts: Path, batch: Batch, codec: Codec, shape: tuple[int, int], settings: dict,
+                code_version: str) -> ShardInfo:
+    """Write ``batch`` as ``parts/NNNNNN.h5``: temporary name, flush, fsync, atomic rename, fsync of the folder.
+
+    Returns
+    -------
+    ShardInfo
+        The committed shard's table rows and metadata.
+    """
+    n = len(batch.slices)
+    final = parts / shard_name(batch.index)
+    tmp = parts / f".{shard_name(batch.index)}.tmp-{os.getpid()}"
+    created = _now()
+    sl = batch.slices
+    try:
+        with h5py.File(tmp, "w") as f:
+            for name in DATASETS:
+                # A batch may hold no slice (only the failures of its volumes): chunked datasets then need
+                # an extensible first axis, since a chunk may not exceed a fixed shape.
+                dset = f.create_dataset(name, shape=(n,) + tuple(shape), dtype=DTYPES[name],
+                                        chunks=(1,) + tuple(shape), maxshape=(None if n == 0 else n,) + tuple(shape),
+                                        **codec.dataset_kwargs(name))
+                for i, s in enumerate(sl):
+                    dset.id.write_direct_chunk((i, 0, 0), s.chunks[name])
+            _write_slice_table(f.create_group("slices"), [s.volume for s in sl], [s.z for s in sl],
+                               [s.n_superpixels for s in sl], [s.labels_present for s in sl],
+                               [s.organs for s in sl])
+            f["slices"].create_dataset("ref", data=[s.ref for s in sl], dtype=_STR)
+            _write_volume_table(f.create_group("volumes"), list(batch.volumes.values()))
+            _write_json_rows(f, "failures", batch.failures)
+            f.attrs.update({
+                "format": FORMAT_NAME, "schema_version": SCHEMA_VERSION, "shard": batch.index,
+                "first_slice": batch.first_slice, "n_slices": n, "settings": json.dumps(settings, sort_keys=True),
+                "settings_hash": settings_hash(settings), "compression": codec.spec, "code_version": code_version, "created": created})
+        _fsync_path(tmp)
+        os.replace(tmp, final)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(parts)
+    return ShardInfo(batch.index, batch.first_slice, n, [s.volume for s in sl], [s.ref for s in sl],
+                     np.array([s.z for s in sl], dtype=np.int32),
+                     np.array([s.n_superpixels for s in sl], dtype=np.int32),
+                     np.array([s.labels_present for s in sl], dtype=bool),
+                     np.array([s.organs for s in sl], dtype=np.uint64),
+                     list(batch.volumes.values()), list(batch.failures), settings_hash(settings), code_version,
+                     created, tuple(shape), codec.spec)
+
+
+def read_shard_info(path: Path) -> ShardInfo:
+    """Metadata and tables of one shard file (no pixel data). Raises OSError/KeyError when unreadable."""
+    with h5py.File(path, "r") as f:
+        a = f.attrs
+        s = f["slices"]
+        return ShardInfo(
+            int(a["shard"]), int(a["first_slice"]), int(a["n_slices"]),
+            [_s(v) for v in s["volume"][()]], [_s(v) for v in s["ref"][()]], s["z"][()].astype(np.int32),
+            s["n_superpixels"][()].astype(np.int32), s["labels_present"][()].astype(bool),
+            s["organs"][()].astype(np.uint64), _read_volume_table(f["volumes"]),
+            _read_json_rows(f, "failures"), _s(a["settings_hash"]), _s(a["code_version"]), _s(a["created"]),
+            tuple(f["image"].shape[1:]), _s(a["compression"]))
+
+
+def read_shard_settings(path: Path) -> dict:
+    with h5py.File(path, "r") as f:
+        return json.loads(_s(f.attrs["settings"]))
+
+
+# --------------------------------------------------------------------------------------------- index
+def write_index(store: Path, shards: list[ShardInfo], settings: dict, complete: bool,
+                extra_attrs: dict | None = None) -> None:
+    """(Re)build the index file ``store`` from committed shards: temporary name, then atomic replace."""
+    store = Path(store)
+    parts_rel = parts_dir(store).name        # relative to the index's folder: the store can be moved as a whole
+    shape = shards[0].shape if shards else (int(settings.get("prepare", {}).get("size", 256)),) * 2
+    n_total = sum(s.n for s in shards)
+    tmp = store.with_name(f".{store.name}.tmp-{os.getpid()}")
+    try:
+        with h5py.File(tmp, "w") as f:
+            for name in DATASETS:
+                full = (n_total,) + tuple(shape)
+                if n_total == 0:
+                    f.create_dataset(name, shape=full, dtype=DTYPES[name])
+                    continue
+                layout = h5py.VirtualLayout(shape=full, dtype=DTYPES[name])
+                for s in shards:
+                    if s.n:
+                        src = h5py.VirtualSource(f"{parts_rel}/{shard_name(s.index)}", name,
+                                                 shape=(s.n,) + tuple(shape))
+                        layout[s.first_slice:s.first_slice + s.n] = src
+                f.create_virtual_dataset(name, layout, fillvalue=0)
+            cat = (lambda attr, dt: np.concatenate([getattr(s, attr) for s in shards]).astype(dt)
+                   if shards else np.zeros(0, dt))
+            _write_slice_table(
+                f.create_group("slices"), [v for s in shards for v in s.volume], cat("z", np.int32),
+                cat("n_superpixels", np.int32), cat("labels_present", bool), cat("organs", np.uint64),
+                shard=np.concatenate([np.full(s.n, s.index, np.int32) for s in shards]) if shards
+                else np.zeros(0, np.int32),
+                row=np.concatenate([np.arange(s.n, dtype=np.int32) for s in shards]) if shards
+                else np.zeros(0, np.int32))
+            _write_volume_table(f.create_group("volumes"), merge_volumes(shards))
+            log = [fail for s in shards for fail in s.failures]
+            _write_json_rows(f, "log", log)
+            log_attr = json.dumps(log)
+            if len(log_attr) > 32000:   # HDF5 attributes stay small; the full list is the ``log`` dataset
+                log_attr = json.dumps(log[:50] + [{"note": f"{len(log) - 50} more in the 'log' dataset"}])
+            versions = sorted({s.code_version for s in shards})
+            attrs = {
+                "format": FORMAT_NAME, "schema_version": SCHEMA_VERSION,
+                "method": settings.get("method", ""), "params": json.dumps(settings.get("params", {})),
+                "prepare": json.dumps(settings.get("prepare", {})), "source": json.dumps(settings.get("source", {})),
+                "settings": json.dumps(settings, sort_keys=True), "settings_hash": settings_hash(settings),
+                "code_version": shards[0].code_version if shards else "", "code_versions": json.dumps(versions),
+                "created": shards[0].created if shards else _now(), "updated": _now(),
+                "n_slices": n_total, "n_shards": len(shards), "complete": bool(complete),
+                "log": log_attr, "parts": parts_rel,
+                "compression": ",".join(sorted({s.compression for s in shards}))}
+            attrs.update(extra_attrs or {})
+            f.attrs.update(attrs)
+        # No fsync here, unlike the shards: the index is derived data that the next writer rebuilds from the
+        # shards, and the atomic rename alone already protects readers against a killed process.
+        os.replace(tmp, store)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def merge_volumes(shards: list[ShardInfo]) -> list[dict]:
+    """Volume rows of all shards, once each, in order of first appearance (a volume may span shards)."""
+    seen: dict[str, dict] = {}
+    for s in shards:
+        for row in s.volumes:
+            seen.setdefault(row["ref"], row)
+    return list(seen.values())
+
+
+# --------------------------------------------------------------------------------------------- lock
+class StoreLock:
+    """Exclusive writer lock: ``flock`` on ``STORE.lock`` plus who holds it (JSON), for the refusal message.
+
+    ``flock`` is released by the kernel when the holding process dies, however it dies, so a lock file left by
+    a killed run never blocks the next one (its stale content is reported and replaced).
+    """
+
+    def __init__(self, store: str | Path):
+        self.store = Path(store)
+        self.path = lock_path(store)
+        self.fd: int | None = None
+        self.stale: dict | None = None     # what a dead previous holder had written, if anything
+
+    def acquire(self, command: str = "") -> "StoreLock":
+        for _ in range(10):
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                holder = _read_fd(fd)
+                os.close(fd)
+                if exc.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                    raise StoreError(f"{self.store}: cannot lock {self.path}: {exc}") from None
+                raise StoreLocked(f"{self.store}: another run is writing this store ({describe_holder(holder)}); "
+                                  f"wait for it to finish or stop it") from None
+            # The holder may have unlinked the file between our open and flock: lock the file that is there.
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if not same:
+                os.close(fd)
+                continue
+            self.stale = _read_fd(fd) or None
+            info = {"pid": os.getpid(), "host": platform.node(), "started": _now(),
+                    "command": command or " ".join(sys.argv)}
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(info).encode(), 0)
+            self.fd = fd
+            return self
+        raise StoreError(f"{self.store}: could not take the lock {self.path} (it keeps being replaced)")
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        try:
+            self.path.unlink(missing_ok=True)   # unlink while still holding it: nobody can lock a stale inode
+        finally:
+            os.close(self.fd)
+            self.fd = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+def _read_fd(fd: int) -> dict:
+    try:
+        text = os.pread(fd, 65536, 0).decode(errors="replace").strip()
+        return json.loads(text) if text else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def describe_holder(holder: dict) -> str:
+    if not holder:
+        return "holder unknown"
+    return (f"pid {holder.get('pid', '?')} on {holder.get('host', '?')}, started {holder.get('started', '?')}, "
+            f"command: {holder.get('command', '?')}")
+
+
+# --------------------------------------------------------------------------------------------- writer
+class StoreWriter:
+    """The single writer of a store. Open with ``StoreWriter.open``; ``commit`` batches in order; ``finish``.
+
+    Attributes
+    ----------
+    shards : list of ShardInfo
+        Committed shards, in order (read back from disk when resuming).
+    n_committed : int
+        Slices committed so far (the run continues at this position of the slice sequence).
+    resumed : bool
+        True when committed shards of an earlier run were found and kept.
+    """
+
+    def __init__(self, store: Path, settings: dict, codec: Codec, shape: tuple[int, int], code_version: str,
+                 lock: StoreLock):
+        self.store = store
+        self.parts = parts_dir(store)
+        self.settings = settings
+        self.hash = settings_hash(settings)
+        self.codec = codec
+        self.shape = tuple(shape)
+        self.code_version = code_version
+        self.lock = lock
+        self.shards: list[ShardInfo] = []
+        self.resumed = False
+        self.dropped: list[str] = []       # unreadable shards removed on open (recomputed)
+        self.was_complete = False
+        self.last_write_s = 0.0            # time of the last shard write (the rest of a commit is the index)
+
+    # ------------------------------------------------------------------ open
+    @classmethod
+    def open(cls, store: str | Path, settings: dict, codec: Codec, shape: tuple[int, int], code_version: str,
+             overwrite: bool = False, command: str = "") -> "StoreWriter":
+        """Lock the store, then resume it, start it, or refuse.
+
+        Raises
+        ------
+        StoreLocked
+            Another run holds the lock (message names pid, host, start time, command).
+        SettingsMismatch
+            Committed data were made with other settings and ``overwrite`` is False.
+        StoreError
+            ``store`` exists but is not a store of this engine (never overwritten), or cannot be written.
+        """
+        store = Path(store)
+        try:
+            store.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(f"{store}: cannot create its folder: {exc.strerror or exc}") from None
+        if store.is_dir():
+            raise StoreError(f"{store}: is a folder, not a store file")
+        lock = StoreLock(store).acquire(command)
+        try:
+            writer = cls(store, settings, codec, shape, code_version, lock)
+            writer._prepare(overwrite)
+            return writer
+        except BaseException:
+            lock.release()
+            raise
+
+    def _prepare(self, overwrite: bool) -> None:
+        store, parts = self.store, self.parts
+        if store.exists() and not _is_our_index(store) and not parts.is_dir():
+            raise StoreError(f"{store}: exists and is not a store written by this engine; "
+                             f"choose another --out (it is never overwritten)")
+        self._clean_temporaries()
+        shards = self._scan_shards()
+        if shards:
+            old = read_shard_settings(parts / shard_name(shards[0].index))
+            if shards[0].settings_hash != self.hash:
+                if not overwrite:
+                    diff = "; ".join(_differences(old, self.settings)[:4]) or "settings hash differs"
+                    raise SettingsMismatch(f"{store}: made with other settings ({diff}); use --overwrite to "
+                                           f"discard it, or --out for a new store")
+                self._discard()
+                shards = []
+        else:
+            # No shard: nothing was ever committed (even a run whose volumes all failed commits a shard holding
+            # its failure log), so there is nothing to protect; start from a clean folder.
+            self._discard()
+        self.shards = shards
+        self.resumed = bool(shards)
+        if store.exists() and _is_our_index(store):
+            with h5py.File(store, "r") as f:
+                self.was_complete = bool(f.attrs.get("complete", False)) and \
+                    _s(f.attrs.get("settings_hash", "")) == self.hash and \
+                    int(f.attrs.get("n_slices", -1)) == self.n_committed
+        self.parts.mkdir(exist_ok=True)
+        if not self.was_complete:
+            write_index(store, self.shards, self.settings, complete=False)
+
+    def _clean_temporaries(self) -> None:
+        # Safe only under the lock: no other writer can be producing these files.
+        for p in self.store.parent.glob(f".{self.store.name}.tmp-*"):
+            p.unlink(missing_ok=True)
+        if self.parts.is_dir():
+            for p in self.parts.glob(".*.tmp-*"):
+                p.unlink(missing_ok=True)
+
+    def _scan_shards(self) -> list[ShardInfo]:
+        if not self.parts.is_dir():
+            return []
+        found = sorted(int(m.group(1)) for p in self.parts.iterdir() if (m := _SHARD_RE.match(p.name)))
+        shards: list[ShardInfo] = []
+        for k, idx in enumerate(found):
+            path = self.parts / shard_name(idx)
+            info = None
+            if idx == k:
+                try:
+                    info = read_shard_info(path)
+                except (OSError, KeyError, ValueError) as exc:
+                    self.dropped.append(f"{path}: unreadable ({exc}); it will be recomputed")
+            else:
+                self.dropped.append(f"{path}: follows a gap in the shard sequence; it will be recomputed")
+            if info is None or (shards and info.settings_hash != shards[0].settings_hash) or \
+                    info.first_slice != sum(s.n for s in shards):
+                # Everything from the first bad shard on is recomputed: the sequence must stay contiguous.
+                for later in found[k:]:
+                    (self.parts / shard_name(later)).unlink(missing_ok=True)
+                break
+            shards.append(info)
+        return shards
+
+    def _discard(self) -> None:
+        if self.parts.is_dir():
+            for p in self.parts.iterdir():
+                if _SHARD_RE.match(p.name) or p.name == "runs.jsonl" or p.name.startswith("."):
+                    p.unlink(missing_ok=True)
+        if self.store.exists() and _is_our_index(self.store):
+            self.store.unlink()
+
+    # ------------------------------------------------------------------ state
+    @property
+    def n_committed(self) -> int:
+        return sum(s.n for s in self.shards)
+
+    def committed_progress(self) -> tuple[dict, set, dict]:
+        """What committed shards hold, for skipping on resume.
+
+        Returns
+        -------
+        slices_by_ref : dict ref -> set of committed z
+        failed_refs : set of refs whose failure is recorded in a committed shard
+        rows_by_ref : dict ref -> volume row
+        """
+        by_ref: dict[str, set] = {}
+        for s in self.shards:
+            for ref, z in zip(s.ref, s.z.tolist()):
+                by_ref.setdefault(ref, set()).add(z)
+        failed = {f["ref"] for s in self.shards for f in s.failures}
+        rows = {row["ref"]: row for row in merge_volumes(self.shards)}
+        return by_ref, failed, rows
+
+    # ------------------------------------------------------------------ commit
+    def commit(self, batch: Batch) -> ShardInfo:
+        """Write one batch as the next shard and publish it in the index."""
+        expected = len(self.shards)
+        if batch.index != expected or batch.first_slice != self.n_committed:
+            raise StoreError(f"{self.store}: internal error: batch {batch.index} at slice {batch.first_slice} "
+                             f"does not follow shard {expected - 1} (next slice {self.n_committed})")
+        for s in batch.slices:
+            if s.n_superpixels > MAX_SUPERPIXEL_ID:
+                raise StoreError(f"{self.store}: volume {s.volume} slice {s.z} has {s.n_superpixels} superpixels, "
+                                 f"more than the store's uint16 ids allow ({MAX_SUPERPIXEL_ID})")
+        t0 = time.perf_counter()
+        info = write_shard(self.parts, batch, self.codec, self.shape, self.settings, self.code_version)
+        self.last_write_s = time.perf_counter() - t0
+        self.shards.append(info)
+        write_index(self.store, self.shards, self.settings, complete=False)
+        return info
+
+    def finish(self, complete: bool, run_record: dict | None = None) -> None:
+        """Final index (``complete`` flag), append the run to ``runs.jsonl``, release the lock."""
+        try:
+            if not (self.was_complete and complete):
+                write_index(self.store, self.shards, self.settings, complete=complete)
+            if run_record is not None:
+                with open(self.parts / "runs.jsonl", "a") as fh:
+                    fh.write(json.dumps(run_record) + "\n")
+        finally:
+            self.lock.release()
+
+    def discard_if_empty(self) -> None:
+        """Remove the index and shard folder this writer created when nothing was ever committed to them."""
+        if not self.shards and not self.resumed:
+            self._discard()
+            try:
+                self.parts.rmdir()
+            except OSError:
+                pass
+
+    def abort(self, run_record: dict | None = None) -> None:
+        """Leave committed shards and the index as they are; record the run; release the lock."""
+        try:
+            if run_record is not None and self.parts.is_dir():
+                with open(self.parts / "runs.jsonl", "a") as fh:
+                    fh.write(json.dumps(run_record) + "\n")
+        finally:
+            self.lock.release()
+
+
+def _is_our_index(path: Path) -> bool:
+    try:
+        with h5py.File(path, "r") as f:
+            return _s(f.attrs.get("format", "")) == FORMAT_NAME
+    except (OSError, ValueError):
+        return False
+
+
+# --------------------------------------------------------------------------------------------- reader
+class StoreReader:
+    """Read-only view of one committed snapshot of a store.
+
+    The index is read once when the reader is created (tables and metadata into memory, file closed); pixel
+    data are read on demand from the immutable shard files, which are opened lazily in the process that reads
+    them. A reader created before ``fork`` (e.g. a DataLoader's dataset) therefore works in each worker
+    process: inherited handles are dropped and each process opens its own. Pickling drops open handles too.
+
+    Parameters
+    ----------
+    path : str or Path
+        The store file (index).
+
+    Attributes
+    ----------
+    n_slices : int
+    slices : dict of ndarray
+        ``volume`` (str ids, object array), ``z`` (int32), ``n_superpixels`` (int32), ``labels_present``
+        (bool: the slice's volume has a label map), ``organs`` (uint64 bitmask: bit v set when label value v
+        occurs in the slice); all of length ``n_slices``.
+    volumes : list of dict
+        id, ref, n_slices, spacing, orientation, affine, path, checksum, has_label, notes.
+    meta : dict
+        schema_version, method, params, prepare, source, settings_hash, code_version, code_versions, created,
+        updated, n_slices, n_shards, complete, log (list of failures), compression.
+    """
+
+    MAX_OPEN = 32
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.exists():
+            raise StoreError(f"{self.path}: no such store")
+        try:
+            with h5py.File(self.path, "r") as f:
+                if _s(f.attrs.get("format", "")) != FORMAT_NAME:
+                    raise StoreError(f"{self.path}: not a store written by this engine")
+                version = int(f.attrs.get("schema_version", -1))
+                if version != SCHEMA_VERSION:
+                    raise StoreError(f"{self.path}: schema version {version}, this code reads version "
+                                     f"{SCHEMA_VERSION}; rebuild the store with `cli.py preprocess --overwrite`")
+                self.meta = {k: _decode_attr(k, v) for k, v in f.attrs.items()}
+                self.meta["log"] = _read_json_rows(f, "log")
+                s = f["slices"]
+                self.slices = {
+                    "volume": np.array([_s(v) for v in s["volume"][()]], dtype=object),
+                    "z": s["z"][()].astype(np.int32), "n_superpixels": s["n_superpixels"][()].astype(np.int32),
+                    "labels_present": s["labels_present"][()].astype(bool),
+                    "organs": s["organs"][()].astype(np.uint64)}
+                self._shard = s["shard"][()].astype(np.int64)
+                self._row = s["row"][()].astype(np.int64)
+                self.volumes = _read_volume_table(f["volumes"])
+                self.shape = tuple(f["image"].shape[1:])
+        except OSError as exc:
+            raise StoreError(f"{self.path}: cannot read the store index: {exc}") from None
+        except KeyError as exc:
+            raise StoreError(f"{self.path}: store index is missing {exc}") from None
+        self.n_slices = int(len(self.slices["z"]))
+        self.parts = self.path.parent / str(self.meta.get("parts", parts_dir(self.path).name))
+        self._by_volume: dict[str, np.ndarray] = {}
+        vols = self.slices["volume"]
+        order = np.lexsort((self.slices["z"], vols.astype(str))) if self.n_slices else np.zeros(0, np.int64)
+        for i in order:
+            self._by_volume.setdefault(vols[i], []).append(int(i))
+        self._by_volume = {k: np.asarray(v, dtype=np.int64) for k, v in self._by_volume.items()}
+        self._files: dict[int, h5py.File] = {}
+        self._pid = os.getpid()
+
+    # -------------------------------------------------------------- lazily opened shards
+    def _file(self, shard: int) -> h5py.File:
+        if self._pid != os.getpid():          # forked: never use handles of the parent process
+            self._files = {}
+            self._pid = os.getpid()
+        f = self._files.get(shard)
+        if f is None:
+            if len(self._files) >= self.MAX_OPEN:
+                old = next(iter(self._files))
+                self._files.pop(old).close()
+            path = self.parts / shard_name(shard)
+            try:
+                f = h5py.File(path, "r")
+            except OSError as exc:
+                raise StoreError(f"{self.path}: shard {path} cannot be opened ({exc}); was the store "
+                                 f"overwritten or moved without its .parts folder?") from None
+            self._files[shard] = f
+        return f
+
+    def _chunk(self, f: h5py.File, name: str, row: int) -> np.ndarray:
+        dset = f[name]
+        shape = dset.shape[1:]
+        # The direct chunk path skips h5py's selection machinery (several times faster for one slice).
+        comp = dset.compression
+        if dset.chunks == (1,) + shape and comp in (None, "gzip") and not dset.shuffle and not dset.fletcher32:
+            mask, raw = dset.id.read_direct_chunk((row, 0, 0))
+            if mask == 0:
+                buf = zlib.decompress(raw) if comp == "gzip" else raw
+                return np.frombuffer(buf, dtype=dset.dtype).reshape(shape)
+        return dset[row]
+
+    def read(self, i: int) -> dict:
+        """Slice ``i`` of the store.
+
+        Returns
+        -------
+        dict
+            ``image`` (H, W) float32 z-scored; ``superpixels`` (H, W) int32 (0 outside the body, 1..K);
+            ``fg`` (H, W) bool; ``label`` (H, W) uint8, or None when the volume has no label map.
+        """
+        if not 0 <= i < self.n_slices:
+            raise IndexError(f"slice index {i} out of range 0..{self.n_slices - 1}")
+        f = self._file(int(self._shard[i]))
+        row = int(self._row[i])
+        image = self._chunk(f, "image", row)
+        sp = self._chunk(f, "superpixels", row).astype(np.int32)
+        fg = self._chunk(f, "fg", row).astype(bool)
+        label = self._chunk(f, "label", row).copy() if self.slices["labels_present"][i] else None
+        return {"image": np.array(image, dtype=np.float32), "superpixels": sp, "fg": fg, "label": label}
+
+    def slices_of(self, volume_id: str) -> np.ndarray:
+        """Indices of the slices of ``volume_id``, ordered by z (empty when the store has no such volume)."""
+        return self._by_volume.get(str(volume_id), np.zeros(0, dtype=np.int64)).copy()
+
+    def shard_of(self, i: int) -> tuple[int, int]:
+        """(shard number, row in the shard) of slice ``i``."""
+        return int(self._shard[i]), int(self._row[i])
+
+    def close(self) -> None:
+        for f in self._files.values():
+            try:
+                f.close()
+            except Exception:      # a handle inherited across fork may already be invalid
+                pass
+        self._files = {}
+
+    def __enter__(self) -> "StoreReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __len__(self) -> int:
+        return self.n_slices
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_files"] = {}
+        return state
+
+    def __del__(self):
+        if getattr(self, "_pid", None) == os.getpid():
+            self.close()
+
+
+_JSON_ATTRS = {"params", "prepare", "source", "settings", "log", "code_versions"}
+
+
+def _decode_attr(key: str, value: Any) -> Any:
+    if isinstance(value, bytes):
+        value = value.decode()
+    if key in _JSON_ATTRS and isinstance(value, str):
+        try:
+            return json.loads(value)
+        except ValueError:
+            return value
+    if isinstance(value, np.generic):
+        return value.item()
+    return value

@@ -1,0 +1,22 @@
+"""Shared fixtures: the real CHAOS data (skipped with a clear message when absent) and temp stores."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+CHAOS_DIR = Path(os.environ.get("CHAOS_T2_DIR", ROOT.parent / "shared" / "data" / "chaos_t2"))
+CHAOS_IDS = [1, 2, 3, 5, 8, 10, 13, 15, 19, 20, 21, 22, 31, 32, 33, 34, 36, 37, 38, 39]
+
+os.environ.setdefault("NUMBA_CACHE_DIR", str(ROOT / ".numba_cache"))
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+
+@pytest.fixture(scope="session")
+def chaos_dir() -> Path:
+    """Folder of the 20 preprocessed CHAOS-T2 volumes; skips the test when it is not there."""
+    if not (CHAOS_DIR / "image_1.nii.gz").is_file():
+        pytest.skip(f"CHAOS-T2 data not found at {CHAOS_DIR} (set CHAOS_T2_DIR to its folder)")
+    return CHAOS_DIR

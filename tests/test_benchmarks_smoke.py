@@ -1,0 +1,184 @@
+"""Smoke tests of the benchmark scripts (benchmarks/table2.py, benchmarks/scaling.py, benchmarks/common.py).
+
+They run each script's core function and its command line on three phantom slices with one repeat, so the
+scripts cannot rot unnoticed. They check structure and arithmetic (ratios, efficiency, the Amdahl fit), never
+speed: timings on three slices mean nothing.
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks import common, scaling, table2  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def phantom_folder(tmp_path_factory) -> Path:
+    """A NIfTI folder with one 3-slice volume (+ labels) cut from the built-in phantom."""
+    import nibabel as nib
+
+    from engine.phantom import make_volume
+
+    vol = make_volume(0, seed=0)
+    z0 = vol.image.shape[2] // 2 - 1
+    folder = tmp_path_factory.mktemp("phantom3")
+    nib.save(nib.Nifti1Image(np.ascontiguousarray(vol.image[:, :, z0:z0 + 3]), vol.affine), folder / "image_1.nii.gz")
+    nib.save(nib.Nifti1Image(np.ascontiguousarray(vol.label[:, :, z0:z0 + 3]), vol.affine), folder / "label_1.nii.gz")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    return common.load_config()
+
+
+# --------------------------------------------------------------------------------------------- helpers
+def test_summarise_median_and_spread():
+    s = common.summarise([1.0, 3.0, 2.0], items=6)
+    assert s["fps"] == pytest.approx(3.0)
+    assert s["fps_min"] == pytest.approx(2.0) and s["fps_max"] == pytest.approx(6.0)
+    assert s["spread_pct"] == pytest.approx(100.0)
+    assert s["repeats"] == 3
+    with pytest.raises(ValueError):
+        common.summarise([], items=1)
+
+
+def test_round_robin_warms_up_then_interleaves():
+    calls = []
+    out = common.round_robin(["a", "b"], warmup=lambda c: calls.append(("warm", c)),
+                             measure=lambda c: calls.append(("run", c)) or {"seconds": 1.0}, repeats=2)
+    assert calls == [("warm", "a"), ("warm", "b"), ("run", "a"), ("run", "b"), ("run", "a"), ("run", "b")]
+    assert [len(r) for r in out] == [2, 2]
+
+
+def test_parse_int_list():
+    assert common.parse_int_list("1,2,4") == [1, 2, 4]
+    assert common.parse_int_list("1-3,8") == [1, 2, 3, 8]
+    for bad in ("0", "", "a"):
+        with pytest.raises(ValueError):
+            common.parse_int_list(bad)
+
+
+def test_worker_lists():
+    assert scaling.default_workers(2) == [1, 2, 3, 4]
+    assert scaling.default_workers(16) == list(range(1, 17)) + [24, 32]
+    assert scaling.default_workers(16, 16) == list(range(1, 17))
+    assert table2.default_workers(2) == [1, 2]
+    assert table2.default_workers(16) == [1, 2, 4, 8, 16]
+
+
+def test_amdahl_fit_recovers_known_law():
+    ns = [1, 2, 3, 4, 6, 8]
+    xs = scaling.amdahl(ns, 120.0, 0.08)
+    fit = scaling.fit_amdahl(ns, xs)
+    assert fit["x1"] == pytest.approx(120.0, rel=1e-4)
+    assert fit["serial_fraction"] == pytest.approx(0.08, abs=1e-4)
+    assert scaling.fit_amdahl([2, 2], [10.0, 11.0]) is None        # one distinct count: nothing to fit
+    s = scaling.implied_serial_fraction(6, 91 / 28)
+    assert float(scaling.amdahl(6, 28.0, s)) == pytest.approx(91.0)
+
+
+def test_engine_input_links_and_cuts(phantom_folder, tmp_path):
+    assert common.engine_input(str(phantom_folder), tmp_path) == str(phantom_folder)
+    linked = Path(common.engine_input(str(phantom_folder), tmp_path, copies=3))
+    names = sorted(p.name for p in linked.iterdir())
+    assert names == sorted([f"image_{c}0001.nii.gz" for c in (1, 2, 3)] + [f"label_{c}0001.nii.gz" for c in (1, 2, 3)])
+    assert all((linked / n).is_symlink() for n in names)
+    assert common.engine_input("phantom:5", tmp_path, max_volumes=2, copies=2) == "phantom:4"
+
+
+def test_missing_input_is_one_line_error(tmp_path, capsys):
+    assert table2.main(["--input", str(tmp_path / "nope"), "--out-dir", str(tmp_path)]) == 2
+    assert scaling.main(["--input", str(tmp_path / "nope"), "--out-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and all("nope: no such file or folder" in line for line in err)
+    assert scaling.main(["--backends", "gpu", "--out-dir", str(tmp_path)]) == 2
+    assert "--backends" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------- table2
+def test_table2_core_on_three_slices(phantom_folder, cfg, tmp_path):
+    slices = common.load_slices(str(phantom_folder), cfg)
+    assert slices.raw.shape == (3, 256, 256) and slices.raw.dtype == np.float32
+    nii = common.uncompressed_copy(str(phantom_folder), tmp_path, None)
+    again = common.load_slices(nii, cfg)
+    np.testing.assert_array_equal(again.raw, slices.raw)           # the .nii copy holds the same data
+    res = table2.run_table2(cfg, slices, {"nii.gz": str(phantom_folder)}, workers=[1, 2],
+                            backends=["threads", "processes"], repeats=1, tmp_root=tmp_path, warmup_slices=2)
+    rows = {d["key"]: d for d in res["rows"]}
+    nproc = common.n_cores()
+    expected = {"felzenszwalb_serial", "skimage_slic_serial", "skimage_slic_full_serial", "our_slic_serial",
+                f"skimage_slic_pythreads_{nproc}", "our_slic_pythreads_1", "our_slic_pythreads_2",
+                "engine_threads_niigz_1", "engine_threads_niigz_2", "engine_processes_niigz_1",
+                "engine_processes_niigz_2"}
+    assert set(rows) == expected
+    assert rows["felzenszwalb_serial"]["x_felzenszwalb"] == pytest.approx(1.0)
+    for d in rows.values():
+        assert d["frames"] == 3 and math.isfinite(d["fps"]) and d["fps"] > 0
+        assert d["x_felzenszwalb"] == pytest.approx(d["fps"] / rows["felzenszwalb_serial"]["fps"])
+    for key in ("felzenszwalb_serial", "our_slic_serial"):
+        assert rows[key]["kernel_fps"] >= rows[key]["fps"]           # the kernel alone is part of the step
+        assert rows[key]["mask_ms"] > 0
+    eng = rows["engine_processes_niigz_2"]["engine"]
+    assert eng["busy_pct"] + eng["waiting_pct"] + eng["barrier_pct"] == pytest.approx(100.0, abs=0.5)
+    assert len(eng["per_worker"]) == 2 and sum(w["slices"] for w in eng["per_worker"]) == 3
+    assert rows["felzenszwalb_serial"]["paper_fps"] == common.PAPER["felzenszwalb"]
+    names = {t["target"] for t in res["targets"]}
+    assert any("efficiency at 2 workers" in n for n in names) and any("skimage" in n for n in names)
+    md = table2.render_markdown(res)
+    for d in rows.values():
+        assert d["label"] in md
+    path = common.write_json(tmp_path / "t.json", res)
+    assert json.loads(path.read_text())["rows"][0]["key"] == "felzenszwalb_serial"
+    assert not list(tmp_path.glob("engine-*"))                       # temporary stores are removed
+
+
+def test_table2_command_line(phantom_folder, tmp_path, capsys):
+    rc = table2.main(["--input", str(phantom_folder), "--quick", "--workers", "1", "--backends", "threads",
+                      "--engine-inputs", "nii", "--no-skimage-threads", "--tag", "smoke", "--out-dir",
+                      str(tmp_path)])
+    assert rc == 0
+    data = json.loads((tmp_path / "table2-smoke-quick.json").read_text())
+    assert {d["key"] for d in data["rows"]} >= {"felzenszwalb_serial", "engine_threads_nii_1"}
+    assert data["host"]["usable_cpus"] == common.n_cores() and data["quick"] is True
+    md = (tmp_path / "table2-smoke-quick.md").read_text()
+    assert "Quick run" in md and md.strip() in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------------------------- scaling
+def test_scaling_core_on_three_slices(phantom_folder, cfg, tmp_path):
+    res = scaling.run_scaling(cfg, str(phantom_folder), workers=[1, 2], backends=["threads", "processes"],
+                              repeats=1, tmp_root=tmp_path, warmup=False, ncores=2)
+    assert [(p["backend"], p["workers"]) for p in res["points"]] == [
+        ("threads", 1), ("threads", 2), ("processes", 1), ("processes", 2)]
+    for p in res["points"]:
+        assert p["slices"] == 3 and p["fps"] > 0 and p["end_to_end_fps"] > 0
+        assert p["efficiency"] == pytest.approx(p["fps"] / (p["workers"] * res["points"][0 if p["backend"] ==
+                                                "threads" else 2]["fps"]))
+        assert len(p["profile"]["per_worker"]) == p["workers"]
+    for b in ("threads", "processes"):
+        fit = res["fits"][b]["amdahl"]
+        assert 0.0 <= fit["serial_fraction"] <= 1.0
+        assert fit["projected_fps_6"] == pytest.approx(float(scaling.amdahl(6, fit["x1"], fit["serial_fraction"])))
+    res.update(slices_label="3 phantom slices", host=common.host_info())
+    png = scaling.plot_scaling(res, tmp_path / "s.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "Amdahl fit" in scaling.render_markdown(res)
+
+
+def test_scaling_command_line(phantom_folder, tmp_path):
+    rc = scaling.main(["--input", str(phantom_folder), "--quick", "--workers", "1,2", "--backends", "threads",
+                       "--no-warmup", "--copies", "2", "--tag", "smoke", "--out-dir", str(tmp_path)])
+    assert rc == 0
+    data = json.loads((tmp_path / "scaling-smoke-quick.json").read_text())
+    assert [p["slices"] for p in data["points"]] == [6, 6]            # two linked copies of 3 slices
+    assert (tmp_path / "scaling-smoke-quick.png").stat().st_size > 0

@@ -1,0 +1,93 @@
+"""Config loading: YAML + overrides onto typed dataclasses, errors name the dotted key."""
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from alpnet.config import Config, load
+from engine.config import ConfigError, parse_override, to_dict
+
+
+def test_defaults_are_paper_values():
+    cfg = load()
+    assert cfg.train.lr == 1e-3 and cfg.train.momentum == 0.9 and cfg.train.weight_decay == 5e-4
+    assert cfg.train.lr_gamma == 0.95 and cfg.train.lr_step == 1000
+    assert cfg.model.alpha == 20.0 and cfg.model.threshold == 0.95
+    assert (cfg.model.local_size_train, cfg.model.local_size_test) == (4, 2)
+    assert (cfg.model.bg_weight, cfg.model.fg_weight) == (0.05, 1.0)
+    assert cfg.superpixels.felzenszwalb.min_size == 400
+    assert cfg.evaluate.classes == {"LIVER": 1, "RK": 2, "LK": 3, "SPLEEN": 4}
+
+
+def test_yaml_file_and_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"train": {"iterations": 50}, "superpixels": {"slic": {"n_segments": 30}}}))
+    cfg = load(str(path), ["train.iterations=7", "model.encoder=tiny", "augment.zoom=[0.8, 1.3]",
+                            "train.lr=1e-2"])
+    assert cfg.train.iterations == 7
+    assert cfg.superpixels.slic.n_segments == 30
+    assert cfg.model.encoder == "tiny"
+    assert cfg.augment.zoom == [0.8, 1.3]
+    assert cfg.train.lr == pytest.approx(0.01)
+
+
+def test_int_promotes_to_float_but_not_reverse():
+    assert load(None, ["train.lr=1"]).train.lr == 1.0
+    with pytest.raises(ConfigError, match=r"^train\.iterations: expected an integer"):
+        load(None, ["train.iterations=1.5"])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.nope=1", r"^train\.nope: unknown key \(allowed: .*iterations"),
+    ("nosection.x=1", r"^nosection: unknown key"),
+    ("model.alpha=abc", r"^model\.alpha: expected a number"),
+    ("train.amp=3", r"^train\.amp: expected true/false"),
+    ("augment.zoom=1.0", r"^augment\.zoom: expected a list"),
+    ("evaluate.classes.LIVER=x", r"^evaluate\.classes\.LIVER: expected an integer"),
+    ("superpixels.method=watershed", r"superpixels\.method: 'watershed' is not one of"),
+    ("engine.backend=gpu", r"engine\.backend: 'gpu' is not one of"),
+    ("train.iterations", r"expected KEY=VALUE"),
+    ("train.iterations.x=1", r"^train\.iterations: expected an integer, got dict"),
+])
+def test_bad_overrides_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load(None, [override])
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load(str(tmp_path / "missing.yaml"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load(str(bad))
+    top = tmp_path / "list.yaml"
+    top.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load(str(top))
+    section = tmp_path / "section.yaml"
+    section.write_text("train: 5\n")
+    with pytest.raises(ConfigError, match=r"^train: expected a mapping"):
+        load(str(section))
+
+
+def test_round_trip_through_dict():
+    cfg = load(None, ["train.iterations=3"])
+    again = load(None, [])
+    from engine.config import from_dict
+    rebuilt = from_dict(Config, to_dict(cfg))
+    assert rebuilt == cfg and rebuilt != again
+
+
+def test_parse_override_yaml_values():
+    assert parse_override("a.b=true") == (["a", "b"], True)
+    assert parse_override("a=[1, 2]") == (["a"], [1, 2])
+    assert parse_override("a=some/path.h5") == (["a"], "some/path.h5")
+
+
+def test_shipped_configs_load():
+    from pathlib import Path
+    root = Path(__file__).resolve().parent.parent / "configs"
+    files = sorted(root.glob("*.yaml"))
+    for path in files:
+        load(str(path))

@@ -1,0 +1,82 @@
+"""``cli.py inspect STORE``: summary, JSON keys, integrity findings, overlay PNG, errors."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import cli
+from engine import pipeline
+from engine.inspect import inspect_store
+from engine.store import parts_dir, shard_name
+from test_pipeline import make_cfg, write_folder
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    base = tmp_path_factory.mktemp("insp")
+    src = write_folder(base / "in", n=2, n_slices=5)
+    (src / "image_9.nii.gz").write_bytes(b"\x1f\x8b truncated")
+    out = base / "store.h5"
+    assert pipeline.preprocess(make_cfg(src, out), progress=False) == 1      # one bad volume
+    return out
+
+
+def test_summary_fits_one_screen_and_names_everything(store, capsys):
+    assert cli.main(["inspect", str(store)]) == 0
+    out = capsys.readouterr().out
+    lines = out.strip().splitlines()
+    assert len(lines) <= 24
+    assert "(complete)" in lines[0]
+    assert "volumes      2 (2 with labels)   slices 11" in out
+    assert "method       slic  n_segments=12" in out
+    assert "superpixels  per slice: min" in out and "median" in out and "max" in out
+    assert "on disk" in out and "MB" in out
+    assert "integrity    OK: 11 slices read and consistent" in out
+    assert "image_9.nii.gz" in out                                          # the failure log
+
+
+def test_json_has_the_agreed_keys(store, capsys):
+    assert inspect_store(str(store), as_json=True) == 0
+    s = json.loads(capsys.readouterr().out)
+    for key in ("volumes", "slices", "method", "params", "superpixels_per_slice", "complete", "problems"):
+        assert key in s
+    assert s["slices"] == 11 and s["complete"] is True and s["problems"] == []
+    assert [v["id"] for v in s["volumes"]] == ["1", "2"] and s["volumes"][1]["slices_in_store"] == 6
+    assert s["method"] == "slic" and s["params"]["n_segments"] == 12
+    sp = s["superpixels_per_slice"]
+    assert 0 < sp["min"] <= sp["median"] <= sp["max"]
+    assert len(s["log"]) == 1 and "image_9" in s["log"][0]["path"]
+    assert s["size_bytes"] > 0 and s["being_written_by"] is None
+
+
+def test_overlay_png_is_written(store, tmp_path, capsys):
+    png = tmp_path / "o" / "overlay.png"
+    assert cli.main(["inspect", str(store), "--volume", "2", "--slice", "3", "--png", str(png)]) == 0
+    data = png.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+    assert cli.main(["inspect", str(store), "--volume", "2", "--slice", "40", "--png", str(png)]) == 2
+    assert "slice 40 is not in the store" in capsys.readouterr().err
+    assert cli.main(["inspect", str(store), "--volume", "7", "--slice", "0", "--png", str(png)]) == 2
+
+
+def test_damage_is_reported(store, tmp_path, capsys):
+    import shutil
+    copy = tmp_path / "store.h5"
+    shutil.copy(store, copy)
+    shutil.copytree(parts_dir(store), parts_dir(copy))
+    (parts_dir(copy) / shard_name(1)).unlink()
+    assert inspect_store(str(copy), as_json=True) == 1
+    s = json.loads(capsys.readouterr().out)
+    assert s["complete"] is False and any("missing or unreadable" in p for p in s["problems"])
+    assert inspect_store(str(copy)) == 1
+    assert "DAMAGED" in capsys.readouterr().out
+
+
+def test_not_a_store(tmp_path, capsys):
+    assert inspect_store(str(tmp_path / "nope.h5")) == 2
+    assert "no such store" in capsys.readouterr().err
+    bad = tmp_path / "x.h5"
+    bad.write_text("hello")
+    assert inspect_store(str(bad)) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1

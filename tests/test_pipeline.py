@@ -1,0 +1,334 @@
+"""The engine end to end (in-process): both backends, resume, settings, bad inputs, progress and profile.
+
+Volumes are tiny synthetic NIfTI files (64 x 64 in-plane, a few slices) written into ``tmp_path``; the engine
+runs with ``prepare.size = 64`` so that every test takes well under a second of compute.
+"""
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from alpnet.config import load as load_config
+from engine import pipeline
+from engine.store import StoreReader, parts_dir
+
+SIZE = 64
+
+
+# --------------------------------------------------------------------------------------------- helpers
+def synthetic_volume(seed: int, n_slices: int = 6, size: int = SIZE) -> tuple[np.ndarray, np.ndarray]:
+    """A body-like ellipse with two 'organs' drifting along z, noise; (image float32, label uint8)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size].astype(np.float32)
+    c = size / 2
+    body = ((yy - c) / (0.42 * size)) ** 2 + ((xx - c) / (0.36 * size)) ** 2 < 1
+    img = np.zeros((size, size, n_slices), np.float32)
+    lab = np.zeros((size, size, n_slices), np.uint8)
+    for z in range(n_slices):
+        oy, ox = c + 6 * np.sin(z / 3 + seed), c - 8 + z
+        organ = ((yy - oy) / (0.15 * size)) ** 2 + ((xx - ox) / (0.12 * size)) ** 2 < 1
+        kid = ((yy - c - 10) / 5.0) ** 2 + ((xx - c + 12) / 4.0) ** 2 < 1
+        sl = np.where(body, 300.0, 5.0) + rng.normal(0, 12, (size, size))
+        sl[organ & body] += 500
+        sl[kid & body] += 900
+        img[:, :, z] = sl
+        lab[:, :, z][organ & body] = 1
+        if z % 2 == 0:
+            lab[:, :, z][kid & body] = 2
+    return img, lab
+
+
+def write_nifti(path: Path, arr: np.ndarray) -> None:
+    affine = np.diag([-1.25, 1.25, 7.7, 1.0])
+    nib.save(nib.Nifti1Image(arr, affine), str(path))
+
+
+def write_folder(folder: Path, n: int = 3, n_slices: int = 6, labels: bool = True, first_id: int = 1) -> Path:
+    """``image_<id>.nii.gz`` (+ ``label_<id>``) for ids first_id .. first_id + n - 1."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for k in range(n):
+        vid = first_id + k
+        img, lab = synthetic_volume(vid, n_slices + (k % 2))
+        write_nifti(folder / f"image_{vid}.nii.gz", img)
+        if labels:
+            write_nifti(folder / f"label_{vid}.nii.gz", lab)
+    return folder
+
+
+def make_cfg(input_spec, out, *overrides: str, **engine):
+    cfg = load_config(None, [f"prepare.size={SIZE}", "superpixels.slic.n_segments=12", *overrides])
+    cfg.data.input = str(input_spec)
+    cfg.engine.out = str(out)
+    cfg.engine.batch = engine.pop("batch", 4)
+    cfg.engine.threads = engine.pop("threads", 2)
+    for k, v in engine.items():
+        setattr(cfg.engine, k, v)
+    cfg.engine.__post_init__()
+    return cfg
+
+
+def store_content(path) -> dict:
+    """Everything a store holds that must not depend on how it was computed (for identity checks)."""
+    with StoreReader(path) as r:
+        pixels = [r.read(i) for i in range(r.n_slices)]
+        meta = {k: r.meta[k] for k in ("method", "params", "prepare", "source", "settings_hash", "log",
+                                       "schema_version", "complete", "n_slices")}
+        return {"slices": {k: v.tolist() for k, v in r.slices.items()}, "volumes": r.volumes, "meta": meta,
+                "pixels": pixels}
+
+
+def assert_same_store(a, b) -> None:
+    ca, cb = store_content(a), store_content(b)
+    assert ca["meta"] == cb["meta"]
+    assert ca["volumes"] == cb["volumes"]
+    assert ca["slices"] == cb["slices"]
+    assert len(ca["pixels"]) == len(cb["pixels"])
+    for i, (x, y) in enumerate(zip(ca["pixels"], cb["pixels"])):
+        for key in x:
+            if x[key] is None or y[key] is None:
+                assert x[key] is None and y[key] is None, (i, key)
+            else:
+                assert x[key].dtype == y[key].dtype and np.array_equal(x[key], y[key]), (i, key)
+
+
+# --------------------------------------------------------------------------------------------- tests
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    return write_folder(tmp_path_factory.mktemp("vols") / "in", n=3, n_slices=6)
+
+
+@pytest.fixture(scope="module")
+def reference(folder, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ref") / "store.h5"
+    assert pipeline.preprocess(make_cfg(folder, out, threads=1), progress=False) == 0
+    return out
+
+
+def test_store_holds_every_slice_in_order(folder, reference, capsys):
+    with StoreReader(reference) as r:
+        assert r.n_slices == 6 + 7 + 6
+        assert r.meta["complete"] is True and r.meta["method"] == "slic"
+        assert r.meta["params"]["n_segments"] == 12
+        assert [v["id"] for v in r.volumes] == ["1", "2", "3"]
+        assert r.slices["volume"].tolist() == ["1"] * 6 + ["2"] * 7 + ["3"] * 6
+        assert r.slices["z"].tolist() == list(range(6)) + list(range(7)) + list(range(6))
+        img, lab = synthetic_volume(2, 7)
+        d = r.read(int(r.slices_of("2")[3]))
+        raw = img.astype(np.float64)
+        expect = ((raw - raw.mean()) / raw.std()).astype(np.float32)[:, :, 3]
+        np.testing.assert_allclose(d["image"], expect, atol=1e-5)
+        assert np.array_equal(d["label"], lab[:, :, 3])
+        assert d["superpixels"].max() == r.slices["n_superpixels"][r.slices_of("2")[3]] > 3
+        assert not d["superpixels"][~d["fg"]].any()
+        # organs bitmask: label 1 everywhere, label 2 on even z
+        organs = r.slices["organs"][r.slices_of("2")]
+        assert organs.tolist() == [0b110 if z % 2 == 0 else 0b010 for z in range(7)]
+        assert r.volumes[0]["checksum"] and r.volumes[0]["path"].endswith("image_1.nii.gz")
+        assert r.volumes[0]["spacing"] == [1.25, 1.25, 7.7]
+
+
+@pytest.mark.parametrize("backend,threads,batch", [("threads", 2, 5), ("processes", 2, 4), ("processes", 1, 64)])
+def test_backends_and_worker_counts_give_the_same_store(folder, reference, tmp_path, backend, threads, batch):
+    out = tmp_path / "s.h5"
+    assert pipeline.preprocess(make_cfg(folder, out, threads=threads, batch=batch, backend=backend),
+                               progress=False) == 0
+    assert_same_store(reference, out)
+
+
+def test_profile_runinfo_and_summary(folder, tmp_path, capsys):
+    out = tmp_path / "s.h5"
+    assert pipeline.preprocess(make_cfg(folder, out), progress=False) == 0
+    prof = json.loads(out.with_name("s.h5.profile.json").read_text())
+    assert prof["slices"] == 19 and prof["workers"] == 2 and prof["slices_per_s"] > 0
+    assert len(prof["per_worker"]) == 2 and sum(w["slices"] for w in prof["per_worker"]) == 19
+    for key in ("busy_s", "waiting_s", "barrier_s"):
+        assert key in prof["per_worker"][0]
+    assert set(prof["per_slice_ms"]) >= {"load", "prepare", "mask", "superpixels", "encode", "write", "index"}
+    assert prof["memory"]["peak_rss_mb"] > 10 and "utilisation_pct" in prof["cpu"]
+    assert isinstance(prof["timeline"], list) and prof["timeline"]
+    assert (tmp_path / "s.h5.config.yaml").is_file() and (tmp_path / "s.h5.info.json").is_file()
+    captured = capsys.readouterr()
+    assert "complete: 19 slices from 3 volumes" in captured.out
+    assert "slices/s" in captured.out and "profile:" in captured.out
+    # plain log lines (no tty): committed counts and a rate
+    assert "slices committed" in captured.err
+
+
+def test_rerun_of_a_complete_store_does_nothing(folder, reference, tmp_path, capsys):
+    out = tmp_path / "s.h5"
+    cfg = make_cfg(folder, out)
+    assert pipeline.preprocess(cfg, progress=False) == 0
+    before = sorted(p.stat().st_mtime_ns for p in parts_dir(out).glob("*.h5"))
+    capsys.readouterr()
+    assert pipeline.preprocess(cfg, progress=False) == 0
+    assert "already complete" in capsys.readouterr().out
+    assert sorted(p.stat().st_mtime_ns for p in parts_dir(out).glob("*.h5")) == before
+
+
+def test_settings_mismatch_is_refused_and_overwrite_restarts(folder, tmp_path, capsys):
+    out = tmp_path / "s.h5"
+    assert pipeline.preprocess(make_cfg(folder, out), progress=False) == 0
+    capsys.readouterr()
+    other = make_cfg(folder, out, "superpixels.slic.n_segments=20")
+    assert pipeline.preprocess(other, progress=False) == 2
+    err = capsys.readouterr().err
+    assert "other settings" in err and "params.n_segments" in err and "--overwrite" in err
+    assert len(err.strip().splitlines()) == 1
+    with StoreReader(out) as r:
+        assert r.meta["params"]["n_segments"] == 12          # untouched
+    assert pipeline.preprocess(other, overwrite=True, progress=False) == 0
+    with StoreReader(out) as r:
+        assert r.meta["params"]["n_segments"] == 20 and r.n_slices == 19
+    # another method and another source are refused too
+    capsys.readouterr()
+    assert pipeline.preprocess(make_cfg(folder, out, "superpixels.method=felzenszwalb",
+                                        "superpixels.slic.n_segments=20"), progress=False) == 2
+    assert "method" in capsys.readouterr().err
+    src2 = write_folder(tmp_path / "other", n=1)
+    assert pipeline.preprocess(make_cfg(src2, out, "superpixels.slic.n_segments=20"), progress=False) == 2
+    assert "source" in capsys.readouterr().err
+
+
+def test_resume_after_a_failed_run_is_identical(folder, reference, tmp_path, monkeypatch, capsys):
+    """A run stopped mid-way (a slice raises) keeps whole batches; the rerun computes only the rest."""
+    real = pipeline.pseudolabels
+    calls = {"n": 0}
+
+    def flaky(raw, fg, cfg):
+        calls["n"] += 1
+        if calls["n"] == 13:                                  # warm-up is call 1: slice 12 fails
+            raise RuntimeError("simulated kernel failure")
+        return real(raw, fg, cfg)
+
+    out = tmp_path / "s.h5"
+    monkeypatch.setattr(pipeline, "pseudolabels", flaky)
+    rc = pipeline.preprocess(make_cfg(folder, out, threads=1, batch=4), progress=False)
+    err = capsys.readouterr().err
+    assert rc == 1 and "simulated kernel failure" in err and "slice z=" in err
+    with StoreReader(out) as r:
+        committed = r.n_slices
+        assert r.meta["complete"] is False and committed % 4 == 0 and 0 < committed <= 12
+    monkeypatch.setattr(pipeline, "pseudolabels", real)
+    assert pipeline.preprocess(make_cfg(folder, out, threads=2, batch=4), progress=False) == 0
+    assert "resuming" in capsys.readouterr().err
+    runs = [json.loads(line) for line in (parts_dir(out) / "runs.jsonl").read_text().splitlines()]
+    assert [r["status"] for r in runs] == ["failed", "complete"]
+    assert runs[1]["slices_committed"] == 19 - committed       # nothing committed was recomputed
+    assert_same_store(reference, out)
+
+
+def test_bad_volumes_are_reported_skipped_and_logged(tmp_path, capsys):
+    src = write_folder(tmp_path / "in", n=2, n_slices=5)                   # ids 1, 2: good
+    good = (src / "image_1.nii.gz").read_bytes()
+    (src / "image_3.nii.gz").write_bytes(good[: len(good) // 2])            # truncated
+    nan = np.full((SIZE, SIZE, 4), np.nan, np.float32)
+    write_nifti(src / "image_4.nii.gz", nan)                               # all NaN
+    write_nifti(src / "image_5.nii.gz", np.ones((SIZE, SIZE, 4, 2), np.float32))   # 4D
+    (src / "image_6.nii.gz").write_bytes(gzip.compress(b"this is not an image\n" * 20))  # not NIfTI
+    (src / "notes.txt").write_text("ignored by the source listing")
+    out = tmp_path / "s.h5"
+    rc = pipeline.preprocess(make_cfg(src, out), progress=False)
+    cap = capsys.readouterr()
+    assert rc == 1
+    skipped = [line for line in cap.err.splitlines() if line.startswith("preprocess: skipped")]
+    assert len(skipped) == 4
+    for vid in (3, 4, 5, 6):
+        assert sum(f"image_{vid}.nii.gz" in line for line in skipped) == 1
+    with StoreReader(out) as r:
+        assert [v["id"] for v in r.volumes] == ["1", "2"] and r.n_slices == 5 + 6
+        assert r.meta["complete"] is True
+        log = r.meta["log"]
+        assert sorted(Path(f["path"]).name for f in log) == [f"image_{i}.nii.gz" for i in (3, 4, 5, 6)]
+        assert all(f["reason"] for f in log)
+    assert "4 volume(s) failed" in cap.out
+
+
+def test_all_volumes_bad_still_leaves_a_readable_store(tmp_path, capsys):
+    src = tmp_path / "in"
+    src.mkdir()
+    write_nifti(src / "image_1.nii.gz", np.zeros((SIZE, SIZE, 3), np.float32))   # constant
+    out = tmp_path / "s.h5"
+    assert pipeline.preprocess(make_cfg(src, out), progress=False) == 1
+    with StoreReader(out) as r:
+        assert r.n_slices == 0 and len(r.meta["log"]) == 1 and "constant" in r.meta["log"][0]["reason"]
+
+
+def test_bad_input_path_and_bad_settings_are_refused_before_work(tmp_path, capsys):
+    out = tmp_path / "s.h5"
+    assert pipeline.preprocess(make_cfg(tmp_path / "missing", out), progress=False) == 2
+    err = capsys.readouterr().err
+    assert "missing" in err and "no such file or folder" in err and not out.exists()
+    src = write_folder(tmp_path / "in", n=1)
+    cfg = make_cfg(src, out, "superpixels.slic.n_segments=0")
+    assert pipeline.preprocess(cfg, progress=False) == 2
+    assert "superpixel settings" in capsys.readouterr().err
+    assert not out.exists() and not parts_dir(out).exists()       # nothing left behind
+    not_store = tmp_path / "precious.h5"
+    not_store.write_bytes(b"not a store")
+    assert pipeline.preprocess(make_cfg(src, not_store), overwrite=True, progress=False) == 2
+    assert "not a store written by this engine" in capsys.readouterr().err
+    assert not_store.read_bytes() == b"not a store"
+
+
+def test_phantom_source(tmp_path):
+    out = tmp_path / "p.h5"
+    cfg = make_cfg("phantom:1", out, "prepare.size=256", "superpixels.slic.n_segments=50", batch=64)
+    assert pipeline.preprocess(cfg, progress=False) == 0
+    with StoreReader(out) as r:
+        assert r.volumes[0]["id"] == "phantom_000" and r.n_slices == r.volumes[0]["n_slices"] >= 30
+        assert r.slices["labels_present"].all() and np.median(r.slices["n_superpixels"]) > 20
+
+
+class _FakeTerminal:
+    """A stderr that says it is a terminal (the progress bar is drawn only on one)."""
+
+    def __init__(self):
+        self.parts = []
+
+    def write(self, text):
+        self.parts.append(text)
+        return len(text)
+
+    def flush(self):
+        pass
+
+    def isatty(self):
+        return True
+
+
+def test_progress_bar_on_a_terminal(folder, tmp_path, monkeypatch):
+    term = _FakeTerminal()
+    monkeypatch.setattr("sys.stderr", term)
+    assert pipeline.preprocess(make_cfg(folder, tmp_path / "s.h5"), progress=True) == 0
+    text = "".join(term.parts)
+    assert "preprocess" in text and "slice/s" in text and "19/19" in text
+    assert "slices committed" not in text                     # no plain log lines next to the bar
+
+
+def test_a_failed_commit_stops_the_run_and_keeps_earlier_batches(folder, reference, tmp_path, monkeypatch, capsys):
+    import errno
+
+    from engine import store as store_mod
+    real = store_mod.write_shard
+
+    def disk_full(parts, batch, *a, **kw):
+        if batch.index == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(parts, batch, *a, **kw)
+
+    monkeypatch.setattr(store_mod, "write_shard", disk_full)
+    out = tmp_path / "s.h5"
+    assert pipeline.preprocess(make_cfg(folder, out, batch=4), progress=False) == 1
+    err = capsys.readouterr().err
+    assert "cannot commit batch 2" in err and "No space left on device" in err
+    with StoreReader(out) as r:
+        assert r.n_slices == 8 and r.meta["complete"] is False
+    assert not [p for p in parts_dir(out).iterdir() if p.name.startswith(".")]
+    monkeypatch.setattr(store_mod, "write_shard", real)
+    assert pipeline.preprocess(make_cfg(folder, out, batch=4), progress=False) == 0
+    assert_same_store(reference, out)

@@ -1,0 +1,217 @@
+"""engine.prepare: body mask (numba) == scipy/skimage reference; z-scoring, crop/pad, NaN/Inf, errors."""
+from __future__ import annotations
+
+import dataclasses
+import threading
+
+import nibabel as nib
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from engine._mask_kernels import body_mask_kernel
+from engine.config import PrepareConfig
+from engine.prepare import (body_mask, body_mask_reference, center_crop_pad, crop_offset,
+                            prepare_volume)
+from engine.volume import Volume, VolumeError
+
+THR = 50.0 + 1e-4
+
+
+def _same(img, thr):
+    got, ref = body_mask(img, thr), body_mask_reference(img, thr)
+    assert got.dtype == bool and got.shape == img.shape
+    assert np.array_equal(got, ref), f"mismatch at threshold {thr} on a {img.shape} slice"
+    return got
+
+
+# --------------------------------------------------------------------------------------------- body mask
+def test_body_mask_equals_reference_on_random_blobs():
+    rng = np.random.default_rng(0)
+    for _ in range(150):
+        h, w = (int(v) for v in rng.integers(1, 90, 2))
+        field = ndimage.gaussian_filter(rng.random((h, w)), rng.uniform(0.5, 4.0)).astype(np.float32)
+        _same(field, float(np.quantile(field, rng.uniform(0.05, 0.95))))
+
+
+def test_body_mask_equals_reference_on_small_binary_images_with_ties():
+    # tiny random images have many equal-size components and diagonal contacts
+    rng = np.random.default_rng(1)
+    for _ in range(3000):
+        h, w = (int(v) for v in rng.integers(1, 10, 2))
+        _same((rng.random((h, w)) < rng.uniform(0.1, 0.9)).astype(np.float32), 0.5)
+
+
+def test_body_mask_on_a_realistic_256_slice_with_holes_and_noise():
+    rng = np.random.default_rng(2)
+    yy, xx = np.mgrid[:256, :256]
+    body = ((yy - 128) / 100.0) ** 2 + ((xx - 128) / 80.0) ** 2 < 1
+    img = np.where(body, 300.0, 5.0) + rng.normal(0, 30, (256, 256))
+    img[(yy - 120) ** 2 + (xx - 110) ** 2 < 200] = 10.0        # a dark organ: a hole to fill
+    img[(yy - 20) ** 2 + (xx - 20) ** 2 < 30] = 400.0           # a bright blob outside the body
+    mask = _same(img.astype(np.float32), THR)
+    assert mask[120, 110] and not mask[20, 20] and not mask[0, 0]
+
+
+def test_body_mask_empty_full_and_nan():
+    assert not _same(np.zeros((8, 9), np.float32), THR).any()
+    assert _same(np.full((8, 9), 100, np.float32), THR).all()
+    img = np.full((10, 10), 100, np.float32)
+    img[2:5, 2:5] = np.nan                                      # NaN is background (NaN > t is False)
+    mask = _same(img, THR)
+    assert mask[3, 3]                                           # ... and an enclosed NaN hole is filled
+    assert not body_mask(np.full((4, 4), np.nan, np.float32), THR).any()
+
+
+def test_body_mask_tie_keeps_the_component_first_in_raster_order():
+    img = np.zeros((6, 8), np.float32)
+    img[1:3, 0:2] = 100      # component A: 4 px, first pixel (1, 0)
+    img[0:2, 5:7] = 100      # component B: 4 px, first pixel (0, 5) -> first in raster order
+    mask = _same(img, THR)
+    assert mask[0, 5] and not mask[1, 0]
+
+
+def test_body_mask_connectivity_rules():
+    # foreground: 8-connected (a diagonal chain is one component)
+    img = np.zeros((5, 5), np.float32)
+    img[[0, 1, 2, 3], [0, 1, 2, 3]] = 100
+    img[4, 0] = 100
+    assert _same(img, THR).sum() == 4
+    # holes: background reaching the border only diagonally is enclosed under 4-connectivity -> filled
+    ring = np.full((5, 5), 100, np.float32)
+    ring[1:3, 1:3] = 0          # the hole
+    ring[0, 3] = 0              # a border notch that touches the hole only at the corner (1, 2)-(0, 3)
+    mask = _same(ring, THR)
+    assert mask[1:3, 1:3].all() and not mask[0, 3]
+
+
+def test_body_mask_dtypes_and_threshold_precision():
+    t = 0.1
+    assert float(np.float32(t)) > t            # the float32 nearest to 0.1 lies above it
+    img = np.full((2, 2), np.float32(t), np.float32)
+    # compared in float32, as numpy does for `float32_slice > 0.1`: float32(0.1) > float32(0.1) is False
+    assert not _same(img, t).any()
+    # the same values in float64 are compared in float64: 0.10000000149 > 0.1
+    assert _same(img.astype(np.float64), t).all()
+    ints = (np.arange(36).reshape(6, 6) % 7 * 20).astype(np.int16)
+    _same(ints, THR)
+    _same(np.asfortranarray(np.random.default_rng(3).random((20, 30)) * 100), THR)
+    with pytest.raises(ValueError, match="2D"):
+        body_mask(np.zeros((2, 2, 2), np.float32), THR)
+
+
+def test_body_mask_kernel_releases_the_gil_and_is_thread_safe():
+    assert body_mask_kernel.targetoptions.get("nogil") is True
+    rng = np.random.default_rng(4)
+    slices = [ndimage.gaussian_filter(rng.random((64, 64)), 2).astype(np.float32) for _ in range(40)]
+    expected = [body_mask(s, 0.5) for s in slices]
+    results = [None] * len(slices)
+
+    def work(start):
+        for i in range(start, len(slices), 4):
+            results[i] = body_mask(slices[i], 0.5)
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(np.array_equal(a, b) for a, b in zip(results, expected))
+
+
+def test_body_mask_equals_reference_on_every_real_chaos_slice(chaos_dir):
+    n = 0
+    fractions = []
+    for path in sorted(chaos_dir.glob("image_*.nii.gz")):
+        vol = np.asarray(nib.load(path).dataobj, dtype=np.float32)
+        for z in range(vol.shape[2]):
+            mask = _same(vol[:, :, z], THR)
+            fractions.append(mask.mean())
+            n += 1
+    assert n == 718
+    # method.md 1.6 [measured]: body fraction mean ~0.6, range ~0.1-0.9
+    assert 0.5 < np.mean(fractions) < 0.7 and max(fractions) < 0.95
+
+
+# --------------------------------------------------------------------------------------------- crop / pad
+def test_crop_offset_matches_the_notebook_convention():
+    # resampled 317 -> rows 30..285 kept; 240 -> 8 rows of padding before
+    assert crop_offset(317, 256) == 30
+    assert crop_offset(240, 256) == -8
+    assert crop_offset(256, 256) == 0
+    a = np.arange(317 * 240, dtype=np.float32).reshape(317, 240)
+    out = center_crop_pad(a, 256, -1.0)
+    assert out.shape == (256, 256)
+    assert np.array_equal(out[:, 8:248], a[30:286, :])
+    assert np.all(out[:, :8] == -1) and np.all(out[:, 248:] == -1)
+
+
+# --------------------------------------------------------------------------------------------- prepare
+def _vol(image, label=None, path="mem://v"):
+    return Volume(id="v", image=image, spacing=(1.25, 1.25, 7.7), affine=np.eye(4), orientation="RAS",
+                  label=label, path=path, checksum="x")
+
+
+CFG = PrepareConfig()
+
+
+def test_prepare_z_scores_per_volume():
+    rng = np.random.default_rng(5)
+    img = rng.normal(300, 80, (256, 256, 6)).astype(np.float64)
+    lab = (rng.random((256, 256, 6)) < 0.1).astype(np.uint8)
+    p = prepare_volume(_vol(img, lab), CFG)
+    assert p.image.dtype == np.float32 and p.raw.dtype == np.float32 and p.label.dtype == np.uint8
+    assert p.image.shape == p.raw.shape == p.label.shape == (256, 256, 6)
+    assert abs(p.image.astype(np.float64).mean()) < 1e-5
+    assert abs(p.image.astype(np.float64).std() - 1) < 1e-5
+    expected = (img.astype(np.float32) - img.astype(np.float32).astype(np.float64).mean()) \
+        / img.astype(np.float32).astype(np.float64).std()
+    assert np.allclose(p.image, expected, atol=1e-5)
+    assert np.array_equal(p.raw, img.astype(np.float32))
+    assert p.notes == [] and p.id == "v" and p.n_slices == 6
+    # slice-major storage: each slice is one C-contiguous block (no copy for the kernels and the store)
+    for arr in (p.image, p.raw, p.label):
+        assert arr[:, :, 4].flags.c_contiguous
+
+
+def test_prepare_replaces_nan_inf_by_the_finite_minimum_with_a_note():
+    img = np.arange(2 * 256 * 256 * 3, dtype=np.float32).reshape(256, 256, 6)[:, :, :3] + 7
+    img[0, 0, 0], img[5, 5, 1], img[9, 9, 2] = np.nan, np.inf, -np.inf
+    original = img.copy()
+    p = prepare_volume(_vol(img), CFG)
+    assert np.isfinite(p.image).all() and np.isfinite(p.raw).all()
+    assert p.raw[0, 0, 0] == p.raw[5, 5, 1] == p.raw[9, 9, 2] == np.nanmin(img[np.isfinite(img)])
+    assert len(p.notes) == 1 and "3 NaN/Inf" in p.notes[0]
+    assert np.array_equal(img, original, equal_nan=True)        # the source array is untouched
+
+
+def test_prepare_crops_and_pads_to_size():
+    img = np.zeros((300, 200, 2), np.float32) + 20
+    img[150, 100, :] = 999                                       # the centre pixel lands at (128, 128)
+    lab = np.ones((300, 200, 2), np.uint8)
+    p = prepare_volume(_vol(img, lab), dataclasses.replace(CFG, size=256))
+    assert p.raw.shape == (256, 256, 2)
+    assert p.raw[128, 128, 0] == 999
+    assert p.raw[0, 0, 0] == 20 and p.label[128, 0, 0] == 0 and p.label[128, 100, 0] == 1
+    assert any("centre-cropped/padded" in n for n in p.notes)
+
+
+@pytest.mark.parametrize("image, match", [
+    (np.zeros((8, 8), np.float32), "3D"),
+    (np.zeros((8, 8, 3, 2), np.float32), "3D"),
+    (np.full((8, 8, 3), 5.0, np.float32), "constant volume"),
+    (np.full((8, 8, 3), np.nan, np.float32), "no finite voxel"),
+    (np.zeros((8, 8, 0), np.float32), "empty"),
+])
+def test_prepare_rejects_unusable_volumes(image, match):
+    with pytest.raises(VolumeError, match=match) as info:
+        prepare_volume(_vol(image, path="/data/image_9.nii.gz"), CFG)
+    assert str(info.value).startswith("/data/image_9.nii.gz: ") and "\n" not in str(info.value)
+
+
+def test_prepare_rejects_constant_after_crop_and_label_shape_mismatch():
+    img = np.full((400, 400, 2), 3.0, np.float32)
+    img[0, 0, 0] = 9.0                                            # variation only outside the crop
+    with pytest.raises(VolumeError, match="constant after the centre crop"):
+        prepare_volume(_vol(img), CFG)
+    with pytest.raises(VolumeError, match="label shape"):
+        prepare_volume(_vol(np.random.rand(8, 8, 2), np.zeros((8, 8, 3), np.uint8)), CFG)

@@ -1,0 +1,214 @@
+"""Crash safety with real processes: ``kill -9`` of a running preprocess, a killed worker process, two
+concurrent writers, readers during a run. Every store is compared with a clean run's store."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+
+from engine import pipeline
+from engine.inspect import check_integrity
+from engine.store import StoreReader, lock_path, parts_dir
+from test_pipeline import SIZE, assert_same_store, make_cfg, synthetic_volume, write_folder
+
+ROOT = Path(__file__).resolve().parent.parent
+BATCH = 4
+N_VOLUMES, N_SLICES = 8, 8          # 8 volumes of 8-9 slices: 68 slices, 17 batches
+
+
+def command(src: Path, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, str(ROOT / "cli.py"), "preprocess", "--input", str(src), "--out", str(out),
+            "--batch", str(BATCH), "--threads", "2", "--no-progress", "--set", f"prepare.size={SIZE}",
+            "--set", "superpixels.slic.n_segments=12", *extra]
+
+
+def env() -> dict:
+    e = dict(os.environ)
+    e.setdefault("NUMBA_CACHE_DIR", str(ROOT / ".numba_cache"))
+    return e
+
+
+def start(cmd: list[str]) -> subprocess.Popen:
+    return subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def shards(out: Path) -> int:
+    parts = parts_dir(out)
+    return len(list(parts.glob("0*.h5"))) if parts.is_dir() else 0
+
+
+def wait_for(cond, timeout: float, proc: subprocess.Popen | None = None, step: float = 0.005) -> bool:
+    end = time.time() + timeout
+    while time.time() < end:
+        if cond():
+            return True
+        if proc is not None and proc.poll() is not None:
+            return cond()
+        time.sleep(step)
+    return False
+
+
+@pytest.fixture(scope="module")
+def src(tmp_path_factory) -> Path:
+    return write_folder(tmp_path_factory.mktemp("rel") / "in", n=N_VOLUMES, n_slices=N_SLICES)
+
+
+@pytest.fixture(scope="module")
+def clean(src, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("clean") / "store.h5"
+    assert pipeline.preprocess(make_cfg(src, out, batch=BATCH), progress=False) == 0
+    return out
+
+
+def kill_and_resume(src: Path, clean: Path, out: Path, rng: random.Random) -> None:
+    """Start a run, SIGKILL it after a random number of commits plus a random delay, rerun to the end."""
+    with StoreReader(clean) as r:
+        total = r.n_slices
+    n_batches = -(-total // BATCH)
+    target = rng.randrange(0, n_batches)           # commits to wait for (0: kill during start-up/first batch)
+    delay = rng.uniform(0.0, 0.05)
+    proc = start(command(src, out))
+    try:
+        wait_for(lambda: shards(out) >= target, timeout=120, proc=proc)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    before = 0
+    if out.exists():
+        with StoreReader(out) as r:                # whatever was published is whole and consistent
+            assert r.n_slices % BATCH == 0 or r.meta["complete"]
+            assert check_integrity(r) == []
+    if parts_dir(out).is_dir():
+        before = sum(1 for _ in parts_dir(out).glob("0*.h5"))
+    # the same command again (in this process: saves an interpreter start-up per trial)
+    assert pipeline.preprocess(make_cfg(src, out, batch=BATCH), progress=False) == 0
+    assert_same_store(clean, out)
+    with StoreReader(out) as r:
+        keys = list(zip(r.slices["volume"].tolist(), r.slices["z"].tolist()))
+        assert len(keys) == len(set(keys)) == total           # nothing lost, nothing duplicated
+        assert check_integrity(r) == []
+    runs = [json.loads(line) for line in (parts_dir(out) / "runs.jsonl").read_text().splitlines()]
+    # the rerun computed only what no committed shard held: at most the batches that were in flight
+    assert runs[-1]["status"] == "complete"
+    assert runs[-1]["slices_committed"] <= total - BATCH * min(before, n_batches - 1) or before == n_batches
+    leftovers = [p.name for p in parts_dir(out).iterdir() if p.name.startswith(".")]
+    assert leftovers == [] and not lock_path(out).exists()
+    assert not list(out.parent.glob(".store.h5.tmp-*"))
+
+
+def test_kill_9_at_random_moments_then_rerun_is_identical(src, clean, tmp_path):
+    rng = random.Random(1234)
+    for trial in range(3):
+        kill_and_resume(src, clean, tmp_path / f"t{trial}" / "store.h5", rng)
+
+
+@pytest.mark.slow
+def test_kill_9_ten_trials(src, clean, tmp_path):
+    rng = random.Random(99)
+    for trial in range(10):
+        kill_and_resume(src, clean, tmp_path / f"t{trial}" / "store.h5", rng)
+
+
+def test_killed_worker_process_fails_cleanly_and_rerun_completes(src, clean, tmp_path):
+    out = tmp_path / "store.h5"
+    proc = start(command(src, out, "--backend", "processes"))
+    try:
+        assert wait_for(lambda: shards(out) >= 2, timeout=120, proc=proc, step=0.002), "run ended too early"
+        workers = [c for c in psutil.Process(proc.pid).children()
+                   if "resource_tracker" not in " ".join(c.cmdline())]
+        assert len(workers) == 2
+        workers[0].send_signal(signal.SIGKILL)
+        t_kill = time.time()
+        _, err = proc.communicate(timeout=60)
+        elapsed = time.time() - t_kill
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 1
+    assert elapsed < 10, f"took {elapsed:.1f} s to notice the dead worker"
+    assert f"(pid {workers[0].pid}) died (killed by signal 9 (SIGKILL))" in err
+    assert "rerun the same command to resume" in err
+    with StoreReader(out) as r:
+        assert r.meta["complete"] is False and r.n_slices % BATCH == 0 and check_integrity(r) == []
+    assert not workers[1].is_running() or workers[1].status() == psutil.STATUS_ZOMBIE
+    assert pipeline.preprocess(make_cfg(src, out, batch=BATCH, backend="processes"), progress=False) == 0
+    assert_same_store(clean, out)
+
+
+def test_dead_worker_message_names_the_slice(src, tmp_path, monkeypatch, capsys):
+    """A worker process that dies inside the kernel on one known slice: the message names that slice."""
+    img, _ = synthetic_volume(3, N_SLICES + 0)       # volume id 3 is the third one written (k = 2)
+    target = np.ascontiguousarray(img[:, :, 5], dtype=np.float32)
+    real = pipeline.pseudolabels
+
+    def dies_on_target(raw, fg, cfg):
+        if raw.shape == target.shape and np.array_equal(raw, target):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(raw, fg, cfg)
+
+    monkeypatch.setattr(pipeline, "pseudolabels", dies_on_target)
+    out = tmp_path / "store.h5"
+    t0 = time.time()
+    rc = pipeline.preprocess(make_cfg(src, out, batch=BATCH, backend="processes"), progress=False)
+    err = capsys.readouterr().err
+    assert rc == 1 and time.time() - t0 < 60
+    assert "died (killed by signal 9 (SIGKILL)) while computing volume 3 slice z=5" in err
+    with StoreReader(out) as r:
+        assert check_integrity(r) == []
+        done = set(zip(r.slices["volume"].tolist(), r.slices["z"].tolist()))
+        assert ("3", 5) not in done
+
+
+def test_second_concurrent_run_fails_at_once(src, tmp_path, capsys):
+    out = tmp_path / "store.h5"
+    first = start(command(src, out, "--threads", "1"))
+    try:
+        assert wait_for(lambda: lock_path(out).exists() and str(first.pid) in lock_path(out).read_text(),
+                        timeout=120, proc=first), "the first run never took the lock"
+        t0 = time.time()
+        rc = pipeline.preprocess(make_cfg(src, out, batch=BATCH), progress=False)
+        elapsed = time.time() - t0
+        err = capsys.readouterr().err
+        still_running = first.poll() is None
+    finally:
+        first.kill()
+        first.communicate(timeout=30)
+    if not still_running:
+        pytest.skip("the first run finished before the second one started (machine too fast)")
+    assert rc == 2 and elapsed < 2.0
+    assert "another run is writing this store" in err and f"pid {first.pid}" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_readers_during_a_run_see_only_whole_batches(src, clean, tmp_path):
+    out = tmp_path / "store.h5"
+    proc = start(command(src, out, "--threads", "1"))
+    seen = []
+    try:
+        while proc.poll() is None:
+            if out.exists():
+                with StoreReader(out) as r:
+                    if r.n_slices and not r.meta["complete"]:
+                        assert r.n_slices % BATCH == 0
+                        assert check_integrity(r) == []
+                        seen.append(r.n_slices)
+            time.sleep(0.01)
+        assert proc.returncode == 0, proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate(timeout=30)
+    assert seen, "no snapshot was taken while the run was writing"
+    assert_same_store(clean, out)

@@ -1,0 +1,237 @@
+"""engine.sources: NIfTI folder/file, phantom, describe, and every bad-input path (real files in tmp_path)."""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from engine.sources import describe, iter_volumes, load_nifti, open_source
+from engine.volume import Volume, VolumeError
+
+LAS = np.diag([-1.25, 1.25, 7.7, 1.0])
+
+
+def _write(path, arr, affine=LAS, dtype=None):
+    img = nib.Nifti1Image(np.asarray(arr, dtype=dtype) if dtype else np.asarray(arr), affine)
+    nib.save(img, str(path))
+    return path
+
+
+def _image(shape=(16, 12, 5), seed=0):
+    return np.random.default_rng(seed).normal(200, 50, shape)
+
+
+def _sha(*paths):
+    return "+".join(hashlib.sha256(p.read_bytes()).hexdigest() for p in paths)
+
+
+# --------------------------------------------------------------------------------------------- good inputs
+def test_nifti_folder_lists_numerically_and_loads_pairs(tmp_path):
+    for vid in ("10", "2", "1"):
+        _write(tmp_path / f"image_{vid}.nii.gz", _image(seed=int(vid)))
+    lab = np.zeros((16, 12, 5))
+    lab[2:5, 3:6, 1:3] = 4
+    _write(tmp_path / "label_2.nii.gz", lab)                     # float64 labels, like CHAOS
+    (tmp_path / "classmap_1.json").write_text("{}")              # unrelated files are ignored
+    src = open_source(str(tmp_path), None)
+    assert src.kind == "nifti-folder" and src.refs() == ["1", "2", "10"]
+    v = src.load("2")
+    assert isinstance(v, Volume) and v.id == "2"
+    assert v.image.dtype == np.float32 and v.image.shape == (16, 12, 5)
+    assert np.allclose(v.image, _image(seed=2).astype(np.float32))
+    assert v.label.dtype == np.uint8 and set(np.unique(v.label)) == {0, 4}
+    assert v.spacing == (1.25, 1.25, 7.7) and v.orientation == "LAS"
+    assert np.allclose(v.affine, LAS) and v.n_slices == 5
+    assert v.path == str(tmp_path / "image_2.nii.gz")
+    assert v.checksum == _sha(tmp_path / "image_2.nii.gz", tmp_path / "label_2.nii.gz")
+    v1 = src.load("1")
+    assert v1.label is None and v1.checksum == _sha(tmp_path / "image_1.nii.gz")
+
+
+def test_single_file_uncompressed_with_label_sibling_and_trailing_unit_axis(tmp_path):
+    _write(tmp_path / "image_a.nii", _image()[..., None])         # (H, W, Z, 1) is still 3D
+    _write(tmp_path / "label_a.nii", np.ones((16, 12, 5, 1), np.uint8))
+    src = open_source(str(tmp_path / "image_a.nii"), None)
+    assert src.kind == "nifti-file" and src.refs() == ["a"]
+    v = src.load("a")
+    assert v.image.shape == (16, 12, 5) and v.label.shape == (16, 12, 5)
+    other = open_source(str(_write(tmp_path / "scan.nii.gz", _image())), None)
+    assert other.refs() == ["scan"] and other.load("scan").label is None
+
+
+def test_orientation_is_recorded_not_changed(tmp_path):
+    ras = np.diag([1.5, 1.5, 3.0, 1.0])
+    img = _image()
+    _write(tmp_path / "image_1.nii.gz", img, affine=ras)
+    v = open_source(str(tmp_path), None).load("1")
+    assert v.orientation == "RAS" and v.spacing == (1.5, 1.5, 3.0)
+    assert np.allclose(v.image, img.astype(np.float32))        # array axes as stored
+
+
+def test_chaos_folder_matches_method_section_8(chaos_dir):
+    src = open_source(str(chaos_dir), None)
+    assert src.refs() == ["1", "2", "3", "5", "8", "10", "13", "15", "19", "20", "21", "22", "31", "32",
+                          "33", "34", "36", "37", "38", "39"]
+    v = src.load("32")
+    assert v.image.shape == (256, 256, 46) and v.image.dtype == np.float32
+    assert v.spacing == (1.25, 1.25, 7.7) and v.orientation == "LAS"
+    assert set(np.unique(v.label)) == {0, 1, 2, 3, 4}
+
+
+def test_describe_chaos_lists_20_scans_718_slices(chaos_dir, capsys):
+    assert describe(str(chaos_dir), None, as_json=True) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["totals"]["volumes"] == 20 and report["totals"]["slices"] == 718
+    assert report["totals"]["label_ids"] == [0, 1, 2, 3, 4] and report["errors"] == []
+    per_scan = {r["id"]: r["slices"] for r in report["volumes"]}
+    assert per_scan["1"] == 37 and per_scan["32"] == 46 and per_scan["39"] == 31
+
+
+def test_phantom_specs(tmp_path):
+    from engine.config import DataConfig
+
+    class Cfg:
+        data = DataConfig(phantom_volumes=4, phantom_seed=3)
+    src = open_source("phantom", Cfg())
+    assert src.kind == "phantom" and src.refs() == [f"phantom_{i:03d}" for i in range(4)]
+    assert open_source("phantom:2", Cfg()).refs() == ["phantom_000", "phantom_001"]
+    for bad in ("phantom:0", "phantom:x", "phantom:-1"):
+        with pytest.raises(VolumeError, match="positive integer"):
+            open_source(bad, Cfg())
+    with pytest.raises(VolumeError, match="no phantom volume"):
+        open_source("phantom:2", Cfg()).load("phantom_007")
+
+
+def test_phantom_volume_loads_lazily():
+    pytest.importorskip("engine.phantom")
+    v = open_source("phantom:1", None).load("phantom_000")
+    assert v.id == "phantom_000" and v.image.ndim == 3 and v.label is not None
+
+
+# --------------------------------------------------------------------------------------------- bad sources
+def test_missing_path_empty_folder_and_non_nifti_file(tmp_path):
+    with pytest.raises(VolumeError, match="no such file or folder") as info:
+        open_source(str(tmp_path / "nowhere"), None)
+    assert str(tmp_path / "nowhere") in str(info.value)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(VolumeError, match="empty folder"):
+        open_source(str(tmp_path / "empty"), None)
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "notes.txt").write_text("hello")
+    with pytest.raises(VolumeError, match="no image_<id>"):
+        open_source(str(tmp_path / "junk"), None)
+    (tmp_path / "scan.png").write_bytes(b"\x89PNG")
+    with pytest.raises(VolumeError, match="not a NIfTI file"):
+        open_source(str(tmp_path / "scan.png"), None)
+
+
+def test_describe_missing_path_is_one_line_and_exit_1(tmp_path, capsys):
+    assert describe(str(tmp_path / "nowhere"), None) == 1
+    out, err = capsys.readouterr()
+    assert err.count("\n") == 1 and "nowhere: no such file or folder" in err
+
+
+# --------------------------------------------------------------------------------------------- bad volumes
+def _bad_folder(tmp_path):
+    """A folder with two good volumes and one of each kind of bad input."""
+    good = [_write(tmp_path / f"image_{i}.nii.gz", _image(seed=i)) for i in (1, 2)]
+    raw = (tmp_path / "image_1.nii.gz").read_bytes()
+    (tmp_path / "image_3.nii.gz").write_bytes(raw[: len(raw) // 2])                     # truncated
+    (tmp_path / "image_4.nii.gz").write_bytes(b"this is not an image at all\n" * 20)   # non-image
+    (tmp_path / "image_5.nii.gz").write_bytes(gzip.compress(b"not a nifti header" * 40))
+    _write(tmp_path / "image_6.nii.gz", np.zeros((16, 12), np.float32))                 # 2D
+    _write(tmp_path / "image_7.nii.gz", np.zeros((6, 5, 4, 3), np.float32))             # 4D
+    _write(tmp_path / "image_8.nii.gz", _image())
+    _write(tmp_path / "label_8.nii.gz", np.zeros((16, 12, 4), np.uint8))                # label shape
+    _write(tmp_path / "image_9.nii.gz", _image())
+    _write(tmp_path / "label_9.nii.gz", np.full((16, 12, 5), 0.5))                      # fractional label
+    _write(tmp_path / "image_11.nii.gz", _image())
+    _write(tmp_path / "label_11.nii.gz", np.full((16, 12, 5), 300, np.int16))           # label > 255
+    _write(tmp_path / "image_12.nii.gz", _image())
+    _write(tmp_path / "label_12.nii.gz", np.full((16, 12, 5), -1, np.int16))            # negative label
+    return good
+
+
+EXPECTED = {"3": "truncated or corrupt", "4": "not a readable NIfTI image",
+            "5": "not a readable NIfTI image", "6": "2D image", "7": "4D image", "8": "label shape",
+            "9": "must be integers", "11": "must be 0..255", "12": "must be 0..255"}
+
+
+def test_each_bad_volume_gets_one_line_and_the_others_still_load(tmp_path):
+    _bad_folder(tmp_path)
+    src = open_source(str(tmp_path), None)
+    items = list(iter_volumes(src))
+    assert len(items) == 11
+    loaded = [v.id for v in items if isinstance(v, Volume)]
+    assert loaded == ["1", "2"]
+    errors = {}
+    for e in items:
+        if isinstance(e, VolumeError):
+            text = str(e)
+            assert "\n" not in text and text.startswith(e.path + ": ")
+            vid = e.path.rsplit("_", 1)[1].split(".")[0]
+            errors[vid] = text
+    assert set(errors) == set(EXPECTED)
+    for vid, fragment in EXPECTED.items():
+        assert fragment in errors[vid], errors[vid]
+    assert errors["8"].startswith(str(tmp_path / "label_8.nii.gz"))   # the label file is named
+
+
+def test_describe_reports_bad_inputs_one_line_each_and_exits_1(tmp_path, capsys):
+    _bad_folder(tmp_path)
+    _write(tmp_path / "image_13.nii.gz", np.full((16, 12, 5), 7.0))                    # constant
+    nan = _image()
+    nan[0, 0, 0], nan[1, 1, 1] = np.nan, np.inf
+    _write(tmp_path / "image_14.nii.gz", nan)                                          # NaN/Inf: warning
+    _write(tmp_path / "label_99.nii.gz", np.zeros((4, 4, 4), np.uint8))                # orphan label
+    assert describe(str(tmp_path), None) == 1
+    out, err = capsys.readouterr()
+    error_lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(error_lines) == len(EXPECTED) + 1
+    assert any("image_13.nii.gz: constant volume" in line for line in error_lines)
+    warnings = [line for line in err.splitlines() if line.startswith("warning:")]
+    assert any("image_14.nii.gz: 2 NaN/Inf voxel(s)" in w for w in warnings)
+    assert any("label_99.nii.gz: label without an image_99" in w for w in warnings)
+    assert "total: 3 volumes, 15 slices" in out
+    assert describe(str(tmp_path), None, as_json=True) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert report["totals"]["failed"] == len(EXPECTED) + 1 and len(report["volumes"]) == 3
+
+
+def test_nan_inf_voxels_load_and_are_repaired_by_prepare(tmp_path):
+    from engine.config import PrepareConfig
+    from engine.prepare import prepare_volume
+    img = _image((20, 20, 3))
+    img[3, 3, 1] = np.nan
+    v = load_nifti(_write(tmp_path / "image_1.nii.gz", img), None, "1")
+    assert np.isnan(v.image[3, 3, 1])
+    p = prepare_volume(v, PrepareConfig(size=20))
+    assert np.isfinite(p.image).all() and "1 NaN/Inf" in p.notes[0]
+
+
+def test_duplicate_image_files_for_one_id(tmp_path):
+    _write(tmp_path / "image_1.nii.gz", _image())
+    _write(tmp_path / "image_1.nii", _image())
+    (err,) = list(iter_volumes(open_source(str(tmp_path), None)))
+    assert isinstance(err, VolumeError) and "several image files for id 1" in str(err)
+
+
+def test_iter_volumes_turns_an_unexpected_exception_into_one_error_and_goes_on():
+    from engine.sources import Source
+
+    class Flaky(Source):
+        def refs(self):
+            return ["a", "b"]
+
+        def load(self, ref):
+            if ref == "a":
+                raise RuntimeError("disk on fire\nsecond line")
+            return Volume(id="b", image=np.zeros((2, 2, 2), np.float32), spacing=(1, 1, 1),
+                          affine=np.eye(4), orientation="RAS", label=None, path="b", checksum="")
+    first, second = list(iter_volumes(Flaky("mem")))
+    assert isinstance(first, VolumeError) and str(first) == "mem[a]: unexpected error (RuntimeError: disk on fire)"
+    assert isinstance(second, Volume)

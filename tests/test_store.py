@@ -1,0 +1,252 @@
+"""The HDF5 store on its own: codec, shards + index round trip, snapshots, lock, settings, resume scan, reader."""
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import pickle
+import zlib
+
+import h5py
+import numpy as np
+import pytest
+
+from engine.store import (Batch, Codec, SettingsMismatch, SliceResult, StoreError, StoreLock, StoreLocked,
+                          StoreReader, StoreWriter, lock_path, parts_dir, shard_name, volume_row)
+
+SHAPE = (16, 16)
+SETTINGS = {"schema_version": 1, "method": "slic", "params": {"n_segments": 5}, "prepare": {"size": 16},
+            "source": {"input": "test", "n_refs": 2}}
+
+
+def make_slice(codec: Codec, vol: str, z: int, labelled: bool = True) -> tuple[SliceResult, dict]:
+    rng = np.random.default_rng(100 * int(vol) + z)
+    image = rng.normal(size=SHAPE).astype(np.float32)
+    fg = np.zeros(SHAPE, bool)
+    fg[3:13, 2:14] = True
+    sp = np.zeros(SHAPE, np.int32)
+    sp[fg] = 1 + (np.arange(fg.sum()) // 40)
+    label = (rng.random(SHAPE) > 0.8).astype(np.uint8) * 2 if labelled else None
+    chunks = {"image": codec.encode("image", image), "superpixels": codec.encode("superpixels", sp),
+              "fg": codec.encode("fg", fg.view(np.uint8)),
+              "label": codec.encode("label", label if labelled else np.zeros(SHAPE, np.uint8))}
+    organs = 0b100 if labelled and label.any() else 0
+    res = SliceResult(vol, f"ref{vol}", z, chunks, int(sp.max()), labelled, organs)
+    return res, {"image": image, "superpixels": sp, "fg": fg, "label": label}
+
+
+def row(vol: str, n: int, labelled: bool = True) -> dict:
+    return volume_row(vol, f"ref{vol}", n, (1.0, 1.0, 5.0), "LAS", np.eye(4), f"/data/image_{vol}.nii.gz",
+                      f"sha{vol}", labelled, ["a note"])
+
+
+def write_store(path, codec_spec="maps-gzip-1", batches=((("1", 0), ("1", 1), ("1", 2)), (("2", 0), ("2", 1))),
+                settings=SETTINGS, failures=()):
+    """Commit ``batches`` (lists of (volume, z)) through a StoreWriter; returns the expected pixels per slice."""
+    codec = Codec.parse(codec_spec)
+    w = StoreWriter.open(path, settings, codec, SHAPE, "rev1")
+    expected, first = [], w.n_committed
+    for k, items in enumerate(batches):
+        results, vols = [], {}
+        for vol, z in items:
+            res, px = make_slice(codec, vol, z, labelled=(vol != "2"))
+            results.append(res)
+            expected.append(px)
+            vols[f"ref{vol}"] = row(vol, 3 if vol == "1" else 2, labelled=(vol != "2"))
+        w.commit(Batch(len(w.shards), first, results, vols, list(failures) if k == 0 else []))
+        first += len(results)
+    w.finish(complete=True, run_record={"status": "complete"})
+    return expected
+
+
+@pytest.mark.parametrize("spec", ["none", "gzip-1", "maps-gzip-1", "gzip-4"])
+def test_round_trip_every_codec(tmp_path, spec):
+    path = tmp_path / "s.h5"
+    expected = write_store(path, spec)
+    with StoreReader(path) as r:
+        assert r.n_slices == 5 and len(r) == 5
+        assert r.slices["volume"].tolist() == ["1", "1", "1", "2", "2"]
+        assert r.slices["z"].tolist() == [0, 1, 2, 0, 1]
+        assert r.slices["labels_present"].tolist() == [True, True, True, False, False]
+        for i, px in enumerate(expected):
+            d = r.read(i)
+            assert d["image"].dtype == np.float32 and np.array_equal(d["image"], px["image"])
+            assert d["superpixels"].dtype == np.int32 and np.array_equal(d["superpixels"], px["superpixels"])
+            assert d["fg"].dtype == bool and np.array_equal(d["fg"], px["fg"])
+            if px["label"] is None:
+                assert d["label"] is None
+            else:
+                assert d["label"].dtype == np.uint8 and np.array_equal(d["label"], px["label"])
+        assert r.slices["n_superpixels"].tolist() == [int(p["superpixels"].max()) for p in expected]
+        assert r.slices_of("1").tolist() == [0, 1, 2] and r.slices_of("2").tolist() == [3, 4]
+        assert r.slices_of("nope").size == 0
+        with pytest.raises(IndexError):
+            r.read(5)
+
+
+def test_provenance_and_virtual_datasets(tmp_path, monkeypatch):
+    path = tmp_path / "s.h5"
+    expected = write_store(path, failures=[{"ref": "ref9", "path": "/data/image_9.nii.gz", "reason": "truncated"}])
+    with StoreReader(path) as r:
+        m = r.meta
+        assert m["schema_version"] == 1 and m["method"] == "slic" and m["params"] == {"n_segments": 5}
+        assert m["prepare"] == {"size": 16} and m["source"]["input"] == "test"
+        assert m["code_version"] == "rev1" and m["created"] and m["complete"] is True
+        assert m["compression"] == "maps-gzip-1" and len(m["settings_hash"]) == 16
+        assert m["log"] == [{"ref": "ref9", "path": "/data/image_9.nii.gz", "reason": "truncated"}]
+        v = r.volumes[0]
+        assert v["id"] == "1" and v["n_slices"] == 3 and v["spacing"] == [1.0, 1.0, 5.0]
+        assert v["orientation"] == "LAS" and v["checksum"] == "sha1" and v["has_label"] is True
+        assert v["path"] == "/data/image_1.nii.gz" and np.array_equal(v["affine"], np.eye(4))
+        assert [x["id"] for x in r.volumes] == ["1", "2"]
+    # the index is a plain HDF5 file whose virtual datasets map the shards (h5py / h5dump / HDFView)
+    monkeypatch.chdir(tmp_path.parent)          # relative shard paths resolve against the index's folder
+    with h5py.File(path, "r") as f:
+        assert f["image"].is_virtual and f["image"].shape == (5,) + SHAPE
+        for i, px in enumerate(expected):
+            assert np.array_equal(f["image"][i], px["image"])
+            assert np.array_equal(f["superpixels"][i], px["superpixels"])
+        assert f["superpixels"].dtype == np.uint16
+    with h5py.File(parts_dir(path) / shard_name(0), "r") as f:
+        assert f["image"].chunks == (1,) + SHAPE and f["superpixels"].compression == "gzip"
+        assert f["image"].compression is None
+
+
+def test_codec_rejects_unknown_specs_and_encodes_deflate():
+    for bad in ("lzf", "gzip-0", "gzip", "blosc", ""):
+        with pytest.raises(ValueError, match="engine.compression"):
+            Codec.parse(bad)
+    arr = np.arange(256, dtype=np.uint16).reshape(16, 16)
+    enc = Codec.parse("gzip-3").encode("superpixels", arr)
+    assert np.array_equal(np.frombuffer(zlib.decompress(enc), np.uint16).reshape(16, 16), arr)
+
+
+def test_open_reader_keeps_its_snapshot_while_batches_are_added(tmp_path):
+    path = tmp_path / "s.h5"
+    codec = Codec.parse("maps-gzip-1")
+    w = StoreWriter.open(path, SETTINGS, codec, SHAPE, "rev1")
+    res = [make_slice(codec, "1", z)[0] for z in range(3)]
+    w.commit(Batch(0, 0, res[:2], {"ref1": row("1", 3)}, []))
+    early = StoreReader(path)
+    assert early.n_slices == 2 and early.meta["complete"] is False
+    first = early.read(1)["image"].copy()
+    w.commit(Batch(1, 2, res[2:], {"ref1": row("1", 3)}, []))
+    assert early.n_slices == 2 and np.array_equal(early.read(1)["image"], first)
+    with StoreReader(path) as late:
+        assert late.n_slices == 3
+    w.finish(complete=True)
+    early.close()
+
+
+def test_second_writer_is_refused_naming_the_holder(tmp_path):
+    path = tmp_path / "s.h5"
+    w = StoreWriter.open(path, SETTINGS, Codec.parse("none"), SHAPE, "rev1", command="first-run --x")
+    with pytest.raises(StoreLocked) as err:
+        StoreWriter.open(path, SETTINGS, Codec.parse("none"), SHAPE, "rev1")
+    msg = str(err.value)
+    assert f"pid {os.getpid()}" in msg and "first-run --x" in msg and "another run is writing" in msg
+    assert "\n" not in msg
+    w.finish(complete=True)
+    assert not lock_path(path).exists()
+    StoreWriter.open(path, SETTINGS, Codec.parse("none"), SHAPE, "rev1").finish(complete=True)
+
+
+def test_stale_lock_of_a_dead_process_is_taken_over(tmp_path):
+    path = tmp_path / "s.h5"
+    lock_path(path).write_text('{"pid": 999999, "host": "gone", "started": "yesterday", "command": "x"}')
+    lock = StoreLock(path).acquire("me")
+    assert lock.stale["pid"] == 999999
+    lock.release()
+
+
+def test_settings_mismatch_is_refused_and_overwrite_discards(tmp_path):
+    path = tmp_path / "s.h5"
+    write_store(path)
+    other = {**SETTINGS, "params": {"n_segments": 6}}
+    with pytest.raises(SettingsMismatch, match=r"params\.n_segments: store has 5, this run 6"):
+        StoreWriter.open(path, other, Codec.parse("none"), SHAPE, "rev1")
+    assert not lock_path(path).exists()                     # a refused run leaves no lock behind
+    w = StoreWriter.open(path, other, Codec.parse("none"), SHAPE, "rev1", overwrite=True)
+    assert w.n_committed == 0 and not list(parts_dir(path).glob("0*.h5"))
+    w.finish(complete=True)
+    with StoreReader(path) as r:
+        assert r.n_slices == 0 and r.meta["params"] == {"n_segments": 6}
+
+
+def test_a_file_that_is_not_a_store_is_never_overwritten(tmp_path):
+    path = tmp_path / "image.h5"
+    with h5py.File(path, "w") as f:
+        f["x"] = 1
+    for overwrite in (False, True):
+        with pytest.raises(StoreError, match="not a store written by this engine"):
+            StoreWriter.open(path, SETTINGS, Codec.parse("none"), SHAPE, "rev1", overwrite=overwrite)
+    with h5py.File(path, "r") as f:
+        assert f["x"][()] == 1
+
+
+def test_resume_scan_keeps_committed_shards_and_removes_debris(tmp_path):
+    path = tmp_path / "s.h5"
+    write_store(path, batches=((("1", 0), ("1", 1)), (("1", 2),), (("2", 0),)))
+    parts = parts_dir(path)
+    (parts / ".000003.h5.tmp-123").write_bytes(b"half a shard")           # a commit cut by kill -9
+    (tmp_path / ".s.h5.tmp-123").write_bytes(b"half an index")
+    (parts / shard_name(2)).write_bytes(b"garbage")                        # damaged shard: recomputed
+    w = StoreWriter.open(path, SETTINGS, Codec.parse("none"), SHAPE, "rev1")
+    try:
+        assert [s.index for s in w.shards] == [0, 1] and w.n_committed == 3 and w.resumed
+        assert any("unreadable" in d for d in w.dropped)
+        assert not (parts / ".000003.h5.tmp-123").exists() and not (tmp_path / ".s.h5.tmp-123").exists()
+        assert not (parts / shard_name(2)).exists()
+        by_ref, failed, rows = w.committed_progress()
+        assert by_ref == {"ref1": {0, 1, 2}} and not failed and rows["ref1"]["n_slices"] == 3
+        with StoreReader(path) as r:                                       # the index was rebuilt
+            assert r.n_slices == 3 and r.meta["complete"] is False
+    finally:
+        w.finish(complete=False)
+
+
+def test_commit_out_of_order_is_an_error(tmp_path):
+    codec = Codec.parse("none")
+    w = StoreWriter.open(tmp_path / "s.h5", SETTINGS, codec, SHAPE, "rev1")
+    try:
+        with pytest.raises(StoreError, match="does not follow"):
+            w.commit(Batch(1, 0, [make_slice(codec, "1", 0)[0]], {"ref1": row("1", 1)}, []))
+    finally:
+        w.finish(complete=False)
+
+
+def _read_in_child(reader, i, q):
+    q.put(reader.read(i)["superpixels"].sum())
+
+
+def test_reader_works_after_fork_and_pickling(tmp_path):
+    path = tmp_path / "s.h5"
+    write_store(path)
+    reader = StoreReader(path)
+    want = int(reader.read(2)["superpixels"].sum())          # the parent has opened a shard handle
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+    p = ctx.Process(target=_read_in_child, args=(reader, 2, q))
+    p.start()
+    got = q.get(timeout=30)
+    p.join(timeout=30)
+    assert p.exitcode == 0 and got == want
+    clone = pickle.loads(pickle.dumps(reader))
+    assert int(clone.read(2)["superpixels"].sum()) == want
+    reader.close()
+    clone.close()
+
+
+def test_reader_errors_are_one_line(tmp_path):
+    with pytest.raises(StoreError, match="no such store"):
+        StoreReader(tmp_path / "missing.h5")
+    bad = tmp_path / "bad.h5"
+    bad.write_bytes(b"nope")
+    with pytest.raises(StoreError, match="cannot read the store index"):
+        StoreReader(bad)
+    path = tmp_path / "s.h5"
+    write_store(path)
+    (parts_dir(path) / shard_name(1)).unlink()
+    with StoreReader(path) as r:
+        r.read(0)
+        with pytest.raises(StoreError, match="cannot be opened"):
+            r.read(4)

@@ -1,0 +1,132 @@
+"""Training loop: run folder, checkpoints, exact resume, evaluation loader, error paths."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from alpnet.checkpoint import CheckpointError, load_checkpoint, read_checkpoint, save_checkpoint
+from alpnet.config import load
+from alpnet.train import lr_step_of, main
+
+try:
+    from test_episodes import synthetic_volumes, write_store
+except ImportError:  # tests collected as a package
+    from tests.test_episodes import synthetic_volumes, write_store
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> Path:
+    return write_store(tmp_path_factory.mktemp("store") / "store.h5", synthetic_volumes(n=6))
+
+
+def config(store: Path, out: Path, iterations: int = 4, *extra: str):
+    return load(None, [f"train.store={store}", f"train.out={out}", f"train.iterations={iterations}",
+                       "train.ckpt_every=2", "train.log_every=1", "train.num_workers=0", "train.device=cpu",
+                       "model.encoder=tiny", "episodes.holdout=false", "episodes.setting=1", *extra])
+
+
+def test_run_folder_checkpoint_and_evaluation_loader(store, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(config(store, out, 4), resume=False) == 0
+    for name in ("train.config.yaml", "train.info.json", "log.txt", "metrics.jsonl", "checkpoint.pt",
+                 "loss_curve.png"):
+        assert (out / name).is_file(), name
+    recs = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in recs] == [1, 2, 3, 4]
+    for key in ("loss", "loss_query", "loss_par", "lr", "episodes_per_s", "data_ms", "step_ms", "data_share",
+                "fg_global_only_rate", "empty_id_rate", "vanishing_id_rate"):
+        assert key in recs[-1]
+    log = (out / "log.txt").read_text()
+    assert "data" in log and "ep/s" in log and "fg global-only" in log
+    model, cfg_dict, meta = load_checkpoint(out / "checkpoint.pt", "cpu")
+    assert not model.training and meta["iteration"] == 4
+    assert cfg_dict["model"]["encoder"] == "tiny" and cfg_dict["train"]["iterations"] == 4
+    assert meta["store"]["method"] == "test" and meta["store"]["training_slices"] == 23
+    assert meta["totals"]["episodes"] == 4
+    raw = read_checkpoint(out / "checkpoint.pt")
+    for key in ("optimizer", "scheduler", "rng", "iteration", "config", "store"):
+        assert key in raw
+
+
+def test_resume_continues_exactly(store, tmp_path):
+    straight = tmp_path / "straight"
+    assert main(config(store, straight, 4), resume=False) == 0
+    split = tmp_path / "split"
+    assert main(config(store, split, 2), resume=False) == 0
+    assert main(config(store, split, 4), resume=True) == 0
+    a, b = read_checkpoint(straight / "checkpoint.pt"), read_checkpoint(split / "checkpoint.pt")
+    assert a["iteration"] == b["iteration"] == 4
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert torch.equal(sa["momentum_buffer"], sb["momentum_buffer"])
+    assert a["scheduler"] == b["scheduler"] and a["totals"] == b["totals"]
+    recs = [json.loads(ln)["iteration"] for ln in (split / "metrics.jsonl").read_text().splitlines()]
+    assert recs == [1, 2, 3, 4]
+    # nothing left to do: a second resume at the same length exits cleanly
+    assert main(config(store, split, 4), resume=True) == 0
+
+
+def test_lr_schedule_scaling():
+    assert lr_step_of(load(None, [])) == 1000
+    assert lr_step_of(load(None, ["train.lr_step=0", "train.iterations=3000"])) == 30
+
+
+def test_error_paths_exit_2_with_one_line(store, tmp_path, capsys):
+    assert main(config(tmp_path / "absent.h5", tmp_path / "a"), resume=False) == 2
+    err = capsys.readouterr().err.strip()
+    assert "store not found" in err and len(err.splitlines()) == 1
+    # excluding every organ leaves the organ-free z=2 slices (one per volume): still trainable
+    assert main(config(store, tmp_path / "b", 2, "episodes.exclude_labels=[1,2,3,4]"), resume=False) == 0
+    assert load_checkpoint(tmp_path / "b" / "checkpoint.pt")[2]["store"]["training_slices"] == 6
+    # fold 0 of 6 scans holds out 2 query scans and 1 support scan (scan 1 with its empty slice among them)
+    assert main(config(store, tmp_path / "c", 2, "episodes.holdout=true"), resume=False) == 0
+    rec = load_checkpoint(tmp_path / "c" / "checkpoint.pt")[2]["store"]
+    assert rec["held_out"] == ["1", "2", "3"] and rec["training_slices"] == 12
+    empty = write_store(tmp_path / "empty.h5", [dict(v, superpixels=v["superpixels"] * 0)
+                                                for v in synthetic_volumes(n=2)])
+    assert main(config(empty, tmp_path / "d"), resume=False) == 2
+    assert "no usable training slice" in capsys.readouterr().err
+    assert main(config(store, tmp_path / "e"), resume=True) == 2
+    assert "no checkpoint to resume from" in capsys.readouterr().err
+    assert main(config(store, tmp_path / "f", 2), resume=False) == 0
+    assert main(config(store, tmp_path / "f", 2), resume=False) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert main(config(store, tmp_path / "f", 4, "model.feature_dim=64"), resume=True) == 2
+    assert "model.feature_dim" in capsys.readouterr().err
+    assert main(config(store, tmp_path / "g", 2, "model.pretrained=/nonexistent/w.pth"), resume=False) == 2
+    assert "pretrained weights file not found" in capsys.readouterr().err
+
+
+def test_checkpoint_files_are_validated(tmp_path):
+    with pytest.raises(CheckpointError, match="checkpoint not found"):
+        load_checkpoint(tmp_path / "none.pt")
+    (tmp_path / "junk.pt").write_bytes(b"\x00garbage")
+    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
+        load_checkpoint(tmp_path / "junk.pt")
+    torch.save({"weights": torch.zeros(1)}, tmp_path / "foreign.pt")
+    with pytest.raises(CheckpointError, match="not a checkpoint written by"):
+        load_checkpoint(tmp_path / "foreign.pt")
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    path = tmp_path / "ck.pt"
+    save_checkpoint(path, {"model": {}, "config": {}, "iteration": 1})
+
+    def boom(*a, **k):
+        raise RuntimeError("disk full")
+    monkeypatch.setattr(torch, "save", boom)
+    with pytest.raises(RuntimeError):
+        save_checkpoint(path, {"model": {}, "config": {}, "iteration": 2})
+    assert read_checkpoint(path)["iteration"] == 1          # the old file is intact
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck.pt"]   # no temporary left behind
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")
+def test_cuda_request_without_a_gpu_is_a_one_line_error(store, tmp_path, capsys):
+    assert main(config(store, tmp_path / "cuda", 2, "train.device=cuda"), resume=False) == 2
+    err = capsys.readouterr().err.strip()
+    assert "train.device=cuda" in err and len(err.splitlines()) == 1
