@@ -91,7 +91,7 @@ class TrainConfig:
     num_workers: int = 0                 # DataLoader workers
     torch_threads: int = 0               # 0 = torch default
     device: str = "auto"                 # auto | cpu | cuda
-    amp: bool = False                    # CUDA autocast
+    amp: bool = False                    # autocast with amp_dtype (CUDA; also CPU bf16), opt-in
     log_every: int = 20
     ckpt_every: int = 1000
     # Added by helper D.

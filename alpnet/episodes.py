@@ -4,8 +4,8 @@ An episode is one training slice and one of its superpixels taken as the pseudo-
 two independent augmentations of that (slice, binary mask) pair. :class:`EpisodeStream` is a torch
 ``IterableDataset`` that yields MONAI-style dict samples::
 
-    support_image (3, H, W) float32   support_mask (H, W) int64 0/1
-    query_image   (3, H, W) float32   query_mask   (H, W) int64 0/1
+    support_image (3, H, W) float32   support_mask (H, W) uint8 0/1
+    query_image   (3, H, W) float32   query_mask   (H, W) uint8 0/1
     meta: volume (str), z (int), slice (int, store row), superpixel (int), episode (int),
           empty_redraws / vanishing_redraws / slice_redraws (int, ids or slices rejected before this one)
 
@@ -15,10 +15,15 @@ Worker ``w`` of ``W`` produces batches ``w, w + W, ...``, which is the order in 
 
 The store is opened lazily by ``reader_factory`` inside each worker (an HDF5 handle must not cross a fork);
 only the slice index, built once at construction, travels to the workers.
+
+The three image channels are copies (method.md 1.5), so a sample's images are expanded views of one channel and
+:func:`collate_episodes` batches them without materialising the copies: a batch crossing from a worker process
+carries one channel and uint8 masks (~0.6 MB per 256x256 episode instead of 2.5 MB with default_collate).
 """
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -282,6 +287,7 @@ class EpisodeStream(IterableDataset):
         finally:
             _close(reader)
         self._reader = None
+        self._reader_pid = -1
         # Counters of the episodes made in this process (with workers, sum the per-episode meta instead).
         self.stats = {"episodes": 0, "id_draws": 0, "empty_redraws": 0, "vanishing_redraws": 0,
                       "slice_redraws": 0, "read_s": 0.0, "augment_s": 0.0}
@@ -303,8 +309,10 @@ class EpisodeStream(IterableDataset):
 
     # ------------------------------------------------------------------------------------------ sampling
     def _reader_handle(self):
-        if self._reader is None:
+        # A handle opened before a fork belongs to the parent: each process opens its own.
+        if self._reader is None or self._reader_pid != os.getpid():
             self._reader = self.reader_factory()
+            self._reader_pid = os.getpid()
         return self._reader
 
     def episode(self, e: int) -> dict:
@@ -343,8 +351,9 @@ class EpisodeStream(IterableDataset):
         s["augment_s"] += t2 - t1
         meta.update(volume=str(self.index.volume[k]), z=int(self.index.z[k]), slice=row, superpixel=int(chosen),
                     episode=int(e))
-        return {"support_image": images[0].expand(3, -1, -1).contiguous(), "support_mask": masks[0],
-                "query_image": images[1].expand(3, -1, -1).contiguous(), "query_mask": masks[1], "meta": meta}
+        masks = masks.to(torch.uint8)
+        return {"support_image": images[0].expand(3, -1, -1), "support_mask": masks[0],
+                "query_image": images[1].expand(3, -1, -1), "query_mask": masks[1], "meta": meta}
 
     def _draw_id(self, sp: np.ndarray, rng: np.random.Generator, meta: dict) -> int:
         """Uniform draw among the slice's usable ids (0 when none); rejected ids are counted in ``meta``.
@@ -382,6 +391,23 @@ class EpisodeStream(IterableDataset):
         if self._reader is not None:
             _close(self._reader)
             self._reader = None
+
+
+def collate_episodes(samples: list[dict]) -> dict:
+    """DataLoader ``collate_fn``: stack samples into a batch.
+
+    Images stay (B, 3, H, W) expanded views of one stored channel (call ``.contiguous()`` where a dense tensor
+    is needed); masks are (B, H, W) uint8; ``meta`` maps each key to a plain list of B values. Plain lists
+    rather than tensors because every tensor leaving a worker costs a shared-memory segment: with
+    default_collate's seven small meta tensors, receiving a batch cost the main process ~3 ms of CPU.
+    """
+    out = {}
+    for key in ("support_image", "query_image"):
+        out[key] = torch.stack([s[key][:1] for s in samples]).expand(-1, 3, -1, -1)
+    for key in ("support_mask", "query_mask"):
+        out[key] = torch.stack([s[key] for s in samples])
+    out["meta"] = {k: [s["meta"][k] for s in samples] for k in samples[0]["meta"]}
+    return out
 
 
 def _close(reader) -> None:

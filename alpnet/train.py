@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader
 
 from alpnet.backbones import EncoderError
 from alpnet.checkpoint import CheckpointError, read_checkpoint, save_checkpoint
-from alpnet.episodes import EpisodeError, EpisodeStream, worker_init
+from alpnet.episodes import EpisodeError, EpisodeStream, collate_episodes, worker_init
 from alpnet.model import ALPNet, COUNTERS
 from engine.config import to_dict
 from engine.runinfo import write_run_info
@@ -153,7 +153,7 @@ def train_one_epoch(model: ALPNet, optimizer, scheduler, loader, device: torch.d
         sup = batch["support_image"].to(device, non_blocking=True).contiguous(memory_format=mem)
         qry = batch["query_image"].to(device, non_blocking=True).contiguous(memory_format=mem)
         sup_fg = batch["support_mask"].to(device, non_blocking=True).float()
-        qry_mask = batch["query_mask"].to(device, non_blocking=True)
+        qry_mask = batch["query_mask"].to(device, non_blocking=True).long()
         with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=amp):
             out = model(sup, sup_fg, qry, qry_mask, train=True)
         optimizer.zero_grad(set_to_none=True)
@@ -176,7 +176,7 @@ def train_one_epoch(model: ALPNet, optimizer, scheduler, loader, device: torch.d
             win[k] += out["counters"][k]
             totals[k] = totals.get(k, 0) + out["counters"][k]
         for k in REDRAWS:
-            v = int(batch["meta"][k].sum())
+            v = int(sum(batch["meta"][k]))
             win[k] += v
             totals[k] = totals.get(k, 0) + v
         n_win += 1
@@ -231,7 +231,8 @@ def _check_resume_config(saved: dict, current: dict, log) -> None:
     if saved.get("model") != current.get("model"):
         diff = sorted(k for k in set(saved.get("model", {})) | set(current["model"])
                       if saved.get("model", {}).get(k) != current["model"].get(k))
-        raise TrainError(f"--resume: model settings differ from the checkpoint's ({', '.join('model.' + k for k in diff)})")
+        raise TrainError("--resume: model settings differ from the checkpoint's ("
+                         + ", ".join("model." + k for k in diff) + ")")
     changed = [f"{sec}.{k}" for sec in ("episodes", "augment", "train") for k in current.get(sec, {})
                if saved.get(sec, {}).get(k) != current[sec][k]]
     if changed:
@@ -319,7 +320,7 @@ def _main(cfg, resume: bool) -> int:
         if tc.keep_checkpoints:
             save_checkpoint(out / f"checkpoint_{it:06d}.pt", state)
 
-    loader = DataLoader(stream, batch_size=tc.batch_size, num_workers=tc.num_workers,
+    loader = DataLoader(stream, batch_size=tc.batch_size, num_workers=tc.num_workers, collate_fn=collate_episodes,
                         worker_init_fn=worker_init if tc.num_workers else None,
                         pin_memory=device.type == "cuda", prefetch_factor=4 if tc.num_workers else None)
     t0 = time.perf_counter()

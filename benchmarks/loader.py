@@ -30,7 +30,7 @@ import torch  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
 from alpnet.config import load  # noqa: E402
-from alpnet.episodes import EpisodeStream, worker_init  # noqa: E402
+from alpnet.episodes import EpisodeStream, collate_episodes, worker_init  # noqa: E402
 from alpnet.model import ALPNet  # noqa: E402
 
 
@@ -74,74 +74,95 @@ def stream(store: str, cfg, n: int | None, seed: int = 0) -> EpisodeStream:
                                     n_folds=cfg.evaluate.n_folds)
 
 
-def bench_stream(store: str, cfg, workers: int, n: int, warmup: int = 20) -> dict:
+def median(values: list[float]) -> float:
+    v = sorted(values)
+    return v[len(v) // 2] if len(v) % 2 else 0.5 * (v[len(v) // 2 - 1] + v[len(v) // 2])
+
+
+def stream_round(store: str, cfg, workers: int, n: int, seed: int, warmup: int = 20) -> dict:
+    """One timed pass of ``n`` episodes through a DataLoader with ``workers`` workers (after ``warmup``)."""
     torch.set_num_threads(1)
-    s = stream(store, cfg, n + warmup)
+    s = stream(store, cfg, n + warmup, seed)
     loader = DataLoader(s, batch_size=1, num_workers=workers, worker_init_fn=worker_init if workers else None,
-                        prefetch_factor=8 if workers else None)
+                        prefetch_factor=8 if workers else None, collate_fn=collate_episodes)
     with PeakRSS() as mem:
         it = iter(loader)
         for _ in range(warmup):
             next(it)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         count = sum(1 for _ in it)
-        dt = time.perf_counter() - t0
-    rec = {"workers": workers, "episodes": count, "episodes_per_s": count / dt, "peak_rss_mb": mem.peak_mb}
+        dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+    rec = {"episodes_per_s": count / dt, "peak_rss_mb": mem.peak_mb,
+           # CPU time of this process per episode: with 0 workers the whole cost of an episode, which is
+           # insensitive to other processes on a shared machine (2000 / cpu_ms = the 2-core ceiling)
+           "main_cpu_ms_per_episode": 1000 * cpu / count}
     if workers == 0:
         st = s.stats
         rec.update(read_ms=1000 * st["read_s"] / st["episodes"], augment_ms=1000 * st["augment_s"] / st["episodes"],
-                   empty_id_rate=st["empty_redraws"] / st["id_draws"],
-                   vanishing_id_rate=st["vanishing_redraws"] / st["id_draws"])
+                   id_draws=st["id_draws"], empty_redraws=st["empty_redraws"],
+                   vanishing_redraws=st["vanishing_redraws"])
     return rec
 
 
-def bench_train(store: str, cfg, label: str, encoder: str, steps: int, workers: int, threads: int,
-                channels_last: bool, device: str = "cpu", amp: bool = False, warmup: int = 2) -> dict:
-    torch.set_num_threads(threads)
-    torch.manual_seed(0)
-    cfg.model.encoder = encoder
-    cfg.model.pretrained = ""
-    dev = torch.device(device)
-    model = ALPNet(cfg.model, quiet=True).to(dev)
-    mem_fmt = torch.channels_last if channels_last else torch.contiguous_format
-    model = model.to(memory_format=mem_fmt)
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=5e-4)
-    s = stream(store, cfg, steps + warmup)
-    loader = DataLoader(s, batch_size=1, num_workers=workers, worker_init_fn=worker_init if workers else None,
-                        pin_memory=dev.type == "cuda", prefetch_factor=4 if workers else None)
-    data_t = step_t = 0.0
-    counted = 0
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    with PeakRSS() as mem:
-        t_prev = time.perf_counter()
-        t_start = None
-        for i, b in enumerate(loader):
-            t_data = time.perf_counter()
-            sup = b["support_image"].to(dev, non_blocking=True).contiguous(memory_format=mem_fmt)
-            qry = b["query_image"].to(dev, non_blocking=True).contiguous(memory_format=mem_fmt)
-            with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=amp):
-                out = model(sup, b["support_mask"].to(dev).float(), qry, b["query_mask"].to(dev))
-            opt.zero_grad(set_to_none=True)
-            out["loss"].backward()
-            opt.step()
-            float(out["loss"].detach())
-            t_step = time.perf_counter()
-            if i == warmup - 1:
-                t_start = t_step
-            elif i >= warmup:
-                data_t += t_data - t_prev
-                step_t += t_step - t_data
-                counted += 1
-            t_prev = t_step
-        wall = time.perf_counter() - t_start
-    rec = {"label": label, "encoder": encoder, "workers": workers, "torch_threads": threads,
-           "channels_last": channels_last, "device": device, "amp_bf16": amp, "steps": counted,
-           "step_ms": 1000 * step_t / counted, "data_ms": 1000 * data_t / counted,
-           "data_share": data_t / (data_t + step_t), "iterations_per_s": counted / wall, "peak_rss_mb": mem.peak_mb}
-    if dev.type == "cuda":
-        rec["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2 ** 20
-    return rec
+class TrainBench:
+    """One thread/worker layout of a training step; ``run`` times a round of steps with fresh episodes."""
+
+    def __init__(self, store: str, cfg, label: str, encoder: str, workers: int, threads: int,
+                 channels_last: bool, device: str = "cpu", amp: bool = False):
+        self.store, self.cfg, self.label = store, cfg, label
+        self.workers, self.threads, self.amp = workers, threads, amp
+        self.dev = torch.device(device)
+        cfg.model.encoder = encoder
+        cfg.model.pretrained = ""
+        torch.manual_seed(0)
+        self.mem_fmt = torch.channels_last if channels_last else torch.contiguous_format
+        self.model = ALPNet(cfg.model, quiet=True).to(self.dev).to(memory_format=self.mem_fmt)
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=1e-3, momentum=0.9, weight_decay=5e-4)
+        self.info = {"label": label, "encoder": encoder, "workers": workers, "torch_threads": threads,
+                     "channels_last": channels_last, "device": device, "amp_bf16": amp}
+        self.rounds: list[dict] = []
+
+    def run(self, steps: int, seed: int, warmup: int = 2) -> dict:
+        torch.set_num_threads(self.threads)
+        dev, mem_fmt = self.dev, self.mem_fmt
+        loader = DataLoader(stream(self.store, self.cfg, steps + warmup, seed), batch_size=1,
+                            num_workers=self.workers, worker_init_fn=worker_init if self.workers else None,
+                            pin_memory=dev.type == "cuda", prefetch_factor=4 if self.workers else None,
+                            collate_fn=collate_episodes)
+        data_t = step_t = 0.0
+        with PeakRSS() as mem:
+            t_prev = t_start = time.perf_counter()
+            for i, b in enumerate(loader):
+                t_data = time.perf_counter()
+                sup = b["support_image"].to(dev, non_blocking=True).contiguous(memory_format=mem_fmt)
+                qry = b["query_image"].to(dev, non_blocking=True).contiguous(memory_format=mem_fmt)
+                with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=self.amp):
+                    out = self.model(sup, b["support_mask"].to(dev).float(), qry, b["query_mask"].to(dev).long())
+                self.opt.zero_grad(set_to_none=True)
+                out["loss"].backward()
+                self.opt.step()
+                float(out["loss"].detach())
+                t_step = time.perf_counter()
+                if i == warmup - 1:
+                    t_start = t_step
+                elif i >= warmup:
+                    data_t += t_data - t_prev
+                    step_t += t_step - t_data
+                t_prev = t_step
+            wall = time.perf_counter() - t_start
+        rec = {"step_ms": 1000 * step_t / steps, "data_ms": 1000 * data_t / steps,
+               "data_share": data_t / (data_t + step_t), "iterations_per_s": steps / wall,
+               "peak_rss_mb": mem.peak_mb}
+        if dev.type == "cuda":
+            rec["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2 ** 20
+        self.rounds.append(rec)
+        return rec
+
+    def summary(self) -> dict:
+        out = dict(self.info, rounds=self.rounds)
+        for key in self.rounds[0]:
+            out[key] = (max if key.startswith("peak") else median)([r[key] for r in self.rounds])
+        return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -149,8 +170,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("store", help="store file, e.g. the CHAOS store from `cli.py preprocess`")
     p.add_argument("--config", default=str(ROOT / "configs" / "default.yaml"))
     p.add_argument("--episodes", type=int, default=400, help="episodes per stream measurement")
-    p.add_argument("--steps", type=int, default=30, help="timed training steps, default encoder")
+    p.add_argument("--steps", type=int, default=30, help="timed training steps per layout, default encoder")
     p.add_argument("--paper-steps", type=int, default=4, help="timed training steps, ResNet-101 (0: skip)")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds per measurement (medians)")
     p.add_argument("--gpu", action="store_true", help="time the paper config on CUDA instead (GPU machine)")
     p.add_argument("--out", help="JSON output (default benchmarks/results/loader-cpu.json or -gpu.json)")
     args = p.parse_args(argv)
@@ -164,35 +186,52 @@ def main(argv: list[str] | None = None) -> int:
     print(f"loader benchmark on {args.store}: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
     if args.gpu:
         paper = load(str(ROOT / "configs" / "paper.yaml"))
+        threads = max(1, (os.cpu_count() or 2) - 4)
         for amp in (False, True):
-            r = bench_train(args.store, paper, "paper-gpu", "resnet101", args.steps, workers=4,
-                            threads=max(1, (os.cpu_count() or 2) - 4), channels_last=amp, device="cuda", amp=amp,
-                            warmup=10)
-            rec["train"].append(r)
-            print(json.dumps(r))
+            b = TrainBench(args.store, paper, "paper-gpu" + (" bf16" if amp else ""), "resnet101", workers=4,
+                           threads=threads, channels_last=amp, device="cuda", amp=amp)
+            torch.cuda.reset_peak_memory_stats()
+            b.run(args.steps, seed=0, warmup=10)
+            rec["train"].append(b.summary())
+            print(json.dumps(rec["train"][-1]))
     else:
-        for w in (0, 1, 2):
-            r = bench_stream(args.store, cfg, w, args.episodes)
-            rec["stream"].append(r)
-            print(f"stream, {w} workers: {r['episodes_per_s']:.0f} episodes/s, peak RSS {r['peak_rss_mb']:.0f} MB"
-                  + (f" (read {r['read_ms']:.2f} ms + augment {r['augment_ms']:.2f} ms per episode)" if w == 0
-                     else ""))
-        layouts = [("default: 0 workers, 2 threads", 0, 2), ("1 worker, 1 thread", 1, 1),
+        # Layouts are measured in interleaved rounds and summarised by their medians, so that a neighbour's
+        # burst on this shared machine hits every layout alike.
+        per_stream: dict[int, list] = {0: [], 1: [], 2: []}
+        for r in range(args.rounds):
+            for w in per_stream:
+                per_stream[w].append(stream_round(args.store, cfg, w, args.episodes // args.rounds, seed=r))
+        for w, rounds in per_stream.items():
+            summary = {"workers": w, "rounds": rounds}
+            for key in rounds[0]:
+                summary[key] = (max if key.startswith("peak") else sum if "draws" in key else median)(
+                    [x[key] for x in rounds])
+            rec["stream"].append(summary)
+            print(f"stream, {w} workers: {summary['episodes_per_s']:.0f} episodes/s, main-process CPU "
+                  f"{summary['main_cpu_ms_per_episode']:.2f} ms/episode, peak RSS {summary['peak_rss_mb']:.0f} MB"
+                  + (f" (read {summary['read_ms']:.2f} ms + augment {summary['augment_ms']:.2f} ms per episode; "
+                     f"id draws {summary['id_draws']}: empty {summary['empty_redraws']}, vanishing "
+                     f"{summary['vanishing_redraws']})" if w == 0 else ""))
+        layouts = [("0 workers, 2 threads", 0, 2), ("0 workers, 1 thread", 0, 1), ("1 worker, 1 thread", 1, 1),
                    ("1 worker, 2 threads", 1, 2)]
-        for label, w, t in layouts:
-            r = bench_train(args.store, load(args.config), label, cfg.model.encoder, args.steps, w, t,
-                            cfg.train.channels_last)
-            rec["train"].append(r)
-            print(f"train {cfg.model.encoder} ({label}): step {r['step_ms']:.0f} ms, data {r['data_ms']:.1f} ms "
-                  f"({100 * r['data_share']:.1f}%), {r['iterations_per_s']:.2f} it/s, peak RSS "
-                  f"{r['peak_rss_mb']:.0f} MB")
+        benches = [TrainBench(args.store, load(args.config), label, cfg.model.encoder, w, t, cfg.train.channels_last)
+                   for label, w, t in (layouts if args.steps else [])]
+        for r in range(args.rounds):
+            for b in benches:
+                b.run(max(1, args.steps // args.rounds), seed=r)
         if args.paper_steps:
-            r = bench_train(args.store, load(args.config), "paper encoder, 0 workers, 2 threads", "resnet101",
-                            args.paper_steps, 0, 2, cfg.train.channels_last, warmup=1)
-            rec["train"].append(r)
-            print(f"train resnet101: step {r['step_ms']:.0f} ms, data {r['data_ms']:.1f} ms "
-                  f"({100 * r['data_share']:.1f}%), {r['iterations_per_s']:.2f} it/s, peak RSS "
-                  f"{r['peak_rss_mb']:.0f} MB")
+            # Built after the default-encoder rounds, so their peak RSS does not include ResNet-101; one round
+            # is enough for its order of size.
+            paper = TrainBench(args.store, load(args.config), "paper encoder, 0 workers, 2 threads", "resnet101",
+                               0, 2, cfg.train.channels_last)
+            paper.run(args.paper_steps, seed=0, warmup=1)
+            benches.append(paper)
+        for b in benches:
+            s = b.summary()
+            rec["train"].append(s)
+            print(f"train {s['encoder']} ({s['label']}): step {s['step_ms']:.0f} ms, data {s['data_ms']:.1f} ms "
+                  f"({100 * s['data_share']:.1f}%), {s['iterations_per_s']:.2f} it/s, peak RSS "
+                  f"{s['peak_rss_mb']:.0f} MB")
     rec["load_avg_end"] = os.getloadavg()
     out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / (
         "loader-gpu.json" if args.gpu else "loader-cpu.json")

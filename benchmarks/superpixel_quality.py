@@ -17,7 +17,8 @@ the faithful SSL-ALPNet Felzenszwalb maps (its sampler never draws the largest i
 
 Usage::
 
-    .venv/bin/python benchmarks/superpixel_quality.py                # full study (~5 min on 2 free cores)
+    .venv/bin/python benchmarks/superpixel_quality.py                # full study: ~660 s of worker CPU,
+                                                                     # 592 s wall on 2 shared cores (load 6)
     .venv/bin/python benchmarks/superpixel_quality.py --quick        # every 6th slice, reduced grid
 
 Writes ``benchmarks/results/superpixel_quality.json`` and ``superpixel_quality.png`` (``_quick`` suffix with
@@ -30,6 +31,7 @@ import json
 import math
 import multiprocessing as mp
 import os
+import resource
 import sys
 import time
 from pathlib import Path
@@ -42,7 +44,7 @@ os.environ.setdefault("NUMBA_CACHE_DIR", str(ROOT / ".numba_cache"))
 os.environ.setdefault("MPLBACKEND", "Agg")
 
 from engine import quality  # noqa: E402
-from engine.config import MeanShiftConfig, PrepareConfig  # noqa: E402
+from engine.config import MeanShiftConfig, PrepareConfig, SlicConfig  # noqa: E402
 from engine.prepare import body_mask, prepare_volume  # noqa: E402
 from engine.recipes import consecutive_ids, felzenszwalb_pseudolabels, meanshift_pseudolabels  # noqa: E402
 from engine.sources import open_source  # noqa: E402
@@ -60,7 +62,7 @@ except ImportError:  # pragma: no cover - only before engine.superpixels exists
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "chaos_t2"
 N_SEGMENTS = (20, 30, 50, 75, 100, 150)
 COMPACTNESS = (0.03, 0.1, 0.3, 1.0)
-ITERATIONS = (3, 5)                     # extra runs at K = 50, 30 (mask, m = 0.1) besides the default 10
+ITERATIONS = (3, 5, 8)                  # extra runs at K = 30, 50 (mask, m = 0.1) besides the grid's 10
 QUICK_N, QUICK_C = (30, 50, 100), (0.1, 0.3)
 FEATURE_SIZE, POOL, THRESHOLD = 32, 4, 0.95
 
@@ -85,6 +87,10 @@ def method_list(quick: bool) -> list[dict]:
         for n in (30, 50):
             out.append({"name": f"slic_mask_K{n}_m0.1_it{it}", "kind": "slic", "mask": True, "n_segments": n,
                         "compactness": 0.1, "max_num_iter": it})
+    d = SlicConfig()                    # always evaluate the engine's current defaults too
+    if default_slic_name() not in {m["name"] for m in out}:
+        out.append({"name": default_slic_name(), "kind": "slic", "mask": d.mask, "n_segments": d.n_segments,
+                    "compactness": d.compactness, "max_num_iter": d.max_num_iter})
     out.append({"name": "skimage_maskslic_K50_m0.1", "kind": "skimage_slic", "mask": True, "n_segments": 50,
                 "compactness": 0.1, "max_num_iter": 10})
     out.append({"name": "felzenszwalb_faithful", "kind": "felzenszwalb", "faithful": True})
@@ -221,6 +227,13 @@ def markdown(res: dict, subset: str) -> str:
     return head + "\n" + "\n".join(rows)
 
 
+def default_slic_name() -> str:
+    """Name of the study's entry that matches the engine's current SLIC defaults (``SlicConfig``)."""
+    d = SlicConfig()
+    suffix = "" if d.max_num_iter == 10 else f"_it{d.max_num_iter}"
+    return f"slic_{'mask' if d.mask else 'full'}_K{d.n_segments}_m{d.compactness:g}{suffix}"
+
+
 def plot(res: dict, path: Path, subset: str = "organ_slices") -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -247,6 +260,10 @@ def plot(res: dict, path: Path, subset: str = "organ_slices") -> None:
             if name in res:
                 s = res[name][subset]
                 ax.plot([s["n"]], [s[key]], marker, color=colour, ms=11, label=name)
+        chosen = default_slic_name()
+        if chosen in res:
+            s = res[chosen][subset]
+            ax.plot([s["n"]], [s[key]], "o", mfc="none", mec="r", ms=16, mew=2, label=f"default ({chosen})")
         ax.set_xscale("log")
         ax.set_xlabel("superpixels per slice (inside the body)")
         ax.set_title(title)
@@ -290,6 +307,8 @@ def main(argv: list[str] | None = None) -> int:
     parts.sort(key=lambda p: refs.index(p["volume"]) if p["volume"] in refs else 0)
     res = summarise(parts, methods)
     wall = time.perf_counter() - t0
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)     # the workers' CPU time, independent of load
+    cpu = usage.ru_utime + usage.ru_stime
 
     suffix = "_quick" if args.quick else ""
     out = Path(args.out)
@@ -303,7 +322,8 @@ def main(argv: list[str] | None = None) -> int:
                                      f"threshold {THRESHOLD}"},
            "slic_impl": SLIC_IMPL, "slices": n_slices,
            "organ_slices": int(sum(sum(p["organs"]) for p in parts)), "step": step, "workers": args.workers,
-           "wall_seconds": wall, "reference": REFERENCE, "results": res}
+           "wall_seconds": wall, "worker_cpu_seconds": cpu, "load_average_1min_at_end": os.getloadavg()[0],
+           "engine_default": default_slic_name(), "reference": REFERENCE, "results": res}
     (out / f"superpixel_quality{suffix}.json").write_text(json.dumps(doc, indent=1))
     plot(res, out / f"superpixel_quality{suffix}.png")
     try:
@@ -313,7 +333,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # provenance must not lose the results
         print(f"warning: run info not written ({exc})", file=sys.stderr)
 
-    print(f"\n{n_slices} slices ({doc['organ_slices']} with organs) in {wall:.0f} s\n")
+    print(f"\n{n_slices} slices ({doc['organ_slices']} with organs) in {wall:.0f} s wall, {cpu:.0f} s worker CPU "
+          f"(load average {os.getloadavg()[0]:.1f})\n")
     print("Reference points (slices with organs):")
     print("\n".join(check_reference(res)))
     for subset in ("organ_slices", "all_slices"):

@@ -155,14 +155,40 @@ def _nearest_assign(py, px, n_pts, cy, cx, n_c, best, lab):
 
 
 @njit(**_JIT)
-def mask_seeds(mask, n_want, cy, cx, lloyd_iter=5, density=25):
+def mask_box(mask):
+    """(pixel count, first row, last row, first column, last column) of a non-empty uint8 mask."""
+    h, w = mask.shape
+    n_mask = 0
+    y0 = h
+    y1 = -1
+    x0 = w
+    x1 = -1
+    for y in range(h):
+        first = -1
+        last = -1
+        for x in range(w):
+            if mask[y, x]:
+                n_mask += 1
+                if first < 0:
+                    first = x
+                last = x
+        if first >= 0:
+            y0 = min(y0, y)
+            y1 = y
+            x0 = min(x0, first)
+            x1 = max(x1, last)
+    return n_mask, y0, y1, x0, x1
+
+
+@njit(**_JIT)
+def mask_seeds(mask, n_want, cy, cx):
     """Seeds spread homogeneously over a mask: k-means on the mask's pixel coordinates (maskSLIC step 1).
 
     scikit-image draws ``n`` random mask pixels with a fixed seed and refines them with 5 k-means iterations
     over a random subset of ~100 n mask pixels. Here both choices are deterministic: the starting points are
     the first mask pixels hit by the plastic-number (R2) low-discrepancy sequence over the mask's bounding
-    box, and the k-means runs on a regular sub-grid of the mask with about ``density * n`` points (25 n by
-    default: a regular sub-grid covers the mask evenly with fewer points than a random subset). A seed whose
+    box, and the k-means runs on a regular sub-grid of the mask with about 25 n points (a regular sub-grid
+    covers the mask evenly with fewer points than a random subset needs). A seed whose
     cluster mean falls outside the mask (a non-convex mask) is moved to the nearest sub-grid point, so every
     seed lies inside the mask.
 
@@ -179,24 +205,14 @@ def mask_seeds(mask, n_want, cy, cx, lloyd_iter=5, density=25):
     n : int
         Number of seeds written.
     """
+    n_mask, y0, y1, x0, x1 = mask_box(mask)
+    return _mask_seeds(mask, n_want, cy, cx, n_mask, y0, y1, x0, x1, 5, 25)
+
+
+@njit(**_JIT)
+def _mask_seeds(mask, n_want, cy, cx, n_mask, y0, y1, x0, x1, lloyd_iter, density):
+    """``mask_seeds`` given the mask's pixel count and bounding box (rows y0..y1, columns x0..x1)."""
     h, w = mask.shape
-    n_mask = 0
-    y0 = h
-    y1 = -1
-    x0 = w
-    x1 = -1
-    for y in range(h):
-        for x in range(w):
-            if mask[y, x]:
-                n_mask += 1
-                if y < y0:
-                    y0 = y
-                if y > y1:
-                    y1 = y
-                if x < x0:
-                    x0 = x
-                if x > x1:
-                    x1 = x
     n = min(n_want, n_mask)
     if n <= 0:
         return 0
@@ -390,9 +406,9 @@ def _update(lab, stride, pw, h, lo, hi, prefix, cy, cx, cc, alive, n_c, cnt, s_y
     """Move every centre to the mean (row, column, intensity) of its pixels.
 
     One pass over the runs of equal labels in each row: a run adds its length, its row and column sums
-    (closed forms) and its intensity sum (difference of the row prefix sums ``prefix``, row stride ``pw``).
+    (closed forms) and its intensity sum (a difference of the row prefix sums ``prefix``, row stride ``pw``).
     Pixels that no window reached in this sweep still carry their previous label and count for it, as in
-    scikit-image.
+    scikit-image. (A branch-free two-phase variant, run ends first, measured slower.)
     """
     cnt[:] = 0
     s_y[:] = 0
@@ -448,12 +464,14 @@ def kmeans_passes(img, stride, base_best, lo, hi, prefix, pw, h, w, cy, cx, cc, 
     # scikit-image: spatial_weight = 1.0 / (step * step) with a C float step, stored as float32
     sw = np.float32(1.0 / np.float32(np.float32(step) * np.float32(step)))
     lab[:] = -1
-    for _ in range(n_iter):
+    for it in range(n_iter):
         best[:] = base_best
         changed = _sweep(img, best, lab, stride, lo, hi, cy, cx, cc, alive, n_c, half_y, half_x, h, w, sw,
                          np.float32(sp_y), np.float32(sp_x), use_color, dxs)
         if not changed:
             break
+        if use_color and it == n_iter - 1:
+            break  # the centres after the last sweep of the SLIC pass are never used (scikit-image computes them)
         _update(lab, stride, pw, h, lo, hi, prefix, cy, cx, cc, alive, n_c, cnt, s_y, s_x, s_c)
 
 
@@ -611,14 +629,14 @@ def enforce_connectivity(lab, ls, out, h, w, min_size, max_size, start_label):
         lb = np.uint64(y * ls)
         rb = np.uint64((y + 1) * pad)
         # branch-free: every pixel gets the index of its run (the count of label changes so far)
-        r = np.int32(n_runs)
+        r = np.uint64(n_runs)
         run_x0[r] = 0
-        rix[rb] = r
+        rix[rb] = np.int32(r)
         for x in range(one, uw):
-            run_x0[r + 1] = np.int32(x)  # start of the next run, kept only if the label changes here
-            r += np.int32(lab[lb + x] != lab[lb + x - one])
-            rix[rb + x] = r
-        n_row = r + 1
+            run_x0[r + one] = np.int32(x)  # start of the next run, kept only if the label changes here
+            r += np.uint64(lab[lb + x] != lab[lb + x - one])
+            rix[rb + x] = np.int32(r)
+        n_row = np.int64(r) + 1
         for q in range(n_runs, n_row):
             run_x1[q] = run_x0[q + 1] if q + 1 < n_row else np.int32(w)
             run_y[q] = y
@@ -694,25 +712,34 @@ def enforce_connectivity(lab, ls, out, h, w, min_size, max_size, start_label):
                 order[m] = base + x
                 m += 1
         else:
+            # breadth-first visiting order (neighbours x+1, x-1, y+1, y-1 as in scikit-image); membership:
+            # the pixel's run belongs to this component
             order[0] = base + run_x0[r]
             seen[order[0]] = 1
             m = 1
             v = 0
             while v < m:
                 i = order[v]
-                for d in range(4):
-                    if d == 0:
-                        q = i + 1
-                    elif d == 1:
-                        q = i - 1
-                    elif d == 2:
-                        q = i + pad
-                    else:
-                        q = i - pad
-                    if seen[q] == 0 and parent[rix[q]] == r:
-                        seen[q] = 1
-                        order[m] = q
-                        m += 1
+                q = i + 1
+                if seen[q] == 0 and parent[rix[q]] == r:
+                    seen[q] = 1
+                    order[m] = q
+                    m += 1
+                q = i - 1
+                if seen[q] == 0 and parent[rix[q]] == r:
+                    seen[q] = 1
+                    order[m] = q
+                    m += 1
+                q = i + pad
+                if seen[q] == 0 and parent[rix[q]] == r:
+                    seen[q] = 1
+                    order[m] = q
+                    m += 1
+                q = i - pad
+                if seen[q] == 0 and parent[rix[q]] == r:
+                    seen[q] = 1
+                    order[m] = q
+                    m += 1
                 v += 1
         fin[r] = cur  # its own pixels read as "cur" during the search, as in scikit-image
         fin[r] = _adjacent_of(order, m, rix, parent, fin, pad, cur)
@@ -758,18 +785,20 @@ def slic_core(img, mask, use_mask, imin, imax, ratio, n_c, gy0, gsy, gx0, gsx, g
     """The whole SLIC / maskSLIC of one slice in one GIL-free call (arguments prepared by ``slic``).
 
     Grid mode (``use_mask`` False): ``n_c`` centres on the grid ``gy0::gsy`` x ``gx0::gsx`` with intensity 0,
-    distance scale ``grid_step``. Mask mode: ``n_c`` k-means seeds in the mask, scale = their mean
-    nearest-neighbour offset (``fallback_step`` when there is a single seed), then a colour-blind pass of
-    ``n_iter`` iterations before the SLIC pass (maskSLIC). ``half_y`` / ``half_x``: search window
-    half-widths. ``out`` (H*W int32) receives the labels. Returns the number of labels when connectivity is
-    enforced, else the number of centres.
+    distance scale ``grid_step``. Mask mode: ``n_c`` k-means seeds in the mask, distance scale = their mean
+    nearest-neighbour offset (``fallback_step`` for a single seed), then ``n_iter_spatial`` colour-blind
+    iterations (maskSLIC's seed spreading) before the ``n_iter`` SLIC iterations. ``half_y`` / ``half_x``:
+    search window half-widths in pixels; ``ratio`` = 1 / compactness. ``out`` (H*W int32) receives the labels.
+
+    Returns
+    -------
+    int
+        The number of labels when connectivity is enforced, else the number of centres.
     """
     h, w = img.shape
     stride = (w + 31) & ~15  # >= w + 16 and a multiple of the 16-lane SIMD width
     scaled = _aligned_f32(h * stride)
-    scaled[:] = 0.0
     base_best = _aligned_f32(h * stride)
-    base_best[:] = -np.inf
     lo = np.zeros(h, dtype=np.int64)
     hi = np.zeros(h, dtype=np.int64)
     rng = imax - imin
@@ -777,47 +806,90 @@ def slic_core(img, mask, use_mask, imin, imax, ratio, n_c, gy0, gsy, gx0, gsx, g
     r32 = np.float32(ratio)
     inf = np.float32(np.inf)
     zero = np.float32(0.0)
+    imgf = img.reshape(-1)
+    maskf = mask.reshape(-1)
+    uw = np.uint64(w)
+    n_mask = 0
     for y in range(h):
-        base = y * stride
+        ib = np.uint64(y * w)
+        ob = np.uint64(y * stride)
         if use_mask:
-            first = -1
-            last = -1
-            for x in range(w):
-                inside = mask[y, x] != 0
+            cnt = 0
+            for x in range(uw):
+                inside = maskf[ib + x] != 0
                 # scikit-image's order of operations: subtract the minimum, divide by the range, weight
-                v = ((img[y, x] - imin) / div) * r32
-                scaled[base + x] = v if inside else zero
-                base_best[base + x] = inf if inside else -inf
-            for x in range(w):
-                if mask[y, x] != 0:
-                    first = x
-                    break
-            for x in range(w - 1, -1, -1):
-                if mask[y, x] != 0:
-                    last = x
-                    break
-            if first >= 0:
+                v = ((imgf[ib + x] - imin) / div) * r32
+                scaled[ob + x] = v if inside else zero
+                base_best[ob + x] = inf if inside else -inf
+                cnt += np.int64(inside)
+            if cnt > 0:
+                n_mask += cnt
+                first = 0
+                while maskf[ib + np.uint64(first)] == 0:
+                    first += 1
+                last = w - 1
+                while maskf[ib + np.uint64(last)] == 0:
+                    last -= 1
                 lo[y] = first
                 hi[y] = last + 1
         else:
-            for x in range(w):
-                scaled[base + x] = ((img[y, x] - imin) / div) * r32
-                base_best[base + x] = inf
+            for x in range(uw):
+                scaled[ob + x] = ((imgf[ib + x] - imin) / div) * r32
+                base_best[ob + x] = inf
             lo[y] = 0
             hi[y] = w
-    # row prefix sums of the weighted intensities (float64): a run's intensity sum in O(1) in the update
+        for x in range(uw, np.uint64(stride)):
+            scaled[ob + x] = zero
+            base_best[ob + x] = -inf
+    # row prefix sums of the weighted intensities (float64): a run's intensity sum in O(1) in the update.
+    # Four rows at a time: four independent addition chains instead of one long one.
     pw = w + 1
     prefix = np.empty(h * pw, dtype=np.float64)
-    for y in range(h):
-        acc = 0.0
-        prefix[y * pw] = 0.0
+    for y0 in range(0, h, 4):
+        rows = min(4, h - y0)
+        if rows < 4:
+            for y in range(y0, h):
+                acc = 0.0
+                prefix[y * pw] = 0.0
+                for x in range(w):
+                    acc += scaled[y * stride + x]
+                    prefix[y * pw + x + 1] = acc
+            break
+        a0 = 0.0
+        a1 = 0.0
+        a2 = 0.0
+        a3 = 0.0
+        p0 = y0 * pw
+        s0 = y0 * stride
+        prefix[p0] = 0.0
+        prefix[p0 + pw] = 0.0
+        prefix[p0 + 2 * pw] = 0.0
+        prefix[p0 + 3 * pw] = 0.0
         for x in range(w):
-            acc += scaled[y * stride + x]
-            prefix[y * pw + x + 1] = acc
+            a0 += scaled[s0 + x]
+            a1 += scaled[s0 + stride + x]
+            a2 += scaled[s0 + 2 * stride + x]
+            a3 += scaled[s0 + 3 * stride + x]
+            prefix[p0 + x + 1] = a0
+            prefix[p0 + pw + x + 1] = a1
+            prefix[p0 + 2 * pw + x + 1] = a2
+            prefix[p0 + 3 * pw + x + 1] = a3
     sy64 = np.empty(n_c, dtype=np.float64)
     sx64 = np.empty(n_c, dtype=np.float64)
     if use_mask:
-        mask_seeds(mask, n_c, sy64, sx64)
+        y0 = 0
+        while hi[y0] <= lo[y0]:
+            y0 += 1
+        y1 = h - 1
+        while hi[y1] <= lo[y1]:
+            y1 -= 1
+        x0 = w
+        x1 = 0
+        for y in range(y0, y1 + 1):
+            if hi[y] > lo[y]:
+                x0 = min(x0, lo[y])
+                x1 = max(x1, hi[y] - 1)
+        _mask_seeds(mask, n_c, sy64, sx64, n_mask, y0, y1, x0, x1, 5, 25)
         my, mx = mean_nn_steps(sy64, sx64, n_c)
         step = max(my, mx)
         if not step > 0.0:
@@ -841,15 +913,16 @@ def slic_core(img, mask, use_mask, imin, imax, ratio, n_c, gy0, gsy, gx0, gsx, g
     # scikit-image's) form one extra cluster rather than staying unlabelled; connectivity enforcement then
     # merges its small pieces into neighbours like any other fragment
     orphan = np.int32(n_c)
-    for y in range(h):
-        for x in range(lo[y], hi[y]):
-            i = y * stride + x
-            if labp[i] < 0 and base_best[i] > 0:
-                labp[i] = orphan
+    for i in range(np.uint64(h * stride)):
+        k = labp[i]
+        labp[i] = orphan if (k < 0) & (base_best[i] > zero) else k
     if enforce:
         return enforce_connectivity(labp, stride, out, h, w, min_size, max_size, start_label)
+    s0 = np.int32(start_label)
     for y in range(h):
-        for x in range(w):
-            k = labp[y * stride + x]
-            out[y * w + x] = k + start_label if k >= 0 else start_label - 1
+        ib = np.uint64(y * stride)
+        ob = np.uint64(y * w)
+        for x in range(uw):
+            k = labp[ib + x]
+            out[ob + x] = k + s0 if k >= 0 else s0 - np.int32(1)
     return n_c

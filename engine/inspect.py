@@ -239,10 +239,14 @@ def write_overlay(reader: StoreReader, volume: str, z: int, png: str | Path) -> 
                       f"body outline", fontsize=9)
     axes[1].imshow(grey, cmap="gray")
     if d["label"] is not None and d["label"].any():
+        from matplotlib.patches import Patch
         lab = np.ma.masked_equal(d["label"], 0)
-        axes[1].imshow(lab, cmap="tab10", alpha=0.45, vmin=0, vmax=9, interpolation="nearest")
-        values = ", ".join(str(v) for v in np.unique(d["label"]) if v)
-        axes[1].set_title(f"labels {values}", fontsize=9)
+        cmap = plt.get_cmap("tab10")
+        axes[1].imshow(lab % 10, cmap=cmap, alpha=0.45, vmin=0, vmax=9, interpolation="nearest")
+        values = [int(v) for v in np.unique(d["label"]) if v]
+        axes[1].legend(handles=[Patch(color=cmap(v % 10), alpha=0.6, label=f"label {v}") for v in values],
+                       loc="lower right", fontsize=7, framealpha=0.6)
+        axes[1].set_title(f"labels {', '.join(map(str, values))}", fontsize=9)
     else:
         axes[1].set_title("no label" if d["label"] is None else "label: background only", fontsize=9)
     for ax in axes:

@@ -52,6 +52,10 @@ from engine.superpixels import pseudolabels
 from engine.volume import VolumeError
 
 INFLIGHT_BATCHES = 2          # the batch being written + the batch being computed
+# A worker thread leaving a numba kernel needs the GIL back; while a reader or the writer runs Python code or a
+# GIL-holding h5py call, CPython hands the GIL over only after the switch interval (default 5 ms, five times a
+# SLIC kernel call). The engine lowers it for the duration of a run.
+SWITCH_INTERVAL_S = 0.0005
 PREFETCH_PER_WORKER = 2       # processes backend: tasks queued at each worker (hides the pipe round trip)
 
 
@@ -79,6 +83,13 @@ def store_settings(cfg, spec: str, refs: list[str]) -> dict:
     return {"schema_version": SCHEMA_VERSION, "method": method,
             "params": to_dict(getattr(cfg.superpixels, method)), "prepare": to_dict(cfg.prepare),
             "source": source}
+
+
+def n_readers(cfg, workers: int) -> int:
+    """``engine.readers``, with 0 meaning one per worker, at least 2 and at most 8 (memory: one volume each)."""
+    if cfg.engine.readers > 0:
+        return int(cfg.engine.readers)
+    return max(2, min(workers, 8))
 
 
 def n_workers(cfg) -> int:
@@ -133,14 +144,16 @@ def compute_slice(raw: np.ndarray, image: np.ndarray, label: np.ndarray | None, 
 def organ_bits(label: np.ndarray | None, n_slices: int) -> np.ndarray:
     """Per slice, bit v set when label value v (1..63) occurs: (Z,) uint64 from a (Z, H, W) label volume.
 
-    Computed once per volume in the reader threads (vectorised), so workers spend no GIL time on it.
+    Computed once per volume in the reader threads, so workers spend no GIL time on it.
     """
     bits = np.zeros(n_slices, dtype=np.uint64)
     if label is None:
         return bits
-    present = np.flatnonzero(np.bincount(label.ravel(), minlength=64)[1:64]) + 1
-    for v in present:
-        bits[(label == v).any(axis=(1, 2))] |= np.uint64(1 << int(v))
+    for z in range(n_slices):
+        mask = 0
+        for v in np.flatnonzero(np.bincount(label[z].ravel(), minlength=64)[1:64]):
+            mask |= 1 << int(v + 1)
+        bits[z] = mask
     return bits
 
 
@@ -380,7 +393,6 @@ class _Run:
         self.producer_done = False
         self.threads: list[threading.Thread] = []
         self.bar = None
-        self.current: dict[int, _Task | None] = {}
 
     # -------------------------------------------------------------- messages
     def say(self, line: str) -> None:
@@ -417,9 +429,12 @@ class _Run:
         except (StoreLocked, SettingsMismatch, StoreError) as exc:
             print(f"preprocess: {exc}", file=sys.stderr)
             return 2
+        old_interval = sys.getswitchinterval()
+        sys.setswitchinterval(min(old_interval, SWITCH_INTERVAL_S))
         try:
             return self._run_locked(settings)
         finally:
+            sys.setswitchinterval(old_interval)
             if self.writer.lock.fd is not None:      # any path that did not finish/abort
                 self.writer.lock.release()
 
@@ -471,7 +486,8 @@ class _Run:
             self.q: queue.Queue = queue.Queue()
         else:
             self.q = queue.Queue(maxsize=max(1, cfg.engine.queue_slices))
-        self.prof = Profiler(self.n_workers, self.backend, queue_depth=self._queue_depth)
+        self.prof = Profiler(self.n_workers, self.backend, queue_depth=self._queue_depth,
+                             child_pids=lambda: [p.pid for p in getattr(self, "procs", [])])
         self.batches = _Batches(len(writer.shards), writer.n_committed, self.batch_size, self.prof.barrier_clock,
                                 self.stop)
         if self.backend == "processes":
@@ -544,7 +560,7 @@ class _Run:
 
     def _ordered_loads(self):
         """Prepared volumes (or failures) in source order; up to ``engine.readers`` volumes load in parallel."""
-        readers = max(1, int(getattr(self.cfg.engine, "readers", 2)))
+        readers = n_readers(self.cfg, self.n_workers)
         with ThreadPoolExecutor(max_workers=readers, thread_name_prefix="engine-reader") as ex:
             pending: collections.deque = collections.deque()
             plan = iter(self.plan)
@@ -667,7 +683,6 @@ class _Run:
             if task is None or self.stop.is_set():
                 return
             vol, z = task.vol, task.z
-            self.current[w] = task
             try:
                 chunks, nsp, stages = compute_slice(
                     vol.raw[z], vol.image[z], None if vol.label is None else vol.label[z],
@@ -676,7 +691,6 @@ class _Run:
                 self.fail(f"volume {vol.id} slice z={z} ({vol.path}) failed in worker {w}: "
                           f"{type(exc).__name__}: {exc}")
                 return
-            self.current[w] = None
             prof.add_work(w, stages)
             self._result(task, chunks, nsp)
 
@@ -936,7 +950,7 @@ class _Run:
         profile_path = self.store.with_name(self.store.name + ".profile.json")
         prof = self.prof.write_json(profile_path, self.committed_this_run, extra={
             "store": str(self.store), "settings_hash": settings_hash(settings), "batch": self.batch_size,
-            "compression": self.codec.spec, "readers": int(getattr(self.cfg.engine, "readers", 2)),
+            "compression": self.codec.spec, "readers": n_readers(self.cfg, self.n_workers),
             "status": record["status"], "failed_volumes": [f.record() for f in self.failures]})
         out = sys.stdout
         method = self.cfg.superpixels.method

@@ -1,5 +1,9 @@
 """Per-run statistics of the engine: where each slice's time goes, how busy the workers are, memory and CPU.
 
+``per_slice_ms`` is, for each stage, the time threads spent in it divided by the slices of the run (wall time
+inside the stage: on an idle machine close to its CPU time, on a busy one inflated by waiting for a core or
+the GIL); ``cpu.cpu_s`` is the true CPU time of the process and its workers.
+
 A ``Profiler`` is shared by the engine's threads. Workers add their per-stage times and their idle intervals;
 idle time is split into *waiting* (no slice was ready: reading/preparing volumes is the bottleneck) and
 *barrier* (the producer was held back because two uncommitted batches were already in flight, i.e. the
@@ -76,10 +80,13 @@ class Profiler:
         Slices waiting for a worker, sampled by the sampler thread.
     interval : float
         Sampling period in seconds.
+    child_pids : callable returning a list of pids, optional
+        The worker processes (processes backend). Given explicitly because asking psutil for a process's
+        children scans every process of the machine, which costs real CPU on a busy host.
     """
 
     def __init__(self, n_workers: int, backend: str, queue_depth: Callable[[], int] | None = None,
-                 interval: float = 0.25):
+                 interval: float = 0.25, child_pids: Callable[[], list] | None = None):
         self.backend = backend
         self.workers = [WorkerStats() for _ in range(n_workers)]
         self.barrier_clock = BlockClock()
@@ -95,6 +102,9 @@ class Profiler:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._proc = psutil.Process()
+        self._child_pids = child_pids or (lambda: [])
+        self._children: dict[int, psutil.Process] = {}
+        self._n_samples = 0
         self.t0 = time.perf_counter()
         self.t_end: float | None = None
         self.peak_rss_total = 0
@@ -130,30 +140,47 @@ class Profiler:
             self.bytes_written += nbytes
 
     # ------------------------------------------------------------------ sampling
+    def _children_now(self) -> list:
+        pids = set(self._child_pids())
+        for pid in list(self._children):
+            if pid not in pids:
+                del self._children[pid]
+        for pid in pids:
+            if pid not in self._children:
+                try:
+                    self._children[pid] = psutil.Process(pid)
+                except psutil.Error:
+                    pass
+        return list(self._children.values())
+
     def _cpu_times(self) -> float:
+        """CPU seconds of this process, its live workers and its reaped children."""
         try:
             t = self._proc.cpu_times()
             total = t.user + t.system + t.children_user + t.children_system
-            for child in self._proc.children(recursive=True):
-                try:
-                    c = child.cpu_times()
-                    total += c.user + c.system
-                except psutil.Error:
-                    pass
-            return total
         except psutil.Error:
             return 0.0
+        for child in self._children_now():
+            try:
+                c = child.cpu_times()
+                total += c.user + c.system
+            except psutil.Error:
+                pass
+        return total
 
-    def _rss_total(self) -> int:
-        """Resident memory of this process plus its children.
+    def _rss_total(self, full: bool) -> int:
+        """Resident memory of this process plus its worker processes.
 
         Forked workers share most pages with the parent, so summing their RSS would count those pages
-        several times; with children present the proportional set size (PSS, Linux) is summed instead.
+        several times; with workers present the proportional set size (PSS, Linux) is summed instead, every
+        few samples only (reading it costs a few milliseconds per process).
         """
+        children = self._children_now()
         try:
-            children = self._proc.children(recursive=True)
             if not children:
                 return self._proc.memory_info().rss
+            if not full:
+                return 0
             total = 0
             for proc in [self._proc] + children:
                 try:
@@ -165,10 +192,13 @@ class Profiler:
         except psutil.Error:
             return 0
 
-    def sample(self) -> None:
+    def sample(self, full: bool | None = None) -> None:
         now = time.perf_counter()
-        rss = self._rss_total()
+        self._n_samples += 1
+        rss = self._rss_total(full if full is not None else self._n_samples % 4 == 1)
         self.peak_rss_total = max(self.peak_rss_total, rss)
+        if rss == 0 and self.samples:
+            rss = int(self.samples[-1]["rss_mb"] * 2 ** 20)
         cpu = self._cpu_times()
         prev = self.samples[-1] if self.samples else {"t": 0.0, "cpu_s": self._cpu0}
         dt = (now - self.t0) - prev["t"]
@@ -191,7 +221,7 @@ class Profiler:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=2)
-        self.sample()
+        self.sample(full=True)
         self.t_end = time.perf_counter()
 
     # ------------------------------------------------------------------ report
@@ -273,14 +303,15 @@ def summary_lines(p: dict) -> list[str]:
     wt = p["worker_time"]
     total = wt["busy_s"] + wt["waiting_s"] + wt["barrier_s"]
     frac = (lambda v: f"{100 * v / total:.0f}%" if total > 0 else "-")
+    cpu_per_slice = f", {1000 * p['cpu']['cpu_s'] / p['slices']:.2f} CPU ms per slice" if p["slices"] else ""
     lines = [f"{p['slices']} slices in {p['wall_s']:.2f} s = {p['slices_per_s']:.1f} slices/s with "
              f"{p['workers']} {p['backend']} worker(s)",
              f"workers: busy {frac(wt['busy_s'])}, waiting for input {frac(wt['waiting_s'])}, "
              f"barrier {frac(wt['barrier_s'])}; CPU {p['cpu']['utilisation_pct']:.0f}% "
-             f"({p['cpu']['cores']} cores); peak RSS {p['memory']['peak_rss_mb']:.0f} MB"]
+             f"({p['cpu']['cores']} cores){cpu_per_slice}; peak RSS {p['memory']['peak_rss_mb']:.0f} MB"]
     ps = p["per_slice_ms"]
     if ps:
         part = (lambda keys: ", ".join(f"{k} {ps[k]:.2f}" for k in keys if k in ps))
-        lines.append(f"CPU ms per slice: read [{part(STAGES_READ)}] | workers [{part(STAGES_WORK)}] | "
+        lines.append(f"ms per slice in each stage: read [{part(STAGES_READ)}] | workers [{part(STAGES_WORK)}] | "
                      f"writer [{part(STAGES_WRITE)}]")
     return lines

@@ -15,6 +15,7 @@ reader threads may call it at once (nibabel's zlib and file reads release the GI
 """
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import re
@@ -57,16 +58,50 @@ def _configs(cfg):
 
 
 # --------------------------------------------------------------------------------------------- NIfTI
-def _nifti_array(path: Path, kind: str):
-    """Open a NIfTI file; return (image object, shape checked to be 3D). Reads only the header."""
+def _gunzip(data: bytes) -> bytes:
+    """Inflate gzip bytes with ISA-L when installed (about 3x faster than zlib; both release the GIL)."""
+    try:
+        from isal import igzip
+        return igzip.decompress(data)
+    except ImportError:
+        return gzip.decompress(data)
+
+
+def _from_bytes(path: Path):
+    """Read a NIfTI-1 file in one pass: its bytes serve both the checksum and the (fast) decompression.
+
+    Returns (image object, sha256) or None when the fast path does not apply (NIfTI-2, a corrupt or
+    truncated file, ...): the caller then goes through ``nib.load``, which words the error.
+    """
     import nibabel as nib
 
     try:
-        img = nib.load(str(path))
-    except FileNotFoundError:
-        raise VolumeError(path, "file not found") from None
-    except Exception as exc:               # nibabel raises many types for non-NIfTI / corrupt files
-        raise VolumeError(path, f"not a readable NIfTI {kind} ({_one_line(exc)})") from None
+        data = path.read_bytes()
+    except OSError:
+        return None
+    digest = hashlib.sha256(data).hexdigest()
+    try:
+        raw = _gunzip(data) if path.name.endswith(".gz") else data
+        return nib.Nifti1Image.from_bytes(raw), digest
+    except Exception:
+        return None
+
+
+def _nifti_array(path: Path, kind: str):
+    """Open a NIfTI file; return (image object, shape checked to be 3D, sha256 of the file)."""
+    import nibabel as nib
+
+    fast = _from_bytes(path)
+    if fast is not None:
+        img, digest = fast
+    else:
+        try:
+            img = nib.load(str(path))
+        except FileNotFoundError:
+            raise VolumeError(path, "file not found") from None
+        except Exception as exc:               # nibabel raises many types for non-NIfTI / corrupt files
+            raise VolumeError(path, f"not a readable NIfTI {kind} ({_one_line(exc)})") from None
+        digest = None
     shape = tuple(int(s) for s in img.shape)
     if len(shape) > 3 and all(s == 1 for s in shape[3:]):
         shape = shape[:3]                  # (H, W, Z, 1) is a 3D volume written with a time axis of 1
@@ -77,7 +112,7 @@ def _nifti_array(path: Path, kind: str):
         raise VolumeError(path, f"empty {kind} (shape {shape})")
     if int(np.prod(shape, dtype=np.int64)) > _MAX_VOXELS:
         raise VolumeError(path, f"{kind} of shape {shape} is too large (> {_MAX_VOXELS} voxels)")
-    return img, shape
+    return img, shape, digest or sha256_file(path)
 
 
 def _read_data(img, path: Path, shape, dtype) -> np.ndarray:
@@ -132,7 +167,7 @@ def load_nifti(image_path: str | Path, label_path: str | Path | None, vid: str) 
     import nibabel as nib
 
     image_path = Path(image_path)
-    img, shape = _nifti_array(image_path, "image")
+    img, shape, checksum = _nifti_array(image_path, "image")
     data = _read_data(img, image_path, shape, np.float32)
     affine = np.asarray(img.affine if img.affine is not None else np.eye(4), dtype=np.float64)
     try:
@@ -142,15 +177,14 @@ def load_nifti(image_path: str | Path, label_path: str | Path | None, vid: str) 
     zooms = img.header.get_zooms()[:3]
     # header zooms are float32: round to 6 decimals so 7.7 reads 7.7, not 7.699999809
     spacing = tuple(round(float(z), 6) for z in zooms) + (1.0,) * (3 - len(zooms))
-    checksum = sha256_file(image_path)
     label = None
     if label_path is not None:
         label_path = Path(label_path)
-        limg, lshape = _nifti_array(label_path, "label")
+        limg, lshape, label_sum = _nifti_array(label_path, "label")
         if lshape != shape:
             raise VolumeError(label_path, f"label shape {lshape} differs from image shape {shape}")
         label = _to_uint8_labels(_read_data(limg, label_path, lshape, None), label_path)
-        checksum += "+" + sha256_file(label_path)
+        checksum += "+" + label_sum
     return Volume(id=str(vid), image=data, spacing=spacing, affine=affine, orientation=orientation,
                   label=label, path=str(image_path), checksum=checksum)
 

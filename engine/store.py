@@ -31,28 +31,38 @@ Why the requirements of design.md "Store" hold:
    source settings, code version, creation time; the ``volumes`` table records path, checksum, spacing,
    orientation and affine of every source volume; the ``log`` attribute lists every volume that failed.
 
-Encoding (chosen by measurement, ``benchmarks/engine.py --compression``; 256 x 256 CHAOS-T2 slices, one
-writer thread, this 2-core machine, numbers noisy because the machine was shared)::
+Encoding (chosen by measurement: ``benchmarks/engine.py``, section "compression", 144 real CHAOS-T2 slices of
+256 x 256 on this shared 2-core machine; two runs, the second under twice the background load, so writer
+rates are given as "run 1 / run 2"; the CPU times are stable; the last run is in
+``benchmarks/results/engine-<host>.json``)::
 
-    option (HDF5 filter in the writer)    writer slices/s   kB per slice (image f32 + superpixels u16 + fg + label)
-    none, superpixels int32                1300             656
-    none, superpixels uint16               1740             525
-    lzf                                     520             130
-    gzip-1                                  240              95
-    gzip-4                                  230              87
-    gzip-1 + shuffle                        210             162   (z-scored MR floats: shuffle makes it worse)
-    zlib in the workers, per dataset:  image 1.6-2.1 ms -> 84 kB; superpixels u16 0.24 ms -> 7 kB;
-                                       fg 0.09 ms -> 2.4 kB; label 0.06 ms -> 0.9 kB
-    writer with ready chunks (write_direct_chunk): ~2200 slices/s
+    one writer thread applying HDF5 filters   slices/s      kB per slice (image f32 + superpixels + fg + label)
+    none, superpixels int32                   2520 / 1250   656
+    none, superpixels uint16                  2910 /  475   525
+    lzf                                        880 /  420   129
+    lzf + shuffle                              640 /  300   186
+    gzip-1                                     455 /  230    95
+    gzip-2 / gzip-3 / gzip-4                   410 / 270 / 290 (run 1)   92 / 89 / 87
+    gzip-1 + shuffle                           270 /  130   164   (shuffle hurts z-scored MR floats)
 
-A single writer applying gzip or lzf caps the engine at 240-520 slices/s, far below the SLIC kernel on two
-cores. Compressing the image in the workers costs 1.6-2.1 ms of CPU per slice, more than the SLIC kernel
-itself (~1 ms), for a 3x smaller file. The default ``maps-gzip-1`` therefore stores the z-scored image as raw
-float32 (lossless, no CPU) and deflates the three label-like maps in the workers (0.4 ms per slice, 7 kB
-instead of 260 kB); the writer only copies ready chunks (``write_direct_chunk``). ``gzip-N`` deflates
-everything (smallest store, ~95 kB per slice); ``none`` deflates nothing. Superpixel ids are uint16 (uint8
-would cap K at 255; int32 doubles the bytes). Only the standard deflate filter is used, so every HDF5 reader
-opens the store without plugins.
+    encoding in the workers, CPU ms per slice -> kB:   image f32   superpixels u16   fg      label
+    zlib level 1                                       1.58 -> 85   0.23 -> 6.5      0.07    0.06
+    zlib level 4                                       2.55 -> 80   0.37 -> 4.4      0.15    0.13
+    ISA-L (isal) level 1                               0.47 -> 97   0.07 -> 6.2      0.02    0.01
+
+    writer with ready chunks (write_direct_chunk), slices/s: none 5900 / 3000 (525 kB), maps-gzip-1
+    11000 / 6000 (271 kB), gzip-1 18600 / 7900 (106 kB)
+
+A single writer applying gzip or lzf caps the engine at 270-880 slices/s, below the SLIC kernel on two cores
+(~1000 slices/s per core). Encoding in the workers scales with them and leaves the writer only copying
+ready chunks (``write_direct_chunk``). The image is the expensive part: deflating it costs about half (ISA-L)
+to one and a half (zlib) times the SLIC kernel's ~1 ms per slice for a 2.6x smaller store. The default
+``maps-gzip-1`` therefore stores the z-scored image as raw float32 (lossless, no CPU) and deflates the three
+label-like maps in the workers (0.1 ms per slice with ISA-L, 0.35 ms with zlib; 9 kB instead of 260 kB);
+``gzip-1`` deflates everything (smallest store, ~100 kB per slice); ``none`` deflates nothing.
+Superpixel ids are uint16 (uint8 would cap K at 255; int32 doubles the bytes). Only the standard deflate
+filter is used, so every HDF5 reader opens the store without plugins; ISA-L (package ``isal``) is used when
+installed because it writes the same zlib streams several times faster, and zlib otherwise.
 """
 from __future__ import annotations
 
@@ -72,6 +82,11 @@ from typing import Any, Iterable
 
 import h5py
 import numpy as np
+
+try:  # ISA-L writes and reads the same zlib streams as zlib, 4-10x faster at levels 0-3 (measured below)
+    from isal import isal_zlib as _fast_zlib
+except ImportError:  # optional: zlib gives the same store, only slower
+    _fast_zlib = None
 
 SCHEMA_VERSION = 1
 FORMAT_NAME = "slic-alpnet pseudo-label store"
@@ -180,11 +195,24 @@ class Codec:
         """One chunk of dataset ``name``: ``arr`` (H, W) in its store dtype -> bytes for write_direct_chunk."""
         arr = np.ascontiguousarray(arr, dtype=DTYPES[name])
         level = self.levels[name]
-        return arr if level is None else zlib.compress(arr, level)
+        if level is None:
+            return arr
+        return deflate(arr, level)
 
     def dataset_kwargs(self, name: str) -> dict:
         level = self.levels[name]
         return {} if level is None else {"compression": "gzip", "compression_opts": level}
+
+
+def deflate(data, level: int) -> bytes:
+    """A zlib stream (what HDF5's deflate filter stores) of ``data``; ISA-L for levels 1-3 when installed."""
+    if _fast_zlib is not None and level <= 3:
+        return _fast_zlib.compress(data, level)
+    return zlib.compress(data, level)
+
+
+def inflate(data) -> bytes:
+    return _fast_zlib.decompress(data) if _fast_zlib is not None else zlib.decompress(data)
 
 
 # --------------------------------------------------------------------------------------------- records
@@ -813,7 +841,7 @@ class StoreReader:
         if dset.chunks == (1,) + shape and comp in (None, "gzip") and not dset.shuffle and not dset.fletcher32:
             mask, raw = dset.id.read_direct_chunk((row, 0, 0))
             if mask == 0:
-                buf = zlib.decompress(raw) if comp == "gzip" else raw
+                buf = inflate(raw) if comp == "gzip" else raw
                 return np.frombuffer(buf, dtype=dset.dtype).reshape(shape)
         return dset[row]
 

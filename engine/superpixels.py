@@ -10,13 +10,14 @@ Deliberate differences:
 * with a ``mask``, the seeds come from a deterministic k-means (low-discrepancy start, regular sub-grid of the
   mask) instead of scikit-image's randomly drawn start and subset; what follows is maskSLIC as in
   scikit-image (a colour-blind pass that spreads the seeds over the mask, then SLIC);
-* mask pixels that no search window reaches (possible with ``search_radius`` < 2) are segmented like the
-  rest instead of being left unlabelled, so every mask pixel gets a superpixel;
+* mask pixels that no search window reaches (possible with a narrow ``search_radius``) are segmented like
+  the rest instead of being left unlabelled, so every mask pixel gets a superpixel;
 * labels are int32; an empty mask, NaN/Inf inside the mask or an invalid parameter raise ``ValueError`` with
   a one-line message instead of failing deep inside the algorithm; ``max_num_iter`` must be >= 1, and a
   single seed in a mask covers the whole mask (in scikit-image it gets a zero step and labels nothing);
-* two keyword-only options, ``search_radius`` and ``spread_iter``, whose defaults are scikit-image's
-  behaviour; the engine's pseudo-labels use the values chosen by measurement in ``SlicConfig``.
+* two keyword-only options, ``search_radius`` (window size) and ``spread_iter`` (length of maskSLIC's
+  colour-blind pass), whose defaults are scikit-image's behaviour; the engine's pseudo-labels use the
+  values chosen by measurement in ``SlicConfig``.
 
 The hot loops are in :mod:`engine._kernels` (numba, ``nogil``): a call holds the GIL only for the argument
 checks, so the engine runs ``pseudolabels`` from several threads truly in parallel.
@@ -40,11 +41,33 @@ _NO_MASK = np.ones((1, 1), dtype=np.uint8)  # placeholder argument: one compiled
 # --------------------------------------------------------------------------------------------- helpers
 @functools.lru_cache(maxsize=1024)
 def _grid(h: int, w: int, n: int) -> tuple[int, int, int, int]:
-    """(start_y, step_y, start_x, step_x) of scikit-image's ``regular_grid((1, h, w), n)``."""
-    from skimage.util import regular_grid  # the reference semantics, cached per (shape, n)
+    """(start_y, step_y, start_x, step_x) of scikit-image's ``regular_grid((1, h, w), n)``.
 
-    _, sy, sx = regular_grid((1, h, w), n)
-    return (sy.start or 0, sy.step or 1, sx.start or 0, sx.step or 1)
+    The same arithmetic as scikit-image (tested equal), written out so that a new process does not import
+    scikit-image for it: steps of (pixels / n) ** (1/3) per axis, and where an axis is shorter than its step it
+    takes its full length and the other axes share the rest; start = step // 2, step rounded half to even.
+    """
+    dims = [1, h, w]
+    order = sorted(range(3), key=lambda i: dims[i])          # axes from shortest to longest (stable)
+    sdims = [float(dims[i]) for i in order]
+    size = float(h) * float(w)
+    if size <= n:
+        return (0, 1, 0, 1)
+    steps = [(size / n) ** (1.0 / 3)] * 3
+    if any(d < s for d, s in zip(sdims, steps)):
+        for dim in range(3):
+            steps[dim] = sdims[dim]
+            rest = math.prod(sdims[dim + 1:])
+            for j in range(dim + 1, 3):
+                steps[j] = (rest / n) ** (1.0 / (3 - dim - 1))
+            if all(d >= s for d, s in zip(sdims, steps)):
+                break
+    start = [0] * 3
+    step = [1] * 3
+    for rank, axis in enumerate(order):
+        start[axis] = int(steps[rank] // 2)
+        step[axis] = int(np.round(steps[rank]))
+    return (start[1], step[1], start[2], step[2])
 
 
 def _pair(value: Any, name: str, positive: bool) -> tuple[float, float]:
@@ -71,16 +94,6 @@ def _check_number(value: Any, name: str, minimum: float, strict: bool, integer: 
         raise ValueError(f"slic: {name} must be {'>' if strict else '>='} {minimum:g}, got {value!r}")
 
 
-_WINDOW_MODE = "grid"
-
-
-def _half_widths(radius, win_y, win_x, seg_size):
-    if _WINDOW_MODE == "grid":
-        return float(radius) * win_y, float(radius) * win_x
-    s = math.sqrt(seg_size)
-    return float(radius) * s, float(radius) * s
-
-
 # --------------------------------------------------------------------------------------------- SLIC
 def slic(
     image: np.ndarray,
@@ -96,7 +109,7 @@ def slic(
     start_label: int = 1,
     channel_axis: int | None = None,
     *,
-    search_radius: float = 2.0,
+    search_radius: float | None = None,
     spread_iter: int | None = None,
 ) -> np.ndarray:
     """SLIC superpixels of a 2D grey image; drop-in for ``skimage.segmentation.slic(..., channel_axis=None)``.
@@ -127,10 +140,11 @@ def slic(
         First label.
     channel_axis : None
         Must be None: only single-channel 2D images are supported.
-    search_radius : float, keyword-only
-        Half-width of each centre's search window in grid steps S (S: the grid step for that many seeds).
-        2 is scikit-image's 4S x 4S window (default, hence the same labels); 1 is the 2S x 2S window of
-        Achanta et al., 2-4 times less work per iteration.
+    search_radius : float or None, keyword-only
+        Half-width of each centre's search window. None: scikit-image's window, 2 grid steps of the full
+        image for that many seeds on each side (4S x 4S), hence the same labels. A number r: r * S on each
+        side with S = sqrt(segmented pixels / seeds), the seed spacing in the mask (or the image); r = 1 is
+        the 2S x 2S window of Achanta et al., 2-4 times less work per iteration.
     spread_iter : int or None, keyword-only
         With a mask: iterations of the colour-blind pass that spreads the seeds over the mask before SLIC
         proper. None = ``max_num_iter`` (scikit-image); 0 uses the k-means seeds as they are.
@@ -161,7 +175,8 @@ def slic(
     _check_number(max_num_iter, "max_num_iter", 1, strict=False, integer=True)
     _check_number(min_size_factor, "min_size_factor", 0, strict=False)
     _check_number(max_size_factor, "max_size_factor", 0, strict=True)
-    _check_number(search_radius, "search_radius", 0, strict=True)
+    if search_radius is not None:
+        _check_number(search_radius, "search_radius", 0, strict=True)
     if spread_iter is not None:
         _check_number(spread_iter, "spread_iter", 0, strict=False, integer=True)
     if isinstance(start_label, bool) or start_label not in (0, 1):
@@ -195,7 +210,8 @@ def slic(
         # scikit-image smooths the [0, 1]-rescaled image (reflect borders, truncate 4) before weighting it
         from scipy.ndimage import gaussian_filter
 
-        base = np.where(m8 != 0, img, np.float32(imin)) if use_mask else img
+        # (outside a mask, values take part in the smoothing as in scikit-image; NaN/Inf there count as the min)
+        base = np.where(np.isfinite(img), img, np.float32(imin)) if use_mask else img
         base = base - np.float32(imin)
         if imax != imin:
             base = base / np.float32(imax - imin)
@@ -215,12 +231,16 @@ def slic(
         grid_step = float(max(1, gst_y, gst_x))
     # scikit-image sizes the search window from the full-image grid for the actual number of seeds
     _, win_y, _, win_x = _grid(h, w, n_c)
+    if search_radius is None:
+        half_y, half_x = 2.0 * win_y, 2.0 * win_x
+    else:
+        half_y = half_x = float(search_radius) * math.sqrt(seg_size)
     min_size = int(min_size_factor * seg_size)
     max_size = max(1, int(max_size_factor * seg_size))
     n_spread = int(max_num_iter if spread_iter is None else spread_iter)
     out = np.empty(h * w, dtype=np.int32)
     K.slic_core(img, m8, use_mask, imin, imax, 1.0 / float(compactness), n_c, gy0, gst_y, gx0, gst_x,
-                grid_step, float(max(win_y, win_x)), *_half_widths(search_radius, win_y, win_x, seg_size),
+                grid_step, float(max(win_y, win_x)), half_y, half_x,
                 int(max_num_iter), n_spread, sp_y, sp_x, bool(enforce_connectivity), min_size, max_size,
                 int(start_label), out)
     return out.reshape(h, w)

@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from alpnet.config import AugmentConfig, EpisodeConfig
-from alpnet.episodes import (EpisodeError, EpisodeStream, MemoryReader, build_index, held_out_volumes,
-                             visible_ids, worker_init)
+from alpnet.episodes import (EpisodeError, EpisodeStream, MemoryReader, build_index, collate_episodes,
+                             held_out_volumes, visible_ids, worker_init)
 from alpnet.protocol import make_fold
 
 SIZE = 64
@@ -122,7 +122,7 @@ def test_support_and_query_are_the_chosen_superpixel_of_one_slice():
     for sample in s:
         m = sample["meta"]
         v = next(v for v in vols if v["id"] == m["volume"])
-        target = torch.from_numpy(v["superpixels"][:, :, m["z"]] == m["superpixel"]).long()
+        target = torch.from_numpy(v["superpixels"][:, :, m["z"]] == m["superpixel"]).to(torch.uint8)
         image = torch.from_numpy(v["image"][:, :, m["z"]])
         for key in ("support", "query"):
             assert torch.equal(sample[f"{key}_mask"], target)
@@ -139,7 +139,7 @@ def test_augmented_support_and_query_are_two_views_of_the_same_slice():
     for sample in stream_of(vols, augment=gamma_only, n_batches=10):
         m = sample["meta"]
         v = next(v for v in vols if v["id"] == m["volume"])
-        target = torch.from_numpy(v["superpixels"][:, :, m["z"]] == m["superpixel"]).long()
+        target = torch.from_numpy(v["superpixels"][:, :, m["z"]] == m["superpixel"]).to(torch.uint8)
         order = np.argsort(v["image"][:, :, m["z"]].ravel(), kind="stable")
         assert torch.equal(sample["support_mask"], target) and torch.equal(sample["query_mask"], target)
         assert not torch.equal(sample["support_image"], sample["query_image"])   # independent gammas
@@ -261,7 +261,7 @@ def test_two_workers_open_the_store_lazily_and_give_the_same_stream(tmp_path):
     log = tmp_path / "opens.txt"
     s = EpisodeStream(RecordingFactory(vols, log), ecfg(), AugmentConfig(), seed=3, batch_size=2, n_batches=6)
     assert log.read_text().split() == [str(os.getpid())]  # the index was built in this process only
-    loader = DataLoader(s, batch_size=2, num_workers=2, worker_init_fn=worker_init)
+    loader = DataLoader(s, batch_size=2, num_workers=2, worker_init_fn=worker_init, collate_fn=collate_episodes)
     batches = list(loader)
     opens = log.read_text().split()
     assert len(opens) == 3 and len(set(opens[1:])) == 2 and str(os.getpid()) not in opens[1:]
@@ -270,7 +270,9 @@ def test_two_workers_open_the_store_lazily_and_give_the_same_stream(tmp_path):
                           batch_size=2, num_workers=0))
     assert len(batches) == len(ref) == 6
     for x, y in zip(batches, ref):
-        assert x["meta"]["episode"].tolist() == y["meta"]["episode"].tolist()
+        assert x["meta"]["episode"] == y["meta"]["episode"].tolist()
+        assert x["query_image"].shape == (2, 3, SIZE, SIZE) and torch.equal(x["query_image"][:, 0],
+                                                                            x["query_image"][:, 2])
         assert torch.equal(x["query_image"], y["query_image"]) and torch.equal(x["support_mask"], y["support_mask"])
 
 
@@ -283,11 +285,12 @@ def test_stream_from_a_real_store_with_two_workers(tmp_path):
     assert s.store_meta["method"] == "test"
     held = set(make_fold([v["id"] for v in vols], 5, 1).scans)
     assert not set(s.index.volume.tolist()) & held
-    batches = list(DataLoader(s, batch_size=1, num_workers=2, worker_init_fn=worker_init))
+    batches = list(DataLoader(s, batch_size=1, num_workers=2, worker_init_fn=worker_init,
+                              collate_fn=collate_episodes))
     assert len(batches) == 8
     for b in batches:
-        assert b["meta"]["volume"][0] not in held and int(b["meta"]["z"]) in (0, 2)
-        assert b["support_image"].shape == (1, 3, SIZE, SIZE) and b["query_mask"].dtype == torch.int64
+        assert b["meta"]["volume"][0] not in held and b["meta"]["z"][0] in (0, 2)
+        assert b["support_image"].shape == (1, 3, SIZE, SIZE) and b["query_mask"].dtype == torch.uint8
     # the same index from the store as from memory
     mem = stream_of(vols, ecfg(setting=2, label_group=0, holdout=True, fold=1))
     assert np.array_equal(mem.index.rows, s.index.rows)

@@ -132,11 +132,13 @@ def test_store_holds_every_slice_in_order(folder, reference, capsys):
         assert r.volumes[0]["spacing"] == [1.25, 1.25, 7.7]
 
 
-@pytest.mark.parametrize("backend,threads,batch", [("threads", 2, 5), ("processes", 2, 4), ("processes", 1, 64)])
-def test_backends_and_worker_counts_give_the_same_store(folder, reference, tmp_path, backend, threads, batch):
+@pytest.mark.parametrize("backend,threads,batch,compression", [
+    ("threads", 2, 5, "gzip-2"), ("processes", 2, 4, "maps-gzip-1"), ("processes", 1, 64, "none")])
+def test_backends_worker_counts_and_codecs_give_the_same_store(folder, reference, tmp_path, backend, threads, batch,
+                                                               compression):
     out = tmp_path / "s.h5"
-    assert pipeline.preprocess(make_cfg(folder, out, threads=threads, batch=batch, backend=backend),
-                               progress=False) == 0
+    cfg = make_cfg(folder, out, threads=threads, batch=batch, backend=backend, compression=compression)
+    assert pipeline.preprocess(cfg, progress=False) == 0
     assert_same_store(reference, out)
 
 

@@ -250,3 +250,16 @@ def test_reader_errors_are_one_line(tmp_path):
         r.read(0)
         with pytest.raises(StoreError, match="cannot be opened"):
             r.read(4)
+
+
+def test_zlib_and_isal_encodings_decode_the_same(tmp_path, monkeypatch):
+    """ISA-L is an optional accelerator: without it zlib writes an equivalent store, and either reads both."""
+    from engine import store as store_mod
+    expected = write_store(tmp_path / "a.h5", "gzip-1")
+    monkeypatch.setattr(store_mod, "_fast_zlib", None)
+    write_store(tmp_path / "b.h5", "gzip-1")
+    with StoreReader(tmp_path / "a.h5") as a, StoreReader(tmp_path / "b.h5") as b:
+        for i, px in enumerate(expected):
+            da, db = a.read(i), b.read(i)
+            assert np.array_equal(da["image"], px["image"]) and np.array_equal(db["image"], px["image"])
+            assert np.array_equal(da["superpixels"], db["superpixels"])

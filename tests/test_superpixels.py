@@ -254,6 +254,8 @@ def test_pseudolabels_contract():
     assert (labels[~fg] == 0).all()
     assert sorted(np.unique(labels[fg])) == list(range(1, labels.max() + 1))
     assert not pseudolabels(img, np.zeros_like(fg), cfg).any()
+    flat = pseudolabels(np.full(img.shape, 7.0, np.float32), fg, cfg)     # constant body: space alone decides
+    assert (flat[~fg] == 0).all() and sorted(np.unique(flat[fg])) == list(range(1, flat.max() + 1))
     cfg.slic.mask = False                                   # whole-slice SLIC clipped to the body
     clipped = pseudolabels(img, fg, cfg)
     assert (clipped[~fg] == 0).all()
@@ -393,3 +395,46 @@ def test_engine_setting_quality_matches_scikit_image_maskslic(chaos_slices):
     assert abs(mean["br"][0] - mean["br"][1]) <= 0.01 or mean["br"][0] > mean["br"][1], mean
     assert abs(mean["asa"][0] - mean["asa"][1]) <= 0.01, mean
     assert abs(mean["n"][0] - mean["n"][1]) <= 0.1 * mean["n"][1], mean
+
+
+def test_grid_equals_scikit_image_regular_grid():
+    from skimage.util import regular_grid
+
+    from engine.superpixels import _grid
+
+    for h in (1, 2, 3, 7, 24, 100, 256, 300):
+        for w in (1, 5, 16, 64, 256, 1000):
+            for n in (1, 2, 5, 49, 50, 100, 10 ** 6):
+                _, sy, sx = regular_grid((1, h, w), n)
+                assert _grid.__wrapped__(h, w, n) == (sy.start or 0, sy.step or 1, sx.start or 0, sx.step or 1)
+
+
+def test_kernel_benchmark_verdicts_and_report():
+    # benchmarks/kernels.py on made-up timings: the targets' arithmetic and the "we lose" lines
+    import sys
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parent.parent)
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    from benchmarks import kernels
+
+    def sp(label, fps):
+        return {"label": label, "per_core_fps": fps, "wall_fps": fps / 2}
+
+    speed = {"ours": sp("ours", 800.0), "ours_sk_full": sp("ours, sk", 300.0), "skimage_mask": sp("skm", 25.0),
+             "skimage_full": sp("skf", 50.0), "fastslic_avx2": sp("fs2", 640.0)}
+    qual = {"ours": {"br": 0.736, "asa": 0.979, "ue": 0.04, "co": 0.5, "n": 45.0},
+            "skimage_mask": {"br": 0.724, "asa": 0.979, "ue": 0.04, "co": 0.5, "n": 45.7},
+            "fastslic_avx2": {"br": 0.80, "asa": 0.98, "ue": 0.04, "co": 0.5, "n": 60.0}}
+    targets, lines = kernels.verdicts(speed, qual)
+    got = {t["name"]: (round(t["value"], 3), t["met"]) for t in targets}
+    assert got["ours / skimage maskSLIC, per core"] == (32.0, True)
+    assert got["ours / skimage SLIC (full slice), per core"] == (16.0, True)
+    assert got["ours / fast-slic AVX2, per core"] == (1.25, False)
+    assert got["BR ours - skimage maskSLIC"] == (0.012, True)
+    assert any("ours, sk is slower than fs2: 300 vs 640" in line for line in lines)
+    assert any("fs2 has a higher BR" in line for line in lines)
+    text = kernels.report({"speed": speed, "quality": qual, "targets": targets, "verdicts": lines, "missing": {},
+                           "threads": None, "startup": {}, "busy": None})
+    assert "| ours | 800 | 400 | 1.0 |" in text and "-> NOT met" in text
