@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) cli.py demo
+	$(PY) cli.py demo --config configs/demo.yaml
 
 test: $(STAMP)
 	$(PY) -m pytest -q
