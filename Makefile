@@ -27,5 +27,15 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
 
+# The measured figures of the README (CHAOS data in ../shared/data/chaos_t2; peers need the `bench` extra).
+bench: $(STAMP)
+	$(PY) benchmarks/kernels.py
+	$(PY) benchmarks/superpixel_quality.py
+	$(PY) benchmarks/engine.py
+	$(PY) benchmarks/table2.py
+	$(PY) benchmarks/scaling.py
+	$(PY) cli.py preprocess --input ../shared/data/chaos_t2 --out data/chaos_slic.h5
+	$(PY) benchmarks/loader.py data/chaos_slic.h5
+
 clean:
 	rm -rf $(VENV) .numba_cache data runs

@@ -13,7 +13,6 @@ augmentation, support features encoded once per chunk and reused for every query
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -25,6 +24,7 @@ import numpy as np
 from alpnet.protocol import (Counts, Fold, ProtocolError, held_out_labels, make_fold, numeric_key,
                              organ_slices, parse_folds, query_plan, select_classes, summarise,
                              support_slice_indices)
+from engine.sources import sha256_file
 
 BASELINES = ("support-copy",)
 METHOD_NAMES = {"slic": "SLIC", "felzenszwalb": "Felzenszwalb", "meanshift": "MeanShift"}
@@ -300,15 +300,6 @@ def overall_summary(folds: Sequence[Mapping], classes: Sequence[str]) -> dict:
 
 
 # --------------------------------------------------------------------------------------------- main
-def sha256_file(path: str | Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def resolve_device(device: str) -> str:
     """``"auto"`` -> ``"cuda"`` when available else ``"cpu"``; ``"cuda"`` without a GPU is an error."""
     if device not in ("auto", "cpu", "cuda"):
