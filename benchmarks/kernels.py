@@ -38,6 +38,7 @@ is reported as such and skipped. Writes ``benchmarks/results/kernels-<host>.json
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -393,7 +394,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads_only:
         cfg = SuperpixelConfig()
         ts = thread_scaling(lambda i: pseudolabels(data["raw"][i], data["fg"][i], cfg), n, repeats)
-        print(json.dumps(common.jsonable({**ts, "load_average": os.getloadavg()})))
+        out = common.jsonable({**ts, "load_average": os.getloadavg(), "slices": n,
+                               "settings": dataclasses.asdict(cfg.slic), "host": info})
+        print(json.dumps({k: v for k, v in out.items() if k != "host"}))
+        path = common.RESULTS_DIR / f"kernels-threads-{args.tag or info['host']}.json"
+        path.write_text(json.dumps(out, indent=1))
+        common.log(f"wrote {path}")
         return 0
     common.log(f"{n} slices with a body; {sum(g.any() for g in data['gt'])} with organs")
     methods, missing = build_methods(data)
