@@ -91,8 +91,15 @@ def method_list(quick: bool) -> list[dict]:
     if default_slic_name() not in {m["name"] for m in out}:
         out.append({"name": default_slic_name(), "kind": "slic", "mask": d.mask, "n_segments": d.n_segments,
                     "compactness": d.compactness, "max_num_iter": d.max_num_iter})
-    out.append({"name": "skimage_maskslic_K50_m0.1", "kind": "skimage_slic", "mask": True, "n_segments": 50,
-                "compactness": 0.1, "max_num_iter": 10})
+    for n in (50, 30):
+        out.append({"name": f"skimage_maskslic_K{n}_m0.1", "kind": "skimage_slic", "mask": True, "n_segments": n,
+                    "compactness": 0.1, "max_num_iter": 10})
+    # What the engine stores: engine.superpixels.pseudolabels with SlicConfig (2S x 2S windows, no
+    # colour-blind pass), at several K; the grid above runs our SLIC in its scikit-image-compatible mode.
+    for n in ((30, 50) if quick else (20, 30, 50, 75)):
+        out.append({"name": f"engine_K{n}_m{d.compactness:g}_it{d.max_num_iter}", "kind": "engine",
+                    "n_segments": n, "compactness": d.compactness, "max_num_iter": d.max_num_iter,
+                    "search_radius": d.search_radius, "spread_iter": d.spread_iter})
     out.append({"name": "felzenszwalb_faithful", "kind": "felzenszwalb", "faithful": True})
     out.append({"name": "felzenszwalb", "kind": "felzenszwalb", "faithful": False})
     ms = MeanShiftConfig()
@@ -115,6 +122,13 @@ def _segment(m: dict, raw: np.ndarray, fg: np.ndarray) -> np.ndarray:
         lab = sk_slic(raw.astype(np.float64), n_segments=m["n_segments"], compactness=m["compactness"],
                       max_num_iter=m["max_num_iter"], mask=fg, channel_axis=None, start_label=1)
         return lab.astype(np.int32)
+    if kind == "engine":
+        from engine.config import SuperpixelConfig
+        from engine.superpixels import pseudolabels
+        cfg = SuperpixelConfig()
+        for key in ("n_segments", "compactness", "max_num_iter", "search_radius", "spread_iter"):
+            setattr(cfg.slic, key, m[key])
+        return pseudolabels(raw, fg, cfg)
     if kind == "felzenszwalb":
         return felzenszwalb_pseudolabels(raw, fg, faithful=m["faithful"])
     if kind == "meanshift":

@@ -48,12 +48,13 @@ class PrepareConfig:
 class SlicConfig:
     # 30 segments per slice (about 27 inside the body): the superpixel size of the SSL-ALPNet Felzenszwalb
     # recipe (median ~1340 px), which keeps ALPNet's local foreground prototypes alive in ~5% of episodes;
-    # K=50 aligns better (BR 0.730 vs 0.691) but starves them (0.4%). benchmarks/superpixel_quality.py.
+    # K=50 aligns better (BR 0.737 vs 0.693) but starves them (0.4%). benchmarks/superpixel_quality.py.
     n_segments: int = 30
     compactness: float = 0.1
     # Iterations, measured (organ slices, m=0.1, 2S x 2S windows): at K=50 boundary recall stops rising at 8
     # (0.723 at 5, 0.736 at 8, 0.737 at 10), but at K=30 the larger superpixels need more (159 slices: BR 0.667
-    # at 8, 0.673 at 10, scikit-image maskSLIC 0.677), so the default keeps scikit-image's 10.
+    # at 8, 0.673 at 10, scikit-image maskSLIC 0.677; all 558: 0.693 at 10 vs maskSLIC 0.689), so the default
+    # keeps scikit-image's 10.
     max_num_iter: int = 10
     sigma: float = 0.0
     min_size_factor: float = 0.5
