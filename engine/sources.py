@@ -134,6 +134,12 @@ def _to_uint8_labels(arr: np.ndarray, path: Path) -> np.ndarray:
         if arr.size and (arr.min() < 0 or arr.max() > 255):
             raise VolumeError(path, f"label values must be 0..255, found {arr.min()}..{arr.max()}")
         return arr.astype(np.uint8, copy=False)
+    # Fast path (labels are read for every volume): values that survive a round trip through uint8 are
+    # integers in 0..255; NaN, fractions and out-of-range values do not, and get the detailed checks below.
+    with np.errstate(invalid="ignore"):
+        fast = arr.astype(np.uint8)
+    if np.array_equal(fast, arr):
+        return fast
     if not np.all(np.isfinite(arr)):
         raise VolumeError(path, "label contains NaN/Inf values")
     rounded = np.rint(arr)
