@@ -67,8 +67,31 @@ def load_config(config_path: str | None = None, overrides: Sequence[str] | None 
         Only its ``data``, ``prepare``, ``superpixels`` and ``engine`` sections are used here.
     """
     from alpnet.config import load  # config dataclasses only: importing it does not import torch
+    from engine.config import ConfigError
 
-    return load(config_path, list(overrides or []))
+    try:
+        return load(config_path, list(overrides or []))
+    except ConfigError as exc:
+        raise BenchmarkError(str(exc)) from None
+
+
+def add_output_args(parser, tag_example: str) -> None:
+    """The options every engine benchmark shares: result naming, temporary stores and the config."""
+    parser.add_argument("--tag", default=None, help=f"result file name tag (default: host name), e.g. {tag_example}")
+    parser.add_argument("--out-dir", default=str(RESULTS_DIR), help="folder of the result files")
+    parser.add_argument("--tmp", default=None, help="folder for temporary stores (default: the system's)")
+    parser.add_argument("--config", default=None, help="YAML config, as for cli.py")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override, as for cli.py")
+
+
+def run_main(name: str, body: Callable[[Any], int], args: Any) -> int:
+    """Run a benchmark's body; a bad argument or input ends it with one line on stderr and status 2."""
+    try:
+        return body(args)
+    except (BenchmarkError, ValueError) as exc:
+        print(f"{name}: {exc}", file=sys.stderr)
+        return 2
 
 
 # --------------------------------------------------------------------------------------------- data

@@ -442,31 +442,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--engine-inputs", default=",".join(INPUT_FORMATS),
                    help="engine rows from nii.gz, nii (uncompressed copy) or both; 'none' skips the engine rows")
     p.add_argument("--no-skimage-threads", action="store_true", help="skip the slow skimage threads row")
-    p.add_argument("--tag", default=None, help="result file name tag (default: host name), e.g. i7-10750H")
-    p.add_argument("--out-dir", default=str(common.RESULTS_DIR), help="folder of the result files")
-    p.add_argument("--tmp", default=None, help="folder for temporary stores (default: the system's)")
-    p.add_argument("--config", default=None, help="YAML config, as for cli.py")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, as for cli.py")
+    common.add_output_args(p, "i7-10750H")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    try:
-        return _main(args)
-    except (BenchmarkError, ValueError) as exc:
-        print(f"table2: {exc}", file=sys.stderr)
-        return 2
+    return common.run_main("table2", _main, parse_args(argv))
 
 
 def _main(args: argparse.Namespace) -> int:
-    from engine.config import ConfigError
-
     nproc = common.n_cores()
-    try:
-        cfg = common.load_config(args.config, args.set)
-    except ConfigError as exc:
-        raise BenchmarkError(str(exc)) from None
+    cfg = common.load_config(args.config, args.set)
     repeats = args.repeats or (1 if args.quick else 3)
     max_volumes = args.max_volumes or (2 if args.quick else None)
     if args.workers:
