@@ -48,23 +48,26 @@ __all__ = [
 
 
 # --------------------------------------------------------------------------------------------- helpers
+def _check_labels(arr: np.ndarray, name: str) -> np.ndarray:
+    a = np.asarray(arr)
+    if not np.issubdtype(a.dtype, np.integer):
+        raise ValueError(f"{name} must hold integer labels, got dtype {a.dtype}")
+    if a.size and a.min() < 0:
+        raise ValueError(f"{name} must hold non-negative labels")
+    return a
+
+
 def _check_pair(superpixels: np.ndarray, gt: np.ndarray | None, region: np.ndarray | None) -> tuple:
     sp = np.asarray(superpixels)
     if sp.ndim != 2:
         raise ValueError(f"superpixels must be a 2D label map, got shape {sp.shape}")
-    if not np.issubdtype(sp.dtype, np.integer):
-        raise ValueError(f"superpixels must hold integer labels, got dtype {sp.dtype}")
-    if sp.size and sp.min() < 0:
-        raise ValueError("superpixels must hold non-negative labels")
+    sp = _check_labels(sp, "superpixels")
     g = None
     if gt is not None:
         g = np.asarray(gt)
         if g.shape != sp.shape:
             raise ValueError(f"gt shape {g.shape} differs from superpixels shape {sp.shape}")
-        if not np.issubdtype(g.dtype, np.integer):
-            raise ValueError(f"gt must hold integer labels, got dtype {g.dtype}")
-        if g.size and g.min() < 0:
-            raise ValueError("gt must hold non-negative labels")
+        g = _check_labels(g, "gt")
     m = None
     if region is not None:
         m = np.asarray(region)
