@@ -397,7 +397,8 @@ def collate_episodes(samples: list[dict]) -> dict:
     """DataLoader ``collate_fn``: stack samples into a batch.
 
     Images stay (B, 3, H, W) expanded views of one stored channel (call ``.contiguous()`` where a dense tensor
-    is needed); masks are (B, H, W) uint8; ``meta`` maps each key to a plain list of B values. Plain lists
+    is needed; ``alpnet.train.batch_to_device`` does it on the target device). Such views cannot be pinned:
+    use this collate without the DataLoader's ``pin_memory``. Masks are (B, H, W) uint8; ``meta`` maps each key to a plain list of B values. Plain lists
     rather than tensors because every tensor leaving a worker costs a shared-memory segment: with
     default_collate's seven small meta tensors, receiving a batch cost the main process ~3 ms of CPU.
     """

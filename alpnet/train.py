@@ -131,6 +131,21 @@ def plot_loss_curve(metrics_path: Path, png: Path) -> Path | None:
 
 
 # --------------------------------------------------------------------------------------------- training
+def batch_to_device(batch: dict, device: torch.device, memory_format=torch.contiguous_format
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Dense model inputs on ``device`` from a :func:`collate_episodes` batch.
+
+    Returns support image (B, 3, H, W) float32, support mask (B, H, W) float32, query image (B, 3, H, W)
+    float32 and query mask (B, H, W) int64. The batch's images are expanded views of one channel: only that
+    channel crosses to the device, and the three copies are made there.
+    """
+    def image(x: torch.Tensor) -> torch.Tensor:
+        return x[:, :1].to(device, non_blocking=True).expand_as(x).contiguous(memory_format=memory_format)
+
+    return (image(batch["support_image"]), batch["support_mask"].to(device, non_blocking=True).float(),
+            image(batch["query_image"]), batch["query_mask"].to(device, non_blocking=True).long())
+
+
 def train_one_epoch(model: ALPNet, optimizer, scheduler, loader, device: torch.device, cfg, start_it: int,
                     log: RunLog, totals: dict, save_fn, scaler=None) -> int:
     """Run iterations ``start_it + 1 ..`` until ``loader`` is exhausted; returns the last iteration done.
@@ -150,10 +165,7 @@ def train_one_epoch(model: ALPNet, optimizer, scheduler, loader, device: torch.d
     t_win = t_prev = time.perf_counter()
     for batch in loader:
         t_data = time.perf_counter()
-        sup = batch["support_image"].to(device, non_blocking=True).contiguous(memory_format=mem)
-        qry = batch["query_image"].to(device, non_blocking=True).contiguous(memory_format=mem)
-        sup_fg = batch["support_mask"].to(device, non_blocking=True).float()
-        qry_mask = batch["query_mask"].to(device, non_blocking=True).long()
+        sup, sup_fg, qry, qry_mask = batch_to_device(batch, device, mem)
         with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=amp):
             out = model(sup, sup_fg, qry, qry_mask, train=True)
         optimizer.zero_grad(set_to_none=True)
@@ -184,7 +196,7 @@ def train_one_epoch(model: ALPNet, optimizer, scheduler, loader, device: torch.d
         if not all(np.isfinite(v) for v in terms.values()):
             raise TrainError(f"iteration {it}: loss is not finite ({terms}); lower train.lr or disable train.amp")
         if it % tc.log_every == 0 or it == tc.iterations:
-            _log_window(log, it, tc, win, n_win, time.perf_counter() - t_win, optimizer, totals)
+            _log_window(log, it, tc, win, n_win, time.perf_counter() - t_win, optimizer, totals, gpu_peak_mb(device))
             win.clear()
             n_win = 0
             t_win = time.perf_counter()
@@ -194,7 +206,13 @@ def train_one_epoch(model: ALPNet, optimizer, scheduler, loader, device: torch.d
     return it
 
 
-def _log_window(log: RunLog, it: int, tc, win: dict, n: int, wall: float, optimizer, totals: dict) -> None:
+def gpu_peak_mb(device: torch.device) -> float | None:
+    """Peak memory torch has allocated on a CUDA ``device`` so far (MiB); None on other devices."""
+    return torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda" else None
+
+
+def _log_window(log: RunLog, it: int, tc, win: dict, n: int, wall: float, optimizer, totals: dict,
+                gpu_mb: float | None = None) -> None:
     eps = win["episodes"]
     data, step = win["data_s"], win["step_s"]
     draws = eps + win["empty_redraws"] + win["vanishing_redraws"]
@@ -209,6 +227,8 @@ def _log_window(log: RunLog, it: int, tc, win: dict, n: int, wall: float, optimi
            "empty_id_rate": win["empty_redraws"] / max(draws, 1),
            "vanishing_id_rate": win["vanishing_redraws"] / max(draws, 1),
            "totals": dict(totals)}
+    if gpu_mb is not None:
+        rec["gpu_peak_mb"] = gpu_mb
     log.record(rec)
     log.line(f"it {it:>6}/{tc.iterations}  loss {rec['loss']:.4f} (query {rec['loss_query']:.4f} "
              f"par {rec['loss_par']:.4f})  lr {rec['lr']:.2e}  {rec['episodes_per_s']:.2f} ep/s  "
@@ -216,7 +236,8 @@ def _log_window(log: RunLog, it: int, tc, win: dict, n: int, wall: float, optimi
              f"fg global-only {100 * rec['fg_global_only_rate']:.0f}%  fg-empty {rec['fg_empty']}  "
              f"bg-fallback {rec['bg_fallback_global']}  par fg-empty {rec['par_fg_empty']} "
              f"bg-fallback {rec['par_bg_fallback_global']}  id redraws: empty {int(win['empty_redraws'])} "
-             f"vanishing {int(win['vanishing_redraws'])}")
+             f"vanishing {int(win['vanishing_redraws'])}"
+             + (f"  GPU peak {gpu_mb:.0f} MiB" if gpu_mb is not None else ""))
 
 
 def _store_record(stream: EpisodeStream, path: str) -> dict:
@@ -320,9 +341,11 @@ def _main(cfg, resume: bool) -> int:
         if tc.keep_checkpoints:
             save_checkpoint(out / f"checkpoint_{it:06d}.pt", state)
 
+    # No pin_memory: pinning refuses the batch's expanded (stride-0) images, and one episode's 0.6 MB crosses
+    # to the GPU in microseconds without it.
     loader = DataLoader(stream, batch_size=tc.batch_size, num_workers=tc.num_workers, collate_fn=collate_episodes,
                         worker_init_fn=worker_init if tc.num_workers else None,
-                        pin_memory=device.type == "cuda", prefetch_factor=4 if tc.num_workers else None)
+                        prefetch_factor=4 if tc.num_workers else None)
     t0 = time.perf_counter()
     try:
         last = train_one_epoch(model, optimizer, scheduler, loader, device, cfg, start_it, log, totals, save,
@@ -332,7 +355,9 @@ def _main(cfg, resume: bool) -> int:
     wall = time.perf_counter() - t0
     png = plot_loss_curve(log.metrics_path, out / "loss_curve.png")
     draws = totals.get("episodes", 0) + totals.get("empty_redraws", 0) + totals.get("vanishing_redraws", 0)
-    log.line(f"train: done, iteration {last} in {wall:.0f} s ({(last - start_it) / max(wall, 1e-9):.2f} it/s); "
+    gpu = gpu_peak_mb(device)
+    log.line(f"train: done, iteration {last} in {wall:.0f} s ({(last - start_it) / max(wall, 1e-9):.2f} it/s"
+             + (f", GPU peak {gpu:.0f} MiB" if gpu is not None else "") + "); "
              f"checkpoint {ckpt_path}; loss curve {png}; totals: fg global-only "
              f"{totals.get('fg_global_only', 0)}/{totals.get('episodes', 0)} episodes, fg-empty "
              f"{totals.get('fg_empty', 0)}, bg-fallback {totals.get('bg_fallback_global', 0)}, "

@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader  # noqa: E402
 from alpnet.config import load  # noqa: E402
 from alpnet.episodes import EpisodeStream, collate_episodes, worker_init  # noqa: E402
 from alpnet.model import ALPNet  # noqa: E402
+from alpnet.train import batch_to_device  # noqa: E402
 
 
 class PeakRSS:
@@ -127,17 +128,16 @@ class TrainBench:
         dev, mem_fmt = self.dev, self.mem_fmt
         loader = DataLoader(stream(self.store, self.cfg, steps + warmup, seed), batch_size=1,
                             num_workers=self.workers, worker_init_fn=worker_init if self.workers else None,
-                            pin_memory=dev.type == "cuda", prefetch_factor=4 if self.workers else None,
+                            prefetch_factor=4 if self.workers else None,
                             collate_fn=collate_episodes)
         data_t = step_t = 0.0
         with PeakRSS() as mem:
             t_prev = t_start = time.perf_counter()
             for i, b in enumerate(loader):
                 t_data = time.perf_counter()
-                sup = b["support_image"].to(dev, non_blocking=True).contiguous(memory_format=mem_fmt)
-                qry = b["query_image"].to(dev, non_blocking=True).contiguous(memory_format=mem_fmt)
+                sup, sup_fg, qry, qry_mask = batch_to_device(b, dev, mem_fmt)
                 with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=self.amp):
-                    out = self.model(sup, b["support_mask"].to(dev).float(), qry, b["query_mask"].to(dev).long())
+                    out = self.model(sup, sup_fg, qry, qry_mask)
                 self.opt.zero_grad(set_to_none=True)
                 out["loss"].backward()
                 self.opt.step()

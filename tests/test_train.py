@@ -9,7 +9,8 @@ import torch
 
 from alpnet.checkpoint import CheckpointError, load_checkpoint, read_checkpoint, save_checkpoint
 from alpnet.config import load
-from alpnet.train import lr_step_of, main
+from alpnet.episodes import collate_episodes
+from alpnet.train import batch_to_device, lr_step_of, main
 
 try:
     from test_episodes import synthetic_volumes, write_store
@@ -130,3 +131,23 @@ def test_cuda_request_without_a_gpu_is_a_one_line_error(store, tmp_path, capsys)
     assert main(config(store, tmp_path / "cuda", 2, "train.device=cuda"), resume=False) == 2
     err = capsys.readouterr().err.strip()
     assert "train.device=cuda" in err and len(err.splitlines()) == 1
+
+
+def test_batch_to_device_gives_dense_three_channel_inputs():
+    # Collated images are stride-0 views of one channel (what pin_memory refused on the GPU machine); the model
+    # must receive dense copies with the right dtypes and memory format.
+    g = torch.Generator().manual_seed(0)
+    samples = [{"support_image": torch.rand(1, 16, 16, generator=g).expand(3, -1, -1),
+                "query_image": torch.rand(1, 16, 16, generator=g).expand(3, -1, -1),
+                "support_mask": (torch.rand(16, 16, generator=g) > 0.5).to(torch.uint8),
+                "query_mask": (torch.rand(16, 16, generator=g) > 0.5).to(torch.uint8),
+                "meta": {"slice": i}} for i in range(2)]
+    batch = collate_episodes(samples)
+    assert batch["support_image"].stride()[1] == 0
+    sup, sup_fg, qry, qry_mask = batch_to_device(batch, torch.device("cpu"), torch.channels_last)
+    for img, key in ((sup, "support_image"), (qry, "query_image")):
+        assert img.shape == (2, 3, 16, 16) and img.dtype == torch.float32
+        assert 0 not in img.stride() and img.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(img, torch.stack([s[key] for s in samples]))
+    assert sup_fg.dtype == torch.float32 and qry_mask.dtype == torch.int64
+    assert torch.equal(qry_mask, torch.stack([s["query_mask"] for s in samples]).long())
