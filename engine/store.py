@@ -845,24 +845,41 @@ class StoreReader:
                 return np.frombuffer(buf, dtype=dset.dtype).reshape(shape)
         return dset[row]
 
-    def read(self, i: int) -> dict:
+    def read(self, i: int, fields: tuple[str, ...] = DATASETS) -> dict:
         """Slice ``i`` of the store.
+
+        Parameters
+        ----------
+        i : int
+            Slice index, 0 <= i < n_slices.
+        fields : tuple of str
+            The maps to read, among ``image``, ``superpixels``, ``fg``, ``label`` (default: all); reading fewer
+            saves their chunk reads (an episode needs only the image and the superpixels).
 
         Returns
         -------
         dict
-            ``image`` (H, W) float32 z-scored; ``superpixels`` (H, W) int32 (0 outside the body, 1..K);
-            ``fg`` (H, W) bool; ``label`` (H, W) uint8, or None when the volume has no label map.
+            With the keys of ``fields``: ``image`` (H, W) float32 z-scored; ``superpixels`` (H, W) int32 (0
+            outside the body, 1..K); ``fg`` (H, W) bool; ``label`` (H, W) uint8, or None when the volume has
+            no label map.
         """
         if not 0 <= i < self.n_slices:
             raise IndexError(f"slice index {i} out of range 0..{self.n_slices - 1}")
+        unknown = set(fields) - set(DATASETS)
+        if unknown:
+            raise ValueError(f"fields {sorted(unknown)}: not among {', '.join(DATASETS)}")
         f = self._file(int(self._shard[i]))
         row = int(self._row[i])
-        image = self._chunk(f, "image", row)
-        sp = self._chunk(f, "superpixels", row).astype(np.int32)
-        fg = self._chunk(f, "fg", row).astype(bool)
-        label = self._chunk(f, "label", row).copy() if self.slices["labels_present"][i] else None
-        return {"image": np.array(image, dtype=np.float32), "superpixels": sp, "fg": fg, "label": label}
+        out = {}
+        if "image" in fields:
+            out["image"] = np.array(self._chunk(f, "image", row), dtype=np.float32)
+        if "superpixels" in fields:
+            out["superpixels"] = self._chunk(f, "superpixels", row).astype(np.int32)
+        if "fg" in fields:
+            out["fg"] = self._chunk(f, "fg", row).astype(bool)
+        if "label" in fields:
+            out["label"] = self._chunk(f, "label", row).copy() if self.slices["labels_present"][i] else None
+        return out
 
     def slices_of(self, volume_id: str) -> np.ndarray:
         """Indices of the slices of ``volume_id``, ordered by z (empty when the store has no such volume)."""

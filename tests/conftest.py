@@ -20,3 +20,23 @@ def chaos_dir() -> Path:
     if not (CHAOS_DIR / "image_1.nii.gz").is_file():
         pytest.skip(f"CHAOS-T2 data not found at {CHAOS_DIR} (set CHAOS_T2_DIR to its folder)")
     return CHAOS_DIR
+
+
+@pytest.fixture
+def episode_samples():
+    """Factory of ``n`` random episode samples of ``height`` x ``width``, shaped as ``EpisodeStream`` yields them
+    (images: expanded views of one channel; masks: uint8; ``meta``: episode and volume)."""
+    import torch
+
+    def make(n: int, height: int, width: int, seed: int = 0) -> list[dict]:
+        g = torch.Generator().manual_seed(seed)
+
+        def image():
+            return torch.rand(1, height, width, generator=g).expand(3, -1, -1)
+
+        def mask():
+            return (torch.rand(height, width, generator=g) > 0.5).to(torch.uint8)
+
+        return [{"support_image": image(), "query_image": image(), "support_mask": mask(), "query_mask": mask(),
+                 "meta": {"episode": i, "volume": str(i)}} for i in range(n)]
+    return make

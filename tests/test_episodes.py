@@ -303,3 +303,16 @@ def test_build_index_reads_organs_from_labels_when_the_store_lacks_the_column():
     del reader.slices["organs"]
     without = build_index(reader, ecfg(setting=2, label_group=1))
     assert np.array_equal(with_bits.rows, without.rows)
+
+
+def test_collate_episodes_packs_one_buffer_with_exact_values_and_odd_sizes(episode_samples):
+    # 5 x 7 planes: the mask bytes per episode (70) are not a multiple of 4, the float32 views must still line up
+    samples = episode_samples(3, 5, 7)
+    b = collate_episodes(samples)
+    for key in ("support_image", "query_image", "support_mask", "query_mask"):
+        assert torch.equal(b[key], torch.stack([s[key] for s in samples]))
+    assert b["support_image"].dtype == torch.float32 and b["query_mask"].dtype == torch.uint8
+    storages = {b[k].untyped_storage().data_ptr() for k in ("support_image", "query_image", "support_mask",
+                                                            "query_mask")}
+    assert len(storages) == 1                              # one shared-memory segment per batch
+    assert b["meta"] == {"episode": [0, 1, 2], "volume": ["0", "1", "2"]}

@@ -81,6 +81,11 @@ def test_round_trip_every_codec(tmp_path, spec):
         assert r.slices_of("nope").size == 0
         with pytest.raises(IndexError):
             r.read(5)
+        part = r.read(0, fields=("image", "superpixels"))       # what an episode reads
+        assert sorted(part) == ["image", "superpixels"] and np.array_equal(part["image"], expected[0]["image"])
+        assert r.read(3, fields=("label",)) == {"label": None}
+        with pytest.raises(ValueError, match="'mask'"):
+            r.read(0, fields=("image", "mask"))
 
 
 def test_provenance_and_virtual_datasets(tmp_path, monkeypatch):

@@ -133,15 +133,10 @@ def test_cuda_request_without_a_gpu_is_a_one_line_error(store, tmp_path, capsys)
     assert "train.device=cuda" in err and len(err.splitlines()) == 1
 
 
-def test_batch_to_device_gives_dense_three_channel_inputs():
+def test_batch_to_device_gives_dense_three_channel_inputs(episode_samples):
     # Collated images are stride-0 views of one channel (what pin_memory refused on the GPU machine); the model
     # must receive dense copies with the right dtypes and memory format.
-    g = torch.Generator().manual_seed(0)
-    samples = [{"support_image": torch.rand(1, 16, 16, generator=g).expand(3, -1, -1),
-                "query_image": torch.rand(1, 16, 16, generator=g).expand(3, -1, -1),
-                "support_mask": (torch.rand(16, 16, generator=g) > 0.5).to(torch.uint8),
-                "query_mask": (torch.rand(16, 16, generator=g) > 0.5).to(torch.uint8),
-                "meta": {"slice": i}} for i in range(2)]
+    samples = episode_samples(2, 16, 16)
     batch = collate_episodes(samples)
     assert batch["support_image"].stride()[1] == 0
     sup, sup_fg, qry, qry_mask = batch_to_device(batch, torch.device("cpu"), torch.channels_last)
