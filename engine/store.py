@@ -2,7 +2,8 @@
 
 Layout on disk, for a store ``STORE`` (e.g. ``data/store.h5``)::
 
-    STORE                 the file users open: a small HDF5 index rebuilt after every commit (tmp + rename).
+    STORE                 the file users open: a small HDF5 index, rebuilt (tmp + rename) after commits: during
+                          a run at most every 0.5 s (engine.pipeline.PUBLISH_INTERVAL_S), and at its end.
                           Virtual datasets image / superpixels / fg / label of shape (N, H, W) mapped onto the
                           shards (so h5ls/h5dump/HDFView read it like a plain file), the tables ``slices`` and
                           ``volumes`` (one dataset per column) and the provenance attributes.
@@ -22,7 +23,8 @@ Why the requirements of design.md "Store" hold:
 2. ``kill -9`` then the same command: the slices of a run form one deterministic sequence (volumes in source
    order, z ascending; a volume that fails takes no slots), cut into batches of ``engine.batch`` slices
    starting at the number of slices already committed. A rerun skips what the shards hold and recomputes only
-   the batches that were in flight (at most the one being written and the one being computed). Stray
+   the batch that was in flight: the engine opens batch k+1 only once batch k's shard is renamed, so at most one
+   batch of computed slices is ever uncommitted (``max_uncommitted_slices`` in the run's profile). Stray
    temporary files are removed under the lock.
 3. A second writer is refused at once, naming the holder (``StoreLocked``).
 4. ``settings`` (schema, method, parameters, preparation, source) are hashed into every shard; a run with
@@ -626,6 +628,7 @@ class StoreWriter:
         self.parts.mkdir(exist_ok=True)
         if not self.was_complete:
             write_index(store, self.shards, self.settings, complete=False)
+        self.n_published = len(self.shards)       # shards the index on disk shows
 
     def _clean_temporaries(self) -> None:
         # Safe only under the lock: no other writer can be producing these files.
@@ -691,7 +694,14 @@ class StoreWriter:
 
     # ------------------------------------------------------------------ commit
     def commit(self, batch: Batch) -> ShardInfo:
-        """Write one batch as the next shard and publish it in the index."""
+        """Write one batch as the next shard and publish it in the index (:meth:`commit_shard` + :meth:`publish`)."""
+        info = self.commit_shard(batch)
+        self.publish()
+        return info
+
+    def commit_shard(self, batch: Batch) -> ShardInfo:
+        """Write one batch as the next shard. Its rename is the commit point: from then on a rerun keeps it, also
+        before :meth:`publish` has shown it to readers (the index is rebuilt from the shards on open)."""
         expected = len(self.shards)
         if batch.index != expected or batch.first_slice != self.n_committed:
             raise StoreError(f"{self.store}: internal error: batch {batch.index} at slice {batch.first_slice} "
@@ -704,8 +714,12 @@ class StoreWriter:
         info = write_shard(self.parts, batch, self.codec, self.shape, self.settings, self.code_version)
         self.last_write_s = time.perf_counter() - t0
         self.shards.append(info)
-        write_index(self.store, self.shards, self.settings, complete=False)
         return info
+
+    def publish(self) -> None:
+        """Rebuild the index over every committed shard, so that new readers see them (atomic replace)."""
+        write_index(self.store, self.shards, self.settings, complete=False)
+        self.n_published = len(self.shards)
 
     def finish(self, complete: bool, run_record: dict | None = None) -> None:
         """Final index (``complete`` flag), append the run to ``runs.jsonl``, release the lock."""
@@ -728,8 +742,13 @@ class StoreWriter:
                 pass
 
     def abort(self, run_record: dict | None = None) -> None:
-        """Leave committed shards and the index as they are; record the run; release the lock."""
+        """Publish committed shards the index does not show yet (best effort); record the run; release the lock."""
         try:
+            if self.n_published != len(self.shards):
+                try:
+                    self.publish()
+                except (OSError, StoreError):
+                    pass                      # e.g. the disk is full: the next run rebuilds the index from the shards
             if run_record is not None and self.parts.is_dir():
                 with open(self.parts / "runs.jsonl", "a") as fh:
                     fh.write(json.dumps(run_record) + "\n")

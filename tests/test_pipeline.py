@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import time
 from pathlib import Path
 
 import nibabel as nib
@@ -140,6 +141,28 @@ def test_backends_worker_counts_and_codecs_give_the_same_store(folder, reference
     cfg = make_cfg(folder, out, threads=threads, batch=batch, backend=backend, compression=compression)
     assert pipeline.preprocess(cfg, progress=False) == 0
     assert_same_store(reference, out)
+    assert 1 <= json.loads(out.with_name("s.h5.profile.json").read_text())["max_uncommitted_slices"] <= batch
+
+
+@pytest.mark.parametrize("backend", ["threads", "processes"])
+def test_a_kill_can_lose_at_most_one_batch(folder, reference, tmp_path, monkeypatch, backend):
+    # design.md, Store, requirement 2: whenever the run could be killed, at most one batch of computed slices is
+    # uncommitted. A slow disk (every shard write takes 50 ms) would let workers run ahead if they could.
+    from engine import store as store_mod
+    real = store_mod.write_shard
+
+    def slow(*a, **kw):
+        time.sleep(0.05)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(store_mod, "write_shard", slow)
+    out = tmp_path / "s.h5"
+    assert pipeline.preprocess(make_cfg(folder, out, batch=3, backend=backend), progress=False) == 0
+    assert_same_store(reference, out)
+    prof = json.loads(out.with_name("s.h5.profile.json").read_text())
+    assert prof["max_uncommitted_slices"] == 3
+    runs = [json.loads(line) for line in (parts_dir(out) / "runs.jsonl").read_text().splitlines()]
+    assert runs[-1]["max_uncommitted_slices"] == 3
 
 
 def test_profile_runinfo_and_summary(folder, tmp_path, capsys):
@@ -334,3 +357,22 @@ def test_a_failed_commit_stops_the_run_and_keeps_earlier_batches(folder, referen
     monkeypatch.setattr(store_mod, "write_shard", real)
     assert pipeline.preprocess(make_cfg(folder, out, batch=4), progress=False) == 0
     assert_same_store(reference, out)
+
+
+@pytest.mark.parametrize("interval,share,expected", [(0.0, 0, 5), (1e9, 10, 1)])
+def test_index_is_republished_at_most_every_interval(folder, reference, tmp_path, monkeypatch, interval, share,
+                                                     expected):
+    # 19 slices in batches of 4 = 5 commits: with no throttle the index follows every commit; with a huge interval
+    # only the first commit publishes it during the run, and the end of the run writes the final index.
+    from engine.store import StoreWriter
+    calls = []
+    real = StoreWriter.publish
+    monkeypatch.setattr(StoreWriter, "publish", lambda self: (calls.append(len(self.shards)), real(self))[1])
+    monkeypatch.setattr(pipeline, "PUBLISH_INTERVAL_S", interval)
+    monkeypatch.setattr(pipeline, "PUBLISH_COST_SHARE", share)
+    out = tmp_path / "s.h5"
+    assert pipeline.preprocess(make_cfg(folder, out, batch=4), progress=False) == 0
+    assert len(calls) == expected and calls[0] == 1
+    assert_same_store(reference, out)
+    with StoreReader(out) as r:
+        assert r.meta["complete"] and r.n_slices == 19
