@@ -880,13 +880,18 @@ class _Run:
                 t0 = time.perf_counter()
                 try:
                     self.writer.commit_shard(batch)
-                    with self._lock:             # counted before the barrier opens: max_uncommitted stays exact
-                        self.committed_this_run += len(results)
-                    self.batches.committed()
-                    self._maybe_publish()
                 except (OSError, StoreError) as exc:
                     self.fail(f"cannot commit batch {st.index} to {self.store}: {exc}; the batches committed "
                               f"before it are kept, rerun the same command to resume")
+                    return
+                with self._lock:                 # counted before the barrier opens: max_uncommitted stays exact
+                    self.committed_this_run += len(results)
+                self.batches.committed()
+                try:
+                    self._maybe_publish()
+                except (OSError, StoreError) as exc:
+                    self.fail(f"cannot update the index {self.store} after batch {st.index}: {exc}; the committed "
+                              f"batches are kept, rerun the same command to resume")
                     return
                 t1 = time.perf_counter()
                 nbytes = sum(len(memoryview(r.chunks[name]).cast("B")) for r in results for name in DATASETS)
