@@ -447,6 +447,12 @@ def _run(cfg: Any, checkpoint: str | None, baseline: str | None, setting: int | 
                      "exclude_labels": ep.get("exclude_labels"), "train_fold": ep.get("fold"),
                      "holdout": ep.get("holdout", True), "encoder": ckpt_cfg.get("model", {}).get("encoder"),
                      "meta": report.jsonable(meta)}
+        zscore = (((meta or {}).get("store") or {}).get("prepare") or {}).get("zscore", "volume")
+        if zscore != cfg.prepare.zscore:
+            # Test scans must be normalised as the training store was, whatever the evaluation config says.
+            notes.append(f"prepare.zscore={zscore} taken from the checkpoint's training store (config: "
+                         f"{cfg.prepare.zscore})")
+            cfg.prepare.zscore = zscore
         method = ((meta or {}).get("store") or {}).get("method") or ckpt_cfg.get("superpixels", {}).get("method")
         method = METHOD_NAMES.get(str(method), method)
         default_label = f"{method}-ALPNet (this run)" if method else "ALPNet (this run)"

@@ -243,6 +243,7 @@ def _log_window(log: RunLog, it: int, tc, win: dict, n: int, wall: float, optimi
 def _store_record(stream: EpisodeStream, path: str) -> dict:
     meta = stream.store_meta
     return _plain({"path": str(Path(path).resolve()), "method": meta.get("method"), "params": meta.get("params"),
+                   "prepare": meta.get("prepare"),
                    "code_version": meta.get("code_version"), "schema_version": meta.get("schema_version"),
                    "training_slices": int(stream.index.rows.size), "dropped": stream.index.dropped,
                    "held_out": stream.index.held_out, "exclude_labels": stream.index.exclude_labels})

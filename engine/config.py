@@ -35,6 +35,9 @@ class DataConfig:
             raise ConfigError(f"data.phantom_seed: must be >= 0, got {self.phantom_seed}")
 
 
+ZSCORE_MODES = ("volume", "robust")
+
+
 @dataclasses.dataclass
 class PrepareConfig:
     """Slice preparation (method.md 1.3-1.6)."""
@@ -42,6 +45,14 @@ class PrepareConfig:
     size: int = 256                      # in-plane size after centre crop / pad
     clip_percentile: float = 99.5        # raw CHAOS DICOM only: bright-tail clip before resampling
     target_spacing: list[float] = dataclasses.field(default_factory=lambda: [1.25, 1.25, 7.7])
+    # "volume": (x - mean) / std over the whole volume (method.md 1.5, the reference). "robust": (x - median) /
+    # (IQR / 1.349) over the body voxels (raw > fg_threshold), a scale that one large bright lesion barely
+    # moves (CHAOS scan 36: README, Dice section); opt-in, not the paper's.
+    zscore: str = "volume"
+
+    def __post_init__(self) -> None:
+        if self.zscore not in ZSCORE_MODES:
+            raise ConfigError(f"prepare.zscore: {self.zscore!r} is not one of {', '.join(ZSCORE_MODES)}")
 
 
 @dataclasses.dataclass

@@ -90,8 +90,17 @@ def store_settings(cfg, spec: str, refs: list[str]) -> dict:
         if spec == "phantom":
             source["phantom_volumes"] = cfg.data.phantom_volumes
     return {"schema_version": SCHEMA_VERSION, "method": method,
-            "params": to_dict(getattr(cfg.superpixels, method)), "prepare": to_dict(cfg.prepare),
+            "params": to_dict(getattr(cfg.superpixels, method)), "prepare": prepare_settings(cfg.prepare),
             "source": source}
+
+
+def prepare_settings(prepare) -> dict:
+    """The preparation settings recorded in (and hashed into) a store. ``zscore`` is recorded only when it is
+    not the default, so that stores written before the option existed keep their settings hash."""
+    out = to_dict(prepare)
+    if out.get("zscore") == "volume":
+        del out["zscore"]
+    return out
 
 
 def n_readers(cfg, workers: int) -> int:

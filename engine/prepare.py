@@ -125,7 +125,9 @@ def prepare_volume(vol: Volume, cfg) -> PreparedVolume:
     vol : Volume
         ``vol.image`` must be (H, W, Z); any real dtype. Never modified.
     cfg : PrepareConfig
-        ``cfg.size`` is the in-plane output size.
+        ``cfg.size`` is the in-plane output size; ``cfg.zscore`` the statistics of the z-score: ``"volume"``
+        (mean / std of every voxel, method.md 1.5) or ``"robust"`` (median / (IQR / 1.349) of the voxels above
+        ``cfg.fg_threshold``).
 
     Returns
     -------
@@ -172,9 +174,11 @@ def prepare_volume(vol: Volume, cfg) -> PreparedVolume:
         label = _place(np.asarray(vol.label), size, 0, np.uint8)
 
     flat = raw.transpose(2, 0, 1)                          # the contiguous (Z, H, W) buffer
-    # Statistics in float64: a float32 accumulator loses ~1e-4 relative accuracy on 3M voxels.
-    mean = float(flat.mean(dtype=np.float64))
-    std = float(flat.std(dtype=np.float64))
+    mean, std = _robust_stats(flat, cfg, notes) if getattr(cfg, "zscore", "volume") == "robust" else (None, None)
+    if mean is None:
+        # Statistics in float64: a float32 accumulator loses ~1e-4 relative accuracy on 3M voxels.
+        mean = float(flat.mean(dtype=np.float64))
+        std = float(flat.std(dtype=np.float64))
     if not std > 0:
         raise VolumeError(vol.path, f"constant after the centre crop to {size}x{size}: cannot be z-scored")
     # float32 arithmetic, as the original ``(x - x.mean()) / x.std()`` on a float32 array
@@ -182,6 +186,24 @@ def prepare_volume(vol: Volume, cfg) -> PreparedVolume:
     np.subtract(flat, np.float32(mean), out=image.transpose(2, 0, 1))
     image /= np.float32(std)
     return PreparedVolume(id=vol.id, image=image, raw=raw, label=label, volume=vol, notes=notes)
+
+
+# IQR / 1.349 is the standard deviation of a normal distribution: robust z-scores keep the usual scale.
+_IQR_TO_STD = 1.349
+_MIN_BODY_VOXELS = 1000
+
+
+def _robust_stats(flat: np.ndarray, cfg, notes: list[str]) -> tuple[float | None, float | None]:
+    """(median, IQR / 1.349) of the body voxels (raw > ``cfg.fg_threshold``); (None, None) with a note when the
+    body is too small or flat for them, and the caller falls back to the whole-volume statistics."""
+    body = flat[flat > np.float32(cfg.fg_threshold)]
+    if body.size >= _MIN_BODY_VOXELS:
+        q1, median, q3 = np.percentile(body, [25, 50, 75])
+        if q3 > q1:
+            return float(median), float(q3 - q1) / _IQR_TO_STD
+    notes.append(f"prepare.zscore=robust: {body.size} body voxel(s) give no spread; z-scored over the whole "
+                 "volume instead")
+    return None, None
 
 
 # --------------------------------------------------------------------------------------------- body mask

@@ -270,7 +270,7 @@ def test_report_cli(tmp_path, capsys):
 
 
 # --------------------------------------------------------------------------------------------- checkpoints
-def _checkpoint(tmp_path: Path, *overrides: str) -> Path:
+def _checkpoint(tmp_path: Path, *overrides: str, store_prepare: dict | None = None) -> Path:
     torch = pytest.importorskip("torch")
     from alpnet.checkpoint import save_checkpoint
     from alpnet.model import ALPNet
@@ -281,8 +281,31 @@ def _checkpoint(tmp_path: Path, *overrides: str) -> Path:
     model = ALPNet(cfg.model, quiet=True)
     path = tmp_path / "ckpt.pt"
     save_checkpoint(path, {"model": model.state_dict(), "config": to_dict(cfg), "iteration": 3,
-                           "store": {"path": str(tmp_path / "no-store.h5"), "method": "slic"}})
+                           "store": {"path": str(tmp_path / "no-store.h5"), "method": "slic",
+                                     "prepare": store_prepare}})
     return path
+
+
+def test_test_scans_are_normalised_like_the_training_store(tmp_path, monkeypatch):
+    from alpnet import evaluate as ev_mod
+    seen = []
+    real = ev_mod.ScanLoader.__init__
+
+    def spy(self, data, cfg):
+        seen.append(cfg.prepare.zscore)
+        real(self, data, cfg)
+
+    monkeypatch.setattr(ev_mod.ScanLoader, "__init__", spy)
+    data = _make_dataset(tmp_path / "data")
+    ckpt = _checkpoint(tmp_path, "episodes.setting=1", "episodes.fold=0", store_prepare={"zscore": "robust"})
+    assert main(_cfg(tmp_path, data, fold="0"), str(ckpt), None, None, "cpu") == 0
+    res = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert seen == ["robust"]
+    assert any("prepare.zscore=robust taken from the checkpoint" in n for n in res["notes"])
+    # a checkpoint of a store written before the option (no zscore recorded) keeps the reference z-score
+    ckpt = _checkpoint(tmp_path, "episodes.setting=1", "episodes.fold=0", store_prepare={"size": 256})
+    assert main(_cfg(tmp_path, data, fold="0"), str(ckpt), None, None, "cpu") == 0
+    assert seen[-1] == "volume"
 
 
 def test_main_with_checkpoint_writes_three_outputs(tmp_path, capsys):

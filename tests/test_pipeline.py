@@ -376,3 +376,13 @@ def test_index_is_republished_at_most_every_interval(folder, reference, tmp_path
     assert_same_store(reference, out)
     with StoreReader(out) as r:
         assert r.meta["complete"] and r.n_slices == 19
+
+
+def test_default_zscore_leaves_the_settings_hash_of_older_stores_unchanged(folder, tmp_path):
+    # stores written before prepare.zscore existed recorded no such key: the default must hash the same
+    refs = ["1", "2", "3"]
+    default = pipeline.store_settings(make_cfg(folder, tmp_path / "a.h5"), str(folder), refs)
+    assert "zscore" not in default["prepare"]
+    robust = pipeline.store_settings(make_cfg(folder, tmp_path / "b.h5", "prepare.zscore=robust"), str(folder), refs)
+    assert robust["prepare"]["zscore"] == "robust"
+    assert {k: v for k, v in robust["prepare"].items() if k != "zscore"} == default["prepare"]

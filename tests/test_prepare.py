@@ -173,6 +173,36 @@ def test_prepare_z_scores_per_volume():
         assert arr[:, :, 4].flags.c_contiguous
 
 
+def test_prepare_robust_z_score_uses_body_median_and_iqr():
+    # background 0, body 100..199 (one value per row), and a bright lesion of 5000 inside the body: the robust
+    # statistics come from the body only, and the lesion barely moves them
+    img = np.zeros((64, 64, 2), np.float64)
+    img[8:48, 8:58, :] = (100 + np.arange(40) * 2.5)[:, None, None]
+    img[20:30, 20:30, 0] = 5000.0
+    p = prepare_volume(_vol(img, None), dataclasses.replace(CFG, size=64, zscore="robust"))
+    body = img.astype(np.float32)[img > CFG.fg_threshold]
+    q1, med, q3 = np.percentile(body, [25, 50, 75])
+    assert np.allclose(p.image, (img.astype(np.float32) - med) / ((q3 - q1) / 1.349), atol=1e-5)
+    assert p.notes == []
+    # the default is the reference's whole-volume z-score
+    assert np.allclose(prepare_volume(_vol(img, None), dataclasses.replace(CFG, size=64)).image,
+                       (img - img.mean()) / img.std(), atol=1e-4)
+
+
+def test_prepare_robust_z_score_falls_back_with_a_note_when_the_body_is_too_small():
+    img = np.zeros((64, 64, 2), np.float64)
+    img[0:3, 0:3, 0] = 500.0                                   # 9 body voxels
+    p = prepare_volume(_vol(img, None), dataclasses.replace(CFG, size=64, zscore="robust"))
+    assert len(p.notes) == 1 and "whole volume" in p.notes[0]
+    assert np.allclose(p.image, (img - img.mean()) / img.std(), atol=1e-4)
+
+
+def test_unknown_zscore_mode_is_a_config_error():
+    from engine.config import ConfigError
+    with pytest.raises(ConfigError, match="prepare.zscore"):
+        PrepareConfig(zscore="global")
+
+
 def test_prepare_replaces_nan_inf_by_the_finite_minimum_with_a_note():
     img = np.arange(2 * 256 * 256 * 3, dtype=np.float32).reshape(256, 256, 6)[:, :, :3] + 7
     img[0, 0, 0], img[5, 5, 1], img[9, 9, 2] = np.nan, np.inf, -np.inf
