@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from engine.prepare import center_crop_pad, crop_offset
-from engine.volume import Volume, VolumeError
+from engine.volume import Volume, VolumeError, one_line
 
 # CHAOS PNG grey values -> label ids (accepted ranges, method.md 1.1-1.2)
 GREY_RANGES = ((55, 70, 1), (110, 135, 2), (175, 200, 3), (240, 255, 4))
@@ -45,11 +45,6 @@ _LUT = np.full(65536, 255, dtype=np.uint8)     # 255 marks a grey value outside 
 _LUT[0] = 0
 for _lo, _hi, _lab in GREY_RANGES:
     _LUT[_lo:_hi + 1] = _lab
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
 
 def _natural_key(name: str) -> list:
@@ -80,7 +75,7 @@ def _read_slice(path: Path):
     except InvalidDicomError:
         raise VolumeError(path, "not a DICOM file") from None
     except Exception as exc:                               # truncated or malformed: one line, not a traceback
-        raise VolumeError(path, f"cannot read DICOM ({_one_line(exc)})") from None
+        raise VolumeError(path, f"cannot read DICOM ({one_line(exc)})") from None
     iop = _float_list(ds, "ImageOrientationPatient", 6, path)
     ipp = _float_list(ds, "ImagePositionPatient", 3, path)
     ps = _float_list(ds, "PixelSpacing", 2, path)
@@ -89,7 +84,7 @@ def _read_slice(path: Path):
     try:
         pix = ds.pixel_array
     except Exception as exc:
-        raise VolumeError(path, f"cannot decode the pixel data ({_one_line(exc)})") from None
+        raise VolumeError(path, f"cannot decode the pixel data ({one_line(exc)})") from None
     if pix.ndim != 2:
         raise VolumeError(path, f"expected one grey-level frame, got pixel data of shape {pix.shape}")
     slope = float(ds.get("RescaleSlope", 1) or 1)
@@ -230,7 +225,7 @@ def read_mask_png(path: str | Path, rows: int, cols: int) -> np.ndarray:
             im.load()
             arr = np.asarray(im)
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-        raise VolumeError(path, f"cannot read PNG mask ({_one_line(exc)})") from None
+        raise VolumeError(path, f"cannot read PNG mask ({one_line(exc)})") from None
     if arr.ndim == 3:
         # a grey mask saved as RGB(A): accept only when the colour channels agree
         if arr.shape[2] >= 3 and np.array_equal(arr[..., 0], arr[..., 1]) and np.array_equal(arr[..., 0], arr[..., 2]):

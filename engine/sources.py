@@ -25,7 +25,7 @@ from typing import Iterator
 
 import numpy as np
 
-from engine.volume import Volume, VolumeError
+from engine.volume import Volume, VolumeError, one_line
 
 _NIFTI_RE = re.compile(r"^(image|label)_(.+?)\.nii(\.gz)?$")
 _MAX_VOXELS = 1 << 30               # 4 GiB as float32: far beyond any abdominal scan, rejects absurd headers
@@ -34,11 +34,6 @@ _MAX_VOXELS = 1 << 30               # 4 GiB as float32: far beyond any abdominal
 def _id_key(vid: str) -> tuple:
     """Numeric ids in numeric order, then the others alphabetically."""
     return (0, int(vid), "") if vid.isdigit() else (1, 0, vid)
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
 
 def sha256_file(path: str | Path) -> str:
@@ -100,7 +95,7 @@ def _nifti_array(path: Path, kind: str):
         except FileNotFoundError:
             raise VolumeError(path, "file not found") from None
         except Exception as exc:               # nibabel raises many types for non-NIfTI / corrupt files
-            raise VolumeError(path, f"not a readable NIfTI {kind} ({_one_line(exc)})") from None
+            raise VolumeError(path, f"not a readable NIfTI {kind} ({one_line(exc)})") from None
         digest = None
     shape = tuple(int(s) for s in img.shape)
     if len(shape) > 3 and all(s == 1 for s in shape[3:]):
@@ -119,9 +114,9 @@ def _read_data(img, path: Path, shape, dtype) -> np.ndarray:
     try:
         arr = np.asanyarray(img.dataobj)
     except (EOFError, OSError, ValueError, MemoryError) as exc:
-        raise VolumeError(path, f"truncated or corrupt file ({_one_line(exc)})") from None
+        raise VolumeError(path, f"truncated or corrupt file ({one_line(exc)})") from None
     except Exception as exc:
-        raise VolumeError(path, f"cannot read the voxel data ({_one_line(exc)})") from None
+        raise VolumeError(path, f"cannot read the voxel data ({one_line(exc)})") from None
     if np.iscomplexobj(arr) or not np.issubdtype(arr.dtype, np.number):
         raise VolumeError(path, f"voxel type {arr.dtype} is not a real number type")
     arr = arr.reshape(shape)
@@ -335,7 +330,7 @@ class PhantomSource(Source):
         try:
             from engine.phantom import make_volume
         except ImportError as exc:
-            raise VolumeError(self.path, f"the built-in phantom is not available ({_one_line(exc)})") from None
+            raise VolumeError(self.path, f"the built-in phantom is not available ({one_line(exc)})") from None
         return make_volume(int(m.group(1)), seed=self.seed)
 
 
@@ -380,7 +375,7 @@ def open_source(spec: str, cfg=None) -> Source:
     try:
         entries = list(path.iterdir())
     except OSError as exc:
-        raise VolumeError(spec, f"cannot list the folder ({_one_line(exc)})") from None
+        raise VolumeError(spec, f"cannot list the folder ({one_line(exc)})") from None
     if not entries:
         raise VolumeError(spec, "empty folder")
     folder = NiftiFolderSource(path)
@@ -403,7 +398,7 @@ def iter_volumes(source: Source) -> Iterator[Volume | VolumeError]:
         except VolumeError as exc:
             yield exc
         except Exception as exc:           # never let one input stop the others
-            yield VolumeError(f"{source.path}[{ref}]", f"unexpected error ({_one_line(exc)})")
+            yield VolumeError(f"{source.path}[{ref}]", f"unexpected error ({one_line(exc)})")
 
 
 # --------------------------------------------------------------------------------------------- describe

@@ -15,6 +15,12 @@ class VolumeError(Exception):
         super().__init__(f"{self.path}: {reason}")
 
 
+def one_line(exc: BaseException) -> str:
+    """``Type: first line of the message`` of an exception, for one-line error reports."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
 @dataclasses.dataclass
 class Volume:
     """A 3D scan as read from its source, before normalisation.
