@@ -155,19 +155,21 @@ def held_out_volumes(volume_ids: list[str], fold: int, n_folds: int) -> list[str
 
 
 def organ_bits(reader, rows: np.ndarray) -> np.ndarray:
-    """(len(rows),) uint64: bit v set when label value v occurs in the slice.
+    """(len(rows),) uint64: bit v set when label value v (1..63) occurs in the slice.
 
-    Uses the store's ``organs`` column; a reader without it has each label map read once instead.
+    Uses the store's ``organs`` column; a reader without it has each label map read once instead, with the
+    rule that fills that column.
     """
     if "organs" in reader.slices:
         return np.asarray(reader.slices["organs"], dtype=np.uint64)[rows]
+    from engine.store import slice_organ_bits    # the rule that fills the store's column
+
     present = np.asarray(reader.slices.get("labels_present", np.ones(reader.n_slices, bool)), bool)
     out = np.zeros(len(rows), dtype=np.uint64)
     for j, i in enumerate(rows):
         label = reader.read(int(i), fields=("label",))["label"] if present[i] else None
         if label is not None:
-            for v in np.flatnonzero(np.bincount(np.asarray(label).ravel()))[1:]:   # label values > 0
-                out[j] |= np.uint64(1) << np.uint64(int(v))
+            out[j] = slice_organ_bits(label)
     return out
 
 

@@ -51,7 +51,8 @@ from engine.profile import Profiler, summary_lines
 from engine.runinfo import git_revision, write_run_info
 from engine.sources import open_source
 from engine.store import (DATASETS, DTYPES, MAX_SUPERPIXEL_ID, SCHEMA_VERSION, Batch, Codec, SettingsMismatch,
-                          SliceResult, StoreError, StoreLocked, StoreWriter, settings_hash, volume_row)
+                          SliceResult, StoreError, StoreLocked, StoreWriter, settings_hash, slice_organ_bits,
+                          volume_row)
 from engine.superpixels import pseudolabels
 from engine.volume import VolumeError
 
@@ -168,10 +169,7 @@ def organ_bits(label: np.ndarray | None, n_slices: int) -> np.ndarray:
     if label is None:
         return bits
     for z in range(n_slices):
-        mask = 0
-        for v in np.flatnonzero(np.bincount(label[z].ravel(), minlength=64)[1:64]):
-            mask |= 1 << int(v + 1)
-        bits[z] = mask
+        bits[z] = slice_organ_bits(label[z])
     return bits
 
 

@@ -240,6 +240,14 @@ class Batch:
     failures: list               # [{"ref", "path", "reason"}] met since the previous batch
 
 
+def slice_organ_bits(label: np.ndarray) -> int:
+    """The ``organs`` value of one (H, W) label map: bit v set when label value v (1..63) occurs in it."""
+    mask = 0
+    for v in np.flatnonzero(np.bincount(np.asarray(label).ravel(), minlength=64)[1:64]):
+        mask |= 1 << int(v + 1)
+    return mask
+
+
 _VOLUME_FIELDS = ("id", "ref", "n_slices", "spacing", "orientation", "affine", "path", "checksum", "has_label",
                   "notes")
 
