@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from alpnet.protocol import summarise
+from engine.figures import save_figure
 
 # Table I of the paper (method.md section 0): Abd-MRI (CHAOS T2-SPIR), 1-way 1-shot, setting 2, Dice in percent,
 # mean of 5 folds. Printed beside our rows, always labelled as the paper's numbers.
@@ -301,11 +302,7 @@ def write_overlays(folder: Path, overlays: Mapping) -> list[Path]:
                 ax.set_title(title, fontsize=7)
                 ax.axis("off")
         fig.suptitle(f"fold {fold}, {DISPLAY.get(organ, organ)}, query scan {sid}", fontsize=9)
-        fig.tight_layout()
-        path = folder / f"fold{fold}_{organ}_scan{sid}.png"
-        fig.savefig(path, dpi=72)
-        plt.close(fig)
-        written.append(path)
+        written.append(save_figure(fig, folder / f"fold{fold}_{organ}_scan{sid}.png", dpi=72))
     return written
 
 

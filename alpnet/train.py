@@ -31,6 +31,7 @@ from alpnet.checkpoint import CheckpointError, read_checkpoint, save_checkpoint
 from alpnet.episodes import EpisodeError, EpisodeStream, collate_episodes, worker_init
 from alpnet.model import ALPNet, COUNTERS
 from engine.config import to_dict
+from engine.figures import save_figure
 from engine.runinfo import write_run_info
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -124,10 +125,7 @@ def plot_loss_curve(metrics_path: Path, png: Path) -> Path | None:
     ax.set_yscale("log")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(png, dpi=100)
-    plt.close(fig)
-    return png
+    return save_figure(fig, png, dpi=100)
 
 
 # --------------------------------------------------------------------------------------------- training

@@ -49,6 +49,8 @@ from benchmarks.common import PAPER, BenchmarkError, fmt, log, markdown_table  #
 
 import numpy as np  # noqa: E402
 
+from engine.figures import save_figure  # noqa: E402
+
 BACKENDS = ("threads", "processes")
 
 
@@ -279,12 +281,7 @@ def plot_scaling(result: dict, path: Path) -> Path:
     host = result.get("host", {})
     fig.suptitle(f"Engine scaling on {host.get('cpu', '?')} ({ncores} cores), {result['slices_label']}"
                  + ("  [quick run: noisy]" if result.get("quick") else ""), fontsize=11)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)
 
 
 def render_markdown(result: dict) -> str:

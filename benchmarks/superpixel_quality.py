@@ -45,6 +45,7 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 
 from engine import quality  # noqa: E402
 from engine.config import MeanShiftConfig, PrepareConfig, SlicConfig  # noqa: E402
+from engine.figures import save_figure  # noqa: E402
 from engine.prepare import body_mask, prepare_volume  # noqa: E402
 from engine.recipes import consecutive_ids, felzenszwalb_pseudolabels, meanshift_pseudolabels  # noqa: E402
 from engine.sources import open_source  # noqa: E402
@@ -284,9 +285,7 @@ def plot(res: dict, path: Path, subset: str = "organ_slices") -> None:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7, ncol=2)
     fig.suptitle(f"CHAOS-T2 superpixel quality vs organ labels ({subset.replace('_', ' ')})")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
 # --------------------------------------------------------------------------------------------- main

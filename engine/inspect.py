@@ -8,6 +8,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from engine.figures import save_figure
 from engine.store import DATASETS, StoreError, StoreReader, describe_holder, lock_path, parts_dir, shard_name
 
 
@@ -252,12 +253,7 @@ def write_overlay(reader: StoreReader, volume: str, z: int, png: str | Path) -> 
     for ax in axes:
         ax.set_axis_off()
     fig.suptitle(f"{reader.path.name}: volume {volume}, slice z={z}", fontsize=10)
-    fig.tight_layout()
-    png = Path(png)
-    png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png, dpi=100)
-    plt.close(fig)
-    return png
+    return save_figure(fig, png, dpi=100)
 
 
 def inspect_store(path: str, as_json: bool = False, volume: str | None = None, z: int | None = None,

@@ -1,0 +1,20 @@
+"""Writing matplotlib figures: one way for every plot of the project (inspect, training, reports, benchmarks)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def save_figure(fig, path: str | Path, dpi: int) -> Path:
+    """Lay out ``fig``, write it to ``path`` (parent folders created) at ``dpi`` and close it; returns the path.
+
+    Closing matters: pyplot keeps every open figure alive, and long runs (one overlay per scan and organ)
+    would otherwise accumulate them.
+    """
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
