@@ -289,10 +289,7 @@ def main(argv=None) -> int:
     cfg = common.load_config(None, args.overrides)
     max_vol = 4 if args.quick else None
     repeats = 1 if args.quick else max(1, args.repeats)
-    workers_all = common.n_cores()
-    counts = sorted(set(common.parse_int_list(args.workers))) if args.workers else sorted({1, workers_all})
-    if counts[0] < 1:
-        raise SystemExit(f"--workers {args.workers}: worker counts must be >= 1")
+    counts = common.parse_int_list(args.workers) if args.workers else sorted({1, common.n_cores()})
     workers_all = counts[-1]                 # "all workers" = the largest count asked for
     info = common.host_info()
     result: dict = {"host": info, "input": args.input, "method": cfg.superpixels.method,
@@ -466,8 +463,4 @@ def render(r: dict) -> str:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except common.BenchmarkError as exc:
-        print(f"benchmarks/engine.py: {exc}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(common.run_main("benchmarks/engine.py", main, None))

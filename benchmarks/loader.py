@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import sys
 import threading
 import time
@@ -73,11 +74,6 @@ class PeakRSS:
 def stream(store: str, cfg, n: int | None, seed: int = 0) -> EpisodeStream:
     return EpisodeStream.from_store(store, cfg.episodes, cfg.augment, seed=seed, n_batches=n,
                                     n_folds=cfg.evaluate.n_folds)
-
-
-def median(values: list[float]) -> float:
-    v = sorted(values)
-    return v[len(v) // 2] if len(v) % 2 else 0.5 * (v[len(v) // 2 - 1] + v[len(v) // 2])
 
 
 def stream_round(store: str, cfg, workers: int, n: int, seed: int, warmup: int = 20) -> dict:
@@ -161,7 +157,7 @@ class TrainBench:
     def summary(self) -> dict:
         out = dict(self.info, rounds=self.rounds)
         for key in self.rounds[0]:
-            out[key] = (max if key.startswith("peak") else median)([r[key] for r in self.rounds])
+            out[key] = (max if key.startswith("peak") else statistics.median)([r[key] for r in self.rounds])
         return out
 
 
@@ -204,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         for w, rounds in per_stream.items():
             summary = {"workers": w, "rounds": rounds}
             for key in rounds[0]:
-                summary[key] = (max if key.startswith("peak") else sum if "draws" in key else median)(
+                summary[key] = (max if key.startswith("peak") else sum if "draws" in key else statistics.median)(
                     [x[key] for x in rounds])
             rec["stream"].append(summary)
             print(f"stream, {w} workers: {summary['episodes_per_s']:.0f} episodes/s, main-process CPU "

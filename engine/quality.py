@@ -62,19 +62,16 @@ def _check_pair(superpixels: np.ndarray, gt: np.ndarray | None, region: np.ndarr
     if sp.ndim != 2:
         raise ValueError(f"superpixels must be a 2D label map, got shape {sp.shape}")
     sp = _check_labels(sp, "superpixels")
-    g = None
-    if gt is not None:
-        g = np.asarray(gt)
-        if g.shape != sp.shape:
-            raise ValueError(f"gt shape {g.shape} differs from superpixels shape {sp.shape}")
-        g = _check_labels(g, "gt")
-    m = None
-    if region is not None:
-        m = np.asarray(region)
-        if m.shape != sp.shape:
-            raise ValueError(f"region shape {m.shape} differs from superpixels shape {sp.shape}")
-        m = m.astype(bool, copy=False)
+    g = None if gt is None else _check_labels(_same_shape(gt, "gt", sp), "gt")
+    m = None if region is None else _same_shape(region, "region", sp).astype(bool, copy=False)
     return sp, g, m
+
+
+def _same_shape(arr, name: str, sp: np.ndarray) -> np.ndarray:
+    a = np.asarray(arr)
+    if a.shape != sp.shape:
+        raise ValueError(f"{name} shape {a.shape} differs from superpixels shape {sp.shape}")
+    return a
 
 
 def _dense(values: np.ndarray) -> tuple[np.ndarray, int]:
