@@ -164,3 +164,23 @@ def body_mask_kernel(img, thr, out):
                 out[y, x] = False
             count -= bg_end[b] - bg_start[b]
     return count
+
+
+@njit(nogil=True, cache=True)
+def organ_bits_kernel(label, out):
+    """Per slice of a (Z, H, W) uint8 label volume, bit v of ``out[z]`` (uint64) set when value v (1..63) occurs.
+
+    The rule of ``engine.store.slice_organ_bits``, for a whole volume in one call without the GIL.
+    """
+    for z in range(label.shape[0]):
+        seen = np.zeros(64, np.bool_)
+        for y in range(label.shape[1]):
+            for x in range(label.shape[2]):
+                v = label[z, y, x]
+                if v < 64:
+                    seen[v] = True
+        bits = np.uint64(0)
+        for v in range(1, 64):
+            if seen[v]:
+                bits |= np.uint64(1) << np.uint64(v)
+        out[z] = bits

@@ -123,8 +123,8 @@ class EngineConfig:
     # none | gzip-N | maps-gzip-N, encoded in the workers (engine.store docstring has the measurements):
     # maps-gzip-1 = image raw float32, superpixels/fg/label deflate level 1
     compression: str = "maps-gzip-1"
-    # volumes read + prepared in parallel (nii.gz inflate releases the GIL); 0 = as many as workers, 2..8.
-    # Reading a CHAOS .nii.gz pair costs more CPU per slice than SLIC, so readers must scale with workers.
+    # volumes loaded ahead: read + prepared by the workers themselves, at most this many at a time (memory:
+    # one prepared volume each); 0 = as many as workers, 2..8.
     readers: int = 0
 
     def __post_init__(self) -> None:

@@ -1,30 +1,36 @@
-"""The engine: parallel reading, per-slice pseudo-labels on N workers, batched crash-safe commits.
+"""The engine: per-slice pseudo-labels on N workers that also read the volumes, batched crash-safe commits.
 
 ::
 
-    reader threads (load + prepare volumes, in parallel, handed on in source order)
-        -> producer: numbers the slices (volume order, z ascending), opens / closes batches
-        -> bounded work queue (threads) | shared-memory ring + per-worker pipes (processes)
-        -> N compute workers: body mask, pseudo-labels, chunk encoding (zlib releases the GIL)
-        -> batch barrier: a batch is handed on when all its slices are done
-        -> one writer thread: shard + index commit (engine.store), strictly in batch order
+    load plan: volumes in source order, at most ``engine.readers`` loading or loaded ahead (``_LoadPlan``)
+        -> N workers take a load job (read + prepare one volume) whenever no slice is waiting
+        -> producer: takes loaded volumes in source order, numbers their slices, opens / closes batches
+        -> work queue (threads) | shared-memory ring + per-worker pipes (processes)
+        -> the same N workers: body mask, pseudo-labels, chunk encoding (zlib releases the GIL)
+        -> one writer thread: writes each slice into the open shard as soon as it and all before it are done,
+           and commits the shard (tables, fsync, rename) when the batch is complete
+
+N workers are N cores of work: reading a CHAOS .nii.gz pair costs about as much CPU as its superpixels, so
+reader threads next to the workers (the design before) made one worker use 1.3-1.4 cores and left a second
+worker little to gain on 2 cores (1.10x). Loads fill the gaps where a worker would otherwise wait.
 
 At most one batch is uncommitted at any time: the producer opens batch k+1 once batch k's shard is renamed
 (its commit point), so a ``kill -9`` loses at most one batch of computed slices (design.md, Store,
-requirement 2). The index rebuild that shows the shard to readers runs after that, overlapped with batch k+1.
-Double buffering (computing k+1 while k is written) was measured here at the same throughput on 2 cores
-(506 against 498 slices/s, CHAOS, 3 runs each), since the cores are busy reading and preparing meanwhile,
-and it would put up to two batches at risk. Memory is bounded by the batch size, the queue bound and the
-reader look-ahead, never by the dataset.
+requirement 2). Because the writer streams slices into the shard while the batch is computed, closing a
+batch costs only its tables, an fsync and the rename (~10 ms here). The index rebuild that shows the shard
+to readers runs after that, overlapped with batch k+1. Memory is bounded by the batch size, the queue bound
+and the load look-ahead, never by the dataset.
 
 Backends
 --------
-``threads`` (default): workers are threads; the numba kernels and zlib release the GIL.
-``processes``: workers are forked processes. Slices travel through a ``multiprocessing.shared_memory`` ring
-of slots (inputs: raw, image, label; outputs: encoded chunks); only slot numbers and a few integers travel
-through one pair of pipes per worker. The parent waits on the result pipes *and* the process sentinels,
-so a worker that dies (killed, segfault, out of memory) is noticed at once; the run then stops, naming the
-slice the worker held, and commits nothing of the unfinished batch.
+``threads`` (default): workers are threads; the numba kernels, inflating and zlib release the GIL.
+``processes``: workers are forked processes. A worker that loads a volume puts it into a memfd (no name,
+so nothing leaks when a process is killed) and passes the descriptor to the parent over a Unix socket.
+Slices travel through a ``multiprocessing.shared_memory`` ring of slots (inputs: raw, image, label;
+outputs: encoded chunks); only slot numbers and a few integers travel through one pair of pipes per
+worker. The parent waits on the result pipes *and* the process sentinels, so a worker that dies (killed,
+segfault, out of memory) is noticed at once; the run then stops, naming the slice or volume the worker
+held, and commits nothing of the unfinished batch.
 """
 from __future__ import annotations
 
@@ -35,23 +41,24 @@ import multiprocessing.connection as mpc
 import os
 import queue
 import signal
+import socket
 import sys
 import threading
 import time
 import traceback
-from concurrent.futures import ThreadPoolExecutor
 from multiprocessing import shared_memory
 from pathlib import Path
 
 import numpy as np
 
+from engine._mask_kernels import organ_bits_kernel
 from engine.config import to_dict
 from engine.prepare import body_mask, prepare_volume
 from engine.profile import Profiler, summary_lines
 from engine.runinfo import git_revision, write_run_info
 from engine.sources import open_source
-from engine.store import (DATASETS, DTYPES, MAX_SUPERPIXEL_ID, SCHEMA_VERSION, Batch, Codec, SettingsMismatch,
-                          SliceResult, StoreError, StoreLocked, StoreWriter, settings_hash, slice_organ_bits,
+from engine.store import (DATASETS, DTYPES, MAX_SUPERPIXEL_ID, SCHEMA_VERSION, Codec, SettingsMismatch,
+                          SliceResult, StoreError, StoreLocked, StoreWriter, settings_hash,
                           volume_row)
 from engine.superpixels import pseudolabels
 from engine.volume import VolumeError
@@ -105,7 +112,8 @@ def prepare_settings(prepare) -> dict:
 
 
 def n_readers(cfg, workers: int) -> int:
-    """``engine.readers``, with 0 meaning one per worker, at least 2 and at most 8 (memory: one volume each)."""
+    """Volumes loaded ahead (``engine.readers``), with 0 meaning one per worker, at least 2 and at most 8 (memory:
+    one prepared volume each)."""
     if cfg.engine.readers > 0:
         return int(cfg.engine.readers)
     return max(2, min(workers, 8))
@@ -163,13 +171,12 @@ def compute_slice(raw: np.ndarray, image: np.ndarray, label: np.ndarray | None, 
 def organ_bits(label: np.ndarray | None, n_slices: int) -> np.ndarray:
     """Per slice, bit v set when label value v (1..63) occurs: (Z,) uint64 from a (Z, H, W) label volume.
 
-    Computed once per volume in the reader threads, so workers spend no GIL time on it.
+    Computed once per volume by whoever loads it, in a numba kernel that releases the GIL (the rule of
+    ``engine.store.slice_organ_bits``).
     """
     bits = np.zeros(n_slices, dtype=np.uint64)
-    if label is None:
-        return bits
-    for z in range(n_slices):
-        bits[z] = slice_organ_bits(label[z])
+    if label is not None:
+        organ_bits_kernel(np.ascontiguousarray(label, dtype=np.uint8), bits)
     return bits
 
 
@@ -212,6 +219,13 @@ class _Failure:
 
 
 @dataclasses.dataclass
+class _LoadMark:
+    """A load job sent to a worker process (processes backend)."""
+    index: int
+    ref: str
+
+
+@dataclasses.dataclass
 class _Task:
     seq: int
     vol: _Loaded
@@ -225,13 +239,10 @@ class _BatchState:
         self.first_slice = first_slice
         self.count = 0
         self.closed = False
-        self.results: dict[int, SliceResult] = {}
+        self.results: dict[int, SliceResult] = {}     # computed, not yet handed to the writer
+        self.written = first_slice                     # next sequence number the writer takes
         self.volumes: dict[str, dict] = {}
         self.failures: list[dict] = []
-
-    @property
-    def ready(self) -> bool:
-        return self.closed and len(self.results) == self.count
 
 
 class _Batches:
@@ -270,18 +281,30 @@ class _Batches:
     def add_result(self, seq: int, result: SliceResult) -> None:
         index = self.first_index + (seq - self.first_seq) // self.size
         with self.cond:
-            st = self.open[index]
-            st.results[seq] = result
-            if st.ready:
+            self.open[index].results[seq] = result
+            if seq == self.open[index].written:
                 self.cond.notify_all()
 
-    def take_next(self, timeout: float) -> _BatchState | None:
+    def writable(self, timeout: float) -> tuple[_BatchState, list, bool] | None:
+        """The batch to commit next, its results that can be written now (in sequence order, handed over), and
+        whether it is complete after them; None when there is nothing to do within ``timeout``."""
         with self.cond:
             st = self.open.get(self.next_commit)
-            if st is None or not st.ready:
+            if st is None or not (st.written in st.results or self._complete(st)):
                 self.cond.wait(timeout)
                 st = self.open.get(self.next_commit)
-            return st if st is not None and st.ready else None
+            if st is None:
+                return None
+            out = []
+            while st.written in st.results:
+                out.append(st.results.pop(st.written))
+                st.written += 1
+            done = self._complete(st)
+            return (st, out, done) if out or done else None
+
+    @staticmethod
+    def _complete(st: _BatchState) -> bool:
+        return st.closed and st.written - st.first_slice == st.count
 
     def committed(self) -> None:
         with self.cond:
@@ -292,6 +315,115 @@ class _Batches:
     def pending(self) -> int:
         with self.cond:
             return len(self.open)
+
+
+# --------------------------------------------------------------------------------------------- work
+class _LoadPlan:
+    """The volumes to read, handed out as load jobs and handed back to the producer in source order.
+
+    At most ``lookahead`` volumes are loading or loaded but not yet consumed (memory: one volume each).
+    Shares its condition variable with whoever schedules the jobs; ``on_change`` wakes a scheduler that
+    does not wait on it (the processes dispatcher).
+    """
+
+    def __init__(self, plan: list, lookahead: int, cond: threading.Condition, stop: threading.Event,
+                 on_change=None):
+        self.plan = plan
+        self.lookahead = max(1, lookahead)
+        self.cond = cond
+        self.stop = stop
+        self.on_change = on_change or (lambda: None)
+        self.next_job = 0                 # first job not handed out yet
+        self.next_take = 0                # first job the producer has not consumed yet
+        self.results: dict[int, object] = {}
+
+    def startable(self) -> bool:
+        """(Under ``cond``.) A job can be handed out now."""
+        return self.next_job < len(self.plan) and self.next_job - self.next_take < self.lookahead
+
+    def start(self) -> tuple[int, tuple]:
+        """(Under ``cond``.) Hand out the next job: (job index, plan item)."""
+        i = self.next_job
+        self.next_job += 1
+        return i, self.plan[i]
+
+    def finish(self, i: int, result) -> None:
+        """A job's result: ``_Loaded``, ``_Failure``, or an exception the producer re-raises."""
+        with self.cond:
+            self.results[i] = result
+            self.cond.notify_all()
+        self.on_change()
+
+    def __iter__(self):
+        """The producer's view: results in plan order, each as soon as it is ready."""
+        while True:
+            with self.cond:
+                if self.next_take >= len(self.plan):
+                    return
+                while self.next_take not in self.results:
+                    if self.stop.is_set():
+                        raise _Stopped
+                    self.cond.wait(0.1)
+                result = self.results.pop(self.next_take)
+                self.next_take += 1
+                self.cond.notify_all()
+            self.on_change()
+            if isinstance(result, BaseException):
+                raise result
+            yield result
+
+
+class _WorkQueue:
+    """The threads backend's dynamic work queue: slices to compute and volumes to load, for the same workers.
+
+    The workers load the volumes themselves, so N workers are N cores of work: reading and preparing a CHAOS
+    volume costs about as much CPU as its superpixels, and dedicated reader threads would run on top of the
+    N workers (on 2 cores, 2 workers then ran only 1.10x faster than 1). A worker takes a load when no slice
+    is waiting: loads fill the gaps where it would otherwise idle, at the batch barrier and between volumes
+    (taking loads earlier, whenever fewer than 2 slices per worker waited, left 2.5x more barrier time).
+    """
+
+    def __init__(self, loads: _LoadPlan, max_slices: int, stop: threading.Event):
+        self.loads = loads
+        self.cond = loads.cond
+        self.slices: collections.deque = collections.deque()
+        self.max_slices = max(1, max_slices)
+        self.stop = stop
+        self.closed = False
+
+    def get(self):
+        """Next job for a worker: ``("slice", task)``, ``("load", i, item)``, or None when the run is over."""
+        with self.cond:
+            while True:
+                if self.stop.is_set():
+                    return None
+                if self.slices:
+                    task = self.slices.popleft()
+                    self.cond.notify_all()
+                    return ("slice", task)
+                if self.loads.startable():
+                    return ("load",) + self.loads.start()
+                if self.closed:
+                    return None
+                self.cond.wait(0.1)
+
+    def put(self, task: "_Task") -> None:
+        with self.cond:
+            while len(self.slices) >= self.max_slices:
+                if self.stop.is_set():
+                    raise _Stopped
+                self.cond.wait(0.1)
+            self.slices.append(task)
+            self.cond.notify_all()
+
+    def close(self) -> None:
+        """No more slices will come: workers leave once the queue is empty."""
+        with self.cond:
+            self.closed = True
+            self.cond.notify_all()
+
+    def qsize(self) -> int:
+        return len(self.slices)
 
 
 # --------------------------------------------------------------------------------------------- processes
@@ -325,9 +457,58 @@ class _Ring:
         return slots * (h * w * 9 + _out_capacity(shape))
 
 
+def _send_volume(vol: "_Loaded", sock) -> tuple:
+    """Put a prepared volume's arrays into a fresh memfd and pass its descriptor over ``sock``.
+
+    A memfd has no name, so nothing can leak when any process is killed: its memory goes with the last
+    descriptor or mapping. Returns the picklable rest of the volume.
+    """
+    import mmap
+    import socket
+
+    arrays = [a for a in (vol.raw, vol.image, vol.label) if a is not None]
+    nbytes = sum(a.nbytes for a in arrays)
+    fd = os.memfd_create("engine-volume", os.MFD_CLOEXEC)
+    try:
+        os.ftruncate(fd, max(nbytes, 1))
+        with mmap.mmap(fd, max(nbytes, 1)) as mm:
+            off = 0
+            for a in arrays:
+                mm[off:off + a.nbytes] = a.tobytes() if not a.flags.c_contiguous else memoryview(a).cast("B")
+                off += a.nbytes
+        socket.send_fds(sock, [b"v"], [fd])
+    finally:
+        os.close(fd)
+    return (vol.ref, vol.id, vol.path, tuple(vol.raw.shape), vol.label is not None, vol.row, vol.skip, vol.notes,
+            vol.organs)
+
+
+def _receive_volume(meta: tuple, sock) -> "_Loaded":
+    """The parent's side of ``_send_volume``: map the descriptor, view the arrays in it."""
+    import mmap
+    import socket
+
+    ref, vid, path, shape, has_label, row, skip, notes, organs = meta
+    _, fds, _, _ = socket.recv_fds(sock, 1, 1)
+    if not fds:
+        raise OSError("a worker announced a volume but passed no descriptor")
+    n = int(np.prod(shape))
+    nbytes = n * (9 if has_label else 8)
+    try:
+        mm = mmap.mmap(fds[0], max(nbytes, 1))
+    finally:
+        for fd in fds:
+            os.close(fd)
+    raw = np.frombuffer(mm, np.float32, n, 0).reshape(shape)
+    image = np.frombuffer(mm, np.float32, n, 4 * n).reshape(shape)
+    label = np.frombuffer(mm, np.uint8, n, 8 * n).reshape(shape) if has_label else None
+    return _Loaded(ref, vid, path, raw, image, label, row, skip, notes, organs)
+
+
 def _process_worker(w: int, task_conn, result_conn, all_conns, lock_fd, shm, slots, shape, threshold, sp_cfg,
-                    codec, zero_label) -> None:
-    """Body of a worker process (forked): slot numbers in, encoded chunks into the ring, lengths out."""
+                    codec, zero_label, load, sock, all_socks) -> None:
+    """Body of a worker process (forked): slot numbers in, encoded chunks into the ring, lengths out; or a
+    volume to load in, the prepared volume out through a memfd (``_send_volume``)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)     # Ctrl-C is handled by the parent, which stops us
     if lock_fd is not None:
         try:
@@ -336,6 +517,9 @@ def _process_worker(w: int, task_conn, result_conn, all_conns, lock_fd, shm, slo
             pass
     for c in all_conns:                              # other workers' pipe ends: keep EOF detection exact
         if c is not task_conn and c is not result_conn:
+            c.close()
+    for c in all_socks:
+        if c is not sock:
             c.close()
     ring = _Ring(shm.buf, slots, shape)
     parent = os.getppid()
@@ -349,6 +533,10 @@ def _process_worker(w: int, task_conn, result_conn, all_conns, lock_fd, shm, slo
             os._exit(0)
         if msg is None:
             break
+        if msg[0] == "load":
+            if not _load_in_worker(msg[1], msg[2], load, sock, result_conn):
+                break
+            continue
         slot, seq, has_label = msg
         try:
             chunks, nsp, stages = compute_slice(
@@ -370,6 +558,24 @@ def _process_worker(w: int, task_conn, result_conn, all_conns, lock_fd, shm, slo
         result_conn.close()
     except OSError:
         pass
+
+
+def _load_in_worker(i: int, item: tuple, load, sock, result_conn) -> bool:
+    """Load job ``i`` in a worker process; False when the worker must stop (a bug: reported to the parent)."""
+    try:
+        try:
+            result, t_read, t_prep = load(*item)
+        except _SourceChanged as exc:
+            result_conn.send(("changed", i, str(exc)))
+            return True
+        if isinstance(result, _Failure):
+            result_conn.send(("loadfail", i, result.ref, result.path, result.reason))
+        else:
+            result_conn.send(("loaded", i, _send_volume(result, sock), t_read, t_prep))
+        return True
+    except Exception as exc:
+        result_conn.send(("error", -1, -1, f"{type(exc).__name__} while loading {item[0]}: {exc}"))
+        return False
 
 
 def _signal_name(exitcode: int | None) -> str:
@@ -500,10 +706,12 @@ class _Run:
             print(f"preprocess: the superpixel settings are not usable: {exc}", file=sys.stderr)
             return 2
 
+        self.loads = _LoadPlan(self.plan, n_readers(cfg, self.n_workers), threading.Condition(), self.stop,
+                               on_change=self._wake if self.backend == "processes" else None)
         if self.backend == "processes":
             self.q: queue.Queue = queue.Queue()
         else:
-            self.q = queue.Queue(maxsize=max(1, cfg.engine.queue_slices))
+            self.q = _WorkQueue(self.loads, cfg.engine.queue_slices, self.stop)
         self.prof = Profiler(self.n_workers, self.backend, queue_depth=self._queue_depth,
                              child_pids=lambda: [p.pid for p in getattr(self, "procs", [])])
         self.batches = _Batches(len(writer.shards), writer.n_committed, self.batch_size, self.prof.barrier_clock,
@@ -527,6 +735,7 @@ class _Run:
             self.fail("interrupted (Ctrl-C); committed batches are kept, rerun the same command to resume")
         finally:
             self._join()
+            self._release_ring()
         self.prof.stop()
         return self._finish(settings)
 
@@ -548,18 +757,20 @@ class _Run:
         return q.qsize() if q is not None else 0
 
     # -------------------------------------------------------------- reading
-    def _load(self, ref: str, done: set, row: dict | None) -> _Loaded | _Failure:
+    def _load(self, ref: str, done: set, row: dict | None) -> tuple[_Loaded | _Failure, float, float]:
+        """Read and prepare one volume: (result, read seconds, prepare seconds). Runs in a worker thread or a
+        worker process; raises ``_SourceChanged`` when a partly committed volume's file changed."""
         t0 = time.perf_counter()
         try:
             vol = self.source.load(ref)
             t1 = time.perf_counter()
             prep = prepare_volume(vol, self.cfg.prepare)
         except VolumeError as exc:
-            return _Failure(ref, exc.path, exc.reason)
+            return _Failure(ref, exc.path, exc.reason), 0.0, 0.0
         except MemoryError:
-            return _Failure(ref, ref, "out of memory while reading/preparing this volume")
+            return _Failure(ref, ref, "out of memory while reading/preparing this volume"), 0.0, 0.0
         except Exception as exc:  # a reader bug or an exotic file: one line for this volume, the run goes on
-            return _Failure(ref, ref, f"unexpected {type(exc).__name__} while reading: {exc}")
+            return _Failure(ref, ref, f"unexpected {type(exc).__name__} while reading: {exc}"), 0.0, 0.0
         raw = np.ascontiguousarray(np.moveaxis(prep.raw, 2, 0), dtype=np.float32)
         image = np.ascontiguousarray(np.moveaxis(prep.image, 2, 0), dtype=np.float32)
         label = None if prep.label is None else np.ascontiguousarray(np.moveaxis(prep.label, 2, 0), dtype=np.uint8)
@@ -569,41 +780,19 @@ class _Run:
         organs = organ_bits(label, raw.shape[0])
         del prep, vol, v
         t2 = time.perf_counter()
-        self.prof.add_read(t1 - t0, t2 - t1)
         if row is not None and (row["checksum"] != new_row["checksum"] or row["n_slices"] != new_row["n_slices"]):
             raise _SourceChanged(f"{new_row['path']}: changed since part of it was committed to {self.store} "
                                  f"(checksum or slice count differs); use --overwrite to start again")
         return _Loaded(ref, new_row["id"], new_row["path"], raw, image, label, new_row, set(done), new_row["notes"],
-                       organs)
+                       organs), t1 - t0, t2 - t1
 
-    def _ordered_loads(self):
-        """Prepared volumes (or failures) in source order; up to ``engine.readers`` volumes load in parallel."""
-        readers = n_readers(self.cfg, self.n_workers)
-        with ThreadPoolExecutor(max_workers=readers, thread_name_prefix="engine-reader") as ex:
-            pending: collections.deque = collections.deque()
-            plan = iter(self.plan)
-            for item in plan:
-                pending.append(ex.submit(self._load, *item))
-                if len(pending) >= readers:
-                    break
-            try:
-                while pending:
-                    fut = pending.popleft()
-                    while True:
-                        if self.stop.is_set():
-                            raise _Stopped
-                        try:
-                            result = fut.result(timeout=0.1)
-                            break
-                        except TimeoutError:
-                            continue
-                    nxt = next(plan, None)
-                    if nxt is not None:
-                        pending.append(ex.submit(self._load, *nxt))
-                    yield result
-            finally:
-                for fut in pending:
-                    fut.cancel()
+    def _load_job(self, i: int, item: tuple) -> None:
+        try:
+            result, t_read, t_prep = self._load(*item)
+            self.prof.add_read(t_read, t_prep)
+        except _SourceChanged as exc:
+            result = exc
+        self.loads.finish(i, result)
 
     # -------------------------------------------------------------- producer
     def _producer(self) -> None:
@@ -611,7 +800,7 @@ class _Run:
         index = len(self.writer.shards)
         cur: _BatchState | None = None
         try:
-            for item in self._ordered_loads():
+            for item in self.loads:
                 with self._lock:
                     self.refs_loaded += 1
                 if isinstance(item, _Failure):
@@ -647,25 +836,13 @@ class _Run:
         finally:
             self.producer_done = True
             if self.backend == "threads":
-                for _ in range(self.n_workers):
-                    self._put(None)
+                self.q.close()
             else:
                 self._wake()
 
-    def _put(self, item) -> None:
-        while True:
-            try:
-                self.q.put(item, timeout=0.1)
-                return
-            except queue.Full:
-                if self.stop.is_set():
-                    return
-
     def _dispatch(self, task: _Task) -> None:
         if self.backend == "threads":
-            self._put(task)
-            if self.stop.is_set():
-                raise _Stopped
+            self.q.put(task)
             return
         while True:                                  # a free slot of the ring (bounds memory)
             try:
@@ -689,17 +866,16 @@ class _Run:
         while True:
             t0 = time.perf_counter()
             c0 = prof.barrier_clock.value(t0)
-            while True:
-                try:
-                    task = self.q.get(timeout=0.1)
-                    break
-                except queue.Empty:
-                    if self.stop.is_set():
-                        prof.add_idle(w, t0, time.perf_counter(), c0)
-                        return
-            prof.add_idle(w, t0, time.perf_counter(), c0)
-            if task is None or self.stop.is_set():
+            job = self.q.get()
+            t1 = time.perf_counter()
+            prof.add_idle(w, t0, t1, c0)
+            if job is None:
                 return
+            if job[0] == "load":
+                self._load_job(job[1], job[2])
+                prof.add_busy(w, time.perf_counter() - t1)
+                continue
+            task = job[1]
             vol, z = task.vol, task.z
             try:
                 chunks, nsp, stages = compute_slice(
@@ -733,19 +909,23 @@ class _Run:
         ctx = mp.get_context("fork")
         pipes = [(ctx.Pipe(duplex=False), ctx.Pipe(duplex=False)) for _ in range(n)]
         all_conns = [c for (a, b) in pipes for pair in (a, b) for c in pair]
-        self.procs, self.task_conns, self.result_conns = [], [], []
+        socks = [socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(n)]   # volumes' memfds
+        all_socks = [c for pair in socks for c in pair]
+        self.procs, self.task_conns, self.result_conns, self.socks = [], [], [], []
         sp_cfg, thr = self.cfg.superpixels, self.cfg.prepare.fg_threshold
         for w, ((task_r, task_w), (res_r, res_w)) in enumerate(pipes):
             p = ctx.Process(target=_process_worker, name=f"engine-worker-{w}", daemon=True,
                             args=(w, task_r, res_w, all_conns, self.writer.lock.fd, self.shm, slots, self.shape,
-                                  thr, sp_cfg, self.codec, self.zero_label))
+                                  thr, sp_cfg, self.codec, self.zero_label, self._load, socks[w][1], all_socks))
             p.start()
             self.procs.append(p)
         for w, ((task_r, task_w), (res_r, res_w)) in enumerate(pipes):
             task_r.close()                           # the parent keeps only its own ends: a dead worker
             res_w.close()                            # then reads as EOF, never as a hang
+            socks[w][1].close()
             self.task_conns.append(task_w)
             self.result_conns.append(res_r)
+            self.socks.append(socks[w][0])
         # Every worker has mapped the ring: remove its name now, so that no crash can leak it.
         self.shm.unlink()
         self.wake_r, self.wake_w = os.pipe()
@@ -759,7 +939,7 @@ class _Run:
             pass                                     # the pipe is full: the dispatcher is awake anyway
 
     def _dispatcher(self) -> None:
-        prof, ring = self.prof, self.ring
+        prof = self.prof
         n = self.n_workers
         outstanding = [collections.deque() for _ in range(n)]
         idle_since = [time.perf_counter()] * n
@@ -783,8 +963,21 @@ class _Run:
                         if not outstanding[w]:
                             now = time.perf_counter()
                             prof.add_idle(w, idle_since[w], now, clock0[w])
-                        self.task_conns[w].send((task.slot, task.seq, task.vol.label is not None))
+                        if not self._send(w, (task.slot, task.seq, task.vol.label is not None), outstanding[w]):
+                            return
                         outstanding[w].append(task)
+                if not pending:                      # loads fill the gaps, as in the threads backend
+                    for w in order:
+                        if outstanding[w]:
+                            continue
+                        with self.loads.cond:
+                            if not self.loads.startable():
+                                break
+                            i, item = self.loads.start()
+                        prof.add_idle(w, idle_since[w], time.perf_counter(), clock0[w])
+                        if not self._send(w, ("load", i, item), outstanding[w]):
+                            return
+                        outstanding[w].append(_LoadMark(i, item[0]))
                 ready = mpc.wait(self.result_conns + list(sentinel_of) + [self.wake_r], timeout=0.5)
                 for r in ready:
                     if r == self.wake_r:
@@ -807,31 +1000,71 @@ class _Run:
                         return
                     task = outstanding[w].popleft()
                     if msg[0] == "error":
-                        self.fail(f"volume {task.vol.id} slice z={task.z} ({task.vol.path}) failed in worker "
-                                  f"process {w}: {msg[3]}")
+                        what = (f"loading volume {task.ref} of {self.cfg.data.input}" if isinstance(task, _LoadMark) else
+                                f"volume {task.vol.id} slice z={task.z} ({task.vol.path})")
+                        self.fail(f"{what} failed in worker process {w}: {msg[3]}")
                         return
-                    _, slot, seq, lens, nsp, stages = msg
-                    if seq != task.seq or slot != task.slot:
-                        self.fail(f"internal error: worker {w} answered slice {seq}, expected {task.seq}")
+                    if isinstance(task, _LoadMark):
+                        self._load_result(w, task, msg)
+                    else:
+                        self._slice_result(w, task, msg)
+                    if self.stop.is_set():
                         return
-                    out, off, chunks = ring.out[slot], 0, {}
-                    for name, ln in zip(DATASETS, lens):
-                        chunks[name] = out[off:off + ln].tobytes()
-                        off += ln
-                    self.free_slots.put(slot)
-                    prof.add_work(w, stages)
-                    self._result(task, chunks, nsp)
                     if not outstanding[w]:
                         idle_since[w] = time.perf_counter()
                         clock0[w] = prof.barrier_clock.value(idle_since[w])
         finally:
             self._stop_pool(graceful=not self.stop.is_set())
 
+    def _send(self, w: int, msg: tuple, outstanding) -> bool:
+        """Send a job to worker ``w``; a worker that died in the meantime stops the run (False)."""
+        try:
+            self.task_conns[w].send(msg)
+            return True
+        except OSError:                              # BrokenPipeError: it died on what it was doing
+            self.procs[w].join(timeout=2)
+            self._worker_died(w, outstanding)
+            return False
+
+    def _load_result(self, w: int, mark: "_LoadMark", msg: tuple) -> None:
+        kind, i = msg[0], msg[1]
+        if i != mark.index or kind not in ("loaded", "loadfail", "changed"):
+            self.fail(f"internal error: worker {w} answered {kind} {i}, expected load {mark.index}")
+            return
+        if kind == "loaded":
+            try:
+                result = _receive_volume(msg[2], self.socks[w])
+            except OSError as exc:
+                self.fail(f"cannot receive volume {mark.ref} from worker process {w}: {exc}")
+                return
+            self.prof.add_read(msg[3], msg[4])
+            self.prof.add_busy(w, msg[3] + msg[4])
+        elif kind == "loadfail":
+            result = _Failure(*msg[2:5])
+        else:
+            result = _SourceChanged(msg[2])
+        self.loads.finish(i, result)
+
+    def _slice_result(self, w: int, task: _Task, msg: tuple) -> None:
+        _, slot, seq, lens, nsp, stages = msg
+        if seq != task.seq or slot != task.slot:
+            self.fail(f"internal error: worker {w} answered slice {seq}, expected {task.seq}")
+            return
+        out, off, chunks = self.ring.out[slot], 0, {}
+        for name, ln in zip(DATASETS, lens):
+            chunks[name] = out[off:off + ln].tobytes()
+            off += ln
+        self.free_slots.put(slot)
+        self.prof.add_work(w, stages)
+        self._result(task, chunks, nsp)
+
     def _worker_died(self, w: int, outstanding) -> None:
         p = self.procs[w]
         p.join(timeout=1)
         why = _signal_name(p.exitcode)
-        if outstanding:
+        if outstanding and isinstance(outstanding[0], _LoadMark):
+            what = f"while loading volume {outstanding[0].ref} of {self.cfg.data.input}"
+        elif outstanding:
             task = outstanding[0]
             what = f"while computing volume {task.vol.id} slice z={task.z} ({task.vol.path})"
         else:
@@ -854,11 +1087,18 @@ class _Run:
                 p.kill()
         for p in self.procs:
             p.join(timeout=5)
-        for c in self.task_conns + self.result_conns:
+        for c in self.task_conns + self.result_conns + self.socks:
             try:
                 c.close()
             except OSError:
                 pass
+
+    def _release_ring(self) -> None:
+        """Unmap the ring and close the wake pipe once no engine thread can touch them any more: numpy keeps no
+        buffer export on the ring, so unmapping it while the producer still copied a slice in crashed the
+        process, and a closed wake fd could be reused by a store file that ``_wake`` would then write into."""
+        if getattr(self, "shm", None) is None or any(t.is_alive() for t in self.threads):
+            return                                   # a thread that did not stop: all goes with the process
         for fd in (self.wake_r, self.wake_w):
             try:
                 os.close(fd)
@@ -868,42 +1108,53 @@ class _Run:
             del self.ring
             self.shm.close()
         except (BufferError, OSError):
-            pass                                     # a view still alive: the mapping goes with the process
+            pass
 
     # -------------------------------------------------------------- writer
     def _writer(self) -> None:
+        """Writes each batch's slices as they complete in sequence order; commits the shard at the batch's end."""
         prof = self.prof
+        builder, nbytes, t_batch = None, 0, 0.0
         try:
-            while True:
-                if self.stop.is_set():
-                    return
-                st = self.batches.take_next(timeout=0.1)
-                if st is None:
+            while not self.stop.is_set():
+                got = self.batches.writable(timeout=0.1)
+                if got is None:
                     if self.producer_done and self.batches.pending() == 0:
                         return
                     continue
-                results = [st.results[s] for s in sorted(st.results)]
-                batch = Batch(st.index, st.first_slice, results, st.volumes, st.failures)
+                st, results, done = got
                 t0 = time.perf_counter()
                 try:
-                    self.writer.commit_shard(batch)
+                    if builder is None:
+                        builder = self.writer.begin_shard(st.index, st.first_slice, self.batch_size)
+                    for r in results:
+                        builder.add(r)
+                        nbytes += sum(len(memoryview(r.chunks[name]).cast("B")) for name in DATASETS)
+                    if done:
+                        self.writer.end_shard(builder, st.volumes, st.failures)
+                        builder = None
                 except (OSError, StoreError) as exc:
                     self.fail(f"cannot commit batch {st.index} to {self.store}: {exc}; the batches committed "
                               f"before it are kept, rerun the same command to resume")
                     return
+                t_batch += time.perf_counter() - t0
+                if not done:
+                    continue
                 with self._lock:                 # counted before the barrier opens: max_uncommitted stays exact
-                    self.committed_this_run += len(results)
+                    self.committed_this_run += st.count
                 self.batches.committed()
+                t1 = time.perf_counter()
                 try:
                     self._maybe_publish()
                 except (OSError, StoreError) as exc:
                     self.fail(f"cannot update the index {self.store} after batch {st.index}: {exc}; the committed "
                               f"batches are kept, rerun the same command to resume")
                     return
-                t1 = time.perf_counter()
-                nbytes = sum(len(memoryview(r.chunks[name]).cast("B")) for r in results for name in DATASETS)
-                prof.add_write(self.writer.last_write_s, t1 - t0 - self.writer.last_write_s, nbytes)
+                prof.add_write(t_batch, time.perf_counter() - t1, nbytes)
+                nbytes, t_batch = 0, 0.0
         finally:
+            if builder is not None:
+                builder.discard()                # an unfinished batch: never committed
             self.done.set()
 
     def _maybe_publish(self) -> None:

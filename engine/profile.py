@@ -126,6 +126,11 @@ class Profiler:
             st.stages[k] = st.stages.get(k, 0.0) + v
             st.busy += v
 
+    def add_busy(self, w: int, seconds: float) -> None:
+        """Worker ``w`` spent ``seconds`` on something other than a slice (loading a volume: ``add_read``
+        records its stages)."""
+        self.workers[w].busy += seconds
+
     def add_read(self, load: float, prepare: float) -> None:
         with self._lock:
             self.read["load"] += load

@@ -335,53 +335,114 @@ def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
 
+class ShardBuilder:
+    """One shard being written: chunks go to a temporary file as slices arrive; :meth:`commit` renames it.
+
+    The engine adds each slice as soon as it (and every slice before it) is computed, so that closing a batch
+    costs only its tables, an fsync and the rename: workers wait at the batch barrier for that, not for the
+    whole batch's writes. Nothing is visible under the shard's final name before :meth:`commit`.
+    """
+
+    def __init__(self, parts: Path, index: int, first_slice: int, capacity: int, codec: Codec,
+                 shape: tuple[int, int], settings: dict, code_version: str):
+        self.parts, self.index, self.first_slice = Path(parts), index, first_slice
+        self.codec, self.shape, self.settings, self.code_version = codec, tuple(shape), settings, code_version
+        self.final = self.parts / shard_name(index)
+        self.tmp = self.parts / f".{shard_name(index)}.tmp-{os.getpid()}"
+        self.created = _now()
+        self.rows: list[SliceResult] = []            # the slices' table rows (chunks dropped once written)
+        self.write_s = 0.0
+        self.capacity = max(capacity, 0)
+        t0 = time.perf_counter()
+        self.file = h5py.File(self.tmp, "w")
+        try:
+            # Datasets start at ``capacity`` slices and are cut to the real count on commit; the first axis
+            # stays extensible, since a batch may end up with no slice (only failures of its volumes).
+            self.dsets = {name: self.file.create_dataset(
+                name, shape=(self.capacity,) + self.shape, dtype=DTYPES[name], chunks=(1,) + self.shape,
+                maxshape=(None,) + self.shape, **codec.dataset_kwargs(name)) for name in DATASETS}
+        except BaseException:
+            self.discard()
+            raise
+        self.write_s += time.perf_counter() - t0
+
+    def add(self, s: SliceResult) -> None:
+        """Write the next slice's chunks (slices are added in sequence order)."""
+        t0 = time.perf_counter()
+        i = len(self.rows)
+        if i >= self.capacity:                       # h5py's ``shape`` costs GIL time: track it here
+            self.capacity = i + 1
+            for dset in self.dsets.values():
+                dset.resize(self.capacity, axis=0)
+        for name in DATASETS:
+            self.dsets[name].id.write_direct_chunk((i, 0, 0), s.chunks[name])
+        self.rows.append(dataclasses.replace(s, chunks=None))
+        self.write_s += time.perf_counter() - t0
+
+    def commit(self, volumes: dict, failures: list) -> ShardInfo:
+        """Tables and metadata, flush, fsync, atomic rename, fsync of the folder: the commit point."""
+        t0 = time.perf_counter()
+        sl, n = self.rows, len(self.rows)
+        try:
+            f = self.file
+            if self.capacity != n:
+                for dset in self.dsets.values():
+                    dset.resize(n, axis=0)
+            _write_slice_table(f.create_group("slices"), [s.volume for s in sl], [s.z for s in sl],
+                               [s.n_superpixels for s in sl], [s.labels_present for s in sl],
+                               [s.organs for s in sl])
+            f["slices"].create_dataset("ref", data=[s.ref for s in sl], dtype=_STR)
+            _write_volume_table(f.create_group("volumes"), list(volumes.values()))
+            _write_json_rows(f, "failures", failures)
+            settings = self.settings
+            f.attrs.update({
+                "format": FORMAT_NAME, "schema_version": SCHEMA_VERSION, "shard": self.index,
+                "first_slice": self.first_slice, "n_slices": n, "settings": json.dumps(settings, sort_keys=True),
+                "settings_hash": settings_hash(settings), "compression": self.codec.spec,
+                "code_version": self.code_version, "created": self.created})
+            f.close()
+            _fsync_path(self.tmp)
+            os.replace(self.tmp, self.final)
+        except BaseException:
+            self.discard()
+            raise
+        _fsync_dir(self.parts)
+        self.write_s += time.perf_counter() - t0
+        return ShardInfo(self.index, self.first_slice, n, [s.volume for s in sl], [s.ref for s in sl],
+                         np.array([s.z for s in sl], dtype=np.int32),
+                         np.array([s.n_superpixels for s in sl], dtype=np.int32),
+                         np.array([s.labels_present for s in sl], dtype=bool),
+                         np.array([s.organs for s in sl], dtype=np.uint64),
+                         list(volumes.values()), list(failures), settings_hash(settings), self.code_version,
+                         self.created, self.shape, self.codec.spec)
+
+    def discard(self) -> None:
+        """Close and remove the temporary file (a failed or abandoned batch)."""
+        try:
+            self.file.close()
+        except Exception:
+            pass
+        self.tmp.unlink(missing_ok=True)
+
+
 def write_shard(parts: Path, batch: Batch, codec: Codec, shape: tuple[int, int], settings: dict,
                 code_version: str) -> ShardInfo:
-    """Write ``batch`` as ``parts/NNNNNN.h5``: temporary name, flush, fsync, atomic rename, fsync of the folder.
+    """Write ``batch`` as ``parts/NNNNNN.h5`` in one go (``ShardBuilder``: temporary name, fsync, rename).
 
     Returns
     -------
     ShardInfo
         The committed shard's table rows and metadata.
     """
-    n = len(batch.slices)
-    final = parts / shard_name(batch.index)
-    tmp = parts / f".{shard_name(batch.index)}.tmp-{os.getpid()}"
-    created = _now()
-    sl = batch.slices
+    builder = ShardBuilder(parts, batch.index, batch.first_slice, len(batch.slices), codec, shape, settings,
+                           code_version)
     try:
-        with h5py.File(tmp, "w") as f:
-            for name in DATASETS:
-                # A batch may hold no slice (only the failures of its volumes): chunked datasets then need
-                # an extensible first axis, since a chunk may not exceed a fixed shape.
-                dset = f.create_dataset(name, shape=(n,) + tuple(shape), dtype=DTYPES[name],
-                                        chunks=(1,) + tuple(shape), maxshape=(None if n == 0 else n,) + tuple(shape),
-                                        **codec.dataset_kwargs(name))
-                for i, s in enumerate(sl):
-                    dset.id.write_direct_chunk((i, 0, 0), s.chunks[name])
-            _write_slice_table(f.create_group("slices"), [s.volume for s in sl], [s.z for s in sl],
-                               [s.n_superpixels for s in sl], [s.labels_present for s in sl],
-                               [s.organs for s in sl])
-            f["slices"].create_dataset("ref", data=[s.ref for s in sl], dtype=_STR)
-            _write_volume_table(f.create_group("volumes"), list(batch.volumes.values()))
-            _write_json_rows(f, "failures", batch.failures)
-            f.attrs.update({
-                "format": FORMAT_NAME, "schema_version": SCHEMA_VERSION, "shard": batch.index,
-                "first_slice": batch.first_slice, "n_slices": n, "settings": json.dumps(settings, sort_keys=True),
-                "settings_hash": settings_hash(settings), "compression": codec.spec, "code_version": code_version, "created": created})
-        _fsync_path(tmp)
-        os.replace(tmp, final)
+        for s in batch.slices:
+            builder.add(s)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        builder.discard()
         raise
-    _fsync_dir(parts)
-    return ShardInfo(batch.index, batch.first_slice, n, [s.volume for s in sl], [s.ref for s in sl],
-                     np.array([s.z for s in sl], dtype=np.int32),
-                     np.array([s.n_superpixels for s in sl], dtype=np.int32),
-                     np.array([s.labels_present for s in sl], dtype=bool),
-                     np.array([s.organs for s in sl], dtype=np.uint64),
-                     list(batch.volumes.values()), list(batch.failures), settings_hash(settings), code_version,
-                     created, tuple(shape), codec.spec)
+    return builder.commit(batch.volumes, batch.failures)
 
 
 def read_shard_info(path: Path) -> ShardInfo:
@@ -707,17 +768,38 @@ class StoreWriter:
         self.publish()
         return info
 
-    def commit_shard(self, batch: Batch) -> ShardInfo:
-        """Write one batch as the next shard. Its rename is the commit point: from then on a rerun keeps it, also
-        before :meth:`publish` has shown it to readers (the index is rebuilt from the shards on open)."""
+    def begin_shard(self, index: int, first_slice: int, capacity: int) -> ShardBuilder:
+        """Start writing the next shard; slices are added as they come (see :meth:`end_shard`)."""
+        self._check_next(index, first_slice)
+        return ShardBuilder(self.parts, index, first_slice, capacity, self.codec, self.shape, self.settings,
+                            self.code_version)
+
+    def end_shard(self, builder: ShardBuilder, volumes: dict, failures: list) -> ShardInfo:
+        """Commit a shard started with :meth:`begin_shard` (its rename is the commit point)."""
+        self._check_next(builder.index, builder.first_slice)
+        self._check_ids(builder.rows)
+        info = builder.commit(volumes, failures)
+        self.last_write_s = builder.write_s
+        self.shards.append(info)
+        return info
+
+    def _check_next(self, index: int, first_slice: int) -> None:
         expected = len(self.shards)
-        if batch.index != expected or batch.first_slice != self.n_committed:
-            raise StoreError(f"{self.store}: internal error: batch {batch.index} at slice {batch.first_slice} "
+        if index != expected or first_slice != self.n_committed:
+            raise StoreError(f"{self.store}: internal error: batch {index} at slice {first_slice} "
                              f"does not follow shard {expected - 1} (next slice {self.n_committed})")
-        for s in batch.slices:
+
+    def _check_ids(self, slices) -> None:
+        for s in slices:
             if s.n_superpixels > MAX_SUPERPIXEL_ID:
                 raise StoreError(f"{self.store}: volume {s.volume} slice {s.z} has {s.n_superpixels} superpixels, "
                                  f"more than the store's uint16 ids allow ({MAX_SUPERPIXEL_ID})")
+
+    def commit_shard(self, batch: Batch) -> ShardInfo:
+        """Write one batch as the next shard. Its rename is the commit point: from then on a rerun keeps it, also
+        before :meth:`publish` has shown it to readers (the index is rebuilt from the shards on open)."""
+        self._check_next(batch.index, batch.first_slice)
+        self._check_ids(batch.slices)
         t0 = time.perf_counter()
         info = write_shard(self.parts, batch, self.codec, self.shape, self.settings, self.code_version)
         self.last_write_s = time.perf_counter() - t0

@@ -148,14 +148,14 @@ def test_backends_worker_counts_and_codecs_give_the_same_store(folder, reference
 def test_a_kill_can_lose_at_most_one_batch(folder, reference, tmp_path, monkeypatch, backend):
     # design.md, Store, requirement 2: whenever the run could be killed, at most one batch of computed slices is
     # uncommitted. A slow disk (every shard write takes 50 ms) would let workers run ahead if they could.
-    from engine import store as store_mod
-    real = store_mod.write_shard
+    from engine.store import ShardBuilder
+    real = ShardBuilder.commit
 
-    def slow(*a, **kw):
+    def slow(self, *a, **kw):
         time.sleep(0.05)
-        return real(*a, **kw)
+        return real(self, *a, **kw)
 
-    monkeypatch.setattr(store_mod, "write_shard", slow)
+    monkeypatch.setattr(ShardBuilder, "commit", slow)
     out = tmp_path / "s.h5"
     assert pipeline.preprocess(make_cfg(folder, out, batch=3, backend=backend), progress=False) == 0
     assert_same_store(reference, out)
@@ -247,7 +247,37 @@ def test_resume_after_a_failed_run_is_identical(folder, reference, tmp_path, mon
     assert_same_store(reference, out)
 
 
-def test_bad_volumes_are_reported_skipped_and_logged(tmp_path, capsys):
+@pytest.mark.parametrize("backend", ["threads", "processes"])
+def test_a_partly_committed_volume_whose_file_changed_is_refused(tmp_path, monkeypatch, capsys, backend):
+    """Resuming must not mix two versions of one file: the worker that reloads it notices the new checksum."""
+    src = write_folder(tmp_path / "in", n=3, n_slices=6)
+    real = pipeline.pseudolabels
+    calls = {"n": 0}
+
+    def flaky(raw, fg, cfg):
+        calls["n"] += 1
+        if calls["n"] == 11:                                  # warm-up is call 1: slice 10 (volume 2) fails
+            raise RuntimeError("simulated kernel failure")
+        return real(raw, fg, cfg)
+
+    out = tmp_path / "s.h5"
+    monkeypatch.setattr(pipeline, "pseudolabels", flaky)
+    assert pipeline.preprocess(make_cfg(src, out, threads=1, batch=4), progress=False) == 1
+    monkeypatch.setattr(pipeline, "pseudolabels", real)
+    with StoreReader(out) as r:
+        assert r.n_slices == 8 and r.slices["volume"].tolist().count("2") == 2     # volume 2 is cut
+    img, _ = synthetic_volume(99, 7)
+    write_nifti(src / "image_2.nii.gz", img)
+    capsys.readouterr()
+    assert pipeline.preprocess(make_cfg(src, out, batch=4, backend=backend), progress=False) == 1
+    err = capsys.readouterr().err
+    assert "image_2.nii.gz: changed since part of it was committed" in err and "--overwrite" in err
+    with StoreReader(out) as r:
+        assert r.n_slices == 8
+
+
+@pytest.mark.parametrize("backend", ["threads", "processes"])
+def test_bad_volumes_are_reported_skipped_and_logged(tmp_path, capsys, backend):
     src = write_folder(tmp_path / "in", n=2, n_slices=5)                   # ids 1, 2: good
     good = (src / "image_1.nii.gz").read_bytes()
     (src / "image_3.nii.gz").write_bytes(good[: len(good) // 2])            # truncated
@@ -257,7 +287,7 @@ def test_bad_volumes_are_reported_skipped_and_logged(tmp_path, capsys):
     (src / "image_6.nii.gz").write_bytes(gzip.compress(b"this is not an image\n" * 20))  # not NIfTI
     (src / "notes.txt").write_text("ignored by the source listing")
     out = tmp_path / "s.h5"
-    rc = pipeline.preprocess(make_cfg(src, out), progress=False)
+    rc = pipeline.preprocess(make_cfg(src, out, backend=backend), progress=False)
     cap = capsys.readouterr()
     assert rc == 1
     skipped = [line for line in cap.err.splitlines() if line.startswith("preprocess: skipped")]
@@ -338,15 +368,15 @@ def test_progress_bar_on_a_terminal(folder, tmp_path, monkeypatch):
 def test_a_failed_commit_stops_the_run_and_keeps_earlier_batches(folder, reference, tmp_path, monkeypatch, capsys):
     import errno
 
-    from engine import store as store_mod
-    real = store_mod.write_shard
+    from engine.store import ShardBuilder
+    real = ShardBuilder.add
 
-    def disk_full(parts, batch, *a, **kw):
-        if batch.index == 2:
+    def disk_full(self, s):
+        if self.index == 2 and self.rows:          # the second slice of batch 2 does not fit on the disk
             raise OSError(errno.ENOSPC, "No space left on device")
-        return real(parts, batch, *a, **kw)
+        return real(self, s)
 
-    monkeypatch.setattr(store_mod, "write_shard", disk_full)
+    monkeypatch.setattr(ShardBuilder, "add", disk_full)
     out = tmp_path / "s.h5"
     assert pipeline.preprocess(make_cfg(folder, out, batch=4), progress=False) == 1
     err = capsys.readouterr().err
@@ -354,7 +384,7 @@ def test_a_failed_commit_stops_the_run_and_keeps_earlier_batches(folder, referen
     with StoreReader(out) as r:
         assert r.n_slices == 8 and r.meta["complete"] is False
     assert not [p for p in parts_dir(out).iterdir() if p.name.startswith(".")]
-    monkeypatch.setattr(store_mod, "write_shard", real)
+    monkeypatch.setattr(ShardBuilder, "add", real)
     assert pipeline.preprocess(make_cfg(folder, out, batch=4), progress=False) == 0
     assert_same_store(reference, out)
 

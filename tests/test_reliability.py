@@ -172,6 +172,29 @@ def test_dead_worker_message_names_the_slice(src, tmp_path, monkeypatch, capsys)
         assert ("3", 5) not in done
 
 
+def test_dead_worker_while_loading_names_the_volume(src, tmp_path, monkeypatch, capsys):
+    """Worker processes also load volumes: one that dies while preparing volume 3 is named as such."""
+    parent = os.getpid()
+    real = pipeline.prepare_volume
+
+    def dies_on_volume_3(vol, cfg):
+        if vol.id == "3" and os.getpid() != parent:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(vol, cfg)
+
+    monkeypatch.setattr(pipeline, "prepare_volume", dies_on_volume_3)
+    out = tmp_path / "store.h5"
+    rc = pipeline.preprocess(make_cfg(src, out, batch=BATCH, backend="processes"), progress=False)
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert f"died (killed by signal 9 (SIGKILL)) while loading volume 3 of {src}" in err
+    with StoreReader(out) as r:
+        assert check_integrity(r) == []
+        assert "3" not in set(r.slices["volume"].tolist())
+    monkeypatch.setattr(pipeline, "prepare_volume", real)
+    assert pipeline.preprocess(make_cfg(src, out, batch=BATCH, backend="processes"), progress=False) == 0
+
+
 def test_second_concurrent_run_fails_at_once(src, tmp_path, capsys):
     out = tmp_path / "store.h5"
     first = start(command(src, out, "--threads", "1"))

@@ -235,3 +235,33 @@ def test_iter_volumes_turns_an_unexpected_exception_into_one_error_and_goes_on()
     first, second = list(iter_volumes(Flaky("mem")))
     assert isinstance(first, VolumeError) and str(first) == "mem[a]: unexpected error (RuntimeError: disk on fire)"
     assert isinstance(second, Volume)
+
+
+def test_in_place_nifti_view_matches_nibabel_and_falls_back_when_it_must(tmp_path):
+    # The engine views the voxels of a plain NIfTI-1 file in place; scaled data, header extensions and truncated
+    # files go through nibabel's general path, with the same values or the same one-line errors.
+    from engine.sources import _nifti_view
+    arr = _image(seed=4)
+    plain = _write(tmp_path / "image_1.nii.gz", arr, dtype=np.float64)
+    raw = gzip.decompress(plain.read_bytes())
+    view = _nifti_view(raw)
+    assert view is not None and np.array_equal(view.dataobj, nib.load(str(plain)).get_fdata())
+    assert np.allclose(view.affine, LAS)
+
+    scaled = nib.Nifti1Image(np.round(arr).astype(np.int16), LAS)
+    scaled.header.set_slope_inter(0.5, 10.0)
+    nib.save(scaled, str(tmp_path / "image_2.nii.gz"))
+    assert _nifti_view(gzip.decompress((tmp_path / "image_2.nii.gz").read_bytes())) is None
+    vol = load_nifti(tmp_path / "image_2.nii.gz", None, "2")
+    assert np.allclose(vol.image, np.round(arr).astype(np.int16) * 0.5 + 10.0)
+
+    ext = nib.Nifti1Image(arr.astype(np.float32), LAS)
+    ext.header.extensions.append(nib.nifti1.Nifti1Extension("comment", b"made by a test"))
+    nib.save(ext, str(tmp_path / "image_3.nii.gz"))
+    assert _nifti_view(gzip.decompress((tmp_path / "image_3.nii.gz").read_bytes())) is None
+    assert np.array_equal(load_nifti(tmp_path / "image_3.nii.gz", None, "3").image, arr.astype(np.float32))
+
+    assert _nifti_view(raw[: len(raw) - 100]) is None
+    (tmp_path / "image_4.nii").write_bytes(raw[: len(raw) - 100])
+    with pytest.raises(VolumeError, match="image_4.nii"):
+        load_nifti(tmp_path / "image_4.nii", None, "4")

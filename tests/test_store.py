@@ -268,3 +268,50 @@ def test_zlib_and_isal_encodings_decode_the_same(tmp_path, monkeypatch):
             da, db = a.read(i), b.read(i)
             assert np.array_equal(da["image"], px["image"]) and np.array_equal(db["image"], px["image"])
             assert np.array_equal(da["superpixels"], db["superpixels"])
+
+
+def test_shard_builder_streams_slices_and_shows_nothing_before_its_commit(tmp_path):
+    # The engine adds slices as they complete; until ``end_shard`` the shard exists only under a temporary name,
+    # the datasets grow past the announced capacity and shrink to the real count on commit.
+    codec = Codec.parse("maps-gzip-1")
+    w = StoreWriter.open(tmp_path / "s.h5", SETTINGS, codec, SHAPE, "rev1")
+    builder = w.begin_shard(0, 0, capacity=2)
+    expected = []
+    for z in range(3):
+        res, px = make_slice(codec, "1", z)
+        builder.add(res)
+        expected.append(px)
+    assert not (parts_dir(tmp_path / "s.h5") / shard_name(0)).exists() and builder.tmp.exists()
+    info = w.end_shard(builder, {"ref1": row("1", 3)}, [])
+    assert info.n == 3 and not builder.tmp.exists()
+    w.finish(complete=True)
+    with StoreReader(tmp_path / "s.h5") as r:
+        assert r.n_slices == 3
+        for i, px in enumerate(expected):
+            got = r.read(i)
+            assert np.array_equal(got["image"], px["image"]) and np.array_equal(got["superpixels"], px["superpixels"])
+    with pytest.raises(StoreError, match="does not follow"):
+        StoreWriter.open(tmp_path / "t.h5", SETTINGS, codec, SHAPE, "rev1").begin_shard(1, 0, capacity=2)
+
+
+def test_discarded_shard_builder_leaves_no_file(tmp_path):
+    codec = Codec.parse("none")
+    w = StoreWriter.open(tmp_path / "s.h5", SETTINGS, codec, SHAPE, "rev1")
+    builder = w.begin_shard(0, 0, capacity=4)
+    builder.add(make_slice(codec, "1", 0)[0])
+    builder.discard()
+    assert not [p for p in parts_dir(tmp_path / "s.h5").iterdir() if p.suffix == ".h5" or ".tmp" in p.name]
+    assert w.shards == []
+    w.abort()
+
+
+def test_organ_bits_kernel_follows_the_store_rule():
+    from engine._mask_kernels import organ_bits_kernel
+    from engine.store import slice_organ_bits
+    rng = np.random.default_rng(3)
+    label = rng.choice(np.array([0, 1, 2, 5, 63, 64, 200, 255], np.uint8), size=(6, 9, 7), p=[.6] + [.4 / 7] * 7)
+    label[2] = 0
+    out = np.zeros(6, np.uint64)
+    organ_bits_kernel(label, out)
+    assert out.tolist() == [slice_organ_bits(label[z]) for z in range(6)]
+    assert out[2] == 0 and all(int(b) & 1 == 0 for b in out)
