@@ -12,6 +12,7 @@ import dataclasses
 import numpy as np
 
 from engine._mask_kernels import body_mask_kernel
+from engine._prepare_kernels import finite_range, place, sum_sq_dev, zscore
 from engine.volume import Volume, VolumeError
 
 
@@ -152,40 +153,38 @@ def prepare_volume(vol: Volume, cfg) -> PreparedVolume:
         raise VolumeError(vol.path, f"label shape {tuple(vol.label.shape)} differs from image shape "
                                     f"{tuple(img.shape)}")
     notes: list[str] = []
-    finite = np.isfinite(img)
-    n_bad = img.size - int(np.count_nonzero(finite))
-    if n_bad == img.size:
+    src = img if img.dtype in (np.float32, np.float64) else img.astype(np.float32)
+    n_finite, lo, hi = finite_range(src)
+    n_bad = img.size - int(n_finite)
+    if n_finite == 0:
         raise VolumeError(vol.path, "no finite voxel (all NaN/Inf)")
-    values = img[finite] if n_bad else img
-    lo, hi = float(values.min()), float(values.max())
-    del values, finite
+    lo, hi = float(lo), float(hi)
     if lo == hi:
         raise VolumeError(vol.path, f"constant volume (every voxel = {lo:g}): cannot be z-scored")
-
-    h, w, _ = img.shape
-    raw = _place(img, size, lo, np.float32)               # a private copy: the source is never modified
+    h, w, n_z = img.shape
+    # ``flat`` is the slice-major (Z, size, size) buffer; ``raw`` its (size, size, Z) view. A private copy: the
+    # source is never modified. Padding and non-finite voxels get the finite minimum.
+    flat = np.empty((n_z, size, size), np.float32)
+    total = place(src, flat, crop_offset(h, size), crop_offset(w, size), lo)
+    raw = flat.transpose(1, 2, 0)
     if n_bad:
-        np.copyto(raw, np.float32(lo), where=~np.isfinite(raw))
         notes.append(f"{n_bad} NaN/Inf voxel(s) replaced by the finite minimum {lo:g}")
     if (h, w) != (size, size):
         notes.append(f"in-plane size {h}x{w} centre-cropped/padded to {size}x{size}")
     label = None
     if vol.label is not None:
         label = _place(np.asarray(vol.label), size, 0, np.uint8)
-
-    flat = raw.transpose(2, 0, 1)                          # the contiguous (Z, H, W) buffer
     mean, std = _robust_stats(flat, cfg, notes) if getattr(cfg, "zscore", "volume") == "robust" else (None, None)
     if mean is None:
         # Statistics in float64: a float32 accumulator loses ~1e-4 relative accuracy on 3M voxels.
-        mean = float(flat.mean(dtype=np.float64))
-        std = float(flat.std(dtype=np.float64))
+        mean = total / flat.size
+        std = float(np.sqrt(sum_sq_dev(flat, mean) / flat.size))
     if not std > 0:
         raise VolumeError(vol.path, f"constant after the centre crop to {size}x{size}: cannot be z-scored")
     # float32 arithmetic, as the original ``(x - x.mean()) / x.std()`` on a float32 array
-    image = slice_major(raw.shape, np.float32)
-    np.subtract(flat, np.float32(mean), out=image.transpose(2, 0, 1))
-    image /= np.float32(std)
-    return PreparedVolume(id=vol.id, image=image, raw=raw, label=label, volume=vol, notes=notes)
+    image = np.empty_like(flat)
+    zscore(flat, np.float32(mean), np.float32(std), image)
+    return PreparedVolume(id=vol.id, image=image.transpose(1, 2, 0), raw=raw, label=label, volume=vol, notes=notes)
 
 
 # IQR / 1.349 is the standard deviation of a normal distribution: robust z-scores keep the usual scale.
