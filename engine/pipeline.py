@@ -203,6 +203,8 @@ class _Loaded:
     skip: set
     notes: list
     organs: np.ndarray
+    key: int = -1          # processes backend: the load job's index, by which workers know the volume
+    fd: int = -1           # processes backend: the memfd holding raw, image, label (the arrays are then None)
 
 
 @dataclasses.dataclass
@@ -436,73 +438,92 @@ def _out_capacity(shape: tuple[int, int]) -> int:
 
 
 class _Ring:
-    """Slot layout of the shared-memory ring: inputs (raw, image, label) and an output byte area per slot."""
+    """The shared-memory ring: one output byte area (a slice's encoded chunks) per slot. Inputs need no slot:
+    workers read them from the volumes' memfds."""
 
     def __init__(self, buf, slots: int, shape: tuple[int, int]):
-        h, w = shape
         self.slots = slots
         self.cap = _out_capacity(shape)
-        off = 0
-        self.raw = np.ndarray((slots, h, w), np.float32, buffer=buf, offset=off)
-        off += slots * h * w * 4
-        self.image = np.ndarray((slots, h, w), np.float32, buffer=buf, offset=off)
-        off += slots * h * w * 4
-        self.label = np.ndarray((slots, h, w), np.uint8, buffer=buf, offset=off)
-        off += slots * h * w
-        self.out = np.ndarray((slots, self.cap), np.uint8, buffer=buf, offset=off)
+        self.out = np.ndarray((slots, self.cap), np.uint8, buffer=buf)
 
     @staticmethod
     def nbytes(slots: int, shape: tuple[int, int]) -> int:
-        h, w = shape
-        return slots * (h * w * 9 + _out_capacity(shape))
+        return slots * _out_capacity(shape)
 
 
-def _send_volume(vol: "_Loaded", sock) -> tuple:
-    """Put a prepared volume's arrays into a fresh memfd and pass its descriptor over ``sock``.
+class _MemfdBuffers:
+    """``prepare_volume`` buffers in a fresh memfd, for a worker process that loads a volume: the volume is
+    prepared where the parent passes it on to the workers computing its slices, without a copy. A memfd has
+    no name, so nothing can leak when a process is killed: its memory goes with the last descriptor or
+    mapping."""
 
-    A memfd has no name, so nothing can leak when any process is killed: its memory goes with the last
-    descriptor or mapping. Returns the picklable rest of the volume.
-    """
-    import mmap
+    def __init__(self, shape: tuple[int, int]):
+        self.shape = shape
+        self.fd = -1
+        self.raw = None
+
+    def __call__(self, n_slices: int, has_label: bool) -> tuple:
+        import mmap
+
+        h, w = self.shape
+        n = n_slices * h * w
+        self.close()
+        self.fd = os.memfd_create("engine-volume", os.MFD_CLOEXEC)
+        os.ftruncate(self.fd, max(n * (9 if has_label else 8), 1))
+        mm = mmap.mmap(self.fd, max(n * (9 if has_label else 8), 1))
+        views = (np.frombuffer(mm, np.float32, n, 0), np.frombuffer(mm, np.float32, n, 4 * n),
+                 np.frombuffer(mm, np.uint8, n, 8 * n) if has_label else None)
+        out = tuple(None if v is None else v.reshape(n_slices, h, w) for v in views)
+        self.raw = out[0]
+        return out
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def _send_volume(vol: "_Loaded", bufs: _MemfdBuffers, sock) -> tuple:
+    """Pass the memfd a volume was prepared into over ``sock``; returns the picklable rest of the volume."""
     import socket
 
-    arrays = [a for a in (vol.raw, vol.image, vol.label) if a is not None]
-    nbytes = sum(a.nbytes for a in arrays)
-    fd = os.memfd_create("engine-volume", os.MFD_CLOEXEC)
-    try:
-        os.ftruncate(fd, max(nbytes, 1))
-        with mmap.mmap(fd, max(nbytes, 1)) as mm:
-            off = 0
-            for a in arrays:
-                mm[off:off + a.nbytes] = a.tobytes() if not a.flags.c_contiguous else memoryview(a).cast("B")
-                off += a.nbytes
-        socket.send_fds(sock, [b"v"], [fd])
-    finally:
-        os.close(fd)
+    if bufs.fd < 0 or not np.may_share_memory(vol.raw, bufs.raw):   # a copy was made somewhere: a bug
+        raise OSError("the volume was not prepared into its shared memory")
+    socket.send_fds(sock, [b"v"], [bufs.fd])
     return (vol.ref, vol.id, vol.path, tuple(vol.raw.shape), vol.label is not None, vol.row, vol.skip, vol.notes,
             vol.organs)
 
 
-def _receive_volume(meta: tuple, sock) -> "_Loaded":
-    """The parent's side of ``_send_volume``: map the descriptor, view the arrays in it."""
-    import mmap
+def _receive_volume(meta: tuple, key: int, sock) -> "_Loaded":
+    """The parent's side of ``_send_volume``: keep the descriptor, which goes on to the workers that compute
+    the volume's slices (``_map_volume``); the parent itself never touches the pixels."""
     import socket
 
     ref, vid, path, shape, has_label, row, skip, notes, organs = meta
     _, fds, _, _ = socket.recv_fds(sock, 1, 1)
-    if not fds:
-        raise OSError("a worker announced a volume but passed no descriptor")
-    n = int(np.prod(shape))
-    nbytes = n * (9 if has_label else 8)
-    try:
-        mm = mmap.mmap(fds[0], max(nbytes, 1))
-    finally:
+    if len(fds) != 1:
         for fd in fds:
             os.close(fd)
+        raise OSError("a worker announced a volume but passed no descriptor")
+    return _Loaded(ref, vid, path, None, None, None, row, skip, notes, organs, key=key, fd=fds[0])
+
+
+def _map_volume(sock, shape: tuple, has_label: bool) -> tuple:
+    """A worker's view of a volume whose memfd the parent passes over ``sock``: (raw, image, label or None)."""
+    import mmap
+    import socket
+
+    _, fds, _, _ = socket.recv_fds(sock, 1, 1)
+    if len(fds) != 1:
+        raise OSError("the parent announced a volume but passed no descriptor")
+    n = int(np.prod(shape))
+    try:
+        mm = mmap.mmap(fds[0], max(n * (9 if has_label else 8), 1), prot=mmap.PROT_READ)
+    finally:
+        os.close(fds[0])
     raw = np.frombuffer(mm, np.float32, n, 0).reshape(shape)
     image = np.frombuffer(mm, np.float32, n, 4 * n).reshape(shape)
-    label = np.frombuffer(mm, np.uint8, n, 8 * n).reshape(shape) if has_label else None
-    return _Loaded(ref, vid, path, raw, image, label, row, skip, notes, organs)
+    return raw, image, (np.frombuffer(mm, np.uint8, n, 8 * n).reshape(shape) if has_label else None)
 
 
 def _process_worker(w: int, task_conn, result_conn, all_conns, lock_fd, shm, slots, shape, threshold, sp_cfg,
@@ -522,6 +543,7 @@ def _process_worker(w: int, task_conn, result_conn, all_conns, lock_fd, shm, slo
         if c is not sock:
             c.close()
     ring = _Ring(shm.buf, slots, shape)
+    volumes: dict[int, tuple] = {}                   # key -> (raw, image, label) views of mapped memfds
     parent = os.getppid()
     while True:
         while not task_conn.poll(0.5):
@@ -534,14 +556,26 @@ def _process_worker(w: int, task_conn, result_conn, all_conns, lock_fd, shm, slo
         if msg is None:
             break
         if msg[0] == "load":
-            if not _load_in_worker(msg[1], msg[2], load, sock, result_conn):
+            if not _load_in_worker(msg[1], msg[2], load, shape, sock, result_conn):
                 break
             continue
-        slot, seq, has_label = msg
+        if msg[0] == "volume":
+            # Slices come in sequence order, so no later task needs a volume before this one: unmapping them
+            # here bounds a worker's mappings to the volumes it is working on.
+            _, key, vshape, has_label = msg
+            for old in [k for k in volumes if k < key]:
+                del volumes[old]
+            try:
+                volumes[key] = _map_volume(sock, vshape, has_label)
+            except OSError as exc:
+                result_conn.send(("error", -1, -1, f"cannot map volume {key}: {exc}"))
+                break
+            continue
+        slot, seq, key, z = msg
         try:
-            chunks, nsp, stages = compute_slice(
-                ring.raw[slot], ring.image[slot], ring.label[slot] if has_label else None, threshold, sp_cfg,
-                codec, zero_label)
+            raw, image, label = volumes[key]
+            chunks, nsp, stages = compute_slice(raw[z], image[z], None if label is None else label[z], threshold,
+                                                sp_cfg, codec, zero_label)
             lens, off = [], 0
             out = ring.out[slot]
             for name in DATASETS:
@@ -560,22 +594,25 @@ def _process_worker(w: int, task_conn, result_conn, all_conns, lock_fd, shm, slo
         pass
 
 
-def _load_in_worker(i: int, item: tuple, load, sock, result_conn) -> bool:
+def _load_in_worker(i: int, item: tuple, load, shape: tuple[int, int], sock, result_conn) -> bool:
     """Load job ``i`` in a worker process; False when the worker must stop (a bug: reported to the parent)."""
+    bufs = _MemfdBuffers(shape)
     try:
         try:
-            result, t_read, t_prep = load(*item)
+            result, t_read, t_prep = load(*item, buffers=bufs)
         except _SourceChanged as exc:
             result_conn.send(("changed", i, str(exc)))
             return True
         if isinstance(result, _Failure):
             result_conn.send(("loadfail", i, result.ref, result.path, result.reason))
         else:
-            result_conn.send(("loaded", i, _send_volume(result, sock), t_read, t_prep))
+            result_conn.send(("loaded", i, _send_volume(result, bufs, sock), t_read, t_prep))
         return True
     except Exception as exc:
         result_conn.send(("error", -1, -1, f"{type(exc).__name__} while loading {item[0]}: {exc}"))
         return False
+    finally:
+        bufs.close()
 
 
 def _signal_name(exitcode: int | None) -> str:
@@ -762,14 +799,15 @@ class _Run:
         return q.qsize() if q is not None else 0
 
     # -------------------------------------------------------------- reading
-    def _load(self, ref: str, done: set, row: dict | None) -> tuple[_Loaded | _Failure, float, float]:
+    def _load(self, ref: str, done: set, row: dict | None, buffers=None) -> tuple[_Loaded | _Failure, float, float]:
         """Read and prepare one volume: (result, read seconds, prepare seconds). Runs in a worker thread or a
-        worker process; raises ``_SourceChanged`` when a partly committed volume's file changed."""
+        worker process (``buffers``: see ``prepare_volume``); raises ``_SourceChanged`` when a partly committed
+        volume's file changed."""
         t0 = time.perf_counter()
         try:
             vol = self.source.load(ref)
             t1 = time.perf_counter()
-            prep = prepare_volume(vol, self.cfg.prepare)
+            prep = prepare_volume(vol, self.cfg.prepare, buffers)
         except VolumeError as exc:
             return _Failure(ref, exc.path, exc.reason), 0.0, 0.0
         except MemoryError:
@@ -819,7 +857,9 @@ class _Run:
                 vol = item
                 for note in vol.notes:
                     self.notes.append(f"{vol.path}: {note}")
-                todo = [z for z in range(vol.raw.shape[0]) if z not in vol.skip]
+                todo = [z for z in range(vol.row["n_slices"]) if z not in vol.skip]
+                if vol.fd >= 0:
+                    self._volume_fd(vol, len(todo))
                 with self._lock:
                     self.slices_planned += len(todo)
                 for z in todo:
@@ -856,11 +896,6 @@ class _Run:
             except queue.Empty:
                 if self.stop.is_set():
                     raise _Stopped
-        ring = self.ring
-        ring.raw[slot] = task.vol.raw[task.z]
-        ring.image[slot] = task.vol.image[task.z]
-        if task.vol.label is not None:
-            ring.label[slot] = task.vol.label[task.z]
         task.slot = slot
         self.q.put(task)
         self._wake()
@@ -895,7 +930,7 @@ class _Run:
 
     def _result(self, task: _Task, chunks: dict, nsp: int) -> None:
         vol = task.vol
-        self.batches.add_result(task.seq, SliceResult(vol.id, vol.ref, task.z, chunks, nsp, vol.label is not None,
+        self.batches.add_result(task.seq, SliceResult(vol.id, vol.ref, task.z, chunks, nsp, vol.row["has_label"],
                                                       int(vol.organs[task.z])))
         with self._lock:
             self.computed += 1
@@ -917,6 +952,8 @@ class _Run:
         socks = [socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(n)]   # volumes' memfds
         all_socks = [c for pair in socks for c in pair]
         self.procs, self.task_conns, self.result_conns, self.socks = [], [], [], []
+        self.volume_fds: dict[int, list] = {}        # key -> [memfd, slices still to send]
+        self.volume_of_worker = [-1] * n             # the volume whose memfd each worker received last
         sp_cfg, thr = self.cfg.superpixels, self.cfg.prepare.fg_threshold
         for w, ((task_r, task_w), (res_r, res_w)) in enumerate(pipes):
             p = ctx.Process(target=_process_worker, name=f"engine-worker-{w}", daemon=True,
@@ -968,7 +1005,7 @@ class _Run:
                         if not outstanding[w]:
                             now = time.perf_counter()
                             prof.add_idle(w, idle_since[w], now, clock0[w])
-                        if not self._send(w, (task.slot, task.seq, task.vol.label is not None), outstanding[w]):
+                        if not self._send_slice(w, task, outstanding[w]):
                             return
                         outstanding[w].append(task)
                 if not pending:                      # loads fill the gaps, as in the threads backend
@@ -1021,6 +1058,41 @@ class _Run:
         finally:
             self._stop_pool(graceful=not self.stop.is_set())
 
+    def _volume_fd(self, vol: _Loaded, n_todo: int) -> None:
+        """Producer: a worker-loaded volume with ``n_todo`` slices to dispatch; its memfd stays open until the
+        last of them has been sent (the workers then hold their own descriptors)."""
+        with self._lock:
+            if n_todo:
+                self.volume_fds[vol.key] = [vol.fd, n_todo]
+                return
+        os.close(vol.fd)
+
+    def _send_slice(self, w: int, task: _Task, outstanding) -> bool:
+        """Send a slice to worker ``w``, preceded by its volume's memfd when that worker does not have it yet."""
+        import socket
+
+        vol = task.vol
+        if self.volume_of_worker[w] != vol.key:
+            with self._lock:
+                fd = self.volume_fds[vol.key][0]
+            try:
+                socket.send_fds(self.socks[w], [b"v"], [fd])
+            except OSError:
+                pass                                 # a dead worker: ``_send`` below reports it
+            if not self._send(w, ("volume", vol.key, (vol.row["n_slices"],) + self.shape, vol.row["has_label"]),
+                              outstanding):
+                return False
+            self.volume_of_worker[w] = vol.key
+        if not self._send(w, (task.slot, task.seq, vol.key, task.z), outstanding):
+            return False
+        with self._lock:
+            entry = self.volume_fds[vol.key]
+            entry[1] -= 1
+            if entry[1] == 0:
+                del self.volume_fds[vol.key]
+                os.close(entry[0])
+        return True
+
     def _send(self, w: int, msg: tuple, outstanding) -> bool:
         """Send a job to worker ``w``; a worker that died in the meantime stops the run (False)."""
         try:
@@ -1038,7 +1110,7 @@ class _Run:
             return
         if kind == "loaded":
             try:
-                result = _receive_volume(msg[2], self.socks[w])
+                result = _receive_volume(msg[2], i, self.socks[w])
             except OSError as exc:
                 self.fail(f"cannot receive volume {mark.ref} from worker process {w}: {exc}")
                 return
@@ -1104,11 +1176,12 @@ class _Run:
         process, and a closed wake fd could be reused by a store file that ``_wake`` would then write into."""
         if getattr(self, "shm", None) is None or any(t.is_alive() for t in self.threads):
             return                                   # a thread that did not stop: all goes with the process
-        for fd in (self.wake_r, self.wake_w):
+        for fd in [self.wake_r, self.wake_w] + [fd for fd, _ in self.volume_fds.values()]:
             try:
                 os.close(fd)
             except OSError:
                 pass
+        self.volume_fds.clear()
         try:
             del self.ring
             self.shm.close()

@@ -106,10 +106,11 @@ def slice_major(shape: tuple[int, int, int], dtype) -> np.ndarray:
     return np.empty((z, h, w), dtype=dtype).transpose(1, 2, 0)
 
 
-def _place(src: np.ndarray, size: int, pad_value, dtype) -> np.ndarray:
-    """Centre crop/pad ``src`` (H, W, Z) into a new slice-major (size, size, Z) array of ``dtype``."""
+def _place(src: np.ndarray, size: int, pad_value, dtype, out: np.ndarray | None = None) -> np.ndarray:
+    """Centre crop/pad ``src`` (H, W, Z) into a slice-major (size, size, Z) array of ``dtype``: a new one, or
+    the (size, size, Z) view of ``out``, a (Z, size, size) buffer."""
     h, w, z = src.shape
-    out = slice_major((size, size, z), dtype)
+    out = slice_major((size, size, z), dtype) if out is None else out.transpose(1, 2, 0)
     if (h, w) != (size, size):
         out[...] = pad_value
     s, d = _crop_windows(h, w, size)
@@ -118,7 +119,7 @@ def _place(src: np.ndarray, size: int, pad_value, dtype) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------------------- prepare
-def prepare_volume(vol: Volume, cfg) -> PreparedVolume:
+def prepare_volume(vol: Volume, cfg, buffers=None) -> PreparedVolume:
     """Repair, crop/pad and z-score one volume (method.md 1.5).
 
     Parameters
@@ -129,6 +130,10 @@ def prepare_volume(vol: Volume, cfg) -> PreparedVolume:
         ``cfg.size`` is the in-plane output size; ``cfg.zscore`` the statistics of the z-score: ``"volume"``
         (mean / std of every voxel, method.md 1.5) or ``"robust"`` (median / (IQR / 1.349) of the voxels above
         ``cfg.fg_threshold``).
+    buffers : callable, optional
+        ``buffers(n_slices, has_label)`` returns the (Z, size, size) arrays to fill: raw and image float32,
+        label uint8 or None. Default: new arrays. (The engine's worker processes prepare straight into
+        shared memory.)
 
     Returns
     -------
@@ -164,7 +169,11 @@ def prepare_volume(vol: Volume, cfg) -> PreparedVolume:
     h, w, n_z = img.shape
     # ``flat`` is the slice-major (Z, size, size) buffer; ``raw`` its (size, size, Z) view. A private copy: the
     # source is never modified. Padding and non-finite voxels get the finite minimum.
-    flat = np.empty((n_z, size, size), np.float32)
+    if buffers is None:
+        flat, image, label_out = (np.empty((n_z, size, size), np.float32), np.empty((n_z, size, size), np.float32),
+                                  None)
+    else:
+        flat, image, label_out = buffers(n_z, vol.label is not None)
     total = place(src, flat, crop_offset(h, size), crop_offset(w, size), lo)
     raw = flat.transpose(1, 2, 0)
     if n_bad:
@@ -173,7 +182,7 @@ def prepare_volume(vol: Volume, cfg) -> PreparedVolume:
         notes.append(f"in-plane size {h}x{w} centre-cropped/padded to {size}x{size}")
     label = None
     if vol.label is not None:
-        label = _place(np.asarray(vol.label), size, 0, np.uint8)
+        label = _place(np.asarray(vol.label), size, 0, np.uint8, out=label_out)
     mean, std = _robust_stats(flat, cfg, notes) if getattr(cfg, "zscore", "volume") == "robust" else (None, None)
     if mean is None:
         # Statistics in float64: a float32 accumulator loses ~1e-4 relative accuracy on 3M voxels.
@@ -182,7 +191,6 @@ def prepare_volume(vol: Volume, cfg) -> PreparedVolume:
     if not std > 0:
         raise VolumeError(vol.path, f"constant after the centre crop to {size}x{size}: cannot be z-scored")
     # float32 arithmetic, as the original ``(x - x.mean()) / x.std()`` on a float32 array
-    image = np.empty_like(flat)
     zscore(flat, np.float32(mean), np.float32(std), image)
     return PreparedVolume(id=vol.id, image=image.transpose(1, 2, 0), raw=raw, label=label, volume=vol, notes=notes)
 

@@ -177,10 +177,10 @@ def test_dead_worker_while_loading_names_the_volume(src, tmp_path, monkeypatch, 
     parent = os.getpid()
     real = pipeline.prepare_volume
 
-    def dies_on_volume_3(vol, cfg):
+    def dies_on_volume_3(vol, *args):
         if vol.id == "3" and os.getpid() != parent:
             os.kill(os.getpid(), signal.SIGKILL)
-        return real(vol, cfg)
+        return real(vol, *args)
 
     monkeypatch.setattr(pipeline, "prepare_volume", dies_on_volume_3)
     out = tmp_path / "store.h5"
