@@ -144,6 +144,19 @@ def test_backends_worker_counts_and_codecs_give_the_same_store(folder, reference
     assert 1 <= json.loads(out.with_name("s.h5.profile.json").read_text())["max_uncommitted_slices"] <= batch
 
 
+@pytest.mark.parametrize("slot_slices,extra_slots", [(6, 2), (64, -1)])
+def test_processes_volumes_too_large_for_the_arena_go_through_a_memfd(folder, reference, tmp_path, monkeypatch,
+                                                                      slot_slices, extra_slots):
+    # Worker processes prepare volumes into arena slots of ARENA_SLOT_SLICES slices; the 7-slice volume does not
+    # fit a 6-slice slot, and with no slot at all (readers 1 + extra -1) every volume takes its own memfd.
+    monkeypatch.setattr(pipeline, "ARENA_SLOT_SLICES", slot_slices)
+    monkeypatch.setattr(pipeline, "ARENA_EXTRA_SLOTS", extra_slots)
+    out = tmp_path / "s.h5"
+    cfg = make_cfg(folder, out, backend="processes", readers=1)
+    assert pipeline.preprocess(cfg, progress=False) == 0
+    assert_same_store(reference, out)
+
+
 @pytest.mark.parametrize("backend", ["threads", "processes"])
 def test_a_kill_can_lose_at_most_one_batch(folder, reference, tmp_path, monkeypatch, backend):
     # design.md, Store, requirement 2: whenever the run could be killed, at most one batch of computed slices is
