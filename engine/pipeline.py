@@ -778,6 +778,7 @@ class _Run:
                                       spacing=(1.0, 1.0, 1.0), affine=np.eye(4), orientation="RAS", label=None,
                                       path="warm-up", checksum=""), cfg.prepare)
             organ_bits(np.zeros((1, 2, 2), np.uint8), 1)
+            self.source.warm_up()
         except ValueError as exc:
             writer.discard_if_empty()
             writer.abort()

@@ -250,6 +250,9 @@ class Source:
     def __len__(self) -> int:
         return len(self.refs())
 
+    def warm_up(self) -> None:
+        """Import what ``load`` needs, so that the engine's first load does not pay for it inside the run."""
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.path!r}, {len(self)} volumes)"
 
@@ -258,6 +261,9 @@ class NiftiFolderSource(Source):
     """``image_<id>.nii[.gz]`` (+ optional ``label_<id>.nii[.gz]``) files of one folder."""
 
     kind = "nifti-folder"
+
+    def warm_up(self) -> None:
+        _import_nifti_reader()
 
     def __init__(self, folder: str | Path):
         super().__init__(folder)
@@ -287,10 +293,21 @@ class NiftiFolderSource(Source):
         return load_nifti(images[0], labels[0] if labels else None, ref)
 
 
+def _import_nifti_reader() -> None:
+    import nibabel  # noqa: F401  (0.16 s here; inside a run, the first worker would hold the GIL for it)
+    try:
+        from isal import igzip  # noqa: F401
+    except ImportError:
+        pass
+
+
 class NiftiFileSource(Source):
     """One NIfTI file; ``image_<id>`` files pick up their ``label_<id>`` sibling."""
 
     kind = "nifti-file"
+
+    def warm_up(self) -> None:
+        _import_nifti_reader()
 
     def __init__(self, path: str | Path):
         super().__init__(path)
@@ -332,6 +349,13 @@ class ChaosRawSource(Source):
     """Raw CHAOS MR download: ``<id>/T2SPIR/DICOM_anon/*.dcm`` + ``Ground/*.png`` (engine.dicom)."""
 
     kind = "chaos-raw"
+
+    def warm_up(self) -> None:
+        try:
+            import pydicom  # noqa: F401
+            from PIL import Image  # noqa: F401
+        except ImportError:
+            pass                    # ``load`` words the error for each volume
 
     def __init__(self, folder: str | Path, subjects: dict[str, Path], prepare_cfg):
         super().__init__(folder)
