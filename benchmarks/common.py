@@ -143,7 +143,7 @@ def check_source(spec: str) -> None:
 
 
 def load_slices(spec: str, cfg, max_volumes: int | None = None, threads: int | None = None) -> SliceSet:
-    """Read and prepare every slice of a source once, as the engine's readers do.
+    """Read and prepare every slice of a source once, as the engine's load jobs do.
 
     Parameters
     ----------
@@ -427,7 +427,7 @@ def run_engine(cfg, spec: str, workers: int, backend: str, tmp_root: Path, reade
     tmp_root : Path
         Folder for the temporary store.
     readers : int, optional
-        ``engine.readers`` (volumes read in parallel); default: the config's.
+        ``engine.readers`` (volumes loaded ahead, at most); default: the config's.
 
     Returns
     -------

@@ -13,7 +13,7 @@ preparation settings exactly as for ``cli.py``.
 
 What each row times (frames = slices of 256 x 256)
 --------------------------------------------------
-In memory (every slice read, cropped and NaN-repaired once beforehand, as the engine's readers do; no file I/O
+In memory (every slice read, cropped and NaN-repaired once beforehand, as the engine's load jobs do; no file I/O
 inside the timing):
 
 * **Felzenszwalb recipe, serial** (the baseline, 1.0x): SSL-ALPNet's body mask (scipy/skimage: threshold,
