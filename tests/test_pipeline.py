@@ -429,3 +429,10 @@ def test_default_zscore_leaves_the_settings_hash_of_older_stores_unchanged(folde
     robust = pipeline.store_settings(make_cfg(folder, tmp_path / "b.h5", "prepare.zscore=robust"), str(folder), refs)
     assert robust["prepare"]["zscore"] == "robust"
     assert {k: v for k, v in robust["prepare"].items() if k != "zscore"} == default["prepare"]
+
+
+def test_tune_allocator_sets_glibc_thresholds():
+    import platform
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        pytest.skip("mallopt is glibc's")
+    assert pipeline.tune_allocator() is True

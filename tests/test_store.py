@@ -270,9 +270,13 @@ def test_zlib_and_isal_encodings_decode_the_same(tmp_path, monkeypatch):
             assert np.array_equal(da["superpixels"], db["superpixels"])
 
 
-def test_shard_builder_streams_slices_and_shows_nothing_before_its_commit(tmp_path):
+@pytest.mark.parametrize("early_sync_bytes", [1, 1 << 40])
+def test_shard_builder_streams_slices_and_shows_nothing_before_its_commit(tmp_path, monkeypatch, early_sync_bytes):
     # The engine adds slices as they complete; until ``end_shard`` the shard exists only under a temporary name,
-    # the datasets grow past the announced capacity and shrink to the real count on commit.
+    # the datasets grow past the announced capacity and shrink to the real count on commit. Chunks sent to the
+    # disk early (after every slice, or never before the commit) change nothing in the content.
+    from engine import store as store_mod
+    monkeypatch.setattr(store_mod, "EARLY_SYNC_BYTES", early_sync_bytes)
     codec = Codec.parse("maps-gzip-1")
     w = StoreWriter.open(tmp_path / "s.h5", SETTINGS, codec, SHAPE, "rev1")
     builder = w.begin_shard(0, 0, capacity=2)
