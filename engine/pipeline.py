@@ -388,7 +388,7 @@ class _WorkQueue:
     volume costs about as much CPU as its superpixels, and dedicated reader threads would run on top of the
     N workers (on 2 cores, 2 workers then ran only 1.10x faster than 1). A worker takes a load when no slice
     is waiting: loads fill the gaps where it would otherwise idle, at the batch barrier and between volumes
-    (taking loads earlier, whenever fewer than 2 slices per worker waited, left 2.5x more barrier time).
+    (taking loads earlier, whenever fewer than 2 slices per worker waited, left about 3x more barrier time).
     """
 
     def __init__(self, loads: _LoadPlan, max_slices: int, stop: threading.Event):
@@ -445,7 +445,7 @@ def _out_capacity(shape: tuple[int, int]) -> int:
 
 class _Ring:
     """The shared-memory ring: one output byte area (a slice's encoded chunks) per slot. Inputs need no slot:
-    workers read them from the volumes' memfds."""
+    workers read them where the volume lives (its arena slot or memfd)."""
 
     def __init__(self, buf, slots: int, shape: tuple[int, int]):
         self.slots = slots
@@ -556,7 +556,8 @@ def _map_volume(sock, shape: tuple, has_label: bool) -> tuple:
     if len(fds) != 1:
         raise OSError("the parent announced a volume but passed no descriptor")
     try:
-        mm = mmap.mmap(fds[0], max(int(np.prod(shape)) * (9 if has_label else 8), 1), prot=mmap.PROT_READ)
+        # writable like the arena's views (never written): read-only arrays would be another numba signature
+        mm = mmap.mmap(fds[0], max(int(np.prod(shape)) * (9 if has_label else 8), 1))
     finally:
         os.close(fds[0])
     return _volume_views(mm, 0, shape[0], shape[1:], has_label)
@@ -564,8 +565,9 @@ def _map_volume(sock, shape: tuple, has_label: bool) -> tuple:
 
 def _process_worker(w: int, task_conn, result_conn, all_conns, lock_fd, shm, slots, shape, threshold, sp_cfg,
                     codec, zero_label, load, sock, all_socks, arena) -> None:
-    """Body of a worker process (forked): slot numbers in, encoded chunks into the ring, lengths out; or a
-    volume to load in, the prepared volume out through a memfd (``_send_volume``)."""
+    """Body of a worker process (forked). Messages: a slice (ring slot, sequence number, volume key, z) in,
+    its encoded chunks into the ring slot, their lengths out; a volume to load (prepared into its arena slot
+    or a memfd, ``_send_volume``); where a volume lives (``"volume"``), before the first slice of it."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)     # Ctrl-C is handled by the parent, which stops us
     if lock_fd is not None:
         try:
@@ -579,7 +581,7 @@ def _process_worker(w: int, task_conn, result_conn, all_conns, lock_fd, shm, slo
         if c is not sock:
             c.close()
     ring = _Ring(shm.buf, slots, shape)
-    volumes: dict[int, tuple] = {}                   # key -> (raw, image, label) views of mapped memfds
+    volumes: dict[int, tuple] = {}                   # key -> (raw, image, label) in the arena or a memfd
     parent = os.getppid()
     while True:
         while not task_conn.poll(0.5):
@@ -773,17 +775,17 @@ class _Run:
         self.zero_label = self.codec.encode("label", np.zeros(self.shape, np.uint8))
         try:
             compute_slice(warm, warm, None, cfg.prepare.fg_threshold, cfg.superpixels, self.codec, self.zero_label)
-            for layout in ("F", "C"):                # NIfTI volumes are column-major, the others row-major
-                prepare_volume(Volume(id="warm", image=np.asarray(np.dstack([warm, warm + 1]), order=layout),
-                                      spacing=(1.0, 1.0, 1.0), affine=np.eye(4), orientation="RAS", label=None,
-                                      path="warm-up", checksum=""), cfg.prepare)
-            organ_bits(np.zeros((1, 2, 2), np.uint8), 1)
-            self.source.warm_up()
         except ValueError as exc:
             writer.discard_if_empty()
             writer.abort()
             print(f"preprocess: the superpixel settings are not usable: {exc}", file=sys.stderr)
             return 2
+        for layout in ("F", "C"):                    # NIfTI volumes are column-major, the others row-major
+            prepare_volume(Volume(id="warm", image=np.asarray(np.dstack([warm, warm + 1]), order=layout),
+                                  spacing=(1.0, 1.0, 1.0), affine=np.eye(4), orientation="RAS", label=None,
+                                  path="warm-up", checksum=""), cfg.prepare)
+        organ_bits(np.zeros((1, 2, 2), np.uint8), 1)
+        self.source.warm_up()
 
         self.loads = _LoadPlan(self.plan, n_readers(cfg, self.n_workers), threading.Condition(), self.stop,
                                on_change=self._wake if self.backend == "processes" else None)
