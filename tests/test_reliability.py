@@ -69,14 +69,14 @@ def clean(src, tmp_path_factory) -> Path:
     return out
 
 
-def kill_and_resume(src: Path, clean: Path, out: Path, rng: random.Random) -> None:
+def kill_and_resume(src: Path, clean: Path, out: Path, rng: random.Random, backend: str = "threads") -> None:
     """Start a run, SIGKILL it after a random number of commits plus a random delay, rerun to the end."""
     with StoreReader(clean) as r:
         total = r.n_slices
     n_batches = -(-total // BATCH)
     target = rng.randrange(0, n_batches)           # commits to wait for (0: kill during start-up/first batch)
     delay = rng.uniform(0.0, 0.05)
-    proc = start(command(src, out))
+    proc = start(command(src, out, "--backend", backend))
     try:
         wait_for(lambda: shards(out) >= target, timeout=120, proc=proc)
         time.sleep(delay)
@@ -93,7 +93,7 @@ def kill_and_resume(src: Path, clean: Path, out: Path, rng: random.Random) -> No
     if parts_dir(out).is_dir():
         before = sum(1 for _ in parts_dir(out).glob("0*.h5"))
     # the same command again (in this process: saves an interpreter start-up per trial)
-    assert pipeline.preprocess(make_cfg(src, out, batch=BATCH), progress=False) == 0
+    assert pipeline.preprocess(make_cfg(src, out, batch=BATCH, backend=backend), progress=False) == 0
     assert_same_store(clean, out)
     with StoreReader(out) as r:
         keys = list(zip(r.slices["volume"].tolist(), r.slices["z"].tolist()))
@@ -113,6 +113,24 @@ def test_kill_9_at_random_moments_then_rerun_is_identical(src, clean, tmp_path):
     rng = random.Random(1234)
     for trial in range(3):
         kill_and_resume(src, clean, tmp_path / f"t{trial}" / "store.h5", rng)
+
+
+def test_kill_9_of_a_processes_run_leaks_nothing_and_resumes(src, clean, tmp_path):
+    # Worker processes hold volumes in an anonymous shared arena or in memfds, and the ring's name is removed
+    # right after the fork: a killed parent leaves no shared-memory file, and its workers leave by themselves.
+    shm_before = set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
+    rng = random.Random(7)
+    for trial in range(2):
+        kill_and_resume(src, clean, tmp_path / f"p{trial}" / "store.h5", rng, backend="processes")
+    def orphans():                 # forked workers keep the killed run's command line, with this test's paths
+        return [p.pid for p in psutil.process_iter(["cmdline"]) if str(tmp_path) in " ".join(p.info["cmdline"] or [])]
+
+    deadline = time.time() + 10
+    while orphans() and time.time() < deadline:
+        time.sleep(0.2)
+    assert orphans() == []
+    if os.path.isdir("/dev/shm"):
+        assert set(os.listdir("/dev/shm")) - shm_before == set()
 
 
 @pytest.mark.slow
