@@ -436,3 +436,27 @@ def test_tune_allocator_sets_glibc_thresholds():
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         pytest.skip("mallopt is glibc's")
     assert pipeline.tune_allocator() is True
+
+
+def test_backends_agree_on_cropped_padded_and_repaired_volumes(tmp_path):
+    # Preparation (numba passes) and the processes backend's shared volumes, on what CHAOS never has: an
+    # in-plane size to crop along one axis and pad along the other, NaN voxels, and a volume without label.
+    src = tmp_path / "in"
+    src.mkdir()
+    img, lab = synthetic_volume(5, 5, size=80)
+    img = np.ascontiguousarray(img[:, 10:62, :])                        # 80 x 52: crop rows, pad columns
+    img[3, 4, 1] = np.nan
+    write_nifti(src / "image_1.nii.gz", img)
+    write_nifti(src / "label_1.nii.gz", np.ascontiguousarray(lab[:, 10:62, :]))
+    write_nifti(src / "image_2.nii.gz", synthetic_volume(6, 4)[0].astype(np.float64))
+    stores = []
+    for backend in ("threads", "processes"):
+        out = tmp_path / backend / "s.h5"
+        assert pipeline.preprocess(make_cfg(src, out, backend=backend), progress=False) == 0
+        stores.append(out)
+    assert_same_store(*stores)
+    with StoreReader(stores[1]) as r:
+        assert r.n_slices == 9 and [v["has_label"] for v in r.volumes] == [True, False]
+        notes = r.volumes[0]["notes"]
+        assert any("NaN" in n for n in notes) and any("80x52" in n for n in notes)
+        assert all(np.isfinite(r.read(i)["image"]).all() for i in range(r.n_slices))
