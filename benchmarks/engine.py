@@ -266,6 +266,7 @@ def summarise_engine(runs: list[dict]) -> dict:
             "busy_pct": round(100 * wt["busy_s"] / total, 1) if total else 0.0,
             "waiting_pct": round(100 * wt["waiting_s"] / total, 1) if total else 0.0,
             "barrier_pct": round(100 * wt["barrier_s"] / total, 1) if total else 0.0,
+            "busy_on_cpu_pct": wt.get("busy_on_cpu_pct"),
             "cpu_pct": p["cpu"]["utilisation_pct"], "peak_rss_mb": p["memory"]["peak_rss_mb"],
             "cpu_ms_per_slice": round(statistics.median(1e3 * r["profile"]["cpu"]["cpu_s"] / r["profile"]["slices"]
                                                         for r in runs), 3),
@@ -434,12 +435,14 @@ def render(r: dict) -> str:
         ps = e["per_slice_ms"]
         rows.append([name, common.fmt(e["engine_slices_per_s"]), common.fmt(e["process_slices_per_s"]),
                      common.fmt(e["cpu_ms_per_slice"], 2),
-                     f"{e['busy_pct']:.0f}/{e['waiting_pct']:.0f}/{e['barrier_pct']:.0f}", common.fmt(e["cpu_pct"]),
+                     f"{e['busy_pct']:.0f}/{e['waiting_pct']:.0f}/{e['barrier_pct']:.0f}",
+                     "-" if e.get("busy_on_cpu_pct") is None else common.fmt(e["busy_on_cpu_pct"]),
+                     common.fmt(e["cpu_pct"]),
                      common.fmt(e["peak_rss_mb"], 0),
                      " ".join(f"{k} {v:.2f}" for k, v in ps.items())])
     if rows:
         lines += [common.markdown_table(["engine", "slices/s (engine)", "slices/s (process)", "CPU ms/slice",
-                                         "busy/wait/barrier %",
+                                         "busy/wait/barrier %", "busy on a core %",
                                          "CPU %", "peak RSS MB", "ms per slice in each stage (thread time)"], rows), ""]
     if "kernel_slices_per_s" in r:
         lines.append("bare kernel: " + ", ".join(f"{w} thread(s) {v} slices/s" for w, v in r["kernel_slices_per_s"].items())

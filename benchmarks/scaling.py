@@ -296,13 +296,16 @@ def render_markdown(result: dict) -> str:
               "interleaved round-robin; frames/s from the engine profile (first read to last commit), median "
               "and slowest..fastest run.", ""]
     head = ["backend", "workers", "frames/s", "range", "speed-up", "eff./worker %", "eff./core %",
-            "end-to-end frames/s", "busy %", "waiting %", "barrier %", "CPU %", "peak RSS MB"]
+            "end-to-end frames/s", "busy %", "on a core, % of busy", "waiting %", "barrier %", "CPU %",
+            "peak RSS MB"]
     rows = []
     for p in result["points"]:
         pr = p["profile"]
         rows.append([p["backend"], p["workers"], fmt(p["fps"]), f"{fmt(p['fps_min'])}..{fmt(p['fps_max'])}",
                      fmt(p["speedup"], 2), fmt(100 * p["efficiency"]), fmt(100 * p["efficiency_per_core"]),
-                     fmt(p["end_to_end_fps"]), fmt(pr["busy_pct"]), fmt(pr["waiting_pct"]), fmt(pr["barrier_pct"]),
+                     fmt(p["end_to_end_fps"]), fmt(pr["busy_pct"]),
+                     "-" if pr.get("busy_on_cpu_pct") is None else fmt(pr["busy_on_cpu_pct"]),
+                     fmt(pr["waiting_pct"]), fmt(pr["barrier_pct"]),
                      fmt(p["cpu_pct_median"]), fmt(pr["peak_rss_mb"])])
     lines += [markdown_table(head, rows), ""]
     lines += [f"Paper (Table II, {paper['machine']}): SLIC {paper['slic']:.0f} frames/s serial, SLIC-parallel "

@@ -611,6 +611,7 @@ def _process_worker(w: int, task_conn, result_conn, all_conns, lock_fd, shm, slo
                 break
             continue
         slot, seq, key, z = msg
+        c0 = time.thread_time()
         try:
             raw, image, label = volumes[key]
             chunks, nsp, stages = compute_slice(raw[z], image[z], None if label is None else label[z], threshold,
@@ -623,7 +624,7 @@ def _process_worker(w: int, task_conn, result_conn, all_conns, lock_fd, shm, slo
                 out[off:off + b.size] = b
                 lens.append(int(b.size))
                 off += b.size
-            result_conn.send(("ok", slot, seq, lens, nsp, stages))
+            result_conn.send(("ok", slot, seq, lens, nsp, stages, time.thread_time() - c0))
         except Exception as exc:  # reported to the parent, which stops the run naming the slice
             result_conn.send(("error", slot, seq, f"{type(exc).__name__}: {exc}"))
             break
@@ -635,6 +636,7 @@ def _process_worker(w: int, task_conn, result_conn, all_conns, lock_fd, shm, slo
 
 def _load_in_worker(i: int, item: tuple, load, bufs: _VolumeBuffers, sock, result_conn) -> bool:
     """Load job ``i`` in a worker process; False when the worker must stop (a bug: reported to the parent)."""
+    c0 = time.thread_time()
     try:
         try:
             result, t_read, t_prep = load(*item, buffers=bufs)
@@ -644,7 +646,7 @@ def _load_in_worker(i: int, item: tuple, load, bufs: _VolumeBuffers, sock, resul
         if isinstance(result, _Failure):
             result_conn.send(("loadfail", i, result.ref, result.path, result.reason))
         else:
-            result_conn.send(("loaded", i, _send_volume(result, bufs, sock), t_read, t_prep))
+            result_conn.send(("loaded", i, _send_volume(result, bufs, sock), t_read, t_prep, time.thread_time() - c0))
         return True
     except Exception as exc:
         result_conn.send(("error", -1, -1, f"{type(exc).__name__} while loading {item[0]}: {exc}"))
@@ -950,9 +952,10 @@ class _Run:
             prof.add_idle(w, t0, t1, c0)
             if job is None:
                 return
+            c1 = time.thread_time()
             if job[0] == "load":
                 self._load_job(job[1], job[2])
-                prof.add_busy(w, time.perf_counter() - t1)
+                prof.add_busy(w, time.perf_counter() - t1, time.thread_time() - c1)
                 continue
             task = job[1]
             vol, z = task.vol, task.z
@@ -964,7 +967,7 @@ class _Run:
                 self.fail(f"volume {vol.id} slice z={z} ({vol.path}) failed in worker {w}: "
                           f"{type(exc).__name__}: {exc}")
                 return
-            prof.add_work(w, stages)
+            prof.add_work(w, stages, time.thread_time() - c1)
             self._result(task, chunks, nsp)
 
     def _result(self, task: _Task, chunks: dict, nsp: int) -> None:
@@ -1170,7 +1173,7 @@ class _Run:
                 self.fail(f"cannot receive volume {mark.ref} from worker process {w}: {exc}")
                 return
             self.prof.add_read(msg[3], msg[4])
-            self.prof.add_busy(w, msg[3] + msg[4])
+            self.prof.add_busy(w, msg[3] + msg[4], msg[5])
         elif kind == "loadfail":
             result = _Failure(*msg[2:5])
         else:
@@ -1181,7 +1184,7 @@ class _Run:
         self.loads.finish(i, result)
 
     def _slice_result(self, w: int, task: _Task, msg: tuple) -> None:
-        _, slot, seq, lens, nsp, stages = msg
+        _, slot, seq, lens, nsp, stages, cpu = msg
         if seq != task.seq or slot != task.slot:
             self.fail(f"internal error: worker {w} answered slice {seq}, expected {task.seq}")
             return
@@ -1190,7 +1193,7 @@ class _Run:
             chunks[name] = out[off:off + ln].tobytes()
             off += ln
         self.free_slots.put(slot)
-        self.prof.add_work(w, stages)
+        self.prof.add_work(w, stages, cpu)
         self._result(task, chunks, nsp)
         self._volume_progress(task.vol.key, sent=0, finished=1)
 

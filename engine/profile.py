@@ -58,12 +58,14 @@ class WorkerStats:
     def __init__(self) -> None:
         self.slices = 0
         self.busy = 0.0
+        self.busy_cpu = 0.0      # CPU time of the worker while busy; the rest of ``busy`` it waited for the GIL or a core
         self.waiting = 0.0
         self.barrier = 0.0
         self.stages = {k: 0.0 for k in STAGES_WORK}
 
     def to_dict(self, wall: float) -> dict:
-        return {"slices": self.slices, "busy_s": round(self.busy, 4), "waiting_s": round(self.waiting, 4),
+        return {"slices": self.slices, "busy_s": round(self.busy, 4), "busy_cpu_s": round(self.busy_cpu, 4),
+                "waiting_s": round(self.waiting, 4),
                 "barrier_s": round(self.barrier, 4),
                 "busy_frac": round(self.busy / wall, 4) if wall > 0 else 0.0,
                 "stages_s": {k: round(v, 4) for k, v in self.stages.items()}}
@@ -119,17 +121,20 @@ class Profiler:
         st.barrier += barrier
         st.waiting += idle - barrier
 
-    def add_work(self, w: int, stages: dict) -> None:
+    def add_work(self, w: int, stages: dict, cpu: float = 0.0) -> None:
+        """Worker ``w`` computed a slice: wall seconds per stage, and ``cpu`` seconds of its own CPU time."""
         st = self.workers[w]
         st.slices += 1
+        st.busy_cpu += cpu
         for k, v in stages.items():
             st.stages[k] = st.stages.get(k, 0.0) + v
             st.busy += v
 
-    def add_busy(self, w: int, seconds: float) -> None:
-        """Worker ``w`` spent ``seconds`` on something other than a slice (loading a volume: ``add_read``
-        records its stages)."""
+    def add_busy(self, w: int, seconds: float, cpu: float = 0.0) -> None:
+        """Worker ``w`` spent ``seconds`` (``cpu`` of them on a core) on something other than a slice (loading a
+        volume: ``add_read`` records its stages)."""
         self.workers[w].busy += seconds
+        self.workers[w].busy_cpu += cpu
 
     def add_read(self, load: float, prepare: float) -> None:
         with self._lock:
@@ -239,6 +244,7 @@ class Profiler:
         wall = self.wall
         n_work = sum(w.slices for w in self.workers)
         busy = sum(w.busy for w in self.workers)
+        busy_cpu = sum(w.busy_cpu for w in self.workers)
         waiting = sum(w.waiting for w in self.workers)
         barrier = sum(w.barrier for w in self.workers)
         per_slice = {}
@@ -257,7 +263,9 @@ class Profiler:
             "slices": slices, "slices_per_s": round(slices / wall, 2) if wall > 0 else 0.0,
             "volumes_read": self.volumes_read, "batches_written": self.batches_written,
             "bytes_written": self.bytes_written,
-            "worker_time": {"busy_s": round(busy, 4), "waiting_s": round(waiting, 4), "barrier_s": round(barrier, 4),
+            "worker_time": {"busy_s": round(busy, 4), "busy_cpu_s": round(busy_cpu, 4),
+                            "busy_on_cpu_pct": round(100 * busy_cpu / busy, 1) if busy > 0 else 0.0,
+                            "waiting_s": round(waiting, 4), "barrier_s": round(barrier, 4),
                             "busy_frac": round(busy / (wall * len(self.workers)), 4) if wall > 0 and self.workers
                             else 0.0},
             "per_worker": [w.to_dict(wall) for w in self.workers],
@@ -311,7 +319,8 @@ def summary_lines(p: dict) -> list[str]:
     cpu_per_slice = f", {1000 * p['cpu']['cpu_s'] / p['slices']:.2f} CPU ms per slice" if p["slices"] else ""
     lines = [f"{p['slices']} slices in {p['wall_s']:.2f} s = {p['slices_per_s']:.1f} slices/s with "
              f"{p['workers']} {p['backend']} worker(s)",
-             f"workers: busy {frac(wt['busy_s'])}, waiting for input {frac(wt['waiting_s'])}, "
+             f"workers: busy {frac(wt['busy_s'])} ({wt.get('busy_on_cpu_pct', 0):.0f}% of it on a core, the rest "
+             f"waiting for the GIL or a core), waiting for input {frac(wt['waiting_s'])}, "
              f"barrier {frac(wt['barrier_s'])}; CPU {p['cpu']['utilisation_pct']:.0f}% "
              f"({p['cpu']['cores']} cores){cpu_per_slice}; peak RSS {p['memory']['peak_rss_mb']:.0f} MB"]
     ps = p["per_slice_ms"]

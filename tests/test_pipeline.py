@@ -184,15 +184,18 @@ def test_profile_runinfo_and_summary(folder, tmp_path, capsys):
     prof = json.loads(out.with_name("s.h5.profile.json").read_text())
     assert prof["slices"] == 19 and prof["workers"] == 2 and prof["slices_per_s"] > 0
     assert len(prof["per_worker"]) == 2 and sum(w["slices"] for w in prof["per_worker"]) == 19
-    for key in ("busy_s", "waiting_s", "barrier_s"):
+    for key in ("busy_s", "busy_cpu_s", "waiting_s", "barrier_s"):
         assert key in prof["per_worker"][0]
+    for w in prof["per_worker"]:                             # CPU time while busy never exceeds busy time
+        assert 0 <= w["busy_cpu_s"] <= w["busy_s"] * 1.05 + 0.01
+    assert 0 < prof["worker_time"]["busy_cpu_s"] and 0 < prof["worker_time"]["busy_on_cpu_pct"] <= 105
     assert set(prof["per_slice_ms"]) >= {"load", "prepare", "mask", "superpixels", "encode", "write", "index"}
     assert prof["memory"]["peak_rss_mb"] > 10 and "utilisation_pct" in prof["cpu"]
     assert isinstance(prof["timeline"], list) and prof["timeline"]
     assert (tmp_path / "s.h5.config.yaml").is_file() and (tmp_path / "s.h5.info.json").is_file()
     captured = capsys.readouterr()
     assert "complete: 19 slices from 3 volumes" in captured.out
-    assert "slices/s" in captured.out and "profile:" in captured.out
+    assert "slices/s" in captured.out and "profile:" in captured.out and "of it on a core" in captured.out
     # plain log lines (no tty): committed counts and a rate
     assert "slices committed" in captured.err
 
