@@ -56,8 +56,9 @@ from engine.config import to_dict
 from engine.prepare import body_mask, prepare_volume
 from engine.profile import Profiler, summary_lines
 from engine.runinfo import git_revision, write_run_info
+from engine.shm import Ring, VolumeArena, VolumeBuffers, map_volume, receive_fd, send_volume
 from engine.sources import open_source
-from engine.store import (DATASETS, DTYPES, MAX_SUPERPIXEL_ID, SCHEMA_VERSION, Codec, SettingsMismatch,
+from engine.store import (DATASETS, MAX_SUPERPIXEL_ID, SCHEMA_VERSION, Codec, SettingsMismatch,
                           SliceResult, StoreError, StoreLocked, StoreWriter, settings_hash,
                           volume_row)
 from engine.superpixels import pseudolabels
@@ -435,139 +436,11 @@ class _WorkQueue:
 
 
 # --------------------------------------------------------------------------------------------- processes
-def _out_capacity(shape: tuple[int, int]) -> int:
-    n = 0
-    for name in DATASETS:
-        nbytes = int(np.prod(shape)) * DTYPES[name].itemsize
-        n += nbytes + nbytes // 1000 + 64         # above zlib's worst-case expansion (compressBound)
-    return n
-
-
-class _Ring:
-    """The shared-memory ring: one output byte area (a slice's encoded chunks) per slot. Inputs need no slot:
-    workers read them where the volume lives (its arena slot or memfd)."""
-
-    def __init__(self, buf, slots: int, shape: tuple[int, int]):
-        self.slots = slots
-        self.cap = _out_capacity(shape)
-        self.out = np.ndarray((slots, self.cap), np.uint8, buffer=buf)
-
-    @staticmethod
-    def nbytes(slots: int, shape: tuple[int, int]) -> int:
-        return slots * _out_capacity(shape)
-
-
-class _VolumeArena:
-    """Slots for prepared volumes in anonymous shared memory, mapped before the workers are forked.
-
-    A worker that loads a volume prepares it into the slot the parent gave it, and the workers computing its
-    slices read it there; the parent frees the slot once all of them are computed. Fresh shared pages cost
-    ~0.5 ms of page faults per CHAOS slice (a new memfd per volume measured 18 ms per volume), reused ones
-    nothing. A volume larger than a slot goes through its own memfd (``_VolumeBuffers``).
-    """
-
-    def __init__(self, slots: int, capacity: int, shape: tuple[int, int]):
-        import mmap
-
-        self.slots, self.capacity, self.shape = slots, capacity, shape
-        self.slot_bytes = capacity * shape[0] * shape[1] * 9
-        self.mm = mmap.mmap(-1, max(slots * self.slot_bytes, 1), flags=mmap.MAP_SHARED)
-
-    def views(self, slot: int, n_slices: int, has_label: bool) -> tuple:
-        """(raw, image, label or None) arrays (n_slices, H, W) in ``slot``."""
-        return _volume_views(self.mm, slot * self.slot_bytes, n_slices, self.shape, has_label)
-
-
-def _volume_views(buf, offset: int, n_slices: int, shape: tuple[int, int], has_label: bool) -> tuple:
-    n = n_slices * shape[0] * shape[1]
-    views = (np.frombuffer(buf, np.float32, n, offset), np.frombuffer(buf, np.float32, n, offset + 4 * n),
-             np.frombuffer(buf, np.uint8, n, offset + 8 * n) if has_label else None)
-    return tuple(None if v is None else v.reshape((n_slices,) + tuple(shape)) for v in views)
-
-
-class _VolumeBuffers:
-    """``prepare_volume`` buffers for a worker process that loads a volume: its arena slot, or a fresh memfd
-    when there is none or the volume does not fit. A memfd has no name, so nothing can leak when a process is
-    killed: its memory goes with the last descriptor or mapping."""
-
-    def __init__(self, shape: tuple[int, int], arena: _VolumeArena, slot: int):
-        self.shape, self.arena, self.slot = shape, arena, slot
-        self.fd = -1
-        self.raw = None
-        self.home: tuple = ()
-
-    def __call__(self, n_slices: int, has_label: bool) -> tuple:
-        import mmap
-
-        self.close()
-        if self.slot >= 0 and n_slices <= self.arena.capacity:
-            out = self.arena.views(self.slot, n_slices, has_label)
-            self.home = ("arena", self.slot)
-        else:
-            nbytes = max(n_slices * self.shape[0] * self.shape[1] * (9 if has_label else 8), 1)
-            self.fd = os.memfd_create("engine-volume", os.MFD_CLOEXEC)
-            os.ftruncate(self.fd, nbytes)
-            out = _volume_views(mmap.mmap(self.fd, nbytes), 0, n_slices, self.shape, has_label)
-            self.home = ("memfd",)
-        self.raw = out[0]
-        return out
-
-    def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
-
-def _send_volume(vol: "_Loaded", bufs: _VolumeBuffers, sock) -> tuple:
-    """Hand a volume prepared into ``bufs`` to the parent (a memfd goes over ``sock``); returns the picklable
-    rest of the volume and where it lives."""
-    import socket
-
-    if bufs.raw is None or not np.may_share_memory(vol.raw, bufs.raw):   # a copy was made somewhere: a bug
-        raise OSError("the volume was not prepared into its shared memory")
-    if bufs.home[0] == "memfd":
-        socket.send_fds(sock, [b"v"], [bufs.fd])
-    return (vol.ref, vol.id, vol.path, tuple(vol.raw.shape), vol.label is not None, vol.row, vol.skip, vol.notes,
-            vol.organs, bufs.home)
-
-
-def _receive_volume(meta: tuple, key: int, sock) -> "_Loaded":
-    """The parent's side of ``_send_volume``: note the arena slot, or keep the memfd, which goes on to the
-    workers that compute the volume's slices (``_map_volume``); the parent itself never touches the pixels."""
-    import socket
-
-    ref, vid, path, shape, has_label, row, skip, notes, organs, home = meta
-    if home[0] == "arena":
-        return _Loaded(ref, vid, path, None, None, None, row, skip, notes, organs, key=key, arena=home[1])
-    _, fds, _, _ = socket.recv_fds(sock, 1, 1)
-    if len(fds) != 1:
-        for fd in fds:
-            os.close(fd)
-        raise OSError("a worker announced a volume but passed no descriptor")
-    return _Loaded(ref, vid, path, None, None, None, row, skip, notes, organs, key=key, fd=fds[0])
-
-
-def _map_volume(sock, shape: tuple, has_label: bool) -> tuple:
-    """A worker's view of a volume whose memfd the parent passes over ``sock``: (raw, image, label or None)."""
-    import mmap
-    import socket
-
-    _, fds, _, _ = socket.recv_fds(sock, 1, 1)
-    if len(fds) != 1:
-        raise OSError("the parent announced a volume but passed no descriptor")
-    try:
-        # writable like the arena's views (never written): read-only arrays would be another numba signature
-        mm = mmap.mmap(fds[0], max(int(np.prod(shape)) * (9 if has_label else 8), 1))
-    finally:
-        os.close(fds[0])
-    return _volume_views(mm, 0, shape[0], shape[1:], has_label)
-
-
 def _process_worker(w: int, task_conn, result_conn, all_conns, lock_fd, shm, slots, shape, threshold, sp_cfg,
                     codec, zero_label, load, sock, all_socks, arena) -> None:
     """Body of a worker process (forked). Messages: a slice (ring slot, sequence number, volume key, z) in,
     its encoded chunks into the ring slot, their lengths out; a volume to load (prepared into its arena slot
-    or a memfd, ``_send_volume``); where a volume lives (``"volume"``), before the first slice of it."""
+    or a memfd, ``send_volume``); where a volume lives (``"volume"``), before the first slice of it."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)     # Ctrl-C is handled by the parent, which stops us
     if lock_fd is not None:
         try:
@@ -580,7 +453,7 @@ def _process_worker(w: int, task_conn, result_conn, all_conns, lock_fd, shm, slo
     for c in all_socks:
         if c is not sock:
             c.close()
-    ring = _Ring(shm.buf, slots, shape)
+    ring = Ring(shm.buf, slots, shape)
     volumes: dict[int, tuple] = {}                   # key -> (raw, image, label) in the arena or a memfd
     parent = os.getppid()
     while True:
@@ -594,7 +467,7 @@ def _process_worker(w: int, task_conn, result_conn, all_conns, lock_fd, shm, slo
         if msg is None:
             break
         if msg[0] == "load":
-            if not _load_in_worker(msg[1], msg[2], load, _VolumeBuffers(shape, arena, msg[3]), sock, result_conn):
+            if not _load_in_worker(msg[1], msg[2], load, VolumeBuffers(shape, arena, msg[3]), sock, result_conn):
                 break
             continue
         if msg[0] == "volume":
@@ -605,7 +478,7 @@ def _process_worker(w: int, task_conn, result_conn, all_conns, lock_fd, shm, slo
                 del volumes[old]
             try:
                 volumes[key] = (arena.views(slot, vshape[0], has_label) if slot >= 0 else
-                                _map_volume(sock, vshape, has_label))
+                                map_volume(sock, vshape, has_label))
             except OSError as exc:
                 result_conn.send(("error", -1, -1, f"cannot map volume {key}: {exc}"))
                 break
@@ -634,7 +507,7 @@ def _process_worker(w: int, task_conn, result_conn, all_conns, lock_fd, shm, slo
         pass
 
 
-def _load_in_worker(i: int, item: tuple, load, bufs: _VolumeBuffers, sock, result_conn) -> bool:
+def _load_in_worker(i: int, item: tuple, load, bufs: VolumeBuffers, sock, result_conn) -> bool:
     """Load job ``i`` in a worker process; False when the worker must stop (a bug: reported to the parent)."""
     c0 = time.thread_time()
     try:
@@ -646,7 +519,7 @@ def _load_in_worker(i: int, item: tuple, load, bufs: _VolumeBuffers, sock, resul
         if isinstance(result, _Failure):
             result_conn.send(("loadfail", i, result.ref, result.path, result.reason))
         else:
-            result_conn.send(("loaded", i, _send_volume(result, bufs, sock), t_read, t_prep, time.thread_time() - c0))
+            result_conn.send(("loaded", i, send_volume(result, bufs, sock), t_read, t_prep, time.thread_time() - c0))
         return True
     except Exception as exc:
         result_conn.send(("error", -1, -1, f"{type(exc).__name__} while loading {item[0]}: {exc}"))
@@ -983,8 +856,8 @@ class _Run:
         n = self.n_workers
         slots = max(2 * PREFETCH_PER_WORKER * n + 4, 8)
         slots = min(slots, max(self.cfg.engine.queue_slices, PREFETCH_PER_WORKER * n + 1))
-        self.shm = shared_memory.SharedMemory(create=True, size=_Ring.nbytes(slots, self.shape))
-        self.ring = _Ring(self.shm.buf, slots, self.shape)
+        self.shm = shared_memory.SharedMemory(create=True, size=Ring.nbytes(slots, self.shape))
+        self.ring = Ring(self.shm.buf, slots, self.shape)
         self.free_slots: queue.Queue = queue.Queue()
         for s in range(slots):
             self.free_slots.put(s)
@@ -994,7 +867,7 @@ class _Run:
         socks = [socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(n)]   # volumes' memfds
         all_socks = [c for pair in socks for c in pair]
         self.procs, self.task_conns, self.result_conns, self.socks = [], [], [], []
-        self.arena = _VolumeArena(n_readers(self.cfg, n) + ARENA_EXTRA_SLOTS, ARENA_SLOT_SLICES, self.shape)
+        self.arena = VolumeArena(n_readers(self.cfg, n) + ARENA_EXTRA_SLOTS, ARENA_SLOT_SLICES, self.shape)
         self.free_arena = list(range(self.arena.slots))[::-1]
         self.volume_homes: dict[int, dict] = {}     # key -> memfd / arena slot, slices still to send / compute
         self.volume_of_worker = [-1] * n             # the volume each worker was told about last
@@ -1168,7 +1041,7 @@ class _Run:
             return
         if kind == "loaded":
             try:
-                result = _receive_volume(msg[2], i, self.socks[w])
+                result = self._received_volume(msg[2], i, w)
             except OSError as exc:
                 self.fail(f"cannot receive volume {mark.ref} from worker process {w}: {exc}")
                 return
@@ -1182,6 +1055,14 @@ class _Run:
             with self._lock:                         # not used: a failure, or a volume too large for a slot
                 self.free_arena.append(mark.slot)
         self.loads.finish(i, result)
+
+    def _received_volume(self, meta: tuple, key: int, w: int) -> _Loaded:
+        """A volume worker ``w`` loaded (``send_volume``): its arena slot, or the memfd it passed."""
+        ref, vid, path, shape, has_label, row, skip, notes, organs, home = meta
+        if home[0] == "arena":
+            return _Loaded(ref, vid, path, None, None, None, row, skip, notes, organs, key=key, arena=home[1])
+        fd = receive_fd(self.socks[w])
+        return _Loaded(ref, vid, path, None, None, None, row, skip, notes, organs, key=key, fd=fd)
 
     def _slice_result(self, w: int, task: _Task, msg: tuple) -> None:
         _, slot, seq, lens, nsp, stages, cpu = msg
