@@ -58,6 +58,8 @@ class VolumeArena:
 
 
 def volume_views(buf, offset: int, n_slices: int, shape: tuple[int, int], has_label: bool) -> tuple:
+    """(raw float32, image float32, label uint8 or None) arrays (n_slices, H, W), one after the other in ``buf``
+    from ``offset``: the layout of a volume in an arena slot and in a memfd."""
     n = n_slices * shape[0] * shape[1]
     views = (np.frombuffer(buf, np.float32, n, offset), np.frombuffer(buf, np.float32, n, offset + 4 * n),
              np.frombuffer(buf, np.uint8, n, offset + 8 * n) if has_label else None)
