@@ -16,21 +16,21 @@ worker little to gain on 2 cores (1.10x). Loads fill the gaps where a worker wou
 
 At most one batch is uncommitted at any time: the producer opens batch k+1 once batch k's shard is renamed
 (its commit point), so a ``kill -9`` loses at most one batch of computed slices (design.md, Store,
-requirement 2). Because the writer streams slices into the shard while the batch is computed, closing a
-batch costs only its tables, an fsync and the rename (~10 ms here). The index rebuild that shows the shard
-to readers runs after that, overlapped with batch k+1. Memory is bounded by the batch size, the queue bound
-and the load look-ahead, never by the dataset.
+requirement 2). Because the writer streams slices into the shard while the batch is computed (and sends them
+to the disk every 4 MB), closing a batch costs only its tables, a short fsync and the rename (3-5 ms here).
+The index rebuild that shows the shard to readers runs after that, overlapped with batch k+1. Memory is
+bounded by the batch size, the queue bound and the load look-ahead, never by the dataset.
 
 Backends
 --------
 ``threads`` (default): workers are threads; the numba kernels, inflating and zlib release the GIL.
-``processes``: workers are forked processes. A worker that loads a volume puts it into a memfd (no name,
-so nothing leaks when a process is killed) and passes the descriptor to the parent over a Unix socket.
-Slices travel through a ``multiprocessing.shared_memory`` ring of slots (inputs: raw, image, label;
-outputs: encoded chunks); only slot numbers and a few integers travel through one pair of pipes per
-worker. The parent waits on the result pipes *and* the process sentinels, so a worker that dies (killed,
-segfault, out of memory) is noticed at once; the run then stops, naming the slice or volume the worker
-held, and commits nothing of the unfinished batch.
+``processes``: workers are forked processes. A worker that loads a volume prepares it into a slot of a
+shared arena, or into a memfd when it does not fit (``engine.shm``); the workers computing its slices read it
+there and put the encoded chunks into a ``multiprocessing.shared_memory`` ring of output slots. The parent
+copies no pixels; only slot numbers and a few integers travel through one pair of pipes per worker. The
+parent waits on the result pipes *and* the process sentinels, so a worker that dies (killed, segfault, out
+of memory) is noticed at once; the run then stops, naming the slice or volume the worker held, and commits
+nothing of the unfinished batch.
 """
 from __future__ import annotations
 
@@ -70,7 +70,7 @@ INFLIGHT_BATCHES = 1          # batch k+1 opens when batch k is committed: at mo
 # most 1/PUBLISH_COST_SHARE of the time (and always at the end); shards stay the commit point.
 PUBLISH_INTERVAL_S = 0.5
 PUBLISH_COST_SHARE = 10
-# A worker thread leaving a numba kernel needs the GIL back; while a reader or the writer runs Python code or a
+# A worker thread leaving a numba kernel needs the GIL back; while another thread runs Python code or a
 # GIL-holding h5py call, CPython hands the GIL over only after the switch interval (default 5 ms, five times a
 # SLIC kernel call). The engine lowers it for the duration of a run.
 SWITCH_INTERVAL_S = 0.0005
@@ -962,7 +962,8 @@ class _Run:
                         return
                     task = outstanding[w].popleft()
                     if msg[0] == "error":
-                        what = (f"loading volume {task.ref} of {self.cfg.data.input}" if isinstance(task, _LoadMark) else
+                        what = (f"loading volume {task.ref} of {self.cfg.data.input}"
+                                if isinstance(task, _LoadMark) else
                                 f"volume {task.vol.id} slice z={task.z} ({task.vol.path})")
                         self.fail(f"{what} failed in worker process {w}: {msg[3]}")
                         return
@@ -1004,8 +1005,6 @@ class _Run:
     def _send_slice(self, w: int, task: _Task, outstanding) -> bool:
         """Send a slice to worker ``w``, preceded by where its volume lives when that worker does not know yet
         (the arena slot, or the memfd itself over the worker's socket)."""
-        import socket
-
         vol = task.vol
         if self.volume_of_worker[w] != vol.key:
             if vol.fd >= 0:
@@ -1136,7 +1135,7 @@ class _Run:
     def _writer(self) -> None:
         """Writes each batch's slices as they complete in sequence order; commits the shard at the batch's end."""
         prof = self.prof
-        builder, nbytes, t_batch = None, 0, 0.0
+        builder, t_batch = None, 0.0
         try:
             while not self.stop.is_set():
                 got = self.batches.writable(timeout=0.1)
@@ -1151,8 +1150,8 @@ class _Run:
                         builder = self.writer.begin_shard(st.index, st.first_slice, self.batch_size)
                     for r in results:
                         builder.add(r)
-                        nbytes += sum(len(memoryview(r.chunks[name]).cast("B")) for name in DATASETS)
                     if done:
+                        nbytes = builder.nbytes
                         self.writer.end_shard(builder, st.volumes, st.failures)
                         builder = None
                 except (OSError, StoreError) as exc:
@@ -1173,7 +1172,7 @@ class _Run:
                               f"batches are kept, rerun the same command to resume")
                     return
                 prof.add_write(t_batch, time.perf_counter() - t1, nbytes)
-                nbytes, t_batch = 0, 0.0
+                t_batch = 0.0
         finally:
             if builder is not None:
                 builder.discard()                # an unfinished batch: never committed

@@ -58,7 +58,7 @@ class WorkerStats:
     def __init__(self) -> None:
         self.slices = 0
         self.busy = 0.0
-        self.busy_cpu = 0.0      # CPU time of the worker while busy; the rest of ``busy`` it waited for the GIL or a core
+        self.busy_cpu = 0.0      # CPU time while busy; for the rest of ``busy`` it waited for the GIL or a core
         self.waiting = 0.0
         self.barrier = 0.0
         self.stages = {k: 0.0 for k in STAGES_WORK}

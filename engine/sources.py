@@ -107,15 +107,15 @@ def _nifti_view(raw: bytes) -> _NiftiView | None:
     hdr = nib.Nifti1Header(raw[:348], check=False)
     if hdr["magic"].item() != b"n+1" or hdr["sizeof_hdr"].item() != 348 or not 1 <= hdr["dim"][0] <= 7:
         return None
-    if hdr.get_data_offset() < 352:
+    offset = int(hdr.get_data_offset())
+    if offset < 352:
         return None
     slope, inter = hdr.get_slope_inter()
     if slope not in (None, 1.0) or inter not in (None, 0.0):
         return None
     shape = hdr.get_data_shape()
     try:
-        arr = np.ndarray(shape, dtype=hdr.get_data_dtype(), buffer=raw, offset=int(hdr.get_data_offset()),
-                         order="F")
+        arr = np.ndarray(shape, dtype=hdr.get_data_dtype(), buffer=raw, offset=offset, order="F")
     except (TypeError, ValueError):                           # truncated: the general path words the error
         return None
     return _NiftiView(hdr, arr)

@@ -355,6 +355,7 @@ class ShardBuilder:
         self.created = _now()
         self.rows: list[SliceResult] = []            # the slices' table rows (chunks dropped once written)
         self.write_s = 0.0
+        self.nbytes = 0                              # bytes of the chunks written
         self.capacity = max(capacity, 0)
         t0 = time.perf_counter()
         self.file = h5py.File(self.tmp, "w")
@@ -381,7 +382,9 @@ class ShardBuilder:
                 dset.resize(self.capacity, axis=0)
         for name in DATASETS:
             self.dsets[name].id.write_direct_chunk((i, 0, 0), s.chunks[name])
-            self.unsynced += len(memoryview(s.chunks[name]).cast("B"))
+            n = len(memoryview(s.chunks[name]).cast("B"))
+            self.unsynced += n
+            self.nbytes += n
         self.rows.append(dataclasses.replace(s, chunks=None))
         if self.unsynced >= EARLY_SYNC_BYTES:
             # Send the chunks to the disk while the batch is still being computed: the fsync of the commit,
@@ -442,26 +445,6 @@ class ShardBuilder:
         if self.sync_fd >= 0:
             os.close(self.sync_fd)
             self.sync_fd = -1
-
-
-def write_shard(parts: Path, batch: Batch, codec: Codec, shape: tuple[int, int], settings: dict,
-                code_version: str) -> ShardInfo:
-    """Write ``batch`` as ``parts/NNNNNN.h5`` in one go (``ShardBuilder``: temporary name, fsync, rename).
-
-    Returns
-    -------
-    ShardInfo
-        The committed shard's table rows and metadata.
-    """
-    builder = ShardBuilder(parts, batch.index, batch.first_slice, len(batch.slices), codec, shape, settings,
-                           code_version)
-    try:
-        for s in batch.slices:
-            builder.add(s)
-    except BaseException:
-        builder.discard()
-        raise
-    return builder.commit(batch.volumes, batch.failures)
 
 
 def read_shard_info(path: Path) -> ShardInfo:
@@ -653,7 +636,6 @@ class StoreWriter:
         self.resumed = False
         self.dropped: list[str] = []       # unreadable shards removed on open (recomputed)
         self.was_complete = False
-        self.last_write_s = 0.0            # time of the last shard write (the rest of a commit is the index)
 
     # ------------------------------------------------------------------ open
     @classmethod
@@ -798,7 +780,6 @@ class StoreWriter:
         self._check_next(builder.index, builder.first_slice)
         self._check_ids(builder.rows)
         info = builder.commit(volumes, failures)
-        self.last_write_s = builder.write_s
         self.shards.append(info)
         return info
 
@@ -815,15 +796,18 @@ class StoreWriter:
                                  f"more than the store's uint16 ids allow ({MAX_SUPERPIXEL_ID})")
 
     def commit_shard(self, batch: Batch) -> ShardInfo:
-        """Write one batch as the next shard. Its rename is the commit point: from then on a rerun keeps it, also
-        before :meth:`publish` has shown it to readers (the index is rebuilt from the shards on open)."""
-        self._check_next(batch.index, batch.first_slice)
+        """Write one batch as the next shard in one go (:meth:`begin_shard`, every slice, :meth:`end_shard`). Its
+        rename is the commit point: from then on a rerun keeps it, also before :meth:`publish` has shown it to
+        readers (the index is rebuilt from the shards on open)."""
         self._check_ids(batch.slices)
-        t0 = time.perf_counter()
-        info = write_shard(self.parts, batch, self.codec, self.shape, self.settings, self.code_version)
-        self.last_write_s = time.perf_counter() - t0
-        self.shards.append(info)
-        return info
+        builder = self.begin_shard(batch.index, batch.first_slice, len(batch.slices))
+        try:
+            for s in batch.slices:
+                builder.add(s)
+            return self.end_shard(builder, batch.volumes, batch.failures)
+        except BaseException:
+            builder.discard()
+            raise
 
     def publish(self) -> None:
         """Rebuild the index over every committed shard, so that new readers see them (atomic replace)."""
