@@ -23,7 +23,7 @@ from typing import Callable
 
 import psutil
 
-STAGES_READ = ("load", "prepare")                 # per volume, in the reader threads
+STAGES_READ = ("load", "prepare")                 # per volume, in the load jobs of the workers
 STAGES_WORK = ("mask", "superpixels", "encode")   # per slice, in the workers
 STAGES_WRITE = ("write", "index")                 # per batch, in the writer thread
 

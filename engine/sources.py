@@ -11,7 +11,7 @@ Accepted specs (``open_source``):
 
 ``Source.refs()`` is a cheap listing; ``Source.load(ref)`` reads one volume and raises ``VolumeError``
 (one line naming the file and the problem) for a bad input. ``load`` keeps no shared state, so several
-reader threads may call it at once (nibabel's zlib and file reads release the GIL).
+engine workers may call it at once (inflating and file reads release the GIL).
 """
 from __future__ import annotations
 
