@@ -1,4 +1,4 @@
-"""Numba kernels of volume preparation (method.md 1.5): range, centre crop/pad, z-score.
+"""Numba kernels of volume preparation (method.md 1.5): range, centre crop/pad, z-score, label ids.
 
 ``engine.prepare.prepare_volume`` used six numpy passes and two temporary volumes per scan (finite mask,
 min, max, crop/transpose copy, float64 mean, float64 std). These kernels do the same in four passes without
@@ -77,3 +77,42 @@ def zscore(flat, mean, std, out):
         for y in range(flat.shape[1]):
             for x in range(flat.shape[2]):
                 out[z, y, x] = (flat[z, y, x] - mean) / std
+
+
+@njit(nogil=True, cache=True)
+def labels_to_u8(src, out):
+    """Copy label ids ``src`` (H, W, Z, any real dtype and layout) into ``out`` (uint8, same shape); False, with
+    ``out`` partly written, at the first value that is not an integer in 0..255 (NaN included).
+
+    One pass in the source's memory order (NIfTI: column-major), against three numpy passes (cast, cast back,
+    compare) for CHAOS's float64 labels.
+    """
+    h, w, d = src.shape
+    for z in range(d):
+        for x in range(w):
+            for y in range(h):
+                v = src[y, x, z]
+                if not (v >= 0 and v <= 255):
+                    return False
+                u = np.uint8(v)
+                if u != v:
+                    return False
+                out[y, x, z] = u
+    return True
+
+
+@njit(nogil=True, cache=True)
+def place_labels(lab, out, oy, ox):
+    """Centre crop/pad uint8 ``lab`` (H, W, Z) into ``out`` (Z, S, S), padding with 0; ``oy``, ``ox`` as in
+    :func:`place`. Reads each source column contiguously when ``lab`` is column-major (NIfTI)."""
+    d, s, _ = out.shape
+    h, w = lab.shape[0], lab.shape[1]
+    for z in range(d):
+        for x in range(s):
+            sx = x + ox
+            for y in range(s):
+                sy = y + oy
+                v = np.uint8(0)
+                if 0 <= sy < h and 0 <= sx < w:
+                    v = lab[sy, sx, z]
+                out[z, y, x] = v

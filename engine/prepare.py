@@ -12,7 +12,7 @@ import dataclasses
 import numpy as np
 
 from engine._mask_kernels import body_mask_kernel
-from engine._prepare_kernels import finite_range, place, sum_sq_dev, zscore
+from engine._prepare_kernels import finite_range, place, place_labels, sum_sq_dev, zscore
 from engine.volume import Volume, VolumeError
 
 
@@ -20,8 +20,9 @@ from engine.volume import Volume, VolumeError
 class PreparedVolume:
     """A volume ready for slicing.
 
-    The three arrays are (H, W, Z) views of (Z, H, W) buffers (``slice_major``), so ``raw[:, :, z]``,
-    ``image[:, :, z]`` and ``label[:, :, z]`` are C-contiguous slices.
+    The three arrays are (H, W, Z) views of (Z, H, W) buffers, so ``raw[:, :, z]``, ``image[:, :, z]`` and
+    ``label[:, :, z]`` are C-contiguous slices: the engine works slice by slice (body mask, superpixels,
+    store writes) and never copies a slice, whatever layout the source file had (NIfTI is column-major).
 
     Attributes
     ----------
@@ -96,28 +97,6 @@ def center_crop_pad(arr: np.ndarray, size: int, pad_value: float) -> np.ndarray:
     return out
 
 
-def slice_major(shape: tuple[int, int, int], dtype) -> np.ndarray:
-    """An uninitialised (H, W, Z) array stored as (Z, H, W): every ``a[:, :, z]`` is C-contiguous.
-
-    The engine works slice by slice (body mask, superpixels, store writes); with this layout a slice is
-    one contiguous block that needs no copy, whatever layout the source file had (NIfTI is column-major).
-    """
-    h, w, z = shape
-    return np.empty((z, h, w), dtype=dtype).transpose(1, 2, 0)
-
-
-def _place(src: np.ndarray, size: int, pad_value, dtype, out: np.ndarray | None = None) -> np.ndarray:
-    """Centre crop/pad ``src`` (H, W, Z) into a slice-major (size, size, Z) array of ``dtype``: a new one, or
-    the (size, size, Z) view of ``out``, a (Z, size, size) buffer."""
-    h, w, z = src.shape
-    out = slice_major((size, size, z), dtype) if out is None else out.transpose(1, 2, 0)
-    if (h, w) != (size, size):
-        out[...] = pad_value
-    s, d = _crop_windows(h, w, size)
-    np.copyto(out[d], src[s], casting="unsafe")
-    return out
-
-
 # --------------------------------------------------------------------------------------------- prepare
 def prepare_volume(vol: Volume, cfg, buffers=None) -> PreparedVolume:
     """Repair, crop/pad and z-score one volume (method.md 1.5).
@@ -138,8 +117,8 @@ def prepare_volume(vol: Volume, cfg, buffers=None) -> PreparedVolume:
     Returns
     -------
     PreparedVolume
-        ``image``, ``raw`` and ``label`` are (size, size, Z) arrays stored slice-major (see
-        ``slice_major``): ``raw[:, :, z]`` is a C-contiguous (size, size) slice.
+        ``image``, ``raw`` and ``label`` are (size, size, Z) views of (Z, size, size) buffers:
+        ``raw[:, :, z]`` is a C-contiguous (size, size) slice.
 
     Raises
     ------
@@ -182,7 +161,10 @@ def prepare_volume(vol: Volume, cfg, buffers=None) -> PreparedVolume:
         notes.append(f"in-plane size {h}x{w} centre-cropped/padded to {size}x{size}")
     label = None
     if vol.label is not None:
-        label = _place(np.asarray(vol.label), size, 0, np.uint8, out=label_out)
+        if label_out is None:
+            label_out = np.empty((n_z, size, size), np.uint8)
+        place_labels(np.asarray(vol.label, dtype=np.uint8), label_out, crop_offset(h, size), crop_offset(w, size))
+        label = label_out.transpose(1, 2, 0)
     mean, std = _robust_stats(flat, cfg, notes) if getattr(cfg, "zscore", "volume") == "robust" else (None, None)
     if mean is None:
         # Statistics in float64: a float32 accumulator loses ~1e-4 relative accuracy on 3M voxels.

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import importlib
 import json
 import re
 import sys
@@ -25,6 +26,7 @@ from typing import Iterator
 
 import numpy as np
 
+from engine._prepare_kernels import labels_to_u8
 from engine.volume import Volume, VolumeError, one_line
 
 _NIFTI_RE = re.compile(r"^(image|label)_(.+?)\.nii(\.gz)?$")
@@ -62,6 +64,28 @@ def _gunzip(data: bytes) -> bytes:
         return gzip.decompress(data)
 
 
+def _libdeflate_gunzip(data: bytes) -> bytearray | None:
+    """Inflate with libdeflate (package ``deflate``) when installed: about twice as fast as ISA-L on CHAOS
+    (0.21 against 0.39-0.47 ms per slice here), straight into a buffer of the final size; releases the GIL.
+
+    libdeflate reads only the first gzip member and the size is taken from the file's last four bytes, so
+    a multi-member file can come back short: the caller keeps the result only when it holds the whole
+    NIfTI image. None when the package is missing or the bytes do not inflate to that size.
+    """
+    try:
+        import deflate
+    except ImportError:
+        return None
+    size = int.from_bytes(data[-4:], "little") if len(data) >= 18 else 0   # ISIZE, mod 2**32
+    if size == 0:
+        return None
+    try:
+        out = deflate.gzip_decompress(data, size)
+    except (ValueError, MemoryError, deflate.DeflateError):
+        return None
+    return out if len(out) == size else None
+
+
 def _from_bytes(path: Path):
     """Read a NIfTI-1 file in one pass: its bytes serve both the checksum and the (fast) decompression.
 
@@ -76,7 +100,14 @@ def _from_bytes(path: Path):
         return None
     digest = hashlib.sha256(data).hexdigest()
     try:
-        raw = _gunzip(data) if path.name.endswith(".gz") else data
+        if path.name.endswith(".gz"):
+            fast = _libdeflate_gunzip(data)
+            view = None if fast is None else _nifti_view(fast)
+            if view is not None:
+                return view, digest
+            raw = _gunzip(data)
+        else:
+            raw = data
         return _nifti_view(raw) or nib.Nifti1Image.from_bytes(raw), digest
     except Exception:
         return None
@@ -168,12 +199,12 @@ def _to_uint8_labels(arr: np.ndarray, path: Path) -> np.ndarray:
         if arr.size and (arr.min() < 0 or arr.max() > 255):
             raise VolumeError(path, f"label values must be 0..255, found {arr.min()}..{arr.max()}")
         return arr.astype(np.uint8, copy=False)
-    # Fast path (labels are read for every volume): values that survive a round trip through uint8 are
-    # integers in 0..255; NaN, fractions and out-of-range values do not, and get the detailed checks below.
-    with np.errstate(invalid="ignore"):
-        fast = arr.astype(np.uint8)
-    if np.array_equal(fast, arr):
-        return fast
+    # Fast path (labels are read for every volume): one nogil pass that stops at the first value that is not an
+    # integer in 0..255; the numpy checks below then word the error.
+    if arr.dtype in (np.float32, np.float64):
+        fast = np.empty(arr.shape, dtype=np.uint8, order="F" if arr.flags.f_contiguous else "C")
+        if labels_to_u8(arr, fast):
+            return fast
     if not np.all(np.isfinite(arr)):
         raise VolumeError(path, "label contains NaN/Inf values")
     rounded = np.rint(arr)
@@ -295,10 +326,13 @@ class NiftiFolderSource(Source):
 
 def _import_nifti_reader() -> None:
     import nibabel  # noqa: F401  (0.16 s here; inside a run, the first worker would hold the GIL for it)
-    try:
-        from isal import igzip  # noqa: F401
-    except ImportError:
-        pass
+    for name in ("deflate", "isal.igzip"):
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            pass
+    for dtype in (np.float32, np.float64):       # label files as NIfTI stores them (column-major)
+        labels_to_u8(np.zeros((2, 2, 2), dtype, order="F"), np.empty((2, 2, 2), np.uint8, order="F"))
 
 
 class NiftiFileSource(Source):

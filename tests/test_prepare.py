@@ -225,6 +225,31 @@ def test_prepare_crops_and_pads_to_size():
     assert any("centre-cropped/padded" in n for n in p.notes)
 
 
+@pytest.mark.parametrize("order", ["C", "F"])
+def test_label_placement_equals_center_crop_pad_for_every_crop_and_pad(order):
+    from engine._prepare_kernels import place_labels
+    rng = np.random.default_rng(3)
+    for h, w in [(8, 8), (5, 11), (12, 3), (1, 9)]:
+        lab = np.asarray(rng.integers(0, 5, (h, w, 3)), dtype=np.uint8, order=order)
+        out = np.full((3, 8, 8), 77, np.uint8)
+        place_labels(lab, out, crop_offset(h, 8), crop_offset(w, 8))
+        assert np.array_equal(out.transpose(1, 2, 0), center_crop_pad(lab, 8, 0)), (h, w)
+
+
+def test_label_id_kernel_accepts_integers_0_255_and_stops_at_anything_else():
+    from engine._prepare_kernels import labels_to_u8
+    good = np.array([0.0, 1.0, 4.0, 255.0, -0.0]).reshape(1, 5, 1)
+    for dtype in (np.float32, np.float64):
+        for order in ("C", "F"):
+            src = np.asarray(good, dtype=dtype, order=order)
+            out = np.empty(src.shape, np.uint8, order=order)
+            assert labels_to_u8(src, out) and out.ravel().tolist() == [0, 1, 4, 255, 0]
+            for bad in (np.nan, np.inf, -np.inf, 0.5, -1.0, 256.0, 1e10):
+                src_bad = src.copy(order=order)
+                src_bad[0, 2, 0] = bad
+                assert not labels_to_u8(src_bad, np.empty(src.shape, np.uint8, order=order)), (dtype, bad)
+
+
 @pytest.mark.parametrize("image, match", [
     (np.zeros((8, 8), np.float32), "3D"),
     (np.zeros((8, 8, 3, 2), np.float32), "3D"),

@@ -237,6 +237,37 @@ def test_iter_volumes_turns_an_unexpected_exception_into_one_error_and_goes_on()
     assert isinstance(second, Volume)
 
 
+def test_gzip_variants_read_like_nibabel(tmp_path):
+    # The fast inflater (libdeflate) reads one gzip member and sizes its output from the last four bytes; files
+    # with several members (concatenated gzip streams, whatever their sizes) or padding after the stream
+    # must still read whole, through the streaming inflater.
+    from engine.sources import _libdeflate_gunzip
+    arr = _image(shape=(16, 12, 6), seed=7)
+    single = _write(tmp_path / "single.nii.gz", arr, dtype=np.float64)
+    raw = gzip.decompress(single.read_bytes())
+    half = len(raw) // 2
+    variants = {
+        "members": gzip.compress(raw[:half]) + gzip.compress(raw[half:]),
+        # first and last members of the same length: the last four bytes then match the first member's length
+        "equal_members": gzip.compress(raw[:100]) + gzip.compress(raw[100:-100]) + gzip.compress(raw[-100:]),
+        "padded": single.read_bytes() + b"\0" * 512,
+    }
+    want = nib.load(str(single)).get_fdata()
+    for name, data in variants.items():
+        path = tmp_path / f"image_{name}.nii.gz"
+        path.write_bytes(data)
+        assert gzip.decompress(data).startswith(raw), name
+        vol = load_nifti(path, None, name)
+        assert np.array_equal(vol.image, want.astype(np.float32)), name
+        assert vol.checksum == _sha(path), name
+    fast = _libdeflate_gunzip(single.read_bytes())
+    if fast is not None:                      # the package is optional
+        assert bytes(fast) == raw
+        assert _libdeflate_gunzip(variants["padded"]) is None
+        assert bytes(_libdeflate_gunzip(variants["equal_members"])) == raw[:100]   # short: the reader's guard
+    assert _libdeflate_gunzip(b"not gzip data at all") is None
+
+
 def test_in_place_nifti_view_matches_nibabel_and_falls_back_when_it_must(tmp_path):
     # The engine views the voxels of a plain NIfTI-1 file in place; scaled data, header extensions and truncated
     # files go through nibabel's general path, with the same values or the same one-line errors.
