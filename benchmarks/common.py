@@ -376,6 +376,38 @@ def host_info() -> dict:
             if sys.argv and sys.argv[0].endswith(".py") else None}
 
 
+_TOUCH_SCRIPT = """
+import sys, time
+import numpy as np
+n = int(sys.argv[1]) << 20
+out = []
+for _ in range(2):
+    t = time.perf_counter()
+    a = np.ones(n, np.uint8)       # the kernel maps and zeroes every page on first write
+    out.append(time.perf_counter() - t)
+    del a                           # the second round gets the same pages back from the allocator's heap
+print(out[0], out[1])
+"""
+
+
+def memory_touch_check(mb: int = 512) -> dict:
+    """GB/s of writing memory a fresh process has never touched, against writing it again.
+
+    On a virtual machine whose balloon driver reports freed pages to its host, a page the guest maps afresh
+    costs a host-side fault: the first write then runs many times slower. The engine writes every stored byte
+    into fresh page-cache pages, so that rate bounds what its writer costs here. Pages freed less than ~2 s
+    earlier are not reported yet and come back fast, so back-to-back runs see anything in between.
+    """
+    import subprocess
+
+    time.sleep(3.0)           # guests report freed pages after ~2 s: measure what a run starting later finds
+    env = dict(os.environ, MALLOC_TRIM_THRESHOLD_=str(4 << 30), MALLOC_MMAP_THRESHOLD_=str(4 << 30))
+    out = subprocess.run([sys.executable, "-c", _TOUCH_SCRIPT, str(mb)], capture_output=True, text=True,
+                         env=env, timeout=120)
+    first, again = (float(v) for v in out.stdout.split())
+    return {"mb": mb, "first_touch_gb_s": round(mb / 1024 / first, 2), "again_gb_s": round(mb / 1024 / again, 2)}
+
+
 def busy_warning(info: dict) -> str | None:
     """A line saying the machine was busy (1-minute load above half its cores) at start or end, else None."""
     worst = max((v[0] for v in (info.get("load_average_start"), info.get("load_average_end")) if v), default=0.0)

@@ -409,6 +409,7 @@ def main(argv=None) -> int:
                     "value": round(v, 3), "target": ">= 10 (projected for an otherwise idle machine)", "met": v >= 10}
         if kernel.get(1) and kernel.get(workers_all) and workers_all > 1:
             result["machine_check_kernel_scaling"] = round(kernel[workers_all] / kernel[1], 3)
+        result["machine_check_memory"] = common.memory_touch_check()
         result["targets"] = targets
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -450,6 +451,12 @@ def render(r: dict) -> str:
     if "machine_check_kernel_scaling" in r:
         lines.append(f"machine check: the bare kernel ran {r['machine_check_kernel_scaling']}x faster on all cores than "
                      f"on one during this run (scaling targets are only meaningful when this is near the core count)")
+    if "machine_check_memory" in r:
+        m = r["machine_check_memory"]
+        lines.append(f"machine check: writing {m['mb']} MB that a fresh process never touched ran at "
+                     f"{m['first_touch_gb_s']} GB/s, writing it again at {m['again_gb_s']} GB/s (a large gap means "
+                     f"a VM handing freed pages back to its host; the engine's writer fills fresh page-cache pages "
+                     f"with every stored byte)")
     if "serial_felzenszwalb" in r:
         lines.append(f"serial SSL-ALPNet pipeline (read, Felzenszwalb, write): "
                      f"{r['serial_felzenszwalb']['slices_per_s']:.1f} slices/s, "

@@ -57,6 +57,34 @@ def place(img, out, oy, ox, pad):
 
 
 @njit(nogil=True, cache=True)
+def place_scan(img, out):
+    """:func:`finite_range` and :func:`place` in one pass, for a volume that needs no crop or pad (``img``
+    (S, S, Z), ``out`` (Z, S, S) float32): returns (True, min, max, float64 sum of ``out``), the sum added up
+    in :func:`place`'s order. Returns (False, ...) at the first voxel that is not finite once in float32; the
+    caller then takes the two-pass path, which repairs such voxels."""
+    d, s, _ = out.shape
+    lo = np.inf
+    hi = -np.inf
+    total = 0.0
+    for z in range(d):
+        acc = 0.0
+        for y in range(s):
+            for x in range(s):
+                v = img[y, x, z]
+                f = np.float32(v)
+                if not np.isfinite(f):
+                    return False, lo, hi, total
+                if v < lo:
+                    lo = v
+                if v > hi:
+                    hi = v
+                out[z, y, x] = f
+                acc += f
+        total += acc
+    return True, lo, hi, total
+
+
+@njit(nogil=True, cache=True)
 def sum_sq_dev(flat, mean):
     """Float64 sum of ``(flat - mean) ** 2`` over a float32 array."""
     total = 0.0
@@ -81,16 +109,16 @@ def zscore(flat, mean, std, out):
 
 @njit(nogil=True, cache=True)
 def labels_to_u8(src, out):
-    """Copy label ids ``src`` (H, W, Z, any real dtype and layout) into ``out`` (uint8, same shape); False, with
-    ``out`` partly written, at the first value that is not an integer in 0..255 (NaN included).
+    """Copy label ids ``src`` (H, W, Z, any real dtype and layout) into ``out`` (uint8, same shape, any layout);
+    False, with ``out`` partly written, at the first value that is not an integer in 0..255 (NaN included).
 
-    One pass in the source's memory order (NIfTI: column-major), against three numpy passes (cast, cast back,
-    compare) for CHAOS's float64 labels.
+    One pass against three numpy passes (cast, cast back, compare) for CHAOS's float64 labels. The engine
+    passes an ``out`` stored slice by slice, so that :func:`place_labels` then copies contiguous rows.
     """
     h, w, d = src.shape
     for z in range(d):
-        for x in range(w):
-            for y in range(h):
+        for y in range(h):
+            for x in range(w):
                 v = src[y, x, z]
                 if not (v >= 0 and v <= 255):
                     return False
@@ -104,14 +132,14 @@ def labels_to_u8(src, out):
 @njit(nogil=True, cache=True)
 def place_labels(lab, out, oy, ox):
     """Centre crop/pad uint8 ``lab`` (H, W, Z) into ``out`` (Z, S, S), padding with 0; ``oy``, ``ox`` as in
-    :func:`place`. Reads each source column contiguously when ``lab`` is column-major (NIfTI)."""
+    :func:`place`."""
     d, s, _ = out.shape
     h, w = lab.shape[0], lab.shape[1]
     for z in range(d):
-        for x in range(s):
-            sx = x + ox
-            for y in range(s):
-                sy = y + oy
+        for y in range(s):
+            sy = y + oy
+            for x in range(s):
+                sx = x + ox
                 v = np.uint8(0)
                 if 0 <= sy < h and 0 <= sx < w:
                     v = lab[sy, sx, z]

@@ -12,7 +12,7 @@ import dataclasses
 import numpy as np
 
 from engine._mask_kernels import body_mask_kernel
-from engine._prepare_kernels import finite_range, place, place_labels, sum_sq_dev, zscore
+from engine._prepare_kernels import finite_range, place, place_labels, place_scan, sum_sq_dev, zscore
 from engine.volume import Volume, VolumeError
 
 
@@ -138,22 +138,16 @@ def prepare_volume(vol: Volume, cfg, buffers=None) -> PreparedVolume:
                                     f"{tuple(img.shape)}")
     notes: list[str] = []
     src = img if img.dtype in (np.float32, np.float64) else img.astype(np.float32)
-    n_finite, lo, hi = finite_range(src)
-    n_bad = img.size - int(n_finite)
-    if n_finite == 0:
-        raise VolumeError(vol.path, "no finite voxel (all NaN/Inf)")
-    lo, hi = float(lo), float(hi)
-    if lo == hi:
-        raise VolumeError(vol.path, f"constant volume (every voxel = {lo:g}): cannot be z-scored")
     h, w, n_z = img.shape
+
+    def new_buffers():
+        if buffers is None:
+            return np.empty((n_z, size, size), np.float32), np.empty((n_z, size, size), np.float32), None
+        return buffers(n_z, vol.label is not None)
+
     # ``flat`` is the slice-major (Z, size, size) buffer; ``raw`` its (size, size, Z) view. A private copy: the
     # source is never modified. Padding and non-finite voxels get the finite minimum.
-    if buffers is None:
-        flat, image, label_out = (np.empty((n_z, size, size), np.float32), np.empty((n_z, size, size), np.float32),
-                                  None)
-    else:
-        flat, image, label_out = buffers(n_z, vol.label is not None)
-    total = place(src, flat, crop_offset(h, size), crop_offset(w, size), lo)
+    (flat, image, label_out), lo, n_bad, total = _place_volume(src, size, new_buffers, vol.path)
     raw = flat.transpose(1, 2, 0)
     if n_bad:
         notes.append(f"{n_bad} NaN/Inf voxel(s) replaced by the finite minimum {lo:g}")
@@ -175,6 +169,35 @@ def prepare_volume(vol: Volume, cfg, buffers=None) -> PreparedVolume:
     # float32 arithmetic, as the original ``(x - x.mean()) / x.std()`` on a float32 array
     zscore(flat, np.float32(mean), np.float32(std), image)
     return PreparedVolume(id=vol.id, image=image.transpose(1, 2, 0), raw=raw, label=label, volume=vol, notes=notes)
+
+
+def _place_volume(src: np.ndarray, size: int, new_buffers, path: str) -> tuple[tuple, float, int, float]:
+    """Range checks and centre crop/pad of ``src`` (H, W, Z) into the first of ``new_buffers()``.
+
+    Returns (buffers, finite minimum, number of repaired voxels, float64 sum of the placed voxels). A volume
+    already ``size`` x ``size`` is scanned and placed in one pass; one that needs a crop, a pad or repairs
+    takes two (range first: padding and repairs need the minimum).
+    """
+    h, w, _ = src.shape
+    bufs = None
+    if (h, w) == (size, size):
+        bufs = new_buffers()
+        ok, lo, hi, total = place_scan(src, bufs[0])
+        if ok:
+            _check_not_constant(float(lo), float(hi), path)
+            return bufs, float(lo), 0, total
+    n_finite, lo, hi = finite_range(src)
+    if n_finite == 0:
+        raise VolumeError(path, "no finite voxel (all NaN/Inf)")
+    _check_not_constant(float(lo), float(hi), path)
+    bufs = bufs or new_buffers()
+    total = place(src, bufs[0], crop_offset(h, size), crop_offset(w, size), float(lo))
+    return bufs, float(lo), src.size - int(n_finite), total
+
+
+def _check_not_constant(lo: float, hi: float, path: str) -> None:
+    if lo == hi:
+        raise VolumeError(path, f"constant volume (every voxel = {lo:g}): cannot be z-scored")
 
 
 # IQR / 1.349 is the standard deviation of a normal distribution: robust z-scores keep the usual scale.

@@ -202,7 +202,8 @@ def _to_uint8_labels(arr: np.ndarray, path: Path) -> np.ndarray:
     # Fast path (labels are read for every volume): one nogil pass that stops at the first value that is not an
     # integer in 0..255; the numpy checks below then word the error.
     if arr.dtype in (np.float32, np.float64):
-        fast = np.empty(arr.shape, dtype=np.uint8, order="F" if arr.flags.f_contiguous else "C")
+        h, w, d = arr.shape
+        fast = np.empty((d, h, w), dtype=np.uint8).transpose(1, 2, 0)    # slice-major, as ``prepare`` stores it
         if labels_to_u8(arr, fast):
             return fast
     if not np.all(np.isfinite(arr)):
@@ -332,7 +333,7 @@ def _import_nifti_reader() -> None:
         except ImportError:
             pass
     for dtype in (np.float32, np.float64):       # label files as NIfTI stores them (column-major)
-        labels_to_u8(np.zeros((2, 2, 2), dtype, order="F"), np.empty((2, 2, 2), np.uint8, order="F"))
+        labels_to_u8(np.zeros((2, 2, 2), dtype, order="F"), np.empty((2, 2, 2), np.uint8).transpose(1, 2, 0))
 
 
 class NiftiFileSource(Source):

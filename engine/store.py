@@ -136,6 +136,22 @@ def _fsync_path(path: Path) -> None:
         os.close(fd)
 
 
+def _drop_cached(fd: int) -> None:
+    """Let the kernel free the file's cached pages once they are on disk (``POSIX_FADV_DONTNEED``).
+
+    The engine writes a store once and does not read it back. Without this, every stored byte stays in the page
+    cache and the writer keeps filling freshly allocated pages; dropped pages are reused by the next writes
+    instead. On a VM that returns free memory to its host a fresh page costs a host fault: there, writing
+    1 GB in 4 MB synced steps took 1.1-1.2 s of CPU keeping the pages and 0.22 s dropping them. Readers lose
+    nothing but warm cache.
+    """
+    if hasattr(os, "posix_fadvise"):
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        except OSError:
+            pass
+
+
 def _fsync_dir(path: Path) -> None:
     try:
         _fsync_path(path)
@@ -391,6 +407,7 @@ class ShardBuilder:
             # which the workers wait for at the batch barrier, then has little left to write (8 ms -> ~1 ms
             # for a 64-slice CHAOS shard here).
             os.fdatasync(self.sync_fd)
+            _drop_cached(self.sync_fd)
             self.unsynced = 0
         self.write_s += time.perf_counter() - t0
 
