@@ -100,14 +100,10 @@ def _from_bytes(path: Path):
         return None
     digest = hashlib.sha256(data).hexdigest()
     try:
+        raw = data
         if path.name.endswith(".gz"):
             fast = _libdeflate_gunzip(data)
-            view = None if fast is None else _nifti_view(fast)
-            if view is not None:
-                return view, digest
-            raw = _gunzip(data)
-        else:
-            raw = data
+            raw = fast if fast is not None and _holds_whole_image(fast) else _gunzip(data)
         return _nifti_view(raw) or nib.Nifti1Image.from_bytes(raw), digest
     except Exception:
         return None
@@ -123,30 +119,48 @@ class _NiftiView:
         self.affine = header.get_best_affine()    # what nibabel gives a loaded image
 
 
-def _nifti_view(raw: bytes) -> _NiftiView | None:
-    """A single-file NIfTI-1 without intensity scaling, its voxels viewed in place (no copy).
+def _nifti1_header(raw: bytes):
+    """(header, data offset) of a single-file NIfTI-1 image held in ``raw``; None for anything else.
 
-    ``Nifti1Image.dataobj`` copies the voxels out of the file object while holding the GIL: 0.36 ms per CHAOS
-    slice, which the engine's worker threads would wait for. None when the file needs nibabel's general path.
+    nibabel's own checks (``from_fileobj``) cost ~0.35 ms of GIL time per file, so the fields the readers rely
+    on are checked here instead.
     """
     import nibabel as nib
 
-    # Without extensions the header is the first 348 bytes; nibabel's own checks (``from_fileobj``) cost
-    # ~0.35 ms of GIL time per file, so the fields this reader relies on are checked here instead.
-    if len(raw) < 352 or raw[348:352] != b"\0\0\0\0":
+    if len(raw) < 352:
         return None
     hdr = nib.Nifti1Header(raw[:348], check=False)
     if hdr["magic"].item() != b"n+1" or hdr["sizeof_hdr"].item() != 348 or not 1 <= hdr["dim"][0] <= 7:
         return None
     offset = int(hdr.get_data_offset())
-    if offset < 352:
+    return (hdr, offset) if offset >= 352 else None
+
+
+def _holds_whole_image(raw: bytes) -> bool:
+    """Whether ``raw`` is a NIfTI-1 file long enough for all the voxels its header announces."""
+    parsed = _nifti1_header(raw)
+    if parsed is None:
+        return False
+    hdr, offset = parsed
+    n_voxels = int(np.prod(hdr.get_data_shape(), dtype=np.int64))
+    return len(raw) >= offset + n_voxels * hdr.get_data_dtype().itemsize
+
+
+def _nifti_view(raw: bytes) -> _NiftiView | None:
+    """A single-file NIfTI-1 without extensions or intensity scaling, its voxels viewed in place (no copy).
+
+    ``Nifti1Image.dataobj`` copies the voxels out of the file object while holding the GIL: 0.36 ms per CHAOS
+    slice, which the engine's worker threads would wait for. None when the file needs nibabel's general path.
+    """
+    parsed = _nifti1_header(raw)
+    if parsed is None or raw[348:352] != b"\0\0\0\0":        # header extensions follow when not zero
         return None
+    hdr, offset = parsed
     slope, inter = hdr.get_slope_inter()
     if slope not in (None, 1.0) or inter not in (None, 0.0):
         return None
-    shape = hdr.get_data_shape()
     try:
-        arr = np.ndarray(shape, dtype=hdr.get_data_dtype(), buffer=raw, offset=offset, order="F")
+        arr = np.ndarray(hdr.get_data_shape(), dtype=hdr.get_data_dtype(), buffer=raw, offset=offset, order="F")
     except (TypeError, ValueError):                           # truncated: the general path words the error
         return None
     return _NiftiView(hdr, arr)

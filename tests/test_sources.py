@@ -268,6 +268,23 @@ def test_gzip_variants_read_like_nibabel(tmp_path):
     assert _libdeflate_gunzip(b"not gzip data at all") is None
 
 
+def test_whole_single_member_files_are_inflated_once(tmp_path, monkeypatch):
+    # A complete libdeflate result serves nibabel's general path too (scaled data here): the streaming
+    # inflater is only for files libdeflate cannot read whole.
+    pytest.importorskip("deflate")
+    import engine.sources as sources
+    arr = np.round(_image(seed=9)).astype(np.int16)
+    scaled = nib.Nifti1Image(arr, LAS)
+    scaled.header.set_slope_inter(0.5, 10.0)
+    nib.save(scaled, str(tmp_path / "image_1.nii.gz"))
+
+    def no_streaming(data):
+        raise AssertionError("inflated a second time")
+    monkeypatch.setattr(sources, "_gunzip", no_streaming)
+    vol = load_nifti(tmp_path / "image_1.nii.gz", None, "1")
+    assert np.allclose(vol.image, arr * 0.5 + 10.0)
+
+
 def test_in_place_nifti_view_matches_nibabel_and_falls_back_when_it_must(tmp_path):
     # The engine views the voxels of a plain NIfTI-1 file in place; scaled data, header extensions and truncated
     # files go through nibabel's general path, with the same values or the same one-line errors.
