@@ -13,7 +13,8 @@ from numba import njit
 
 @njit(nogil=True, cache=True)
 def finite_range(img):
-    """(number of finite voxels, min, max of the finite voxels) of a 3D array of any layout."""
+    """(number of finite voxels, min, max of the finite voxels) of a 3D array of any layout. Finite means finite
+    once converted to float32, the prepared dtype: float64 values beyond its range are repaired like Inf."""
     n = 0
     lo = np.inf
     hi = -np.inf
@@ -22,7 +23,7 @@ def finite_range(img):
         for x in range(w):
             for y in range(h):
                 v = img[y, x, z]
-                if np.isfinite(v):
+                if np.isfinite(np.float32(v)):
                     n += 1
                     if v < lo:
                         lo = v

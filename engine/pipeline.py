@@ -655,11 +655,16 @@ class _Run:
             writer.abort()
             print(f"preprocess: the superpixel settings are not usable: {exc}", file=sys.stderr)
             return 2
-        for layout in ("F", "C"):                    # NIfTI volumes are column-major, the others row-major
-            prepare_volume(Volume(id="warm", image=np.asarray(np.dstack([warm, warm + 1]), order=layout),
-                                  spacing=(1.0, 1.0, 1.0), affine=np.eye(4), orientation="RAS",
-                                  label=np.zeros((self.size, self.size, 2), np.uint8, order=layout),
-                                  path="warm-up", checksum=""), cfg.prepare)
+        # NIfTI volumes are column-major (float64 ones reach preparation as they are) with slice-major labels
+        # (``engine.sources``), the others row-major; a small volume takes the pad path.
+        for layout, dtype in (("F", np.float32), ("F", np.float64), ("C", np.float32)):
+            for img in (np.dstack([warm, warm + 1]), np.dstack([warm[:4, :4], warm[:4, :4] + 1])):
+                h, w, _ = img.shape
+                label = np.zeros((2, h, w), np.uint8).transpose(1, 2, 0)
+                prepare_volume(Volume(id="warm", image=np.asarray(img, dtype, order=layout), spacing=(1.0, 1.0, 1.0),
+                                      affine=np.eye(4), orientation="RAS",
+                                      label=label if layout == "F" else np.ascontiguousarray(label),
+                                      path="warm-up", checksum=""), cfg.prepare)
         organ_bits(np.zeros((1, 2, 2), np.uint8), 1)
         self.source.warm_up()
 

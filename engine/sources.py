@@ -243,7 +243,8 @@ def load_nifti(image_path: str | Path, label_path: str | Path | None, vid: str) 
     Returns
     -------
     Volume
-        ``image`` float32 (H, W, Z) as stored (NaN/Inf kept: ``prepare`` handles them); ``label`` uint8.
+        ``image`` (H, W, Z) as stored (NaN/Inf kept: ``prepare`` handles them): float64 when the file holds
+        float64, float32 otherwise; ``label`` uint8.
 
     Raises
     ------
@@ -254,7 +255,9 @@ def load_nifti(image_path: str | Path, label_path: str | Path | None, vid: str) 
 
     image_path = Path(image_path)
     img, shape, checksum = _nifti_array(image_path, "image")
-    data = _read_data(img, image_path, shape, np.float32)
+    data = _read_data(img, image_path, shape, None)
+    if data.dtype != np.float64:              # float64 stays as stored: ``prepare`` converts it voxel by voxel
+        data = data.astype(np.float32, copy=False)
     affine = np.asarray(img.affine if img.affine is not None else np.eye(4), dtype=np.float64)
     try:
         orientation = "".join(c or "?" for c in nib.aff2axcodes(affine))
@@ -517,7 +520,8 @@ def iter_volumes(source: Source) -> Iterator[Volume | VolumeError]:
 def _volume_row(vol: Volume) -> tuple[dict, list[str], str | None]:
     """Summary row of a volume, warnings, and an error when ``prepare`` would reject it."""
     img = vol.image
-    finite = np.isfinite(img)
+    with np.errstate(over="ignore"):          # what ``prepare`` repairs: not finite once in float32
+        finite = np.isfinite(img.astype(np.float32, copy=False))
     n_bad = int(img.size - np.count_nonzero(finite))
     warnings, error = [], None
     if n_bad == img.size:

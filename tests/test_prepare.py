@@ -214,6 +214,21 @@ def test_prepare_replaces_nan_inf_by_the_finite_minimum_with_a_note():
     assert np.array_equal(img, original, equal_nan=True)        # the source array is untouched
 
 
+@pytest.mark.parametrize("size", [256, 200])        # one-pass placement, then the crop path
+def test_float64_volumes_prepare_like_their_float32_copy(size):
+    # Readers hand float64 files over as they are; preparation converts voxel by voxel, and a value beyond
+    # float32's range is repaired like Inf, as it was when the reader made a float32 copy first.
+    img = np.random.default_rng(8).normal(300, 80, (256, 256, 3))
+    img[7, 9, 1] = 1e300
+    cfg = dataclasses.replace(CFG, size=size)
+    with np.errstate(over="ignore"):
+        as32 = img.astype(np.float32)
+    a, b = prepare_volume(_vol(img), cfg), prepare_volume(_vol(as32), cfg)
+    assert np.array_equal(a.raw, b.raw) and np.array_equal(a.image, b.image)
+    assert [n for n in a.notes if "NaN/Inf" in n] == [n for n in b.notes if "NaN/Inf" in n]
+    assert any("1 NaN/Inf" in n for n in a.notes)             # counted over the whole volume, as before
+
+
 def test_prepare_crops_and_pads_to_size():
     img = np.zeros((300, 200, 2), np.float32) + 20
     img[150, 100, :] = 999                                       # the centre pixel lands at (128, 128)

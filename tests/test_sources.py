@@ -41,8 +41,8 @@ def test_nifti_folder_lists_numerically_and_loads_pairs(tmp_path):
     assert src.kind == "nifti-folder" and src.refs() == ["1", "2", "10"]
     v = src.load("2")
     assert isinstance(v, Volume) and v.id == "2"
-    assert v.image.dtype == np.float32 and v.image.shape == (16, 12, 5)
-    assert np.allclose(v.image, _image(seed=2).astype(np.float32))
+    assert v.image.dtype == np.float64 and v.image.shape == (16, 12, 5)      # float64 files stay float64
+    assert np.array_equal(v.image, _image(seed=2))
     assert v.label.dtype == np.uint8 and set(np.unique(v.label)) == {0, 4}
     assert v.spacing == (1.25, 1.25, 7.7) and v.orientation == "LAS"
     assert np.allclose(v.affine, LAS) and v.n_slices == 5
@@ -77,7 +77,7 @@ def test_chaos_folder_matches_method_section_8(chaos_dir):
     assert src.refs() == ["1", "2", "3", "5", "8", "10", "13", "15", "19", "20", "21", "22", "31", "32",
                           "33", "34", "36", "37", "38", "39"]
     v = src.load("32")
-    assert v.image.shape == (256, 256, 46) and v.image.dtype == np.float32
+    assert v.image.shape == (256, 256, 46) and v.image.dtype == np.float64      # as CHAOS stores it
     assert v.spacing == (1.25, 1.25, 7.7) and v.orientation == "LAS"
     assert set(np.unique(v.label)) == {0, 1, 2, 3, 4}
 
@@ -258,7 +258,7 @@ def test_gzip_variants_read_like_nibabel(tmp_path):
         path.write_bytes(data)
         assert gzip.decompress(data).startswith(raw), name
         vol = load_nifti(path, None, name)
-        assert np.array_equal(vol.image, want.astype(np.float32)), name
+        assert np.array_equal(vol.image, want), name
         assert vol.checksum == _sha(path), name
     fast = _libdeflate_gunzip(single.read_bytes())
     if fast is not None:                      # the package is optional
