@@ -1,9 +1,9 @@
 """Numba kernels of volume preparation (method.md 1.5): range, centre crop/pad, z-score, label ids.
 
 ``engine.prepare.prepare_volume`` used six numpy passes and two temporary volumes per scan (finite mask,
-min, max, crop/transpose copy, float64 mean, float64 std). These kernels do the same in four passes without
-temporaries and without the GIL, so that worker threads loading volumes do not stall the others. Sums are
-accumulated in float64, as the numpy version did.
+min, max, crop/transpose copy, float64 mean, float64 std). These kernels do the same in three passes (four
+when a volume needs a crop, a pad or repairs) without temporaries and without the GIL, so that worker threads
+loading volumes do not stall the others. Sums are accumulated in float64, as the numpy version did.
 """
 from __future__ import annotations
 

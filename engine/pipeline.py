@@ -1300,9 +1300,9 @@ def tune_allocator() -> bool:
     0.2-0.4 ms of CPU per CHAOS slice. A fixed 64 MB mmap threshold and a 1 GB trim threshold make them
     reused. Threads would still each get an arena of their own, made of 64 MB heaps that volume-sized
     blocks fragment: new heaps kept being mapped (900,000 page faults for 10x CHAOS on one worker, 65,000
-    with one arena, and 15% more slices/s). One arena for the process fixes that; the engine's threads
-    allocate little outside the GIL, so they hardly contend for its lock. The process keeps its high-water
-    mark, which the engine bounds anyway. Process-wide and lasting (threads started before the call keep
+    with one arena, and 15% more slices/s). One arena for the process fixes that; the threads then share its
+    lock, which cost nothing measurable (2 workers on 10x CHAOS: 825-843 slices/s with per-thread arenas,
+    839-855 with one). The process keeps its high-water mark, which the engine bounds anyway. Process-wide and lasting (threads started before the call keep
     their arena); False where glibc's ``mallopt`` is not available.
     """
     import ctypes

@@ -194,7 +194,7 @@ def _nifti_array(path: Path, kind: str):
     return img, shape, digest or sha256_file(path)
 
 
-def _read_data(img, path: Path, shape, dtype) -> np.ndarray:
+def _read_data(img, path: Path, shape) -> np.ndarray:
     try:
         arr = np.asanyarray(img.dataobj)
     except (EOFError, OSError, ValueError, MemoryError) as exc:
@@ -203,8 +203,7 @@ def _read_data(img, path: Path, shape, dtype) -> np.ndarray:
         raise VolumeError(path, f"cannot read the voxel data ({one_line(exc)})") from None
     if np.iscomplexobj(arr) or not np.issubdtype(arr.dtype, np.number):
         raise VolumeError(path, f"voxel type {arr.dtype} is not a real number type")
-    arr = arr.reshape(shape)
-    return arr.astype(dtype, copy=False) if dtype is not None else arr
+    return arr.reshape(shape)
 
 
 def _to_uint8_labels(arr: np.ndarray, path: Path) -> np.ndarray:
@@ -255,7 +254,7 @@ def load_nifti(image_path: str | Path, label_path: str | Path | None, vid: str) 
 
     image_path = Path(image_path)
     img, shape, checksum = _nifti_array(image_path, "image")
-    data = _read_data(img, image_path, shape, None)
+    data = _read_data(img, image_path, shape)
     if data.dtype != np.float64:              # float64 stays as stored: ``prepare`` converts it voxel by voxel
         data = data.astype(np.float32, copy=False)
     affine = np.asarray(img.affine if img.affine is not None else np.eye(4), dtype=np.float64)
@@ -272,7 +271,7 @@ def load_nifti(image_path: str | Path, label_path: str | Path | None, vid: str) 
         limg, lshape, label_sum = _nifti_array(label_path, "label")
         if lshape != shape:
             raise VolumeError(label_path, f"label shape {lshape} differs from image shape {shape}")
-        label = _to_uint8_labels(_read_data(limg, label_path, lshape, None), label_path)
+        label = _to_uint8_labels(_read_data(limg, label_path, lshape), label_path)
         checksum += "+" + label_sum
     return Volume(id=str(vid), image=data, spacing=spacing, affine=affine, orientation=orientation,
                   label=label, path=str(image_path), checksum=checksum)

@@ -370,10 +370,8 @@ class ShardBuilder:
         self.tmp = self.parts / f".{shard_name(index)}.tmp-{os.getpid()}"
         self.created = _now()
         self.rows: list[SliceResult] = []            # the slices' table rows (chunks dropped once written)
-        self.write_s = 0.0
         self.nbytes = 0                              # bytes of the chunks written
         self.capacity = max(capacity, 0)
-        t0 = time.perf_counter()
         self.file = h5py.File(self.tmp, "w")
         self.sync_fd, self.unsynced = -1, 0
         try:
@@ -386,11 +384,9 @@ class ShardBuilder:
         except BaseException:
             self.discard()
             raise
-        self.write_s += time.perf_counter() - t0
 
     def add(self, s: SliceResult) -> None:
         """Write the next slice's chunks (slices are added in sequence order)."""
-        t0 = time.perf_counter()
         i = len(self.rows)
         if i >= self.capacity:                       # h5py's ``shape`` costs GIL time: track it here
             self.capacity = i + 1
@@ -409,11 +405,9 @@ class ShardBuilder:
             os.fdatasync(self.sync_fd)
             _drop_cached(self.sync_fd)
             self.unsynced = 0
-        self.write_s += time.perf_counter() - t0
 
     def commit(self, volumes: dict, failures: list) -> ShardInfo:
         """Tables and metadata, flush, fsync, atomic rename, fsync of the folder: the commit point."""
-        t0 = time.perf_counter()
         sl, n = self.rows, len(self.rows)
         try:
             f = self.file
@@ -440,7 +434,6 @@ class ShardBuilder:
             self.discard()
             raise
         _fsync_dir(self.parts)
-        self.write_s += time.perf_counter() - t0
         return ShardInfo(self.index, self.first_slice, n, [s.volume for s in sl], [s.ref for s in sl],
                          np.array([s.z for s in sl], dtype=np.int32),
                          np.array([s.n_superpixels for s in sl], dtype=np.int32),
@@ -816,7 +809,6 @@ class StoreWriter:
         """Write one batch as the next shard in one go (:meth:`begin_shard`, every slice, :meth:`end_shard`). Its
         rename is the commit point: from then on a rerun keeps it, also before :meth:`publish` has shown it to
         readers (the index is rebuilt from the shards on open)."""
-        self._check_ids(batch.slices)
         builder = self.begin_shard(batch.index, batch.first_slice, len(batch.slices))
         try:
             for s in batch.slices:

@@ -125,6 +125,21 @@ def test_codec_rejects_unknown_specs_and_encodes_deflate():
     assert np.array_equal(np.frombuffer(zlib.decompress(enc), np.uint16).reshape(16, 16), arr)
 
 
+def test_superpixel_ids_beyond_uint16_are_refused_and_leave_no_shard(tmp_path):
+    import dataclasses
+    from engine.store import MAX_SUPERPIXEL_ID, parts_dir
+    path = tmp_path / "s.h5"
+    codec = Codec.parse("maps-gzip-1")
+    w = StoreWriter.open(path, SETTINGS, codec, SHAPE, "rev1")
+    good, bad = (make_slice(codec, "1", z)[0] for z in range(2))
+    bad = dataclasses.replace(bad, n_superpixels=MAX_SUPERPIXEL_ID + 1)
+    with pytest.raises(StoreError, match=r"volume 1 slice 1 has 65536 superpixels, more than the store's uint16"):
+        w.commit(Batch(0, 0, [good, bad], {"ref1": row("1", 2)}, []))
+    assert w.shards == [] and sorted(p.name for p in parts_dir(path).iterdir()) == []
+    w.commit(Batch(0, 0, [good], {"ref1": row("1", 2)}, []))        # the next commit still fits
+    assert [s.n for s in w.shards] == [1]
+
+
 def test_open_reader_keeps_its_snapshot_while_batches_are_added(tmp_path):
     path = tmp_path / "s.h5"
     codec = Codec.parse("maps-gzip-1")
