@@ -267,6 +267,7 @@ class _Batches:
         self.next_commit = first_index
         self.clock = clock
         self.stop = stop
+        self.finished = False    # no batch will be opened any more
 
     def begin(self, index: int, first_slice: int) -> _BatchState:
         """Open a batch; blocks (the barrier) while INFLIGHT_BATCHES batches are uncommitted."""
@@ -287,6 +288,12 @@ class _Batches:
             st.closed = True
             self.cond.notify_all()
 
+    def finish(self) -> None:
+        """The producer has opened its last batch; wakes a writer waiting for more."""
+        with self.cond:
+            self.finished = True
+            self.cond.notify_all()
+
     def add_result(self, seq: int, result: SliceResult) -> None:
         index = self.first_index + (seq - self.first_seq) // self.size
         with self.cond:
@@ -299,7 +306,10 @@ class _Batches:
         whether it is complete after them; None when there is nothing to do within ``timeout``."""
         with self.cond:
             st = self.open.get(self.next_commit)
-            if st is None or not (st.written in st.results or self._complete(st)):
+            # Once the producer is done, an absent batch means the work is over: waiting would only add
+            # ``timeout`` to every run's end.
+            if (st is None and not self.finished) or (st is not None and not (st.written in st.results
+                                                                               or self._complete(st))):
                 self.cond.wait(timeout)
                 st = self.open.get(self.next_commit)
             if st is None:
@@ -800,6 +810,7 @@ class _Run:
             self.fail(str(exc))
         finally:
             self.producer_done = True
+            self.batches.finish()
             if self.backend == "threads":
                 self.q.close()
             else:
