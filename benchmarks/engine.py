@@ -444,7 +444,7 @@ def render(r: dict) -> str:
     if rows:
         lines += [common.markdown_table(["engine", "slices/s (engine)", "slices/s (process)", "CPU ms/slice",
                                          "busy/wait/barrier %", "busy on a core %",
-                                         "CPU %", "peak RSS MB", "ms per slice in each stage (thread time)"], rows), ""]
+                                         "CPU %", "peak RSS MB", "ms per slice in each stage (wall time)"], rows), ""]
     if "kernel_slices_per_s" in r:
         lines.append("bare kernel: " + ", ".join(f"{w} thread(s) {v} slices/s" for w, v in r["kernel_slices_per_s"].items())
                      + f"; {r.get('kernel_cpu_ms_per_slice')} CPU ms per slice")
