@@ -409,11 +409,14 @@ def memory_touch_check(mb: int = 512) -> dict:
 
 
 def busy_warning(info: dict) -> str | None:
-    """A line saying the machine was busy (1-minute load above half its cores) at start or end, else None."""
-    worst = max((v[0] for v in (info.get("load_average_start"), info.get("load_average_end")) if v), default=0.0)
+    """A line saying the machine was busy (1-minute load above half its cores) when the run started, else None.
+
+    Only the load at the start counts: the load at the end mostly measures the benchmark's own work."""
+    start = info.get("load_average_start")
+    worst = start[0] if start else 0.0
     cores = info.get("usable_cpus") or 1
     if worst > 0.5 * cores:
-        return (f"the machine was busy during this run (1-minute load average up to {worst:.1f} on {cores} "
+        return (f"the machine was busy when this run started (1-minute load average {worst:.1f} on {cores} "
                 f"cores): absolute numbers are noisy; ratios within the run are less affected")
     return None
 
