@@ -87,6 +87,15 @@ def test_amdahl_fit_recovers_known_law():
     assert float(scaling.amdahl(6, 28.0, s)) == pytest.approx(91.0)
 
 
+def test_busy_warning_looks_at_the_load_when_the_run_starts():
+    # the load at the end of a run is mostly the run's own work: a 2-worker run on 2 cores ends near 2.0
+    quiet_start = {"usable_cpus": 2, "load_average_start": [0.3, 0.2, 0.2], "load_average_end": [2.0, 1.0, 0.5]}
+    assert common.busy_warning(quiet_start) is None
+    busy_start = {"usable_cpus": 2, "load_average_start": [1.6, 1.0, 0.5], "load_average_end": [0.1, 0.1, 0.1]}
+    assert "load average 1.6 on 2 cores" in common.busy_warning(busy_start)
+    assert common.busy_warning({"usable_cpus": 2}) is None
+
+
 def test_engine_input_links_and_cuts(phantom_folder, tmp_path):
     assert common.engine_input(str(phantom_folder), tmp_path) == str(phantom_folder)
     linked = Path(common.engine_input(str(phantom_folder), tmp_path, copies=3))
