@@ -2,7 +2,7 @@
 
 ::
 
-    load plan: volumes in source order, at most ``engine.readers`` loading or loaded ahead (``_LoadPlan``)
+    load plan: volumes in source order, at most ``engine.readers`` loading or loaded ahead (``LoadPlan``)
         -> N workers take a load job (read + prepare one volume) whenever no slice is waiting
         -> producer: takes loaded volumes in source order, numbers their slices, opens / closes batches
         -> work queue (threads) | shared-memory ring + per-worker pipes (processes)
@@ -27,20 +27,21 @@ Backends
 ``processes``: workers are forked processes. A worker that loads a volume prepares it into a slot of a
 shared arena, or into a memfd when it does not fit (``engine.shm``); the workers computing its slices read it
 there and put the encoded chunks into a ``multiprocessing.shared_memory`` ring of output slots. The parent
-copies no pixels; only slot numbers and a few integers travel through one pair of pipes per worker. The
-parent waits on the result pipes *and* the process sentinels, so a worker that dies (killed, segfault, out
+never touches volume pixels: it copies each slice's encoded chunks out of the ring for the writer, and only
+slot numbers and a few integers travel through one pair of pipes per worker. The parent waits on the result pipes *and* the process sentinels, so a worker that dies (killed, segfault, out
 of memory) is noticed at once; the run then stops, naming the slice or volume the worker held, and commits
 nothing of the unfinished batch.
+
+Modules: this one runs a whole run (``preprocess``); ``engine.schedule`` holds what its threads share (load
+plan, work queue, batches), ``engine.slice_worker`` what a worker does (one slice; a worker process's body).
 """
 from __future__ import annotations
 
 import collections
-import dataclasses
 import multiprocessing as mp
 import multiprocessing.connection as mpc
 import os
 import queue
-import signal
 import socket
 import sys
 import threading
@@ -51,20 +52,19 @@ from pathlib import Path
 
 import numpy as np
 
-from engine._mask_kernels import organ_bits_kernel
 from engine.config import to_dict
-from engine.prepare import body_mask, prepare_volume
+from engine.prepare import prepare_volume
 from engine.profile import Profiler, summary_lines
 from engine.runinfo import git_revision, write_run_info
-from engine.shm import Ring, VolumeArena, VolumeBuffers, map_volume, receive_fd, send_volume
+from engine.shm import Ring, VolumeArena, receive_fd
 from engine.sources import open_source
-from engine.store import (DATASETS, MAX_SUPERPIXEL_ID, SCHEMA_VERSION, Codec, SettingsMismatch,
-                          SliceResult, StoreError, StoreLocked, StoreWriter, settings_hash,
-                          volume_row)
-from engine.superpixels import pseudolabels
+from engine.schedule import Batches, BatchState, Failure, Loaded, LoadMark, LoadPlan, SourceChanged, Stopped, Task, \
+    WorkQueue
+from engine.slice_worker import compute_slice, organ_bits, process_worker, signal_name, warm_slice
+from engine.store import (DATASETS, SCHEMA_VERSION, Codec, SettingsMismatch, SliceResult, StoreError, StoreLocked,
+                          StoreWriter, settings_hash, volume_row)
 from engine.volume import Volume, VolumeError
 
-INFLIGHT_BATCHES = 1          # batch k+1 opens when batch k is committed: at most one batch lost to a kill
 # The index lists every shard, so rebuilding it costs O(shards) (0.14 s at 1,000 shards here): republishing it
 # after every commit would make a long run quadratic. It is republished at most every PUBLISH_INTERVAL_S and at
 # most 1/PUBLISH_COST_SHARE of the time (and always at the end); shards stay the commit point.
@@ -79,10 +79,6 @@ SWITCH_INTERVAL_S = 0.0005
 ARENA_EXTRA_SLOTS = 2
 ARENA_SLOT_SLICES = 64
 PREFETCH_PER_WORKER = 2       # processes backend: tasks queued at each worker (hides the pipe round trip)
-
-
-class _Stopped(Exception):
-    """Raised inside engine threads when the run is being stopped."""
 
 
 # --------------------------------------------------------------------------------------------- settings
@@ -134,421 +130,6 @@ def n_workers(cfg) -> int:
         return max(1, os.cpu_count() or 1)
 
 
-# --------------------------------------------------------------------------------------------- one slice
-def compute_slice(raw: np.ndarray, image: np.ndarray, label: np.ndarray | None, threshold: float, sp_cfg,
-                  codec: Codec, zero_label: bytes | np.ndarray) -> tuple[dict, int, dict]:
-    """Everything a worker does for one slice.
-
-    Parameters
-    ----------
-    raw : (H, W) float32
-        Source intensities (input of the body mask and of the superpixels).
-    image : (H, W) float32
-        The z-scored slice that is stored.
-    label : (H, W) uint8 or None
-    threshold : float
-        Body-mask threshold (``prepare.fg_threshold``).
-    sp_cfg : SuperpixelConfig
-    codec : Codec
-    zero_label : encoded all-zero label chunk (stored when the volume has no labels)
-
-    Returns
-    -------
-    chunks : dict name -> encoded chunk
-    n_superpixels : int
-    stages : dict stage -> seconds
-    """
-    t0 = time.perf_counter()
-    fg = body_mask(raw, threshold)
-    t1 = time.perf_counter()
-    sp = pseudolabels(raw, fg, sp_cfg)
-    t2 = time.perf_counter()
-    nsp = int(sp.max()) if sp.size else 0
-    if nsp > MAX_SUPERPIXEL_ID:
-        raise ValueError(f"{nsp} superpixels in one slice; the store's uint16 ids allow {MAX_SUPERPIXEL_ID}")
-    chunks = {"image": codec.encode("image", image), "superpixels": codec.encode("superpixels", sp),
-              "fg": codec.encode("fg", fg.view(np.uint8)),
-              "label": codec.encode("label", label) if label is not None else zero_label}
-    t3 = time.perf_counter()
-    return chunks, nsp, {"mask": t1 - t0, "superpixels": t2 - t1, "encode": t3 - t2}
-
-
-def organ_bits(label: np.ndarray | None, n_slices: int) -> np.ndarray:
-    """Per slice, bit v set when label value v (1..63) occurs: (Z,) uint64 from a (Z, H, W) label volume.
-
-    Computed once per volume by whoever loads it, in a numba kernel that releases the GIL (the rule of
-    ``engine.store.slice_organ_bits``).
-    """
-    bits = np.zeros(n_slices, dtype=np.uint64)
-    if label is not None:
-        organ_bits_kernel(np.ascontiguousarray(label, dtype=np.uint8), bits)
-    return bits
-
-
-def _warm_slice(size: int, threshold: float) -> np.ndarray:
-    """A synthetic body-like slice: compiles/loads the numba kernels before timing and before forking."""
-    yy, xx = np.mgrid[:size, :size].astype(np.float32)
-    c = (size - 1) / 2
-    disc = ((yy - c) ** 2 + (xx - c) ** 2) < (0.4 * size) ** 2
-    rng = np.random.default_rng(0)
-    return (disc * (threshold + 200.0 + 50.0 * np.sin(xx / 7.0)) + rng.random((size, size)) * 5).astype(np.float32)
-
-
-# --------------------------------------------------------------------------------------------- records
-@dataclasses.dataclass
-class _Loaded:
-    """A prepared volume, slices first: ``raw[z]``, ``image[z]``, ``label[z]`` are contiguous (H, W)."""
-    ref: str
-    id: str
-    path: str
-    raw: np.ndarray
-    image: np.ndarray
-    label: np.ndarray | None
-    row: dict
-    skip: set
-    notes: list
-    organs: np.ndarray
-    key: int = -1          # processes backend: the load job's index, by which workers know the volume
-    fd: int = -1           # processes backend: the memfd holding raw, image, label (the arrays are then None)
-    arena: int = -1        # processes backend: or the slot of the volume arena holding them
-
-
-@dataclasses.dataclass
-class _Failure:
-    ref: str
-    path: str
-    reason: str
-
-    def record(self) -> dict:
-        return {"ref": self.ref, "path": self.path, "reason": self.reason}
-
-    def line(self) -> str:
-        return f"{self.path}: {self.reason}"
-
-
-@dataclasses.dataclass
-class _LoadMark:
-    """A load job sent to a worker process (processes backend), with the arena slot it may use (-1: none)."""
-    index: int
-    ref: str
-    slot: int = -1
-
-
-@dataclasses.dataclass
-class _Task:
-    seq: int
-    vol: _Loaded
-    z: int
-    slot: int = -1
-
-
-class _BatchState:
-    def __init__(self, index: int, first_slice: int):
-        self.index = index
-        self.first_slice = first_slice
-        self.count = 0
-        self.closed = False
-        self.results: dict[int, SliceResult] = {}     # computed, not yet handed to the writer
-        self.written = first_slice                     # next sequence number the writer takes
-        self.volumes: dict[str, dict] = {}
-        self.failures: list[dict] = []
-
-
-class _Batches:
-    """Batch bookkeeping shared by producer, workers and writer (one condition variable)."""
-
-    def __init__(self, first_index: int, first_seq: int, size: int, clock, stop: threading.Event):
-        self.size = size
-        self.first_index = first_index
-        self.first_seq = first_seq
-        self.sem = threading.Semaphore(INFLIGHT_BATCHES)
-        self.cond = threading.Condition()
-        self.open: dict[int, _BatchState] = {}
-        self.next_commit = first_index
-        self.clock = clock
-        self.stop = stop
-        self.finished = False    # no batch will be opened any more
-
-    def begin(self, index: int, first_slice: int) -> _BatchState:
-        """Open a batch; blocks (the barrier) while INFLIGHT_BATCHES batches are uncommitted."""
-        self.clock.start()
-        try:
-            while not self.sem.acquire(timeout=0.1):
-                if self.stop.is_set():
-                    raise _Stopped
-        finally:
-            self.clock.stop()
-        st = _BatchState(index, first_slice)
-        with self.cond:
-            self.open[index] = st
-        return st
-
-    def close(self, st: _BatchState) -> None:
-        with self.cond:
-            st.closed = True
-            self.cond.notify_all()
-
-    def finish(self) -> None:
-        """The producer has opened its last batch; wakes a writer waiting for more."""
-        with self.cond:
-            self.finished = True
-            self.cond.notify_all()
-
-    def add_result(self, seq: int, result: SliceResult) -> None:
-        index = self.first_index + (seq - self.first_seq) // self.size
-        with self.cond:
-            self.open[index].results[seq] = result
-            if seq == self.open[index].written:
-                self.cond.notify_all()
-
-    def writable(self, timeout: float) -> tuple[_BatchState, list, bool] | None:
-        """The batch to commit next, its results that can be written now (in sequence order, handed over), and
-        whether it is complete after them; None when there is nothing to do within ``timeout``."""
-        with self.cond:
-            st = self.open.get(self.next_commit)
-            # Once the producer is done, an absent batch means the work is over: waiting would only add
-            # ``timeout`` to every run's end.
-            if (st is None and not self.finished) or (st is not None and not (st.written in st.results
-                                                                               or self._complete(st))):
-                self.cond.wait(timeout)
-                st = self.open.get(self.next_commit)
-            if st is None:
-                return None
-            out = []
-            while st.written in st.results:
-                out.append(st.results.pop(st.written))
-                st.written += 1
-            done = self._complete(st)
-            return (st, out, done) if out or done else None
-
-    @staticmethod
-    def _complete(st: _BatchState) -> bool:
-        return st.closed and st.written - st.first_slice == st.count
-
-    def committed(self) -> None:
-        with self.cond:
-            self.open.pop(self.next_commit, None)
-            self.next_commit += 1
-        self.sem.release()
-
-    def pending(self) -> int:
-        with self.cond:
-            return len(self.open)
-
-
-# --------------------------------------------------------------------------------------------- work
-class _LoadPlan:
-    """The volumes to read, handed out as load jobs and handed back to the producer in source order.
-
-    At most ``lookahead`` volumes are loading or loaded but not yet consumed (memory: one volume each).
-    Shares its condition variable with whoever schedules the jobs; ``on_change`` wakes a scheduler that
-    does not wait on it (the processes dispatcher).
-    """
-
-    def __init__(self, plan: list, lookahead: int, cond: threading.Condition, stop: threading.Event,
-                 on_change=None):
-        self.plan = plan
-        self.lookahead = max(1, lookahead)
-        self.cond = cond
-        self.stop = stop
-        self.on_change = on_change or (lambda: None)
-        self.next_job = 0                 # first job not handed out yet
-        self.next_take = 0                # first job the producer has not consumed yet
-        self.results: dict[int, object] = {}
-
-    def startable(self) -> bool:
-        """(Under ``cond``.) A job can be handed out now."""
-        return self.next_job < len(self.plan) and self.next_job - self.next_take < self.lookahead
-
-    def start(self) -> tuple[int, tuple]:
-        """(Under ``cond``.) Hand out the next job: (job index, plan item)."""
-        i = self.next_job
-        self.next_job += 1
-        return i, self.plan[i]
-
-    def finish(self, i: int, result) -> None:
-        """A job's result: ``_Loaded``, ``_Failure``, or an exception the producer re-raises."""
-        with self.cond:
-            self.results[i] = result
-            self.cond.notify_all()
-        self.on_change()
-
-    def __iter__(self):
-        """The producer's view: results in plan order, each as soon as it is ready."""
-        while True:
-            with self.cond:
-                if self.next_take >= len(self.plan):
-                    return
-                while self.next_take not in self.results:
-                    if self.stop.is_set():
-                        raise _Stopped
-                    self.cond.wait(0.1)
-                result = self.results.pop(self.next_take)
-                self.next_take += 1
-                self.cond.notify_all()
-            self.on_change()
-            if isinstance(result, BaseException):
-                raise result
-            yield result
-
-
-class _WorkQueue:
-    """The threads backend's dynamic work queue: slices to compute and volumes to load, for the same workers.
-
-    The workers load the volumes themselves, so N workers are N cores of work: reading and preparing a CHAOS
-    volume costs about as much CPU as its superpixels, and dedicated reader threads would run on top of the
-    N workers (on 2 cores, 2 workers then ran only 1.10x faster than 1). A worker takes a load when no slice
-    is waiting: loads fill the gaps where it would otherwise idle, at the batch barrier and between volumes
-    (taking loads earlier, whenever fewer than 2 slices per worker waited, left about 3x more barrier time).
-    """
-
-    def __init__(self, loads: _LoadPlan, max_slices: int, stop: threading.Event):
-        self.loads = loads
-        self.cond = loads.cond
-        self.slices: collections.deque = collections.deque()
-        self.max_slices = max(1, max_slices)
-        self.stop = stop
-        self.closed = False
-
-    def get(self):
-        """Next job for a worker: ``("slice", task)``, ``("load", i, item)``, or None when the run is over."""
-        with self.cond:
-            while True:
-                if self.stop.is_set():
-                    return None
-                if self.slices:
-                    task = self.slices.popleft()
-                    self.cond.notify_all()
-                    return ("slice", task)
-                if self.loads.startable():
-                    return ("load",) + self.loads.start()
-                if self.closed:
-                    return None
-                self.cond.wait(0.1)
-
-    def put(self, task: "_Task") -> None:
-        with self.cond:
-            while len(self.slices) >= self.max_slices:
-                if self.stop.is_set():
-                    raise _Stopped
-                self.cond.wait(0.1)
-            self.slices.append(task)
-            self.cond.notify_all()
-
-    def close(self) -> None:
-        """No more slices will come: workers leave once the queue is empty."""
-        with self.cond:
-            self.closed = True
-            self.cond.notify_all()
-
-    def qsize(self) -> int:
-        return len(self.slices)
-
-
-# --------------------------------------------------------------------------------------------- processes
-def _process_worker(w: int, task_conn, result_conn, all_conns, lock_fd, shm, slots, shape, threshold, sp_cfg,
-                    codec, zero_label, load, sock, all_socks, arena) -> None:
-    """Body of a worker process (forked). Messages: a slice (ring slot, sequence number, volume key, z) in,
-    its encoded chunks into the ring slot, their lengths out; a volume to load (prepared into its arena slot
-    or a memfd, ``send_volume``); where a volume lives (``"volume"``), before the first slice of it."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)     # Ctrl-C is handled by the parent, which stops us
-    if lock_fd is not None:
-        try:
-            os.close(lock_fd)                        # never keep the store lock alive after the parent
-        except OSError:
-            pass
-    for c in all_conns:                              # other workers' pipe ends: keep EOF detection exact
-        if c is not task_conn and c is not result_conn:
-            c.close()
-    for c in all_socks:
-        if c is not sock:
-            c.close()
-    ring = Ring(shm.buf, slots, shape)
-    volumes: dict[int, tuple] = {}                   # key -> (raw, image, label) in the arena or a memfd
-    parent = os.getppid()
-    while True:
-        while not task_conn.poll(0.5):
-            if os.getppid() != parent:               # the parent died (e.g. kill -9): leave quietly
-                os._exit(3)
-        try:
-            msg = task_conn.recv()
-        except (EOFError, OSError):
-            os._exit(0)
-        if msg is None:
-            break
-        if msg[0] == "load":
-            if not _load_in_worker(msg[1], msg[2], load, VolumeBuffers(shape, arena, msg[3]), sock, result_conn):
-                break
-            continue
-        if msg[0] == "volume":
-            # Slices come in sequence order, so no later task needs a volume before this one: unmapping them
-            # here bounds a worker's mappings to the volumes it is working on.
-            _, key, vshape, has_label, slot = msg
-            for old in [k for k in volumes if k < key]:
-                del volumes[old]
-            try:
-                volumes[key] = (arena.views(slot, vshape[0], has_label) if slot >= 0 else
-                                map_volume(sock, vshape, has_label))
-            except OSError as exc:
-                result_conn.send(("error", -1, -1, f"cannot map volume {key}: {exc}"))
-                break
-            continue
-        slot, seq, key, z = msg
-        c0 = time.thread_time()
-        try:
-            raw, image, label = volumes[key]
-            chunks, nsp, stages = compute_slice(raw[z], image[z], None if label is None else label[z], threshold,
-                                                sp_cfg, codec, zero_label)
-            lens, off = [], 0
-            out = ring.out[slot]
-            for name in DATASETS:
-                b = np.frombuffer(chunks[name], dtype=np.uint8) if isinstance(chunks[name], bytes) \
-                    else np.asarray(chunks[name]).reshape(-1).view(np.uint8)
-                out[off:off + b.size] = b
-                lens.append(int(b.size))
-                off += b.size
-            result_conn.send(("ok", slot, seq, lens, nsp, stages, time.thread_time() - c0))
-        except Exception as exc:  # reported to the parent, which stops the run naming the slice
-            result_conn.send(("error", slot, seq, f"{type(exc).__name__}: {exc}"))
-            break
-    try:
-        result_conn.close()
-    except OSError:
-        pass
-
-
-def _load_in_worker(i: int, item: tuple, load, bufs: VolumeBuffers, sock, result_conn) -> bool:
-    """Load job ``i`` in a worker process; False when the worker must stop (a bug: reported to the parent)."""
-    c0 = time.thread_time()
-    try:
-        try:
-            result, t_read, t_prep = load(*item, buffers=bufs)
-        except _SourceChanged as exc:
-            result_conn.send(("changed", i, str(exc)))
-            return True
-        if isinstance(result, _Failure):
-            result_conn.send(("loadfail", i, result.ref, result.path, result.reason))
-        else:
-            result_conn.send(("loaded", i, send_volume(result, bufs, sock), t_read, t_prep, time.thread_time() - c0))
-        return True
-    except Exception as exc:
-        result_conn.send(("error", -1, -1, f"{type(exc).__name__} while loading {item[0]}: {exc}"))
-        return False
-    finally:
-        bufs.close()
-
-
-def _signal_name(exitcode: int | None) -> str:
-    if exitcode is None:
-        return "still running"
-    if exitcode < 0:
-        try:
-            return f"killed by signal {-exitcode} ({signal.Signals(-exitcode).name})"
-        except ValueError:
-            return f"killed by signal {-exitcode}"
-    return f"exited with status {exitcode}"
-
-
 # --------------------------------------------------------------------------------------------- the run
 class _Run:
     def __init__(self, cfg, overwrite: bool, progress: bool):
@@ -565,7 +146,7 @@ class _Run:
         self.done = threading.Event()
         self.error: str | None = None
         self.interrupted = False
-        self.failures: list[_Failure] = []
+        self.failures: list[Failure] = []
         self.notes: list[str] = []
         self._lock = threading.Lock()
         self.computed = 0
@@ -656,7 +237,7 @@ class _Run:
 
         # Kernels are compiled / loaded from the numba cache and the settings validated before any timing and
         # before forking, so that worker processes inherit ready machine code.
-        warm = _warm_slice(self.size, cfg.prepare.fg_threshold)
+        warm = warm_slice(self.size, cfg.prepare.fg_threshold)
         self.zero_label = self.codec.encode("label", np.zeros(self.shape, np.uint8))
         try:
             compute_slice(warm, warm, None, cfg.prepare.fg_threshold, cfg.superpixels, self.codec, self.zero_label)
@@ -678,15 +259,15 @@ class _Run:
         organ_bits(np.zeros((1, 2, 2), np.uint8), 1)
         self.source.warm_up()
 
-        self.loads = _LoadPlan(self.plan, n_readers(cfg, self.n_workers), threading.Condition(), self.stop,
+        self.loads = LoadPlan(self.plan, n_readers(cfg, self.n_workers), threading.Condition(), self.stop,
                                on_change=self._wake if self.backend == "processes" else None)
         if self.backend == "processes":
             self.q: queue.Queue = queue.Queue()
         else:
-            self.q = _WorkQueue(self.loads, cfg.engine.queue_slices, self.stop)
+            self.q = WorkQueue(self.loads, cfg.engine.queue_slices, self.stop)
         self.prof = Profiler(self.n_workers, self.backend, queue_depth=self._queue_depth,
                              child_pids=lambda: [p.pid for p in getattr(self, "procs", [])])
-        self.batches = _Batches(len(writer.shards), writer.n_committed, self.batch_size, self.prof.barrier_clock,
+        self.batches = Batches(len(writer.shards), writer.n_committed, self.batch_size, self.prof.barrier_clock,
                                 self.stop)
         if self.backend == "processes":
             self._start_pool()                      # fork before any thread of ours exists
@@ -715,7 +296,7 @@ class _Run:
         def body():
             try:
                 fn(*args)
-            except _Stopped:
+            except Stopped:
                 pass
             except BaseException as exc:   # a bug in the engine itself: stop everything, show where
                 tb = traceback.format_exc(limit=-3).strip().splitlines()
@@ -729,9 +310,9 @@ class _Run:
         return q.qsize() if q is not None else 0
 
     # -------------------------------------------------------------- reading
-    def _load(self, ref: str, done: set, row: dict | None, buffers=None) -> tuple[_Loaded | _Failure, float, float]:
+    def _load(self, ref: str, done: set, row: dict | None, buffers=None) -> tuple[Loaded | Failure, float, float]:
         """Read and prepare one volume: (result, read seconds, prepare seconds). Runs in a worker thread or a
-        worker process (``buffers``: see ``prepare_volume``); raises ``_SourceChanged`` when a partly committed
+        worker process (``buffers``: see ``prepare_volume``); raises ``SourceChanged`` when a partly committed
         volume's file changed."""
         t0 = time.perf_counter()
         try:
@@ -739,11 +320,11 @@ class _Run:
             t1 = time.perf_counter()
             prep = prepare_volume(vol, self.cfg.prepare, buffers)
         except VolumeError as exc:
-            return _Failure(ref, exc.path, exc.reason), 0.0, 0.0
+            return Failure(ref, exc.path, exc.reason), 0.0, 0.0
         except MemoryError:
-            return _Failure(ref, ref, "out of memory while reading/preparing this volume"), 0.0, 0.0
+            return Failure(ref, ref, "out of memory while reading/preparing this volume"), 0.0, 0.0
         except Exception as exc:  # a reader bug or an exotic file: one line for this volume, the run goes on
-            return _Failure(ref, ref, f"unexpected {type(exc).__name__} while reading: {exc}"), 0.0, 0.0
+            return Failure(ref, ref, f"unexpected {type(exc).__name__} while reading: {exc}"), 0.0, 0.0
         raw = np.ascontiguousarray(np.moveaxis(prep.raw, 2, 0), dtype=np.float32)
         image = np.ascontiguousarray(np.moveaxis(prep.image, 2, 0), dtype=np.float32)
         label = None if prep.label is None else np.ascontiguousarray(np.moveaxis(prep.label, 2, 0), dtype=np.uint8)
@@ -754,16 +335,16 @@ class _Run:
         del prep, vol, v
         t2 = time.perf_counter()
         if row is not None and (row["checksum"] != new_row["checksum"] or row["n_slices"] != new_row["n_slices"]):
-            raise _SourceChanged(f"{new_row['path']}: changed since part of it was committed to {self.store} "
+            raise SourceChanged(f"{new_row['path']}: changed since part of it was committed to {self.store} "
                                  f"(checksum or slice count differs); use --overwrite to start again")
-        return _Loaded(ref, new_row["id"], new_row["path"], raw, image, label, new_row, set(done), new_row["notes"],
+        return Loaded(ref, new_row["id"], new_row["path"], raw, image, label, new_row, set(done), new_row["notes"],
                        organs), t1 - t0, t2 - t1
 
     def _load_job(self, i: int, item: tuple) -> None:
         try:
             result, t_read, t_prep = self._load(*item)
             self.prof.add_read(t_read, t_prep)
-        except _SourceChanged as exc:
+        except SourceChanged as exc:
             result = exc
         self.loads.finish(i, result)
 
@@ -771,12 +352,12 @@ class _Run:
     def _producer(self) -> None:
         seq = self.writer.n_committed
         index = len(self.writer.shards)
-        cur: _BatchState | None = None
+        cur: BatchState | None = None
         try:
             for item in self.loads:
                 with self._lock:
                     self.refs_loaded += 1
-                if isinstance(item, _Failure):
+                if isinstance(item, Failure):
                     self.failures.append(item)
                     self.say(f"preprocess: skipped {item.line()}")
                     if cur is None:
@@ -798,7 +379,7 @@ class _Run:
                         index += 1
                     cur.volumes.setdefault(vol.ref, vol.row)
                     cur.count += 1
-                    self._dispatch(_Task(seq, vol, z))
+                    self._dispatch(Task(seq, vol, z))
                     seq += 1
                     if cur.count == self.batch_size:
                         self.batches.close(cur)
@@ -806,7 +387,7 @@ class _Run:
                 del vol, item
             if cur is not None:
                 self.batches.close(cur)
-        except _SourceChanged as exc:
+        except SourceChanged as exc:
             self.fail(str(exc))
         finally:
             self.producer_done = True
@@ -816,7 +397,7 @@ class _Run:
             else:
                 self._wake()
 
-    def _dispatch(self, task: _Task) -> None:
+    def _dispatch(self, task: Task) -> None:
         if self.backend == "threads":
             self.q.put(task)
             return
@@ -826,7 +407,7 @@ class _Run:
                 break
             except queue.Empty:
                 if self.stop.is_set():
-                    raise _Stopped
+                    raise Stopped
         task.slot = slot
         self.q.put(task)
         self._wake()
@@ -860,7 +441,7 @@ class _Run:
             prof.add_work(w, stages, time.thread_time() - c1)
             self._result(task, chunks, nsp)
 
-    def _result(self, task: _Task, chunks: dict, nsp: int) -> None:
+    def _result(self, task: Task, chunks: dict, nsp: int) -> None:
         vol = task.vol
         self.batches.add_result(task.seq, SliceResult(vol.id, vol.ref, task.z, chunks, nsp, vol.row["has_label"],
                                                       int(vol.organs[task.z])))
@@ -890,7 +471,7 @@ class _Run:
         self.volume_of_worker = [-1] * n             # the volume each worker was told about last
         sp_cfg, thr = self.cfg.superpixels, self.cfg.prepare.fg_threshold
         for w, ((task_r, task_w), (res_r, res_w)) in enumerate(pipes):
-            p = ctx.Process(target=_process_worker, name=f"engine-worker-{w}", daemon=True,
+            p = ctx.Process(target=process_worker, name=f"engine-worker-{w}", daemon=True,
                             args=(w, task_r, res_w, all_conns, self.writer.lock.fd, self.shm, slots, self.shape,
                                   thr, sp_cfg, self.codec, self.zero_label, self._load, socks[w][1], all_socks,
                                   self.arena))
@@ -954,7 +535,7 @@ class _Run:
                         with self._lock:
                             slot = self.free_arena.pop() if self.free_arena else -1
                         prof.add_idle(w, idle_since[w], time.perf_counter(), clock0[w])
-                        outstanding[w].append(_LoadMark(i, item[0], slot))
+                        outstanding[w].append(LoadMark(i, item[0], slot))
                         if not self._send(w, ("load", i, item, slot), outstanding[w]):
                             return
                 ready = mpc.wait(self.result_conns + list(sentinel_of) + [self.wake_r], timeout=0.5)
@@ -980,11 +561,11 @@ class _Run:
                     task = outstanding[w].popleft()
                     if msg[0] == "error":
                         what = (f"loading volume {task.ref} of {self.cfg.data.input}"
-                                if isinstance(task, _LoadMark) else
+                                if isinstance(task, LoadMark) else
                                 f"volume {task.vol.id} slice z={task.z} ({task.vol.path})")
                         self.fail(f"{what} failed in worker process {w}: {msg[3]}")
                         return
-                    if isinstance(task, _LoadMark):
+                    if isinstance(task, LoadMark):
                         self._load_result(w, task, msg)
                     else:
                         self._slice_result(w, task, msg)
@@ -996,7 +577,7 @@ class _Run:
         finally:
             self._stop_pool(graceful=not self.stop.is_set())
 
-    def _track_volume(self, vol: _Loaded, n_todo: int) -> None:
+    def _track_volume(self, vol: Loaded, n_todo: int) -> None:
         """Producer: a worker-loaded volume with ``n_todo`` slices to dispatch. Its memfd stays open until the
         last of them has been sent (the workers then hold their own descriptors); its arena slot is freed when
         the last of them is computed."""
@@ -1019,7 +600,7 @@ class _Run:
                     self.free_arena.append(home["arena"])
                 del self.volume_homes[key]
 
-    def _send_slice(self, w: int, task: _Task, outstanding) -> bool:
+    def _send_slice(self, w: int, task: Task, outstanding) -> bool:
         """Send a slice to worker ``w``, preceded by where its volume lives when that worker does not know yet
         (the arena slot, or the memfd itself over the worker's socket)."""
         vol = task.vol
@@ -1050,7 +631,7 @@ class _Run:
             self._worker_died(w, outstanding)
             return False
 
-    def _load_result(self, w: int, mark: "_LoadMark", msg: tuple) -> None:
+    def _load_result(self, w: int, mark: "LoadMark", msg: tuple) -> None:
         kind, i = msg[0], msg[1]
         if i != mark.index or kind not in ("loaded", "loadfail", "changed"):
             self.fail(f"internal error: worker {w} answered {kind} {i}, expected load {mark.index}")
@@ -1064,23 +645,23 @@ class _Run:
             self.prof.add_read(msg[3], msg[4])
             self.prof.add_busy(w, msg[3] + msg[4], msg[5])
         elif kind == "loadfail":
-            result = _Failure(*msg[2:5])
+            result = Failure(*msg[2:5])
         else:
-            result = _SourceChanged(msg[2])
+            result = SourceChanged(msg[2])
         if mark.slot >= 0 and getattr(result, "arena", -1) != mark.slot:
             with self._lock:                         # not used: a failure, or a volume too large for a slot
                 self.free_arena.append(mark.slot)
         self.loads.finish(i, result)
 
-    def _received_volume(self, meta: tuple, key: int, w: int) -> _Loaded:
+    def _received_volume(self, meta: tuple, key: int, w: int) -> Loaded:
         """A volume worker ``w`` loaded (``send_volume``): its arena slot, or the memfd it passed."""
         ref, vid, path, shape, has_label, row, skip, notes, organs, home = meta
         if home[0] == "arena":
-            return _Loaded(ref, vid, path, None, None, None, row, skip, notes, organs, key=key, arena=home[1])
+            return Loaded(ref, vid, path, None, None, None, row, skip, notes, organs, key=key, arena=home[1])
         fd = receive_fd(self.socks[w])
-        return _Loaded(ref, vid, path, None, None, None, row, skip, notes, organs, key=key, fd=fd)
+        return Loaded(ref, vid, path, None, None, None, row, skip, notes, organs, key=key, fd=fd)
 
-    def _slice_result(self, w: int, task: _Task, msg: tuple) -> None:
+    def _slice_result(self, w: int, task: Task, msg: tuple) -> None:
         _, slot, seq, lens, nsp, stages, cpu = msg
         if seq != task.seq or slot != task.slot:
             self.fail(f"internal error: worker {w} answered slice {seq}, expected {task.seq}")
@@ -1097,8 +678,8 @@ class _Run:
     def _worker_died(self, w: int, outstanding) -> None:
         p = self.procs[w]
         p.join(timeout=1)
-        why = _signal_name(p.exitcode)
-        if outstanding and isinstance(outstanding[0], _LoadMark):
+        why = signal_name(p.exitcode)
+        if outstanding and isinstance(outstanding[0], LoadMark):
             what = f"while loading volume {outstanding[0].ref} of {self.cfg.data.input}"
         elif outstanding:
             task = outstanding[0]
@@ -1297,10 +878,6 @@ class _Run:
             print(f"preprocess: stopped: {self.error}", file=sys.stderr)
             return 130 if self.interrupted else 1
         return 1 if log else 0
-
-
-class _SourceChanged(Exception):
-    pass
 
 
 def tune_allocator() -> bool:

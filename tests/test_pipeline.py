@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from alpnet.config import load as load_config
-from engine import pipeline
+from engine import pipeline, slice_worker
 from engine.store import StoreReader, parts_dir
 
 SIZE = 64
@@ -237,7 +237,7 @@ def test_settings_mismatch_is_refused_and_overwrite_restarts(folder, tmp_path, c
 
 def test_resume_after_a_failed_run_is_identical(folder, reference, tmp_path, monkeypatch, capsys):
     """A run stopped mid-way (a slice raises) keeps whole batches; the rerun computes only the rest."""
-    real = pipeline.pseudolabels
+    real = slice_worker.pseudolabels
     calls = {"n": 0}
 
     def flaky(raw, fg, cfg):
@@ -247,14 +247,14 @@ def test_resume_after_a_failed_run_is_identical(folder, reference, tmp_path, mon
         return real(raw, fg, cfg)
 
     out = tmp_path / "s.h5"
-    monkeypatch.setattr(pipeline, "pseudolabels", flaky)
+    monkeypatch.setattr(slice_worker, "pseudolabels", flaky)
     rc = pipeline.preprocess(make_cfg(folder, out, threads=1, batch=4), progress=False)
     err = capsys.readouterr().err
     assert rc == 1 and "simulated kernel failure" in err and "slice z=" in err
     with StoreReader(out) as r:
         committed = r.n_slices
         assert r.meta["complete"] is False and committed % 4 == 0 and 0 < committed <= 12
-    monkeypatch.setattr(pipeline, "pseudolabels", real)
+    monkeypatch.setattr(slice_worker, "pseudolabels", real)
     assert pipeline.preprocess(make_cfg(folder, out, threads=2, batch=4), progress=False) == 0
     assert "resuming" in capsys.readouterr().err
     runs = [json.loads(line) for line in (parts_dir(out) / "runs.jsonl").read_text().splitlines()]
@@ -267,7 +267,7 @@ def test_resume_after_a_failed_run_is_identical(folder, reference, tmp_path, mon
 def test_a_partly_committed_volume_whose_file_changed_is_refused(tmp_path, monkeypatch, capsys, backend):
     """Resuming must not mix two versions of one file: the worker that reloads it notices the new checksum."""
     src = write_folder(tmp_path / "in", n=3, n_slices=6)
-    real = pipeline.pseudolabels
+    real = slice_worker.pseudolabels
     calls = {"n": 0}
 
     def flaky(raw, fg, cfg):
@@ -277,9 +277,9 @@ def test_a_partly_committed_volume_whose_file_changed_is_refused(tmp_path, monke
         return real(raw, fg, cfg)
 
     out = tmp_path / "s.h5"
-    monkeypatch.setattr(pipeline, "pseudolabels", flaky)
+    monkeypatch.setattr(slice_worker, "pseudolabels", flaky)
     assert pipeline.preprocess(make_cfg(src, out, threads=1, batch=4), progress=False) == 1
-    monkeypatch.setattr(pipeline, "pseudolabels", real)
+    monkeypatch.setattr(slice_worker, "pseudolabels", real)
     with StoreReader(out) as r:
         assert r.n_slices == 8 and r.slices["volume"].tolist().count("2") == 2     # volume 2 is cut
     img, _ = synthetic_volume(99, 7)
@@ -428,7 +428,10 @@ def test_writer_stops_waiting_once_the_producer_is_done():
     # The writer polls with a timeout; after the last batch it used to sit out a whole timeout (0.1 s, 7% of a
     # CHAOS run) before noticing the end. A timeout of 60 s here would hang the test if it still waited.
     import threading
-    batches = pipeline._Batches(0, 0, 4, pipeline.Profiler(1, "threads").barrier_clock, threading.Event())
+
+    from engine.profile import Profiler
+    from engine.schedule import Batches
+    batches = Batches(0, 0, 4, Profiler(1, "threads").barrier_clock, threading.Event())
     st = batches.begin(0, 0)
     st.count = 1
     st.volumes["a"] = {}

@@ -1,0 +1,183 @@
+"""What a worker does: one slice (body mask, pseudo-labels, chunk encoding), and the body of a worker process.
+
+``compute_slice`` is the same code for both backends; ``process_worker`` wraps it for the ``processes``
+backend (messages in over a pipe, chunks out into a shared-memory ring), and ``load_in_worker`` loads a volume
+into the shared arena there. ``engine.pipeline`` runs them.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import numpy as np
+
+from engine._mask_kernels import organ_bits_kernel
+from engine.prepare import body_mask
+from engine.schedule import Failure, SourceChanged
+from engine.shm import Ring, VolumeBuffers, map_volume, send_volume
+from engine.store import DATASETS, MAX_SUPERPIXEL_ID, Codec
+from engine.superpixels import pseudolabels
+
+
+def compute_slice(raw: np.ndarray, image: np.ndarray, label: np.ndarray | None, threshold: float, sp_cfg,
+                  codec: Codec, zero_label: bytes | np.ndarray) -> tuple[dict, int, dict]:
+    """Everything a worker does for one slice.
+
+    Parameters
+    ----------
+    raw : (H, W) float32
+        Source intensities (input of the body mask and of the superpixels).
+    image : (H, W) float32
+        The z-scored slice that is stored.
+    label : (H, W) uint8 or None
+    threshold : float
+        Body-mask threshold (``prepare.fg_threshold``).
+    sp_cfg : SuperpixelConfig
+    codec : Codec
+    zero_label : encoded all-zero label chunk (stored when the volume has no labels)
+
+    Returns
+    -------
+    chunks : dict name -> encoded chunk
+    n_superpixels : int
+    stages : dict stage -> seconds
+    """
+    t0 = time.perf_counter()
+    fg = body_mask(raw, threshold)
+    t1 = time.perf_counter()
+    sp = pseudolabels(raw, fg, sp_cfg)
+    t2 = time.perf_counter()
+    nsp = int(sp.max()) if sp.size else 0
+    if nsp > MAX_SUPERPIXEL_ID:
+        raise ValueError(f"{nsp} superpixels in one slice; the store's uint16 ids allow {MAX_SUPERPIXEL_ID}")
+    chunks = {"image": codec.encode("image", image), "superpixels": codec.encode("superpixels", sp),
+              "fg": codec.encode("fg", fg.view(np.uint8)),
+              "label": codec.encode("label", label) if label is not None else zero_label}
+    t3 = time.perf_counter()
+    return chunks, nsp, {"mask": t1 - t0, "superpixels": t2 - t1, "encode": t3 - t2}
+
+
+def organ_bits(label: np.ndarray | None, n_slices: int) -> np.ndarray:
+    """Per slice, bit v set when label value v (1..63) occurs: (Z,) uint64 from a (Z, H, W) label volume.
+
+    Computed once per volume by whoever loads it, in a numba kernel that releases the GIL (the rule of
+    ``engine.store.slice_organ_bits``).
+    """
+    bits = np.zeros(n_slices, dtype=np.uint64)
+    if label is not None:
+        organ_bits_kernel(np.ascontiguousarray(label, dtype=np.uint8), bits)
+    return bits
+
+
+def warm_slice(size: int, threshold: float) -> np.ndarray:
+    """A synthetic body-like slice: compiles/loads the numba kernels before timing and before forking."""
+    yy, xx = np.mgrid[:size, :size].astype(np.float32)
+    c = (size - 1) / 2
+    disc = ((yy - c) ** 2 + (xx - c) ** 2) < (0.4 * size) ** 2
+    rng = np.random.default_rng(0)
+    return (disc * (threshold + 200.0 + 50.0 * np.sin(xx / 7.0)) + rng.random((size, size)) * 5).astype(np.float32)
+
+
+
+def process_worker(w: int, task_conn, result_conn, all_conns, lock_fd, shm, slots, shape, threshold, sp_cfg,
+                    codec, zero_label, load, sock, all_socks, arena) -> None:
+    """Body of a worker process (forked). Messages: a slice (ring slot, sequence number, volume key, z) in,
+    its encoded chunks into the ring slot, their lengths out; a volume to load (prepared into its arena slot
+    or a memfd, ``send_volume``); where a volume lives (``"volume"``), before the first slice of it."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)     # Ctrl-C is handled by the parent, which stops us
+    if lock_fd is not None:
+        try:
+            os.close(lock_fd)                        # never keep the store lock alive after the parent
+        except OSError:
+            pass
+    for c in all_conns:                              # other workers' pipe ends: keep EOF detection exact
+        if c is not task_conn and c is not result_conn:
+            c.close()
+    for c in all_socks:
+        if c is not sock:
+            c.close()
+    ring = Ring(shm.buf, slots, shape)
+    volumes: dict[int, tuple] = {}                   # key -> (raw, image, label) in the arena or a memfd
+    parent = os.getppid()
+    while True:
+        while not task_conn.poll(0.5):
+            if os.getppid() != parent:               # the parent died (e.g. kill -9): leave quietly
+                os._exit(3)
+        try:
+            msg = task_conn.recv()
+        except (EOFError, OSError):
+            os._exit(0)
+        if msg is None:
+            break
+        if msg[0] == "load":
+            if not load_in_worker(msg[1], msg[2], load, VolumeBuffers(shape, arena, msg[3]), sock, result_conn):
+                break
+            continue
+        if msg[0] == "volume":
+            # Slices come in sequence order, so no later task needs a volume before this one: unmapping them
+            # here bounds a worker's mappings to the volumes it is working on.
+            _, key, vshape, has_label, slot = msg
+            for old in [k for k in volumes if k < key]:
+                del volumes[old]
+            try:
+                volumes[key] = (arena.views(slot, vshape[0], has_label) if slot >= 0 else
+                                map_volume(sock, vshape, has_label))
+            except OSError as exc:
+                result_conn.send(("error", -1, -1, f"cannot map volume {key}: {exc}"))
+                break
+            continue
+        slot, seq, key, z = msg
+        c0 = time.thread_time()
+        try:
+            raw, image, label = volumes[key]
+            chunks, nsp, stages = compute_slice(raw[z], image[z], None if label is None else label[z], threshold,
+                                                sp_cfg, codec, zero_label)
+            lens, off = [], 0
+            out = ring.out[slot]
+            for name in DATASETS:
+                b = np.frombuffer(chunks[name], dtype=np.uint8) if isinstance(chunks[name], bytes) \
+                    else np.asarray(chunks[name]).reshape(-1).view(np.uint8)
+                out[off:off + b.size] = b
+                lens.append(int(b.size))
+                off += b.size
+            result_conn.send(("ok", slot, seq, lens, nsp, stages, time.thread_time() - c0))
+        except Exception as exc:  # reported to the parent, which stops the run naming the slice
+            result_conn.send(("error", slot, seq, f"{type(exc).__name__}: {exc}"))
+            break
+    try:
+        result_conn.close()
+    except OSError:
+        pass
+
+
+def load_in_worker(i: int, item: tuple, load, bufs: VolumeBuffers, sock, result_conn) -> bool:
+    """Load job ``i`` in a worker process; False when the worker must stop (a bug: reported to the parent)."""
+    c0 = time.thread_time()
+    try:
+        try:
+            result, t_read, t_prep = load(*item, buffers=bufs)
+        except SourceChanged as exc:
+            result_conn.send(("changed", i, str(exc)))
+            return True
+        if isinstance(result, Failure):
+            result_conn.send(("loadfail", i, result.ref, result.path, result.reason))
+        else:
+            result_conn.send(("loaded", i, send_volume(result, bufs, sock), t_read, t_prep, time.thread_time() - c0))
+        return True
+    except Exception as exc:
+        result_conn.send(("error", -1, -1, f"{type(exc).__name__} while loading {item[0]}: {exc}"))
+        return False
+    finally:
+        bufs.close()
+
+
+def signal_name(exitcode: int | None) -> str:
+    if exitcode is None:
+        return "still running"
+    if exitcode < 0:
+        try:
+            return f"killed by signal {-exitcode} ({signal.Signals(-exitcode).name})"
+        except ValueError:
+            return f"killed by signal {-exitcode}"
+    return f"exited with status {exitcode}"
