@@ -33,35 +33,30 @@ of memory) is noticed at once; the run then stops, naming the slice or volume th
 nothing of the unfinished batch.
 
 Modules: this one runs a whole run (``preprocess``); ``engine.schedule`` holds what its threads share (load
-plan, work queue, batches), ``engine.slice_worker`` what a worker does (one slice; a worker process's body).
+plan, work queue, batches), ``engine.slice_worker`` what a worker does (one slice; a worker process's body),
+``engine.process_backend`` the parent's side of the processes backend (pool, dispatcher, shared memory).
 """
 from __future__ import annotations
 
-import collections
-import multiprocessing as mp
-import multiprocessing.connection as mpc
 import os
 import queue
-import socket
 import sys
 import threading
 import time
 import traceback
-from multiprocessing import shared_memory
 from pathlib import Path
 
 import numpy as np
 
 from engine.config import to_dict
 from engine.prepare import prepare_volume
+from engine.process_backend import ProcessBackend
 from engine.profile import Profiler, summary_lines
 from engine.runinfo import git_revision, write_run_info
-from engine.shm import Ring, VolumeArena, receive_fd
 from engine.sources import open_source
-from engine.schedule import Batches, BatchState, Failure, Loaded, LoadMark, LoadPlan, SourceChanged, Stopped, Task, \
-    WorkQueue
-from engine.slice_worker import compute_slice, organ_bits, process_worker, signal_name, warm_slice
-from engine.store import (DATASETS, SCHEMA_VERSION, Codec, SettingsMismatch, SliceResult, StoreError, StoreLocked,
+from engine.schedule import Batches, BatchState, Failure, Loaded, LoadPlan, SourceChanged, Stopped, Task, WorkQueue
+from engine.slice_worker import compute_slice, organ_bits, warm_slice
+from engine.store import (SCHEMA_VERSION, Codec, SettingsMismatch, SliceResult, StoreError, StoreLocked,
                           StoreWriter, settings_hash, volume_row)
 from engine.volume import Volume, VolumeError
 
@@ -74,11 +69,6 @@ PUBLISH_COST_SHARE = 10
 # GIL-holding h5py call, CPython hands the GIL over only after the switch interval (default 5 ms, five times a
 # SLIC kernel call). The engine lowers it for the duration of a run.
 SWITCH_INTERVAL_S = 0.0005
-# Processes backend: arena slots for prepared volumes (the load look-ahead plus the volumes being computed),
-# each for up to ARENA_SLOT_SLICES slices; larger volumes get their own memfd.
-ARENA_EXTRA_SLOTS = 2
-ARENA_SLOT_SLICES = 64
-PREFETCH_PER_WORKER = 2       # processes backend: tasks queued at each worker (hides the pipe round trip)
 
 
 # --------------------------------------------------------------------------------------------- settings
@@ -131,13 +121,14 @@ def n_workers(cfg) -> int:
 
 
 # --------------------------------------------------------------------------------------------- the run
-class _Run:
+class _Run(ProcessBackend):
     def __init__(self, cfg, overwrite: bool, progress: bool):
         self.cfg = cfg
         self.overwrite = overwrite
         self.show_progress = progress
         self.store = Path(cfg.engine.out)
         self.n_workers = n_workers(cfg)
+        self.n_readers = n_readers(cfg, self.n_workers)   # volumes loading or loaded ahead
         self.backend = cfg.engine.backend
         self.batch_size = int(cfg.engine.batch)
         self.size = int(cfg.prepare.size)
@@ -158,6 +149,7 @@ class _Run:
         self.producer_done = False
         self.threads: list[threading.Thread] = []
         self.bar = None
+        self.t_start = time.time()       # reset when the workers start
 
     # -------------------------------------------------------------- messages
     def say(self, line: str) -> None:
@@ -213,7 +205,9 @@ class _Run:
                   f"without releasing the store; resuming it", file=sys.stderr)
         write_run_info(self.store.parent, to_dict(cfg), name=self.store.name)
         if writer.was_complete:
-            writer.finish(complete=True)
+            # Recorded like any run: a run killed after its final index but before its own record (a window
+            # of a few ms) otherwise leaves the store's history without any run that completed it.
+            writer.finish(complete=True, run_record=self._run_record("complete"))
             log = [f for s in writer.shards for f in s.failures]
             print(f"preprocess: {self.store} is already complete ({writer.n_committed} slices, settings "
                   f"{settings_hash(settings)}); nothing to do")
@@ -259,7 +253,7 @@ class _Run:
         organ_bits(np.zeros((1, 2, 2), np.uint8), 1)
         self.source.warm_up()
 
-        self.loads = LoadPlan(self.plan, n_readers(cfg, self.n_workers), threading.Condition(), self.stop,
+        self.loads = LoadPlan(self.plan, self.n_readers, threading.Condition(), self.stop,
                                on_change=self._wake if self.backend == "processes" else None)
         if self.backend == "processes":
             self.q: queue.Queue = queue.Queue()
@@ -449,286 +443,6 @@ class _Run:
             self.computed += 1
             self.max_uncommitted = max(self.max_uncommitted, self.computed - self.committed_this_run)
 
-    # -------------------------------------------------------------- process workers
-    def _start_pool(self) -> None:
-        n = self.n_workers
-        slots = max(2 * PREFETCH_PER_WORKER * n + 4, 8)
-        slots = min(slots, max(self.cfg.engine.queue_slices, PREFETCH_PER_WORKER * n + 1))
-        self.shm = shared_memory.SharedMemory(create=True, size=Ring.nbytes(slots, self.shape))
-        self.ring = Ring(self.shm.buf, slots, self.shape)
-        self.free_slots: queue.Queue = queue.Queue()
-        for s in range(slots):
-            self.free_slots.put(s)
-        ctx = mp.get_context("fork")
-        pipes = [(ctx.Pipe(duplex=False), ctx.Pipe(duplex=False)) for _ in range(n)]
-        all_conns = [c for (a, b) in pipes for pair in (a, b) for c in pair]
-        socks = [socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(n)]   # volumes' memfds
-        all_socks = [c for pair in socks for c in pair]
-        self.procs, self.task_conns, self.result_conns, self.socks = [], [], [], []
-        self.arena = VolumeArena(n_readers(self.cfg, n) + ARENA_EXTRA_SLOTS, ARENA_SLOT_SLICES, self.shape)
-        self.free_arena = list(range(self.arena.slots))[::-1]
-        self.volume_homes: dict[int, dict] = {}     # key -> memfd / arena slot, slices still to send / compute
-        self.volume_of_worker = [-1] * n             # the volume each worker was told about last
-        sp_cfg, thr = self.cfg.superpixels, self.cfg.prepare.fg_threshold
-        for w, ((task_r, task_w), (res_r, res_w)) in enumerate(pipes):
-            p = ctx.Process(target=process_worker, name=f"engine-worker-{w}", daemon=True,
-                            args=(w, task_r, res_w, all_conns, self.writer.lock.fd, self.shm, slots, self.shape,
-                                  thr, sp_cfg, self.codec, self.zero_label, self._load, socks[w][1], all_socks,
-                                  self.arena))
-            p.start()
-            self.procs.append(p)
-        for w, ((task_r, task_w), (res_r, res_w)) in enumerate(pipes):
-            task_r.close()                           # the parent keeps only its own ends: a dead worker
-            res_w.close()                            # then reads as EOF, never as a hang
-            socks[w][1].close()
-            self.task_conns.append(task_w)
-            self.result_conns.append(res_r)
-            self.socks.append(socks[w][0])
-        # Every worker has mapped the ring: remove its name now, so that no crash can leak it.
-        self.shm.unlink()
-        self.wake_r, self.wake_w = os.pipe()
-        os.set_blocking(self.wake_r, False)
-        os.set_blocking(self.wake_w, False)
-
-    def _wake(self) -> None:
-        try:
-            os.write(self.wake_w, b"x")
-        except (BlockingIOError, OSError):
-            pass                                     # the pipe is full: the dispatcher is awake anyway
-
-    def _dispatcher(self) -> None:
-        prof = self.prof
-        n = self.n_workers
-        outstanding = [collections.deque() for _ in range(n)]
-        idle_since = [time.perf_counter()] * n
-        clock0 = [prof.barrier_clock.value(idle_since[0])] * n
-        sentinel_of = {p.sentinel: w for w, p in enumerate(self.procs)}
-        result_of = {id(c): w for w, c in enumerate(self.result_conns)}
-        pending: collections.deque = collections.deque()
-        try:
-            while not self.stop.is_set():
-                while True:
-                    try:
-                        pending.append(self.q.get_nowait())
-                    except queue.Empty:
-                        break
-                if self.producer_done and not pending and self.q.empty() and not any(outstanding):
-                    break
-                order = sorted(range(n), key=lambda k: len(outstanding[k]))
-                for w in order:
-                    while pending and len(outstanding[w]) < PREFETCH_PER_WORKER:
-                        task = pending.popleft()
-                        if not outstanding[w]:
-                            now = time.perf_counter()
-                            prof.add_idle(w, idle_since[w], now, clock0[w])
-                        if not self._send_slice(w, task, outstanding[w]):
-                            return
-                        outstanding[w].append(task)
-                if not pending:                      # loads fill the gaps, as in the threads backend
-                    for w in order:
-                        if outstanding[w]:
-                            continue
-                        with self.loads.cond:
-                            if not self.loads.startable():
-                                break
-                            i, item = self.loads.start()
-                        with self._lock:
-                            slot = self.free_arena.pop() if self.free_arena else -1
-                        prof.add_idle(w, idle_since[w], time.perf_counter(), clock0[w])
-                        outstanding[w].append(LoadMark(i, item[0], slot))
-                        if not self._send(w, ("load", i, item, slot), outstanding[w]):
-                            return
-                ready = mpc.wait(self.result_conns + list(sentinel_of) + [self.wake_r], timeout=0.5)
-                for r in ready:
-                    if r == self.wake_r:
-                        try:
-                            while os.read(self.wake_r, 4096):
-                                pass
-                        except BlockingIOError:
-                            pass
-                        continue
-                    if isinstance(r, int) and r in sentinel_of:
-                        w = sentinel_of[r]
-                        self._worker_died(w, outstanding[w])
-                        return
-                    w = result_of[id(r)]
-                    try:
-                        msg = r.recv()
-                    except (EOFError, OSError):
-                        self.procs[w].join(timeout=2)
-                        self._worker_died(w, outstanding[w])
-                        return
-                    task = outstanding[w].popleft()
-                    if msg[0] == "error":
-                        what = (f"loading volume {task.ref} of {self.cfg.data.input}"
-                                if isinstance(task, LoadMark) else
-                                f"volume {task.vol.id} slice z={task.z} ({task.vol.path})")
-                        self.fail(f"{what} failed in worker process {w}: {msg[3]}")
-                        return
-                    if isinstance(task, LoadMark):
-                        self._load_result(w, task, msg)
-                    else:
-                        self._slice_result(w, task, msg)
-                    if self.stop.is_set():
-                        return
-                    if not outstanding[w]:
-                        idle_since[w] = time.perf_counter()
-                        clock0[w] = prof.barrier_clock.value(idle_since[w])
-        finally:
-            self._stop_pool(graceful=not self.stop.is_set())
-
-    def _track_volume(self, vol: Loaded, n_todo: int) -> None:
-        """Producer: a worker-loaded volume with ``n_todo`` slices to dispatch. Its memfd stays open until the
-        last of them has been sent (the workers then hold their own descriptors); its arena slot is freed when
-        the last of them is computed."""
-        home = {"fd": vol.fd, "arena": vol.arena, "to_send": n_todo, "to_finish": n_todo}
-        with self._lock:
-            self.volume_homes[vol.key] = home
-        if not n_todo:
-            self._volume_progress(vol.key, sent=0, finished=0)
-
-    def _volume_progress(self, key: int, sent: int, finished: int) -> None:
-        with self._lock:
-            home = self.volume_homes[key]
-            home["to_send"] -= sent
-            home["to_finish"] -= finished
-            if home["to_send"] <= 0 and home["fd"] >= 0:
-                os.close(home["fd"])
-                home["fd"] = -1
-            if home["to_finish"] <= 0:
-                if home["arena"] >= 0:
-                    self.free_arena.append(home["arena"])
-                del self.volume_homes[key]
-
-    def _send_slice(self, w: int, task: Task, outstanding) -> bool:
-        """Send a slice to worker ``w``, preceded by where its volume lives when that worker does not know yet
-        (the arena slot, or the memfd itself over the worker's socket)."""
-        vol = task.vol
-        if self.volume_of_worker[w] != vol.key:
-            if vol.fd >= 0:
-                with self._lock:
-                    fd = self.volume_homes[vol.key]["fd"]
-                try:
-                    socket.send_fds(self.socks[w], [b"v"], [fd])
-                except OSError:
-                    pass                             # a dead worker: ``_send`` below reports it
-            msg = ("volume", vol.key, (vol.row["n_slices"],) + self.shape, vol.row["has_label"], vol.arena)
-            if not self._send(w, msg, outstanding):
-                return False
-            self.volume_of_worker[w] = vol.key
-        if not self._send(w, (task.slot, task.seq, vol.key, task.z), outstanding):
-            return False
-        self._volume_progress(vol.key, sent=1, finished=0)
-        return True
-
-    def _send(self, w: int, msg: tuple, outstanding) -> bool:
-        """Send a job to worker ``w``; a worker that died in the meantime stops the run (False)."""
-        try:
-            self.task_conns[w].send(msg)
-            return True
-        except OSError:                              # BrokenPipeError: it died on what it was doing
-            self.procs[w].join(timeout=2)
-            self._worker_died(w, outstanding)
-            return False
-
-    def _load_result(self, w: int, mark: "LoadMark", msg: tuple) -> None:
-        kind, i = msg[0], msg[1]
-        if i != mark.index or kind not in ("loaded", "loadfail", "changed"):
-            self.fail(f"internal error: worker {w} answered {kind} {i}, expected load {mark.index}")
-            return
-        if kind == "loaded":
-            try:
-                result = self._received_volume(msg[2], i, w)
-            except OSError as exc:
-                self.fail(f"cannot receive volume {mark.ref} from worker process {w}: {exc}")
-                return
-            self.prof.add_read(msg[3], msg[4])
-            self.prof.add_busy(w, msg[3] + msg[4], msg[5])
-        elif kind == "loadfail":
-            result = Failure(*msg[2:5])
-        else:
-            result = SourceChanged(msg[2])
-        if mark.slot >= 0 and getattr(result, "arena", -1) != mark.slot:
-            with self._lock:                         # not used: a failure, or a volume too large for a slot
-                self.free_arena.append(mark.slot)
-        self.loads.finish(i, result)
-
-    def _received_volume(self, meta: tuple, key: int, w: int) -> Loaded:
-        """A volume worker ``w`` loaded (``send_volume``): its arena slot, or the memfd it passed."""
-        ref, vid, path, shape, has_label, row, skip, notes, organs, home = meta
-        if home[0] == "arena":
-            return Loaded(ref, vid, path, None, None, None, row, skip, notes, organs, key=key, arena=home[1])
-        fd = receive_fd(self.socks[w])
-        return Loaded(ref, vid, path, None, None, None, row, skip, notes, organs, key=key, fd=fd)
-
-    def _slice_result(self, w: int, task: Task, msg: tuple) -> None:
-        _, slot, seq, lens, nsp, stages, cpu = msg
-        if seq != task.seq or slot != task.slot:
-            self.fail(f"internal error: worker {w} answered slice {seq}, expected {task.seq}")
-            return
-        out, off, chunks = self.ring.out[slot], 0, {}
-        for name, ln in zip(DATASETS, lens):
-            chunks[name] = out[off:off + ln].tobytes()
-            off += ln
-        self.free_slots.put(slot)
-        self.prof.add_work(w, stages, cpu)
-        self._result(task, chunks, nsp)
-        self._volume_progress(task.vol.key, sent=0, finished=1)
-
-    def _worker_died(self, w: int, outstanding) -> None:
-        p = self.procs[w]
-        p.join(timeout=1)
-        why = signal_name(p.exitcode)
-        if outstanding and isinstance(outstanding[0], LoadMark):
-            what = f"while loading volume {outstanding[0].ref} of {self.cfg.data.input}"
-        elif outstanding:
-            task = outstanding[0]
-            what = f"while computing volume {task.vol.id} slice z={task.z} ({task.vol.path})"
-        else:
-            what = "while idle"
-        self.fail(f"worker process {w} (pid {p.pid}) died ({why}) {what}; the unfinished batch was not "
-                  f"committed; rerun the same command to resume")
-
-    def _stop_pool(self, graceful: bool) -> None:
-        if graceful:
-            for c in self.task_conns:
-                try:
-                    c.send(None)
-                except OSError:
-                    pass
-            deadline = time.time() + 5
-            for p in self.procs:
-                p.join(timeout=max(0.0, deadline - time.time()))
-        for p in self.procs:
-            if p.is_alive():
-                p.kill()
-        for p in self.procs:
-            p.join(timeout=5)
-        for c in self.task_conns + self.result_conns + self.socks:
-            try:
-                c.close()
-            except OSError:
-                pass
-
-    def _release_ring(self) -> None:
-        """Unmap the ring and close the wake pipe once no engine thread can touch them any more: numpy keeps no
-        buffer export on the ring, so unmapping it while the producer still copied a slice in crashed the
-        process, and a closed wake fd could be reused by a store file that ``_wake`` would then write into."""
-        if getattr(self, "shm", None) is None or any(t.is_alive() for t in self.threads):
-            return                                   # a thread that did not stop: all goes with the process
-        for fd in [self.wake_r, self.wake_w] + [h["fd"] for h in self.volume_homes.values() if h["fd"] >= 0]:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-        self.volume_homes.clear()
-        self.arena.mm.close()
-        try:
-            del self.ring
-            self.shm.close()
-        except (BufferError, OSError):
-            pass
-
     # -------------------------------------------------------------- writer
     def _writer(self) -> None:
         """Writes each batch's slices as they complete in sequence order; commits the shard at the batch's end."""
@@ -834,17 +548,19 @@ class _Run:
             self.bar = None
 
     # -------------------------------------------------------------- end
+    def _run_record(self, status: str) -> dict:
+        """This run's line of ``runs.jsonl``."""
+        return {"started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(self.t_start)),
+                "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "pid": os.getpid(),
+                "host": os.uname().nodename, "command": " ".join(sys.argv), "code_version": self.writer.code_version,
+                "backend": self.backend, "workers": self.n_workers, "batch": self.batch_size,
+                "compression": self.codec.spec, "slices_committed": self.committed_this_run,
+                "max_uncommitted_slices": self.max_uncommitted, "status": status, "error": self.error}
+
     def _finish(self, settings: dict) -> int:
         writer = self.writer
         complete = self.error is None and self.producer_done
-        record = {"started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(self.t_start)),
-                  "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "pid": os.getpid(),
-                  "host": os.uname().nodename, "command": " ".join(sys.argv), "code_version": writer.code_version,
-                  "backend": self.backend, "workers": self.n_workers, "batch": self.batch_size,
-                  "compression": self.codec.spec, "slices_committed": self.committed_this_run,
-                  "max_uncommitted_slices": self.max_uncommitted,
-                  "status": "complete" if complete else ("interrupted" if self.interrupted else "failed"),
-                  "error": self.error}
+        record = self._run_record("complete" if complete else ("interrupted" if self.interrupted else "failed"))
         if complete:
             writer.finish(complete=True, run_record=record)
         else:
@@ -853,7 +569,7 @@ class _Run:
         profile_path = self.store.with_name(self.store.name + ".profile.json")
         prof = self.prof.write_json(profile_path, self.committed_this_run, extra={
             "store": str(self.store), "settings_hash": settings_hash(settings), "batch": self.batch_size,
-            "compression": self.codec.spec, "readers": n_readers(self.cfg, self.n_workers),
+            "compression": self.codec.spec, "readers": self.n_readers,
             "max_uncommitted_slices": self.max_uncommitted,
             "status": record["status"], "failed_volumes": [f.record() for f in self.failures]})
         out = sys.stdout

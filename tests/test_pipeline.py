@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from alpnet.config import load as load_config
-from engine import pipeline, slice_worker
+from engine import pipeline, process_backend, slice_worker
 from engine.store import StoreReader, parts_dir
 
 SIZE = 64
@@ -149,8 +149,8 @@ def test_processes_volumes_too_large_for_the_arena_go_through_a_memfd(folder, re
                                                                       slot_slices, extra_slots):
     # Worker processes prepare volumes into arena slots of ARENA_SLOT_SLICES slices; the 7-slice volume does not
     # fit a 6-slice slot, and with no slot at all (readers 1 + extra -1) every volume takes its own memfd.
-    monkeypatch.setattr(pipeline, "ARENA_SLOT_SLICES", slot_slices)
-    monkeypatch.setattr(pipeline, "ARENA_EXTRA_SLOTS", extra_slots)
+    monkeypatch.setattr(process_backend, "ARENA_SLOT_SLICES", slot_slices)
+    monkeypatch.setattr(process_backend, "ARENA_EXTRA_SLOTS", extra_slots)
     out = tmp_path / "s.h5"
     cfg = make_cfg(folder, out, backend="processes", readers=1)
     assert pipeline.preprocess(cfg, progress=False) == 0
@@ -209,6 +209,11 @@ def test_rerun_of_a_complete_store_does_nothing(folder, reference, tmp_path, cap
     assert pipeline.preprocess(cfg, progress=False) == 0
     assert "already complete" in capsys.readouterr().out
     assert sorted(p.stat().st_mtime_ns for p in parts_dir(out).glob("*.h5")) == before
+    # the rerun is in the store's history too, even when the run that completed the store left no record
+    (parts_dir(out) / "runs.jsonl").unlink()
+    assert pipeline.preprocess(cfg, progress=False) == 0
+    runs = [json.loads(line) for line in (parts_dir(out) / "runs.jsonl").read_text().splitlines()]
+    assert [(r["status"], r["slices_committed"]) for r in runs] == [("complete", 0)]
 
 
 def test_settings_mismatch_is_refused_and_overwrite_restarts(folder, tmp_path, capsys):
