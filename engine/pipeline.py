@@ -28,9 +28,9 @@ Backends
 shared arena, or into a memfd when it does not fit (``engine.shm``); the workers computing its slices read it
 there and put the encoded chunks into a ``multiprocessing.shared_memory`` ring of output slots. The parent
 never touches volume pixels: it copies each slice's encoded chunks out of the ring for the writer, and only
-slot numbers and a few integers travel through one pair of pipes per worker. The parent waits on the result pipes *and* the process sentinels, so a worker that dies (killed, segfault, out
-of memory) is noticed at once; the run then stops, naming the slice or volume the worker held, and commits
-nothing of the unfinished batch.
+slot numbers and a few integers travel through one pair of pipes per worker. The parent waits on the result
+pipes *and* the process sentinels, so a worker that dies (killed, segfault, out of memory) is noticed at once;
+the run then stops, naming the slice or volume the worker held, and commits nothing of the unfinished batch.
 
 Modules: this one runs a whole run (``preprocess``); ``engine.schedule`` holds what its threads share (load
 plan, work queue, batches), ``engine.slice_worker`` what a worker does (one slice; a worker process's body),
