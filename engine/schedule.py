@@ -24,7 +24,8 @@ class Stopped(Exception):
 
 
 class SourceChanged(Exception):
-    pass
+    """A partly committed volume's file no longer matches the checksum the store recorded: resuming would
+    mix two versions of it, so the run stops."""
 
 
 @dataclasses.dataclass
