@@ -1,8 +1,9 @@
 """Shared memory of the engine's processes backend: the output ring, the volume arena, memfd volumes.
 
-The parent never copies pixels: a worker process that loads a volume prepares it into an arena slot (or,
+The parent never touches a volume: a worker process that loads one prepares it into an arena slot (or,
 when it does not fit, a memfd whose descriptor travels over a Unix socket), the workers computing its
-slices read it there, and they put each slice's encoded chunks into a ring slot. Nothing here has a name in
+slices read it there, and they put each slice's encoded chunks into a ring slot, from which the parent
+copies them for the writer. Nothing here has a name in
 the file system, so no process that is killed can leak it.
 """
 from __future__ import annotations
@@ -49,12 +50,17 @@ class VolumeArena:
 
     def __init__(self, slots: int, capacity: int, shape: tuple[int, int]):
         self.slots, self.capacity, self.shape = slots, capacity, shape
-        self.slot_bytes = capacity * shape[0] * shape[1] * 9
+        self.slot_bytes = volume_nbytes(capacity, shape, True)
         self.mm = mmap.mmap(-1, max(slots * self.slot_bytes, 1), flags=mmap.MAP_SHARED)
 
     def views(self, slot: int, n_slices: int, has_label: bool) -> tuple:
         """(raw, image, label or None) arrays (n_slices, H, W) in ``slot``."""
         return volume_views(self.mm, slot * self.slot_bytes, n_slices, self.shape, has_label)
+
+
+def volume_nbytes(n_slices: int, shape: tuple[int, int], has_label: bool) -> int:
+    """Bytes of a volume laid out as ``volume_views`` reads it: float32 raw and image, uint8 label."""
+    return n_slices * int(shape[0]) * int(shape[1]) * (9 if has_label else 8)
 
 
 def volume_views(buf, offset: int, n_slices: int, shape: tuple[int, int], has_label: bool) -> tuple:
@@ -83,7 +89,7 @@ class VolumeBuffers:
             out = self.arena.views(self.slot, n_slices, has_label)
             self.home = ("arena", self.slot)
         else:
-            nbytes = max(n_slices * self.shape[0] * self.shape[1] * (9 if has_label else 8), 1)
+            nbytes = max(volume_nbytes(n_slices, self.shape, has_label), 1)
             self.fd = os.memfd_create("engine-volume", os.MFD_CLOEXEC)
             os.ftruncate(self.fd, nbytes)
             out = volume_views(mmap.mmap(self.fd, nbytes), 0, n_slices, self.shape, has_label)
@@ -126,7 +132,7 @@ def map_volume(sock, shape: tuple, has_label: bool) -> tuple:
         raise OSError("the parent announced a volume but passed no descriptor")
     try:
         # writable like the arena's views (never written): read-only arrays would be another numba signature
-        mm = mmap.mmap(fds[0], max(int(np.prod(shape)) * (9 if has_label else 8), 1))
+        mm = mmap.mmap(fds[0], max(volume_nbytes(shape[0], shape[1:], has_label), 1))
     finally:
         os.close(fds[0])
     return volume_views(mm, 0, shape[0], shape[1:], has_label)

@@ -103,7 +103,15 @@ def _from_bytes(path: Path):
         raw = data
         if path.name.endswith(".gz"):
             fast = _libdeflate_gunzip(data)
-            raw = fast if fast is not None and _holds_whole_image(fast) else _gunzip(data)
+            if fast is not None:
+                # A view exists only when every voxel is in ``fast`` (a short buffer gives none), so the common
+                # case parses the header once; the general path needs the explicit check.
+                view = _nifti_view(fast)
+                if view is not None:
+                    return view, digest
+                if _holds_whole_image(fast):
+                    return nib.Nifti1Image.from_bytes(fast), digest
+            raw = _gunzip(data)
         return _nifti_view(raw) or nib.Nifti1Image.from_bytes(raw), digest
     except Exception:
         return None

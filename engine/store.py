@@ -829,10 +829,13 @@ class StoreWriter:
             if not (self.was_complete and complete):
                 write_index(self.store, self.shards, self.settings, complete=complete)
             if run_record is not None:
-                with open(self.parts / "runs.jsonl", "a") as fh:
-                    fh.write(json.dumps(run_record) + "\n")
+                self._record_run(run_record)
         finally:
             self.lock.release()
+
+    def _record_run(self, run_record: dict) -> None:
+        with open(self.parts / "runs.jsonl", "a") as fh:
+            fh.write(json.dumps(run_record) + "\n")
 
     def discard_if_empty(self) -> None:
         """Remove the index and shard folder this writer created when nothing was ever committed to them."""
@@ -852,8 +855,7 @@ class StoreWriter:
                 except (OSError, StoreError):
                     pass                      # e.g. the disk is full: the next run rebuilds the index from the shards
             if run_record is not None and self.parts.is_dir():
-                with open(self.parts / "runs.jsonl", "a") as fh:
-                    fh.write(json.dumps(run_record) + "\n")
+                self._record_run(run_record)
         finally:
             self.lock.release()
 
