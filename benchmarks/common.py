@@ -277,6 +277,46 @@ def n_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def first_cpus(n: int) -> list[int]:
+    """The first ``n`` CPUs this process may run on (all of them when ``n`` exceeds their number)."""
+    allowed = sorted(os.sched_getaffinity(0))
+    return allowed[:max(1, min(n, len(allowed)))]
+
+
+@contextlib.contextmanager
+def confined_to(cpus: Sequence[int] | None):
+    """Run the body with every thread of this process confined to ``cpus`` (None: no change).
+
+    A strong-scaling point ("n workers on n cores") needs the engine's reader, writer and dispatcher on the
+    same cores as its workers; without it, a 1-worker run gets the other cores for them for free.
+    ``sched_setaffinity`` applies to one thread, so every thread that exists is set; threads and worker
+    processes started inside the body inherit the mask from the thread that starts them. Each thread's
+    mask is restored afterwards.
+    """
+    if cpus is None:
+        yield
+        return
+    cpus = set(cpus)
+    before = {}
+    for tid in _thread_ids():
+        with contextlib.suppress(OSError):  # a thread that ended in between
+            before[tid] = os.sched_getaffinity(tid)
+            os.sched_setaffinity(tid, cpus)
+    try:
+        yield
+    finally:
+        for tid, mask in before.items():
+            with contextlib.suppress(OSError):
+                os.sched_setaffinity(tid, mask)
+
+
+def _thread_ids() -> list[int]:
+    try:
+        return [int(t) for t in os.listdir("/proc/self/task")]
+    except OSError:  # no /proc: only the calling thread
+        return [0]
+
+
 def summarise(times: Sequence[float], items: int) -> dict:
     """Median and spread of repeated timings of ``items`` frames.
 
@@ -445,7 +485,8 @@ def engine_config(cfg, spec: str, out: Path, workers: int, backend: str, readers
     return c
 
 
-def run_engine(cfg, spec: str, workers: int, backend: str, tmp_root: Path, readers: int | None = None) -> dict:
+def run_engine(cfg, spec: str, workers: int, backend: str, tmp_root: Path, readers: int | None = None,
+               cpus: Sequence[int] | None = None) -> dict:
     """One end-to-end engine run (``engine.pipeline.preprocess``) into a fresh temporary store.
 
     The store and everything written next to it are deleted afterwards; the engine's own profile
@@ -463,6 +504,9 @@ def run_engine(cfg, spec: str, workers: int, backend: str, tmp_root: Path, reade
         Folder for the temporary store.
     readers : int, optional
         ``engine.readers`` (volumes loaded ahead, at most); default: the config's.
+    cpus : sequence of int, optional
+        Confine the whole run (every thread, worker processes included) to these CPUs (``confined_to``);
+        default: all this process may use.
 
     Returns
     -------
@@ -482,7 +526,7 @@ def run_engine(cfg, spec: str, workers: int, backend: str, tmp_root: Path, reade
     c = engine_config(cfg, spec, store, workers, backend, readers)
     out, err = io.StringIO(), io.StringIO()
     try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), confined_to(cpus):
             t0 = time.perf_counter()
             rc = preprocess(c, overwrite=True, progress=False)
             seconds = time.perf_counter() - t0

@@ -23,9 +23,13 @@ peak memory. Worker counts go from 1 to the number of cores and beyond it (to 2 
 what oversubscription does. Each configuration is warmed up once, then repeats are interleaved round-robin
 (``benchmarks/common.py``); points are medians with the min-max range.
 
-Efficiency: ``X(n) / (n X(1))`` per worker, and ``X(n) / (min(n, cores) X(1))`` per core in use (the two
-agree up to the core count). Amdahl's law ``X(n) = X(1) n / (1 + s (n - 1))`` is fitted (X(1) and the serial
-fraction s, least squares on relative errors) to the points with n <= cores, and projected to 6 cores, the
+Two series per backend. **Per worker**: every run may use all cores; efficiency ``X(n) / (n X(1))``. A
+1-worker run then has the other cores for its reader, writer and dispatcher, which makes X(1) more than one
+core's worth. **Per core** (strong scaling): below the core count each worker count is also run with the
+whole process (every thread and worker process) pinned to as many CPUs as workers (``sched_setaffinity``,
+``common.confined_to``); from the core count on the free runs are the points. Efficiency ``X(n on c CPUs) /
+(c X(1 on 1 CPU))`` with c = min(n, cores). Amdahl's law ``X(c) = X(1) c / (1 + s (c - 1))`` is fitted (X(1)
+and the serial fraction s, least squares on relative errors) to the per-core points, and projected to 6 cores, the
 paper's i7-10750H, next to its 91 frames/s. The projection keeps this machine's per-core speed; the paper's own
 figures (SLIC 28 frames/s serial, 91 on 6 cores) imply s = 0.17.
 """
@@ -149,43 +153,28 @@ def run_scaling(cfg, spec: str, workers: list[int], backends: list[str], repeats
         projection), ``slices``, ``settings``.
     """
     ncores = ncores or common.n_cores()
-    configs = [(b, n) for b in backends for n in workers]
-    run = (lambda c: common.run_engine(cfg, spec, c[1], c[0], tmp_root, readers))
+    # (backend, workers, pinned): every count with all cores free, and below the core count also confined to
+    # as many CPUs as workers, so that the reader and the writer share the workers' cores (strong scaling)
+    configs = [(b, n, pin) for b in backends for n in workers for pin in ((False, True) if n < ncores else (False,))]
+    run = (lambda c: common.run_engine(cfg, spec, c[1], c[0], tmp_root, readers,
+                                       cpus=common.first_cpus(c[1]) if c[2] else None))
     results = common.round_robin(configs, warmup=(run if warmup else (lambda c: None)), measure=run,
-                                 repeats=repeats, log=say, label=lambda c: f"{c[0]} x{c[1]}")
-    points = []
-    for (backend, n), res in zip(configs, results):
-        slices = res[0]["slices"]
-        engine_walls = [r["profile"]["wall_s"] for r in res]
-        summ = common.summarise(engine_walls, slices)
-        outer = common.summarise([r["seconds"] for r in res], slices)
-        order = np.argsort(engine_walls)
-        median_run = res[int(order[len(order) // 2])]
-        prof = common.profile_summary(median_run["profile"])
-        points.append({"backend": backend, "workers": n, "slices": slices, "fps": summ["fps"],
-                       "fps_min": summ["fps_min"], "fps_max": summ["fps_max"], "spread_pct": summ["spread_pct"],
-                       "engine_wall_s": summ["times_s"], "end_to_end_fps": outer["fps"],
-                       "end_to_end_s": outer["times_s"],
-                       "cpu_pct_median": float(np.median([r["profile"]["cpu"]["utilisation_pct"] for r in res])),
-                       "profile": prof})
+                                 repeats=repeats, log=say, label=config_label)
+    points = [summarise_point(backend, n, pinned, res, ncores) for (backend, n, pinned), res in zip(configs, results)]
     fits = {}
     for backend in backends:
         pts = [p for p in points if p["backend"] == backend]
-        base = min(pts, key=lambda p: p["workers"])
-        for p in pts:
-            p["speedup"] = p["fps"] / base["fps"] * base["workers"]
-            p["efficiency"] = p["fps"] * base["workers"] / (p["workers"] * base["fps"])
-            p["efficiency_per_core"] = p["fps"] * min(base["workers"], ncores) / (
-                min(p["workers"], ncores) * base["fps"])
-        inside = [p for p in pts if p["workers"] <= ncores]
-        fit = fit_amdahl([p["workers"] for p in inside], [p["fps"] for p in inside])
+        add_speedups(pts, ncores)
+        per_core = [p for p in pts if p["per_core_series"] and p["workers"] <= ncores]
+        fit = fit_amdahl([p["cpus"] for p in per_core], [p["fps"] for p in per_core])
         if fit is not None:
             fit["projected_fps_6"] = float(amdahl(PAPER["cores"], fit["x1"], fit["serial_fraction"]))
             fit["projected_vs_paper"] = fit["projected_fps_6"] / PAPER["slic_parallel"]
             fit["projected_fps_6_ideal"] = fit["x1"] * PAPER["cores"]
-        measured6 = next((p for p in pts if p["workers"] == PAPER["cores"]), None)
+        free = [p for p in pts if not p["pinned"]]
+        measured6 = next((p for p in free if p["workers"] == PAPER["cores"]), None)
         fits[backend] = {"amdahl": fit, "measured_fps_6": measured6["fps"] if measured6 else None,
-                         "best": max(pts, key=lambda p: p["fps"])["workers"]}
+                         "best": max(free, key=lambda p: p["fps"])["workers"]}
     return {"points": points, "fits": fits, "ncores": ncores,
             "paper": {**PAPER, "implied_serial_fraction": implied_serial_fraction(
                 PAPER["cores"], PAPER["slic_parallel"] / PAPER["slic"]),
@@ -194,6 +183,52 @@ def run_scaling(cfg, spec: str, workers: list[int], backends: list[str], repeats
                          "warmup": warmup, "readers": readers or cfg.engine.readers,
                          "batch": cfg.engine.batch, "compression": cfg.engine.compression,
                          "superpixels": common.jsonable(dataclasses.asdict(cfg.superpixels))}}
+
+
+def config_label(c: tuple) -> str:
+    backend, n, pinned = c
+    return f"{backend} x{n}" + (f" on {n} CPU(s)" if pinned else "")
+
+
+def summarise_point(backend: str, n: int, pinned: bool, res: list[dict], ncores: int) -> dict:
+    """One configuration's repeats as a point: median throughput, spread, and the median run's profile."""
+    slices = res[0]["slices"]
+    engine_walls = [r["profile"]["wall_s"] for r in res]
+    summ = common.summarise(engine_walls, slices)
+    outer = common.summarise([r["seconds"] for r in res], slices)
+    order = np.argsort(engine_walls)
+    median_run = res[int(order[len(order) // 2])]
+    return {"backend": backend, "workers": n, "pinned": pinned, "cpus": min(n, ncores) if pinned else ncores,
+            "per_core_series": pinned or n >= ncores, "slices": slices, "fps": summ["fps"],
+            "fps_min": summ["fps_min"], "fps_max": summ["fps_max"], "spread_pct": summ["spread_pct"],
+            "engine_wall_s": summ["times_s"], "end_to_end_fps": outer["fps"], "end_to_end_s": outer["times_s"],
+            "cpu_pct_median": float(np.median([r["profile"]["cpu"]["utilisation_pct"] for r in res])),
+            "profile": common.profile_summary(median_run["profile"])}
+
+
+def add_speedups(pts: list[dict], ncores: int) -> None:
+    """Speed-up and efficiency of one backend's points, in place, on two scales.
+
+    Per worker (all cores free): ``X(n) / X(1)`` and ``X(n) / (n X(1))``; a 1-worker run then has the other
+    cores for its reader and writer. Per core (strong scaling, n workers on min(n, cores) CPUs): ``X(n on c)
+    / (c X(1 on 1))``; every part of the engine then shares the cores it is given. Points outside a series
+    get None for its fields.
+    """
+    free = [p for p in pts if not p["pinned"]]
+    per_core = [p for p in pts if p["per_core_series"]]
+    for p in pts:
+        for key in ("speedup", "efficiency", "speedup_per_core", "efficiency_per_core"):
+            p[key] = None
+    if free:
+        base = min(free, key=lambda p: p["workers"])
+        for p in free:
+            p["speedup"] = p["fps"] / base["fps"] * base["workers"]
+            p["efficiency"] = p["speedup"] / p["workers"]
+    if per_core:
+        base = min(per_core, key=lambda p: p["cpus"])
+        for p in per_core:
+            p["speedup_per_core"] = p["fps"] / base["fps"] * base["cpus"]
+            p["efficiency_per_core"] = p["speedup_per_core"] / p["cpus"]
 
 
 # --------------------------------------------------------------------------------------------- output
@@ -214,23 +249,25 @@ def plot_scaling(result: dict, path: Path) -> Path:
     grid = np.linspace(1, nmax, 200)
     for b in backends:
         pts = sorted((p for p in result["points"] if p["backend"] == b), key=lambda p: p["workers"])
-        n = np.array([p["workers"] for p in pts])
-        x = np.array([p["fps"] for p in pts])
-        err = np.array([[p["fps"] - p["fps_min"] for p in pts], [p["fps_max"] - p["fps"] for p in pts]])
+        free = [p for p in pts if not p["pinned"]]
+        per_core = [p for p in pts if p.get("per_core_series")]
         c = colours.get(b, None)
-        ax.errorbar(n, x, yerr=err, marker="o", color=c, capsize=3, label=f"engine, {b} backend")
+        ax.errorbar(*_xy_err(free), marker="o", color=c, capsize=3, label=f"engine, {b}, all cores free")
+        if any(p["pinned"] for p in per_core):
+            ax.errorbar(*_xy_err(per_core), marker="s", mfc="none", ls="-.", color=c, capsize=3,
+                        label=f"engine, {b}, n workers on n CPUs")
         fit = result["fits"][b]["amdahl"]
         if fit:
             ax.plot(grid, amdahl(grid, fit["x1"], fit["serial_fraction"]), "--", color=c, alpha=0.7,
                     label=f"Amdahl fit ({b}): s = {fit['serial_fraction']:.3f}")
             ax.plot([paper["cores"]], [fit["projected_fps_6"]], marker="D", mfc="none", color=c, ls="none",
                     label=f"projected on {paper['cores']} cores ({b}): {fit['projected_fps_6']:.0f}/s")
-        ax_e.plot(n, 100 * np.array([p["efficiency_per_core"] for p in pts]), marker="o", color=c,
-                  label=f"{b}, per core in use")
-        ax_e.plot(n, 100 * np.array([p["efficiency"] for p in pts]), marker=".", ls=":", color=c,
-                  label=f"{b}, per worker")
-    first = min(result["points"], key=lambda p: p["workers"])
-    x1 = first["fps"] / first["workers"]
+        ax_e.plot([p["workers"] for p in per_core], [100 * p["efficiency_per_core"] for p in per_core],
+                  marker="s", mfc="none", color=c, label=f"{b}, per core (n workers on min(n, cores) CPUs)")
+        ax_e.plot([p["workers"] for p in free], [100 * p["efficiency"] for p in free], marker=".", ls=":",
+                  color=c, label=f"{b}, per worker (all cores free)")
+    first = min(result["points"], key=lambda p: (p["cpus"], p["workers"]))
+    x1 = first["fps"] / first["cpus"]
     ax.plot(grid, x1 * np.minimum(grid, ncores), ":", color="grey", label="linear up to the cores")
     ax.plot([1], [paper["felzenszwalb"]], "kx", ms=9, label=f"paper: Felzenszwalb {paper['felzenszwalb']:.0f}/s")
     ax.plot([1], [paper["slic"]], "ks", mfc="none", ms=8, label=f"paper: SLIC {paper['slic']:.0f}/s")
@@ -257,12 +294,12 @@ def plot_scaling(result: dict, path: Path) -> Path:
     ax_e.legend(fontsize=7, loc="lower left")
     # where the workers' time went, from the engine's profile
     width = 0.8 / max(1, len(backends))
-    allw = sorted({p["workers"] for p in result["points"]})
+    allw = sorted({p["workers"] for p in result["points"] if not p["pinned"]})
     pos = {w: i for i, w in enumerate(allw)}
     parts = (("busy_pct", "busy"), ("waiting_pct", "waiting for input"), ("barrier_pct", "batch barrier"))
     shades = ("#4c72b0", "#dd8452", "#8c8c8c")
     for j, b in enumerate(backends):
-        pts = [p for p in result["points"] if p["backend"] == b]
+        pts = [p for p in result["points"] if p["backend"] == b and not p["pinned"]]
         xs = np.array([pos[p["workers"]] for p in pts]) + (j - (len(backends) - 1) / 2) * width
         bottom = np.zeros(len(pts))
         for (key, name), shade in zip(parts, shades):
@@ -276,12 +313,18 @@ def plot_scaling(result: dict, path: Path) -> Path:
     ax_t.set_xlabel("workers (left/plain: threads, right/hatched: processes)" if len(backends) > 1 else "workers")
     ax_t.set_ylabel("% of the workers' wall time")
     ax_t.set_ylim(0, 110)
-    ax_t.set_title("Where the workers' time went (engine profile)")
+    ax_t.set_title("Where the workers' time went (all cores free)")
     ax_t.legend(fontsize=7, loc="lower left")
     host = result.get("host", {})
     fig.suptitle(f"Engine scaling on {host.get('cpu', '?')} ({ncores} cores), {result['slices_label']}"
                  + ("  [quick run: noisy]" if result.get("quick") else ""), fontsize=11)
     return save_figure(fig, path, dpi=110)
+
+
+def _xy_err(pts: list[dict]) -> tuple:
+    """Worker counts, median frames/s and the (below, above) spread of points, for ``errorbar``."""
+    return ([p["workers"] for p in pts], [p["fps"] for p in pts],
+            np.array([[p["fps"] - p["fps_min"] for p in pts], [p["fps_max"] - p["fps"] for p in pts]]))
 
 
 def render_markdown(result: dict) -> str:
@@ -294,15 +337,22 @@ def render_markdown(result: dict) -> str:
         lines += [f"**Note:** {result['warning']}.", ""]
     lines += [f"{result['slices_label']}; {result['settings']['repeats']} timed runs per point after a warm-up, "
               "interleaved round-robin; frames/s from the engine profile (first read to last commit), median "
-              "and slowest..fastest run.", ""]
-    head = ["backend", "workers", "frames/s", "range", "speed-up", "eff./worker %", "eff./core %",
+              "and slowest..fastest run. \"CPUs\": those the run could use. Per worker: all cores free, so a "
+              "1-worker run has the other cores for its reader and writer. Per core (strong scaling): below the "
+              "core count the whole run (workers, reader, writer) is pinned to as many CPUs as workers.", ""]
+    head = ["backend", "workers", "CPUs", "frames/s", "range", "speed-up / worker", "eff./worker %",
+            "speed-up / core", "eff./core %",
             "end-to-end frames/s", "busy %", "on a core, % of busy", "waiting %", "barrier %", "CPU %",
             "peak RSS MB"]
     rows = []
     for p in result["points"]:
         pr = p["profile"]
-        rows.append([p["backend"], p["workers"], fmt(p["fps"]), f"{fmt(p['fps_min'])}..{fmt(p['fps_max'])}",
-                     fmt(p["speedup"], 2), fmt(100 * p["efficiency"]), fmt(100 * p["efficiency_per_core"]),
+        pct = (lambda v: "-" if v is None else fmt(100 * v))
+        rows.append([p["backend"], p["workers"], f"{p['cpus']}" + (" (pinned)" if p["pinned"] else ""),
+                     fmt(p["fps"]), f"{fmt(p['fps_min'])}..{fmt(p['fps_max'])}",
+                     "-" if p["speedup"] is None else fmt(p["speedup"], 2), pct(p["efficiency"]),
+                     "-" if p["speedup_per_core"] is None else fmt(p["speedup_per_core"], 2),
+                     pct(p["efficiency_per_core"]),
                      fmt(p["end_to_end_fps"]), fmt(pr["busy_pct"]),
                      "-" if pr.get("busy_on_cpu_pct") is None else fmt(pr["busy_on_cpu_pct"]),
                      fmt(pr["waiting_pct"]), fmt(pr["barrier_pct"]),
@@ -317,7 +367,7 @@ def render_markdown(result: dict) -> str:
             lines.append(f"- {b}: fewer than two worker counts within the {ncores} cores: no Amdahl fit.")
             continue
         meas = f" (measured on {paper['cores']} workers: {fmt(f['measured_fps_6'])}/s)" if f["measured_fps_6"] else ""
-        lines.append(f"- {b}: Amdahl fit on n <= {ncores}: X(1) = {fmt(fit['x1'])}/s, serial fraction s = "
+        lines.append(f"- {b}: Amdahl fit on 1..{ncores} CPUs (per-core series): X(1) = {fmt(fit['x1'])}/s, serial fraction s = "
                      f"{fit['serial_fraction']:.3f} (rms error {100 * fit['rms_rel_error']:.1f}%); projected on "
                      f"{paper['cores']} cores at this machine's per-core speed: **{fmt(fit['projected_fps_6'])} "
                      f"frames/s** vs the paper's {paper['slic_parallel']:.0f} "

@@ -60,6 +60,45 @@ def test_round_robin_warms_up_then_interleaves():
     assert [len(r) for r in out] == [2, 2]
 
 
+def _affinity_in_fork(conn) -> None:
+    import os
+    conn.send(sorted(os.sched_getaffinity(0)))
+    conn.close()
+
+
+def test_confined_to_pins_every_thread_and_what_they_start():
+    import multiprocessing as mp
+    import os
+    import threading
+
+    allowed = os.sched_getaffinity(0)
+    one = common.first_cpus(1)
+    assert len(one) == 1 and set(one) <= allowed
+    assert common.first_cpus(10 ** 6) == sorted(allowed)
+    release, seen = threading.Event(), {}
+    old = threading.Thread(target=release.wait)                       # exists before the pinning
+    old.start()
+    try:
+        with common.confined_to(one):
+            assert os.sched_getaffinity(0) == set(one)
+            assert os.sched_getaffinity(old.native_id) == set(one)
+            t = threading.Thread(target=lambda: seen.update(new=os.sched_getaffinity(0)))
+            t.start()
+            t.join()
+            parent, child = mp.get_context("fork").Pipe()
+            p = mp.get_context("fork").Process(target=_affinity_in_fork, args=(child,))
+            p.start()
+            seen["fork"] = set(parent.recv())
+            p.join()
+        assert seen == {"new": set(one), "fork": set(one)}
+        assert os.sched_getaffinity(0) == allowed and os.sched_getaffinity(old.native_id) == allowed
+    finally:
+        release.set()
+        old.join()
+    with common.confined_to(None):                                     # None: nothing changes
+        assert os.sched_getaffinity(0) == allowed
+
+
 def test_parse_int_list():
     assert common.parse_int_list("1,2,4") == [1, 2, 4]
     assert common.parse_int_list("1-3,8") == [1, 2, 3, 8]
@@ -167,12 +206,18 @@ def test_table2_command_line(phantom_folder, tmp_path, capsys):
 def test_scaling_core_on_three_slices(phantom_folder, cfg, tmp_path):
     res = scaling.run_scaling(cfg, str(phantom_folder), workers=[1, 2], backends=["threads", "processes"],
                               repeats=1, tmp_root=tmp_path, warmup=False, ncores=2)
-    assert [(p["backend"], p["workers"]) for p in res["points"]] == [
-        ("threads", 1), ("threads", 2), ("processes", 1), ("processes", 2)]
+    assert [(p["backend"], p["workers"], p["cpus"], p["pinned"]) for p in res["points"]] == [
+        ("threads", 1, 2, False), ("threads", 1, 1, True), ("threads", 2, 2, False),
+        ("processes", 1, 2, False), ("processes", 1, 1, True), ("processes", 2, 2, False)]
+    for b in ("threads", "processes"):
+        free1, pinned1, free2 = [p for p in res["points"] if p["backend"] == b]
+        assert free1["efficiency"] == pytest.approx(1.0) and free1["efficiency_per_core"] is None
+        assert pinned1["efficiency"] is None and pinned1["efficiency_per_core"] == pytest.approx(1.0)
+        assert free2["efficiency"] == pytest.approx(free2["fps"] / (2 * free1["fps"]))
+        assert free2["efficiency_per_core"] == pytest.approx(free2["fps"] / (2 * pinned1["fps"]))
+        assert res["fits"][b]["amdahl"]["x1"] > 0
     for p in res["points"]:
         assert p["slices"] == 3 and p["fps"] > 0 and p["end_to_end_fps"] > 0
-        assert p["efficiency"] == pytest.approx(p["fps"] / (p["workers"] * res["points"][0 if p["backend"] ==
-                                                "threads" else 2]["fps"]))
         assert len(p["profile"]["per_worker"]) == p["workers"]
     for b in ("threads", "processes"):
         fit = res["fits"][b]["amdahl"]
@@ -189,5 +234,8 @@ def test_scaling_command_line(phantom_folder, tmp_path):
                        "--no-warmup", "--copies", "2", "--tag", "smoke", "--out-dir", str(tmp_path)])
     assert rc == 0
     data = json.loads((tmp_path / "scaling-smoke-quick.json").read_text())
-    assert [p["slices"] for p in data["points"]] == [6, 6]            # two linked copies of 3 slices
+    assert [p["slices"] for p in data["points"]] == [6] * len(data["points"])   # two linked copies of 3 slices
+    below = [n for n in (1, 2) if n < common.n_cores()]             # counts that also run pinned
+    assert [(p["workers"], p["pinned"]) for p in data["points"]] == [
+        (n, pin) for n in (1, 2) for pin in ((False, True) if n in below else (False,))]
     assert (tmp_path / "scaling-smoke-quick.png").stat().st_size > 0
