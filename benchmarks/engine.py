@@ -278,7 +278,8 @@ def summarise_engine(runs: list[dict]) -> dict:
             "cpu_pct": p["cpu"]["utilisation_pct"], "peak_rss_mb": p["memory"]["peak_rss_mb"],
             "cpu_ms_per_slice": round(statistics.median(1e3 * r["profile"]["cpu"]["cpu_s"] / r["profile"]["slices"]
                                                         for r in runs), 3),
-            "per_slice_ms": p["per_slice_ms"], "store_mb": round(mid["store_bytes"] / 1e6, 1)}
+            "per_slice_ms": p["per_slice_ms"], "store_mb": round(mid["store_bytes"] / 1e6, 1),
+            "minor_page_faults_main": p["memory"].get("minor_page_faults_main")}
 
 
 # --------------------------------------------------------------------------------------------- main
@@ -394,6 +395,10 @@ def main(argv=None) -> int:
                     if kernel.get(w) and engine.get((b, f"{w}-pinned")):
                         ratios[f"{b}: engine on {w} CPU(s) / bare kernel at {w} worker(s)"] = \
                             engine[(b, f"{w}-pinned")]["engine_slices_per_s"] / kernel[w]
+                big = result.get("memory_10x", {}).get(b)
+                if big and kernel.get(workers_all):   # the same rate on 10x the slices: start-up costs spread out
+                    ratios[f"{b}: engine on 10x CHAOS / bare kernel at {workers_all} worker(s)"] = \
+                        big["engine_slices_per_s"] / kernel[workers_all]
                 if "serial_felzenszwalb" in result and alln:
                     ratios[f"{b}: engine ({workers_all} workers) / serial Felzenszwalb pipeline"] = \
                         alln["engine_slices_per_s"] / result["serial_felzenszwalb"]["slices_per_s"]
@@ -459,11 +464,13 @@ def render(r: dict) -> str:
                      "-" if e.get("busy_on_cpu_pct") is None else common.fmt(e["busy_on_cpu_pct"]),
                      common.fmt(e["cpu_pct"]),
                      common.fmt(e["peak_rss_mb"], 0),
+                     "-" if e.get("minor_page_faults_main") is None else f"{e['minor_page_faults_main']:,}",
                      " ".join(f"{k} {v:.2f}" for k, v in ps.items())])
     if rows:
         lines += [common.markdown_table(["engine", "slices/s (engine)", "slices/s (process)", "CPU ms/slice",
                                          "busy/wait/barrier %", "busy on a core %",
-                                         "CPU %", "peak RSS MB", "ms per slice in each stage (wall time)"], rows), ""]
+                                         "CPU %", "peak RSS MB", "page faults (main process)",
+                                         "ms per slice in each stage (wall time)"], rows), ""]
     if "kernel_slices_per_s" in r:
         lines.append("bare kernel: " + ", ".join(f"{w} thread(s) {v} slices/s" for w, v in r["kernel_slices_per_s"].items())
                      + f"; {r.get('kernel_cpu_ms_per_slice')} CPU ms per slice")

@@ -111,6 +111,8 @@ class Profiler:
         self.t_end: float | None = None
         self.peak_rss_total = 0
         self._cpu0 = self._cpu_times()
+        self._faults0 = _minor_faults()
+        self.minor_faults: int | None = None
 
     # ------------------------------------------------------------------ recording
     def add_idle(self, w: int, t0: float, t1: float, clock0: float) -> None:
@@ -223,6 +225,7 @@ class Profiler:
     def start(self) -> "Profiler":
         self.t0 = time.perf_counter()
         self._cpu0 = self._cpu_times()
+        self._faults0 = _minor_faults()
         self._thread = threading.Thread(target=self._loop, name="profile-sampler", daemon=True)
         self._thread.start()
         return self
@@ -233,6 +236,7 @@ class Profiler:
             self._thread.join(timeout=2)
         self.sample(full=True)
         self.t_end = time.perf_counter()
+        self.minor_faults = _minor_faults() - self._faults0
 
     # ------------------------------------------------------------------ report
     @property
@@ -280,7 +284,11 @@ class Profiler:
             "memory": {"peak_rss_mb": round(max(self.peak_rss_total, ru_self) / 2 ** 20, 1),
                        "peak_rss_main_mb": round(ru_self / 2 ** 20, 1),
                        "peak_rss_children_mb": round(ru_children / 2 ** 20, 1),
-                       "peak_rss_sampled_total_mb": round(self.peak_rss_total / 2 ** 20, 1)},
+                       "peak_rss_sampled_total_mb": round(self.peak_rss_total / 2 ** 20, 1),
+                       # memory touched for the first time shows here: a run in a fresh process faults in its
+                       # whole working set, a second run in the same process reuses it
+                       "minor_page_faults_main": (self.minor_faults if self.minor_faults is not None
+                                                  else _minor_faults() - self._faults0)},
             "timeline": [{k: s[k] for k in ("t", "queue", "cpu_pct", "rss_mb")} for s in self.samples],
             "n_processed_by_workers": n_work,
         }
@@ -294,6 +302,11 @@ class Profiler:
         tmp.write_text(json.dumps(data, indent=1))
         os.replace(tmp, path)
         return data
+
+
+def _minor_faults() -> int:
+    """Minor page faults of this process so far (all its threads; worker processes not included)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def _peak_rss_self() -> int:

@@ -178,6 +178,23 @@ def test_a_kill_can_lose_at_most_one_batch(folder, reference, tmp_path, monkeypa
     assert runs[-1]["max_uncommitted_slices"] == 3
 
 
+def test_profile_counts_the_page_faults_of_fresh_memory():
+    import mmap
+
+    from engine.profile import Profiler
+
+    prof = Profiler(1, "threads").start()
+    pages = 2048
+    m = mmap.mmap(-1, pages * mmap.PAGESIZE)          # never touched: every page faults once when written
+    m.madvise(mmap.MADV_NOHUGEPAGE)                      # one fault per 4 kB page, whatever the THP setting
+    for i in range(pages):
+        m[i * mmap.PAGESIZE] = 1
+    prof.stop()
+    m.close()
+    faults = prof.to_dict(0)["memory"]["minor_page_faults_main"]
+    assert pages <= faults < pages + 5000
+
+
 def test_profile_runinfo_and_summary(folder, tmp_path, capsys):
     out = tmp_path / "s.h5"
     assert pipeline.preprocess(make_cfg(folder, out), progress=False) == 0
@@ -191,6 +208,7 @@ def test_profile_runinfo_and_summary(folder, tmp_path, capsys):
     assert 0 < prof["worker_time"]["busy_cpu_s"] and 0 < prof["worker_time"]["busy_on_cpu_pct"] <= 105
     assert set(prof["per_slice_ms"]) >= {"load", "prepare", "mask", "superpixels", "encode", "write", "index"}
     assert prof["memory"]["peak_rss_mb"] > 10 and "utilisation_pct" in prof["cpu"]
+    assert prof["memory"]["minor_page_faults_main"] >= 0
     assert isinstance(prof["timeline"], list) and prof["timeline"]
     assert (tmp_path / "s.h5.config.yaml").is_file() and (tmp_path / "s.h5.info.json").is_file()
     captured = capsys.readouterr()
