@@ -99,6 +99,13 @@ def test_confined_to_pins_every_thread_and_what_they_start():
         assert os.sched_getaffinity(0) == allowed
 
 
+def test_memory_touch_check_times_both_page_sizes():
+    m = common.memory_touch_check(mb=8)
+    assert m["mb"] == 8
+    for key in ("first_touch_4k_gb_s", "again_4k_gb_s", "first_touch_huge_gb_s", "again_huge_gb_s"):
+        assert m[key] > 0
+
+
 def test_parse_int_list():
     assert common.parse_int_list("1,2,4") == [1, 2, 4]
     assert common.parse_int_list("1-3,8") == [1, 2, 3, 8]
