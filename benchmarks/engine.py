@@ -349,9 +349,9 @@ def main(argv=None) -> int:
         spec = common.engine_input(args.input, tmp / "in", max_volumes=max_vol)
         engine = {}
         if "engine" not in skip:
-            # below the full count also pinned to as many CPUs as workers (reader and writer included)
+            # below the core count also pinned to as many CPUs as workers (reader and writer included)
             configs = [(b, w) for b in ("threads", "processes") for w in counts]
-            configs += [(b, f"{w}-pinned") for b in ("threads", "processes") for w in counts if w < workers_all]
+            configs += [(b, f"{w}-pinned") for b in ("threads", "processes") for w in counts if w < common.n_cores()]
             say(f"engine runs (subprocesses): {configs} ...")
             engine_run(spec, tmp / "warm", workers_all, "threads", extra)    # page cache, numba cache
             runs = {c: [] for c in configs}
@@ -386,9 +386,11 @@ def main(argv=None) -> int:
                 for w in counts:
                     if one and w > 1 and engine.get((b, w)):
                         ratios[f"{b}: {w} workers / 1 worker"] = engine[(b, w)]["engine_slices_per_s"] / one["engine_slices_per_s"]
-                    if one_pinned and w > 1 and engine.get((b, w)):
+                    # w workers on w CPUs: the run pinned to them, or the free run when w is all the cores
+                    on_w = engine.get((b, f"{w}-pinned")) or (engine.get((b, w)) if w >= common.n_cores() else None)
+                    if one_pinned and w > 1 and on_w:
                         ratios[f"{b}: {w} workers on {w} CPUs / 1 worker on 1 CPU"] = \
-                            engine[(b, w)]["engine_slices_per_s"] / one_pinned["engine_slices_per_s"]
+                            on_w["engine_slices_per_s"] / one_pinned["engine_slices_per_s"]
                 for w in counts:
                     if kernel.get(w) and engine.get((b, w)):
                         ratios[f"{b}: engine / bare kernel at {w} worker(s)"] = engine[(b, w)]["engine_slices_per_s"] / kernel[w]

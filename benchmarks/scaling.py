@@ -120,7 +120,7 @@ def default_workers(ncores: int, max_workers: int | None = None) -> list[int]:
 
 def run_scaling(cfg, spec: str, workers: list[int], backends: list[str], repeats: int, tmp_root: Path,
                 readers: int | None = None, warmup: bool = True, ncores: int | None = None,
-                say: Callable[[str], None] | None = None) -> dict:
+                say: Callable[[str], None] | None = None, pinned: list[int] | None = None) -> dict:
     """Run the engine at every (backend, worker count) and derive speed-up, efficiency and the Amdahl fit.
 
     Parameters
@@ -145,6 +145,9 @@ def run_scaling(cfg, spec: str, workers: list[int], backends: list[str], repeats
         Cores of this machine (default: those this process may use).
     say : callable, optional
         Progress messages.
+    pinned : list of int, optional
+        Worker counts also run pinned to as many CPUs (only those below the core count); default: every
+        count in ``workers`` below the core count; ``[]``: none (no per-core series below the cores).
 
     Returns
     -------
@@ -155,7 +158,9 @@ def run_scaling(cfg, spec: str, workers: list[int], backends: list[str], repeats
     ncores = ncores or common.n_cores()
     # (backend, workers, pinned): every count with all cores free, and below the core count also confined to
     # as many CPUs as workers, so that the reader and the writer share the workers' cores (strong scaling)
-    configs = [(b, n, pin) for b in backends for n in workers for pin in ((False, True) if n < ncores else (False,))]
+    pin_counts = {n for n in (workers if pinned is None else pinned) if n < ncores}
+    configs = [(b, n, pin) for b in backends for n in workers for pin in ((False, True) if n in pin_counts
+                                                                           else (False,))]
     run = (lambda c: common.run_engine(cfg, spec, c[1], c[0], tmp_root, readers,
                                        cpus=common.first_cpus(c[1]) if c[2] else None))
     results = common.round_robin(configs, warmup=(run if warmup else (lambda c: None)), measure=run,
@@ -211,8 +216,8 @@ def add_speedups(pts: list[dict], ncores: int) -> None:
 
     Per worker (all cores free): ``X(n) / X(1)`` and ``X(n) / (n X(1))``; a 1-worker run then has the other
     cores for its reader and writer. Per core (strong scaling, n workers on min(n, cores) CPUs): ``X(n on c)
-    / (c X(1 on 1))``; every part of the engine then shares the cores it is given. Points outside a series
-    get None for its fields.
+    / (c X(1 on 1))``; every part of the engine then shares the cores it is given (no run on one CPU: no
+    per-core figures). Points outside a series get None for its fields.
     """
     free = [p for p in pts if not p["pinned"]]
     per_core = [p for p in pts if p["per_core_series"]]
@@ -224,8 +229,8 @@ def add_speedups(pts: list[dict], ncores: int) -> None:
         for p in free:
             p["speedup"] = p["fps"] / base["fps"] * base["workers"]
             p["efficiency"] = p["speedup"] / p["workers"]
-    if per_core:
-        base = min(per_core, key=lambda p: p["cpus"])
+    base = next((p for p in per_core if p["cpus"] == 1), None)   # per core needs a run on one CPU
+    if base is not None:
         for p in per_core:
             p["speedup_per_core"] = p["fps"] / base["fps"] * base["cpus"]
             p["efficiency_per_core"] = p["speedup_per_core"] / p["cpus"]
@@ -262,8 +267,10 @@ def plot_scaling(result: dict, path: Path) -> Path:
                     label=f"Amdahl fit ({b}): s = {fit['serial_fraction']:.3f}")
             ax.plot([paper["cores"]], [fit["projected_fps_6"]], marker="D", mfc="none", color=c, ls="none",
                     label=f"projected on {paper['cores']} cores ({b}): {fit['projected_fps_6']:.0f}/s")
-        ax_e.plot([p["workers"] for p in per_core], [100 * p["efficiency_per_core"] for p in per_core],
-                  marker="s", mfc="none", color=c, label=f"{b}, per core (n workers on min(n, cores) CPUs)")
+        per_core = [p for p in per_core if p["efficiency_per_core"] is not None]
+        if per_core:
+            ax_e.plot([p["workers"] for p in per_core], [100 * p["efficiency_per_core"] for p in per_core],
+                      marker="s", mfc="none", color=c, label=f"{b}, per core (n workers on min(n, cores) CPUs)")
         ax_e.plot([p["workers"] for p in free], [100 * p["efficiency"] for p in free], marker=".", ls=":",
                   color=c, label=f"{b}, per worker (all cores free)")
     first = min(result["points"], key=lambda p: (p["cpus"], p["workers"]))
@@ -398,6 +405,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--uncompressed", action="store_true",
                    help="read a temporary uncompressed float32 .nii copy of the input instead of .nii.gz")
     p.add_argument("--readers", type=int, default=None, help="engine.readers (default: the config's)")
+    p.add_argument("--pinned", default=None,
+                   help="worker counts also run pinned to as many CPUs, e.g. 1,2,6, or 'none' (default: every "
+                        "count below the core count)")
     common.add_output_args(p, "16core")
     return p.parse_args(argv)
 
@@ -416,6 +426,8 @@ def _main(args: argparse.Namespace) -> int:
         workers = common.parse_int_list(args.workers)
     else:
         workers = default_workers(ncores, args.max_workers)
+    pinned = None if args.pinned is None else ([] if args.pinned.strip().lower() == "none"
+                                                 else common.parse_int_list(args.pinned))
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     if not backends or any(b not in BACKENDS for b in backends):
         raise BenchmarkError(f"--backends {args.backends!r}: choose among {', '.join(BACKENDS)}")
@@ -433,7 +445,7 @@ def _main(args: argparse.Namespace) -> int:
                                    copies=args.copies)
         log(f"scaling: workers {workers}, backends {backends}, {repeats} repeat(s), input {spec}")
         result = run_scaling(cfg, spec, workers, backends, repeats, tmp_root, readers=args.readers,
-                             warmup=not args.no_warmup, ncores=ncores, say=log)
+                             warmup=not args.no_warmup, ncores=ncores, say=log, pinned=pinned)
     finally:
         shutil.rmtree(tmp_root, ignore_errors=True)
     n_slices = result["points"][0]["slices"]

@@ -236,6 +236,24 @@ def test_scaling_core_on_three_slices(phantom_folder, cfg, tmp_path):
     assert "Amdahl fit" in scaling.render_markdown(res)
 
 
+def test_scaling_pinned_counts_can_be_chosen(phantom_folder, cfg, tmp_path):
+    res = scaling.run_scaling(cfg, str(phantom_folder), workers=[1, 2, 3], backends=["threads"], repeats=1,
+                              tmp_root=tmp_path, warmup=False, ncores=3, pinned=[1])
+    assert [(p["workers"], p["pinned"]) for p in res["points"]] == [(1, False), (1, True), (2, False), (3, False)]
+    one, three = res["points"][1], res["points"][3]
+    assert one["cpus"] == 1 and one["efficiency_per_core"] == pytest.approx(1.0)
+    assert res["points"][2]["efficiency_per_core"] is None          # 2 workers with 3 CPUs free: not per core
+    assert three["efficiency_per_core"] == pytest.approx(three["fps"] / (3 * one["fps"]))
+    none = scaling.run_scaling(cfg, str(phantom_folder), workers=[1, 2], backends=["threads"], repeats=1,
+                               tmp_root=tmp_path, warmup=False, ncores=2, pinned=[])
+    assert [p["pinned"] for p in none["points"]] == [False, False]
+    assert all(p["efficiency_per_core"] is None for p in none["points"])   # no run on one CPU
+    assert none["fits"]["threads"]["amdahl"] is None                 # one per-core point: nothing to fit
+    none.update(slices_label="3 slices", host=common.host_info())
+    assert "no Amdahl fit" in scaling.render_markdown(none)
+    assert scaling.plot_scaling(none, tmp_path / "none.png").stat().st_size > 0
+
+
 def test_scaling_command_line(phantom_folder, tmp_path):
     rc = scaling.main(["--input", str(phantom_folder), "--quick", "--workers", "1,2", "--backends", "threads",
                        "--no-warmup", "--copies", "2", "--tag", "smoke", "--out-dir", str(tmp_path)])
