@@ -447,6 +447,7 @@ def memory_touch_check(mb: int = 256) -> dict:
     """
     import subprocess
 
+    time.sleep(3.0)           # guests report freed memory after ~2 s: measure what a run starting later finds
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "1")
     out = subprocess.run([sys.executable, "-c", _TOUCH_SCRIPT, str(mb)], capture_output=True, text=True,
