@@ -469,6 +469,37 @@ def test_writer_stops_waiting_once_the_producer_is_done():
     assert time.perf_counter() - t0 < 30
 
 
+def test_writer_is_woken_for_runs_of_slices_and_for_a_complete_batch(monkeypatch):
+    # Each wake-up costs the worker and the writer a futex call and a context switch: the writer is woken
+    # once WRITE_RUN slices in sequence are ready, or when the batch can be committed, not for every slice.
+    import threading
+
+    from engine import schedule
+    from engine.profile import Profiler
+    monkeypatch.setattr(schedule, "WRITE_RUN", 4)
+    batches = schedule.Batches(0, 0, 6, Profiler(1, "threads").barrier_clock, threading.Event())
+    wakes = []
+    notify = batches.cond.notify_all
+    monkeypatch.setattr(batches.cond, "notify_all", lambda: (wakes.append(1), notify()))
+    st = batches.begin(0, 0)
+    st.count = 6
+    for seq in (1, 2, 0):                          # slice 0 last: a run of 3 from the writer's position
+        batches.add_result(seq, f"slice {seq}")
+    assert wakes == []
+    batches.add_result(3, "slice 3")               # 4 in sequence
+    assert len(wakes) == 1
+    got = batches.writable(timeout=0)
+    assert got[1] == [f"slice {i}" for i in range(4)] and got[2] is False
+    batches.close(st)                              # closing wakes the writer (the producer's side)
+    n = len(wakes)
+    batches.add_result(4, "slice 4")               # 1 in sequence, batch not complete yet
+    assert len(wakes) == n
+    batches.add_result(5, "slice 5")               # the batch is complete: wake at once
+    assert len(wakes) == n + 1
+    got = batches.writable(timeout=0)
+    assert got[1] == ["slice 4", "slice 5"] and got[2] is True
+
+
 def test_default_zscore_leaves_the_settings_hash_of_older_stores_unchanged(folder, tmp_path):
     # stores written before prepare.zscore existed recorded no such key: the default must hash the same
     refs = ["1", "2", "3"]
