@@ -29,9 +29,9 @@ core's worth. **Per core** (strong scaling): below the core count each worker co
 whole process (every thread and worker process) pinned to as many CPUs as workers (``sched_setaffinity``,
 ``common.confined_to``); from the core count on the free runs are the points. Efficiency ``X(n on c CPUs) /
 (c X(1 on 1 CPU))`` with c = min(n, cores). Amdahl's law ``X(c) = X(1) c / (1 + s (c - 1))`` is fitted (X(1)
-and the serial fraction s, least squares on relative errors) to the per-core points, and projected to 6 cores, the
-paper's i7-10750H, next to its 91 frames/s. The projection keeps this machine's per-core speed; the paper's own
-figures (SLIC 28 frames/s serial, 91 on 6 cores) imply s = 0.17.
+and the serial fraction s, least squares on relative errors) to the per-core points, and projected to 6
+cores, the paper's i7-10750H, next to its 91 frames/s. The projection keeps this machine's per-core speed;
+the paper's own figures (SLIC 28 frames/s serial, 91 on 6 cores) imply s = 0.17.
 """
 from __future__ import annotations
 
@@ -165,7 +165,7 @@ def run_scaling(cfg, spec: str, workers: list[int], backends: list[str], repeats
                                        cpus=common.first_cpus(c[1]) if c[2] else None))
     results = common.round_robin(configs, warmup=(run if warmup else (lambda c: None)), measure=run,
                                  repeats=repeats, log=say, label=config_label)
-    points = [summarise_point(backend, n, pinned, res, ncores) for (backend, n, pinned), res in zip(configs, results)]
+    points = [summarise_point(backend, n, pin, res, ncores) for (backend, n, pin), res in zip(configs, results)]
     fits = {}
     for backend in backends:
         pts = [p for p in points if p["backend"] == backend]
@@ -352,9 +352,9 @@ def render_markdown(result: dict) -> str:
             "end-to-end frames/s", "busy %", "on a core, % of busy", "waiting %", "barrier %", "CPU %",
             "peak RSS MB"]
     rows = []
+    pct = (lambda v: "-" if v is None else fmt(100 * v))
     for p in result["points"]:
         pr = p["profile"]
-        pct = (lambda v: "-" if v is None else fmt(100 * v))
         rows.append([p["backend"], p["workers"], f"{p['cpus']}" + (" (pinned)" if p["pinned"] else ""),
                      fmt(p["fps"]), f"{fmt(p['fps_min'])}..{fmt(p['fps_max'])}",
                      "-" if p["speedup"] is None else fmt(p["speedup"], 2), pct(p["efficiency"]),
@@ -374,8 +374,8 @@ def render_markdown(result: dict) -> str:
             lines.append(f"- {b}: fewer than two worker counts within the {ncores} cores: no Amdahl fit.")
             continue
         meas = f" (measured on {paper['cores']} workers: {fmt(f['measured_fps_6'])}/s)" if f["measured_fps_6"] else ""
-        lines.append(f"- {b}: Amdahl fit on 1..{ncores} CPUs (per-core series): X(1) = {fmt(fit['x1'])}/s, serial fraction s = "
-                     f"{fit['serial_fraction']:.3f} (rms error {100 * fit['rms_rel_error']:.1f}%); projected on "
+        lines.append(f"- {b}: Amdahl fit on 1..{ncores} CPUs (per-core series): X(1) = {fmt(fit['x1'])}/s, "
+                     f"serial fraction s = {fit['serial_fraction']:.3f} (rms error {100 * fit['rms_rel_error']:.1f}%); projected on "
                      f"{paper['cores']} cores at this machine's per-core speed: **{fmt(fit['projected_fps_6'])} "
                      f"frames/s** vs the paper's {paper['slic_parallel']:.0f} "
                      f"(x{fit['projected_vs_paper']:.1f}){meas}; best measured at {f['best']} workers.")
