@@ -349,21 +349,22 @@ def main(argv=None) -> int:
         spec = common.engine_input(args.input, tmp / "in", max_volumes=max_vol)
         engine = {}
         if "engine" not in skip:
-            # below the core count also pinned to as many CPUs as workers (reader and writer included)
-            configs = [(b, w) for b in ("threads", "processes") for w in counts]
-            configs += [(b, f"{w}-pinned") for b in ("threads", "processes") for w in counts if w < common.n_cores()]
-            say(f"engine runs (subprocesses): {configs} ...")
+            # (backend, key, workers, CPUs or None): below the core count also pinned to as many CPUs as
+            # workers (reader and writer included), keyed "<n>-pinned"
+            configs = [(b, w, w, None) for b in ("threads", "processes") for w in counts]
+            configs += [(b, f"{w}-pinned", w, common.first_cpus(w)) for b in ("threads", "processes")
+                        for w in counts if w < common.n_cores()]
+            say(f"engine runs (subprocesses): {[c[:2] for c in configs]} ...")
             engine_run(spec, tmp / "warm", workers_all, "threads", extra)    # page cache, numba cache
-            runs = {c: [] for c in configs}
+            runs = {c[:2]: [] for c in configs}
             for r in range(repeats):
-                for b, w in configs:
-                    n, pinned = int(str(w).split("-")[0]), str(w).endswith("-pinned")
-                    runs[(b, w)].append(engine_run(spec, tmp / "run", n, b, extra,
-                                                   cpus=common.first_cpus(n) if pinned else None))
-                    say(f"  round {r + 1} {b} x{w}: {runs[(b, w)][-1]['profile']['slices_per_s']:.1f} slices/s "
-                        f"(engine), process {runs[(b, w)][-1]['seconds']:.2f} s")
-            for c in configs:
-                engine[c] = summarise_engine(runs[c])
+                for b, key, n, cpus in configs:
+                    run = engine_run(spec, tmp / "run", n, b, extra, cpus=cpus)
+                    runs[(b, key)].append(run)
+                    say(f"  round {r + 1} {b} x{key}: {run['profile']['slices_per_s']:.1f} slices/s "
+                        f"(engine), process {run['seconds']:.2f} s")
+            for c, rs in runs.items():
+                engine[c] = summarise_engine(rs)
             result["engine"] = {f"{b}-{w}": v for (b, w), v in engine.items()}
 
         if "memory" not in skip and not args.quick:

@@ -606,8 +606,9 @@ def tune_allocator() -> bool:
     blocks fragment: new heaps kept being mapped (900,000 page faults for 10x CHAOS on one worker, 65,000
     with one arena, and 15% more slices/s). One arena for the process fixes that; the threads then share its
     lock, which cost nothing measurable (2 workers on 10x CHAOS: 825-843 slices/s with per-thread arenas,
-    839-855 with one). The process keeps its high-water mark, which the engine bounds anyway. Process-wide and lasting (threads started before the call keep
-    their arena); False where glibc's ``mallopt`` is not available.
+    839-855 with one). The process keeps its high-water mark, which the engine bounds anyway. Process-wide
+    and lasting (threads started before the call keep their arena); False where glibc's ``mallopt`` is not
+    available.
     """
     import ctypes
     import ctypes.util

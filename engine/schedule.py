@@ -17,6 +17,7 @@ import numpy as np
 from engine.store import SliceResult
 
 INFLIGHT_BATCHES = 1          # batch k+1 opens when batch k is committed: at most one batch lost to a kill
+WRITE_RUN = 8                 # slices ready in sequence that wake the writer (Batches.add_result)
 
 
 class Stopped(Exception):
@@ -87,9 +88,6 @@ class BatchState:
         self.failures: list[dict] = []
 
 
-WRITE_RUN = 8   # slices in sequence that wake the writer (engine.schedule.Batches.add_result)
-
-
 class Batches:
     """Batch bookkeeping shared by producer, workers and writer (one condition variable)."""
 
@@ -142,7 +140,7 @@ class Batches:
             n = 0
             while st.written + n in st.results and n < WRITE_RUN:
                 n += 1
-            if n >= WRITE_RUN or (st.closed and len(st.results) + st.written - st.first_slice == st.count):
+            if n >= WRITE_RUN or self._all_computed(st):
                 self.cond.notify_all()
 
     def writable(self, timeout: float) -> tuple[BatchState, list, bool] | None:
@@ -167,7 +165,13 @@ class Batches:
 
     @staticmethod
     def _complete(st: BatchState) -> bool:
+        """Every slice of the closed batch has been handed to the writer."""
         return st.closed and st.written - st.first_slice == st.count
+
+    @staticmethod
+    def _all_computed(st: BatchState) -> bool:
+        """Every slice of the closed batch is computed (handed to the writer or waiting for it)."""
+        return st.closed and st.written - st.first_slice + len(st.results) == st.count
 
     def committed(self) -> None:
         with self.cond:
