@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One prepared run on a GPU machine with many cores: issue 5's GPU check (the paper config, 300 iterations:
+# One prepared run on a GPU machine with many cores: issue 5's GPU check (the paper config, 200 iterations:
 # steps/s, data-time share, peak GPU memory) and issue 7's many-core scaling, plus the engine benchmark there.
 #
 #   benchmarks/device_run.sh DATA_DIR OUT_DIR [BUDGET_S]
@@ -8,7 +8,7 @@
 # its own cap and what is left of BUDGET_S (default 450), so that one stuck step cannot eat the others' time;
 # a failed step is logged and the next one runs. Logs and result files go to OUT_DIR/work, packed at the end
 # into OUT_DIR/device_results.tar.gz. Environment: PYTHON (default python3), TRAIN_DEVICE (default cuda),
-# STEPS (comma list, default env,preprocess,train,scaling,engine,evaluate), REPEATS (scaling, default 2),
+# STEPS (comma list, default env,preprocess,probe,train,scaling,engine,evaluate), REPEATS (scaling, default 2),
 # QUICK=1 for a smoke run of the script itself (tiny iteration counts, --quick benchmarks; any machine).
 set -u
 DATA=${1:?usage: benchmarks/device_run.sh DATA_DIR OUT_DIR [BUDGET_S]}
@@ -17,7 +17,7 @@ BUDGET=${3:-450}
 PY=${PYTHON:-python3}
 DEV=${TRAIN_DEVICE:-cuda}
 QUICK=${QUICK:-}
-STEPS=",${STEPS:-env,preprocess,train,scaling,engine,evaluate},"
+STEPS=",${STEPS:-env,preprocess,probe,train,scaling,engine,evaluate},"
 W=$OUT/work
 mkdir -p "$W/results"
 export PYTHONUNBUFFERED=1 MPLBACKEND=Agg NUMBA_CACHE_DIR=${NUMBA_CACHE_DIR:-$PWD/.numba_cache}
@@ -40,7 +40,7 @@ step() {   # step NAME CAP_S CMD...: run CMD, output in $W/NAME.log, limited to 
 }
 
 if [[ -n $QUICK ]]; then ITERS=6; LOGN=3; SCALE=(--quick --workers 1,2); ENG=(--quick --workers 1,2)
-else ITERS=300; LOGN=50; SCALE=(--workers 1,2,4,6,8,12,16,24 --pinned 1,6 --repeats "${REPEATS:-2}"); ENG=(--workers 1,2,$NCPU --skip compression)
+else ITERS=200; LOGN=50; SCALE=(--workers 1,2,4,6,8,12,16,24 --pinned 1,6 --repeats "${REPEATS:-2}"); ENG=(--workers 1,2,$NCPU --skip compression)
 fi
 
 step env 60 bash -c "nvidia-smi || true; nproc; free -g; lscpu || true; $PY -c 'import sys, torch, numba, numpy, h5py, \
@@ -53,7 +53,21 @@ numba.__version__, \"numpy\", numpy.__version__, \"h5py\", h5py.__version__, \"s
 step preprocess 150 $PY cli.py preprocess --input "$DATA" --threads "$NCPU" --out "$W/chaos.h5" --no-progress
 [[ -f $W/chaos.h5 ]] && $PY cli.py inspect "$W/chaos.h5" --json > "$W/inspect.json" 2>&1
 
-# Issue 5: the paper config (ResNet-101, all paper constants, no pretrained file on that machine), 300 iterations,
+# Why the numba kernel ran ~4x slower per core on the first device machine (Xeon) than on the 2-core VM (EPYC)
+# while the C Felzenszwalb ran only 1.7x slower: the same 1-vs-2-thread kernel timing compiled for several LLVM
+# CPU targets (NUMBA_CPU_NAME; empty = the host's), side by side, each pinned to its own 2 CPUs.
+PROBE='i=0; for t in "$@"; do
+    NUMBA_CPU_NAME=$t NUMBA_CACHE_DIR="$W/numba-$i" taskset -c "${PIN:-$((2 * i)),$((2 * i + 1))}" $PY benchmarks/kernels.py \
+        --data "$DATA" --threads-only --every 8 --tag "probe-${t:-host}" > "$W/probe-${t:-host}.log" 2>&1 &
+    i=$((i + 1)); done; wait
+for t in "$@"; do echo "target ${t:-host}: $(grep "^{" "$W/probe-${t:-host}.log")"; done'
+TARGETS=("" generic haswell skylake-avx512 icelake-server sapphirerapids)
+PIN=; (( NCPU < 2 * ${#TARGETS[@]} )) && { TARGETS=("" generic); PIN=0-$((NCPU - 1)); }
+export DATA W PY PIN
+step probe 90 bash -c "$PROBE" probe "${TARGETS[@]}"
+cp benchmarks/results/kernels-threads-probe-* "$W/results/" 2>/dev/null
+
+# Issue 5: the paper config (ResNet-101, all paper constants, no pretrained file on that machine), 200 iterations,
 # in float32 and in bf16 autocast + channels_last.
 TRAIN=(cli.py train --store "$W/chaos.h5" --config configs/paper.yaml --device "$DEV" --set model.pretrained=
        --set "train.iterations=$ITERS" --set "train.log_every=$LOGN" --set "train.ckpt_every=$ITERS"
@@ -67,7 +81,7 @@ step scaling 200 $PY benchmarks/scaling.py --input "$DATA" "${SCALE[@]}" --tag 1
 step engine 200 $PY benchmarks/engine.py --input "$DATA" "${ENG[@]}" --tag 16core
 cp benchmarks/results/engine-16core* "$W/results/" 2>/dev/null || true
 
-# The evaluation protocol on the GPU with the fp32 checkpoint (300 iterations: a check of the path, not a Dice).
+# The evaluation protocol on the GPU with the fp32 checkpoint (200 iterations: a check of the path, not a Dice).
 step evaluate 120 $PY cli.py evaluate --config configs/paper.yaml --checkpoint "$W/paper_fp32/checkpoint.pt" \
     --data "$DATA" --device "$DEV" --out "$W/eval_fp32"
 

@@ -382,7 +382,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--every", type=int, default=None, help="use every N-th slice (default 1, quick 6)")
     ap.add_argument("--tag", default=None, help="result file tag (default: host name)")
     ap.add_argument("--threads-only", action="store_true",
-                    help="only the 1 vs 2 thread measurement of our kernel (prints it, writes nothing)")
+                    help="only the 1 vs 2 thread measurement of our kernel "
+                         "(prints it and writes kernels-threads-TAG.json)")
     args = ap.parse_args(argv)
     every = args.every or (6 if args.quick else 1)
     repeats = 1 if args.quick else max(1, args.repeats)

@@ -117,7 +117,9 @@ class SuperpixelConfig:
 class EngineConfig:
     backend: str = "threads"             # threads | processes
     threads: int = 0                     # compute workers; 0 = all cores
-    batch: int = 64                      # slices per commit
+    # slices per commit: a kill loses at most one batch, and every batch costs its workers a barrier (its last
+    # slices, the commit); 128 halves that cost against 64 (benchmarks/results/scaling-16core-batch64.json)
+    batch: int = 128
     queue_slices: int = 256              # bound of the work queue (slices in flight)
     out: str = "data/store.h5"
     # none | gzip-N | maps-gzip-N, encoded in the workers (engine.store docstring has the measurements):

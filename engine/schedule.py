@@ -136,11 +136,13 @@ class Batches:
             if st.written not in st.results:
                 return
             # Wake the writer for a run of WRITE_RUN slices, not for each one: every wake-up costs both
-            # threads a futex call and a context switch. A batch that is now complete always wakes it.
+            # threads a futex call and a context switch. Near the end of a closed batch it is woken for
+            # every slice instead, so that when the last one is computed only that slice's write and the
+            # commit stand between the waiting workers and the next batch.
             n = 0
             while st.written + n in st.results and n < WRITE_RUN:
                 n += 1
-            if n >= WRITE_RUN or self._all_computed(st):
+            if n >= WRITE_RUN or (st.closed and self._uncomputed(st) < WRITE_RUN):
                 self.cond.notify_all()
 
     def writable(self, timeout: float) -> tuple[BatchState, list, bool] | None:
@@ -169,9 +171,9 @@ class Batches:
         return st.closed and st.written - st.first_slice == st.count
 
     @staticmethod
-    def _all_computed(st: BatchState) -> bool:
-        """Every slice of the closed batch is computed (handed to the writer or waiting for it)."""
-        return st.closed and st.written - st.first_slice + len(st.results) == st.count
+    def _uncomputed(st: BatchState) -> int:
+        """Slices of the batch not computed yet (neither handed to the writer nor waiting for it)."""
+        return st.count - (st.written - st.first_slice) - len(st.results)
 
     def committed(self) -> None:
         with self.cond:

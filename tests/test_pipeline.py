@@ -469,20 +469,21 @@ def test_writer_stops_waiting_once_the_producer_is_done():
     assert time.perf_counter() - t0 < 30
 
 
-def test_writer_is_woken_for_runs_of_slices_and_for_a_complete_batch(monkeypatch):
+def test_writer_is_woken_for_runs_of_slices_and_for_each_slice_at_a_batch_end(monkeypatch):
     # Each wake-up costs the worker and the writer a futex call and a context switch: the writer is woken
-    # once WRITE_RUN slices in sequence are ready, or when the batch can be committed, not for every slice.
+    # once WRITE_RUN slices in sequence are ready, not for every slice; but once fewer than WRITE_RUN slices
+    # of a closed batch are left to compute it keeps up slice by slice, so the commit can follow the last one.
     import threading
 
     from engine import schedule
     from engine.profile import Profiler
     monkeypatch.setattr(schedule, "WRITE_RUN", 4)
-    batches = schedule.Batches(0, 0, 6, Profiler(1, "threads").barrier_clock, threading.Event())
+    batches = schedule.Batches(0, 0, 10, Profiler(1, "threads").barrier_clock, threading.Event())
     wakes = []
     notify = batches.cond.notify_all
     monkeypatch.setattr(batches.cond, "notify_all", lambda: (wakes.append(1), notify()))
     st = batches.begin(0, 0)
-    st.count = 6
+    st.count = 10
     for seq in (1, 2, 0):                          # slice 0 last: a run of 3 from the writer's position
         batches.add_result(seq, f"slice {seq}")
     assert wakes == []
@@ -492,12 +493,40 @@ def test_writer_is_woken_for_runs_of_slices_and_for_a_complete_batch(monkeypatch
     assert got[1] == [f"slice {i}" for i in range(4)] and got[2] is False
     batches.close(st)                              # closing wakes the writer (the producer's side)
     n = len(wakes)
-    batches.add_result(4, "slice 4")               # 1 in sequence, batch not complete yet
+    batches.add_result(5, "slice 5")               # slice 4 missing: nothing to write
+    batches.add_result(6, "slice 6")
     assert len(wakes) == n
-    batches.add_result(5, "slice 5")               # the batch is complete: wake at once
+    batches.add_result(4, "slice 4")               # a run of 3 only, but 3 < 4 slices left to compute
     assert len(wakes) == n + 1
     got = batches.writable(timeout=0)
-    assert got[1] == ["slice 4", "slice 5"] and got[2] is True
+    assert got[1] == ["slice 4", "slice 5", "slice 6"] and got[2] is False
+    batches.add_result(7, "slice 7")               # near the end: every slice wakes the writer
+    assert len(wakes) == n + 2
+    assert batches.writable(timeout=0)[1] == ["slice 7"]
+    batches.add_result(9, "slice 9")               # slice 8 missing: no wake
+    assert len(wakes) == n + 2
+    batches.add_result(8, "slice 8")               # the batch is complete
+    assert len(wakes) == n + 3
+    got = batches.writable(timeout=0)
+    assert got[1] == ["slice 8", "slice 9"] and got[2] is True
+
+
+def test_an_open_batch_wakes_the_writer_only_for_runs(monkeypatch):
+    # Before the producer closes a batch its size is not known: few slices left is no reason to wake.
+    import threading
+
+    from engine import schedule
+    from engine.profile import Profiler
+    monkeypatch.setattr(schedule, "WRITE_RUN", 4)
+    batches = schedule.Batches(0, 0, 10, Profiler(1, "threads").barrier_clock, threading.Event())
+    wakes = []
+    notify = batches.cond.notify_all
+    monkeypatch.setattr(batches.cond, "notify_all", lambda: (wakes.append(1), notify()))
+    st = batches.begin(0, 0)
+    st.count = 2
+    batches.add_result(0, "slice 0")
+    batches.add_result(1, "slice 1")
+    assert wakes == []
 
 
 def test_default_zscore_leaves_the_settings_hash_of_older_stores_unchanged(folder, tmp_path):
