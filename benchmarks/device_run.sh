@@ -8,8 +8,9 @@
 # its own cap and what is left of BUDGET_S (default 450), so that one stuck step cannot eat the others' time;
 # a failed step is logged and the next one runs. Logs and result files go to OUT_DIR/work, packed at the end
 # into OUT_DIR/device_results.tar.gz. Environment: PYTHON (default python3), TRAIN_DEVICE (default cuda),
-# STEPS (comma list, default env,preprocess,probe,train,scaling,engine,evaluate), REPEATS (scaling, default 2),
-# QUICK=1 for a smoke run of the script itself (tiny iteration counts, --quick benchmarks; any machine).
+# STEPS (comma list, default env,preprocess,train,scaling,engine,evaluate; add probe for the CPU-target probe),
+# REPEATS (scaling, default 2), QUICK=1 for a smoke run of the script itself (tiny iteration counts, --quick
+# benchmarks; any machine).
 set -u
 DATA=${1:?usage: benchmarks/device_run.sh DATA_DIR OUT_DIR [BUDGET_S]}
 OUT=${2:?usage: benchmarks/device_run.sh DATA_DIR OUT_DIR [BUDGET_S]}
@@ -17,7 +18,7 @@ BUDGET=${3:-450}
 PY=${PYTHON:-python3}
 DEV=${TRAIN_DEVICE:-cuda}
 QUICK=${QUICK:-}
-STEPS=",${STEPS:-env,preprocess,probe,train,scaling,engine,evaluate},"
+STEPS=",${STEPS:-env,preprocess,train,scaling,engine,evaluate},"
 W=$OUT/work
 mkdir -p "$W/results"
 export PYTHONUNBUFFERED=1 MPLBACKEND=Agg NUMBA_CACHE_DIR=${NUMBA_CACHE_DIR:-$PWD/.numba_cache}
@@ -55,10 +56,12 @@ step preprocess 150 $PY cli.py preprocess --input "$DATA" --threads "$NCPU" --ou
 
 # Why the numba kernel ran ~4x slower per core on the first device machine (Xeon) than on the 2-core VM (EPYC)
 # while the C Felzenszwalb ran only 1.7x slower: the same 1-vs-2-thread kernel timing compiled for several LLVM
-# CPU targets (NUMBA_CPU_NAME; empty = the host's), side by side, each pinned to its own 2 CPUs.
+# CPU targets (NUMBA_CPU_NAME; empty = the host's), side by side, each pinned to its own 2 CPUs. Answered on
+# 2026-11-26 (README, "On 16 cores": the machine, not the target), so it runs only when STEPS names it.
 PROBE='i=0; for t in "$@"; do
-    NUMBA_CPU_NAME=$t NUMBA_CACHE_DIR="$W/numba-$i" taskset -c "${PIN:-$((2 * i)),$((2 * i + 1))}" $PY benchmarks/kernels.py \
-        --data "$DATA" --threads-only --every 8 --tag "probe-${t:-host}" > "$W/probe-${t:-host}.log" 2>&1 &
+    NUMBA_CPU_NAME=$t NUMBA_CACHE_DIR="$W/numba-$i" taskset -c "${PIN:-$((2 * i)),$((2 * i + 1))}" \
+        $PY benchmarks/kernels.py --data "$DATA" --threads-only --every 8 --tag "probe-${t:-host}" \
+        > "$W/probe-${t:-host}.log" 2>&1 &
     i=$((i + 1)); done; wait
 for t in "$@"; do echo "target ${t:-host}: $(grep "^{" "$W/probe-${t:-host}.log")"; done'
 TARGETS=("" generic haswell skylake-avx512 icelake-server sapphirerapids)
