@@ -469,19 +469,25 @@ def test_writer_stops_waiting_once_the_producer_is_done():
     assert time.perf_counter() - t0 < 30
 
 
-def test_writer_is_woken_for_runs_of_slices_and_for_each_slice_at_a_batch_end(monkeypatch):
-    # Each wake-up costs the worker and the writer a futex call and a context switch: the writer is woken
-    # once WRITE_RUN slices in sequence are ready, not for every slice; but once fewer than WRITE_RUN slices
-    # of a closed batch are left to compute it keeps up slice by slice, so the commit can follow the last one.
+def batches_counting_wakeups(monkeypatch, write_run: int):
+    """Batches of 10 slices whose writer wake-ups (notify_all) are counted in the returned list."""
     import threading
 
     from engine import schedule
     from engine.profile import Profiler
-    monkeypatch.setattr(schedule, "WRITE_RUN", 4)
+    monkeypatch.setattr(schedule, "WRITE_RUN", write_run)
     batches = schedule.Batches(0, 0, 10, Profiler(1, "threads").barrier_clock, threading.Event())
     wakes = []
     notify = batches.cond.notify_all
     monkeypatch.setattr(batches.cond, "notify_all", lambda: (wakes.append(1), notify()))
+    return batches, wakes
+
+
+def test_writer_is_woken_for_runs_of_slices_and_for_each_slice_at_a_batch_end(monkeypatch):
+    # Each wake-up costs the worker and the writer a futex call and a context switch: the writer is woken
+    # once WRITE_RUN slices in sequence are ready, not for every slice; but once fewer than WRITE_RUN slices
+    # of a closed batch are left to compute it keeps up slice by slice, so the commit can follow the last one.
+    batches, wakes = batches_counting_wakeups(monkeypatch, write_run=4)
     st = batches.begin(0, 0)
     st.count = 10
     for seq in (1, 2, 0):                          # slice 0 last: a run of 3 from the writer's position
@@ -513,15 +519,7 @@ def test_writer_is_woken_for_runs_of_slices_and_for_each_slice_at_a_batch_end(mo
 
 def test_an_open_batch_wakes_the_writer_only_for_runs(monkeypatch):
     # Before the producer closes a batch its size is not known: few slices left is no reason to wake.
-    import threading
-
-    from engine import schedule
-    from engine.profile import Profiler
-    monkeypatch.setattr(schedule, "WRITE_RUN", 4)
-    batches = schedule.Batches(0, 0, 10, Profiler(1, "threads").barrier_clock, threading.Event())
-    wakes = []
-    notify = batches.cond.notify_all
-    monkeypatch.setattr(batches.cond, "notify_all", lambda: (wakes.append(1), notify()))
+    batches, wakes = batches_counting_wakeups(monkeypatch, write_run=4)
     st = batches.begin(0, 0)
     st.count = 2
     batches.add_result(0, "slice 0")
