@@ -404,7 +404,8 @@ class _Run(ProcessBackend):
                     raise Stopped
         task.slot = slot
         self.q.put(task)
-        self._wake()
+        if self.dispatcher_hungry:
+            self._wake()
 
     # -------------------------------------------------------------- thread workers
     def _thread_worker(self, w: int) -> None:

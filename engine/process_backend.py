@@ -70,6 +70,7 @@ class ProcessBackend:
         # Every worker has mapped the ring: remove its name now, so that no crash can leak it.
         self.shm.unlink()
         self.wake_r, self.wake_w = os.pipe()
+        self.dispatcher_hungry = True                # the dispatcher would take a slice now (producer: wake it)
         os.set_blocking(self.wake_r, False)
         os.set_blocking(self.wake_w, False)
 
@@ -121,6 +122,13 @@ class ProcessBackend:
                         outstanding[w].append(LoadMark(i, item[0], slot))
                         if not self._send(w, ("load", i, item, slot), outstanding[w]):
                             return
+                # The producer wakes this thread for a new slice only while it could take one: with every
+                # worker's queue full, a result comes first anyway, and a wake-up per slice cost both threads
+                # a pipe write, a read and a poll. The flag is set before the queue is looked at again, so a
+                # slice put after that look always sees it.
+                self.dispatcher_hungry = not pending and any(len(o) < PREFETCH_PER_WORKER for o in outstanding)
+                if self.dispatcher_hungry and not self.q.empty():
+                    continue
                 ready = mpc.wait(self.result_conns + list(sentinel_of) + [self.wake_r], timeout=0.5)
                 for r in ready:
                     if r == self.wake_r:
