@@ -313,6 +313,39 @@ def test_shard_builder_streams_slices_and_shows_nothing_before_its_commit(tmp_pa
         StoreWriter.open(tmp_path / "t.h5", SETTINGS, codec, SHAPE, "rev1").begin_shard(1, 0, capacity=2)
 
 
+def test_early_syncs_run_beside_the_writer_and_their_errors_reach_the_commit(tmp_path, monkeypatch):
+    # The writer hands the early fdatasync to the store's sync thread and goes on writing; an error of that
+    # sync (a failing disk) is raised by the commit, which then leaves no temporary shard behind.
+    import threading
+
+    from engine import store as store_mod
+    monkeypatch.setattr(store_mod, "EARLY_SYNC_BYTES", 1)
+    synced_in = []
+    real = os.fdatasync
+
+    def recording(fd):
+        synced_in.append(threading.current_thread().name)
+        return real(fd)
+    monkeypatch.setattr(os, "fdatasync", recording)
+    codec = Codec.parse("maps-gzip-1")
+    w = StoreWriter.open(tmp_path / "s.h5", SETTINGS, codec, SHAPE, "rev1")
+    builder = w.begin_shard(0, 0, capacity=2)
+    for z in range(2):
+        builder.add(make_slice(codec, "1", z)[0])
+    info = w.end_shard(builder, {"ref1": row("1", 2)}, [])
+    assert info.n == 2 and synced_in and all(n.startswith("engine-syncer") for n in synced_in)
+
+    def failing(fd):
+        raise OSError(5, "Input/output error")
+    monkeypatch.setattr(os, "fdatasync", failing)
+    builder = w.begin_shard(1, 2, capacity=2)
+    builder.add(make_slice(codec, "1", 2)[0])
+    with pytest.raises(OSError, match="Input/output error"):
+        w.end_shard(builder, {"ref1": row("1", 3)}, [])
+    assert not builder.tmp.exists() and len(w.shards) == 1
+    w.abort()
+
+
 def test_discarded_shard_builder_leaves_no_file(tmp_path):
     codec = Codec.parse("none")
     w = StoreWriter.open(tmp_path / "s.h5", SETTINGS, codec, SHAPE, "rev1")
