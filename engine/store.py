@@ -370,7 +370,7 @@ def _background_sync(fd: int) -> Future:
 
 
 def _sync_and_drop(fd: int) -> None:
-    os.fdatasync(fd)
+    getattr(os, "fdatasync", os.fsync)(fd)          # macOS has no fdatasync
     _drop_cached(fd)
 
 
