@@ -81,92 +81,92 @@ class ProcessBackend:
             pass                                     # the pipe is full: the dispatcher is awake anyway
 
     def _dispatcher(self) -> None:
-        prof = self.prof
-        n = self.n_workers
-        outstanding = [collections.deque() for _ in range(n)]
-        idle_since = [time.perf_counter()] * n
-        clock0 = [prof.barrier_clock.value(idle_since[0])] * n
+        st = _Dispatch(self.n_workers, self.prof)
         sentinel_of = {p.sentinel: w for w, p in enumerate(self.procs)}
         result_of = {id(c): w for w, c in enumerate(self.result_conns)}
-        pending: collections.deque = collections.deque()
+        waitables = self.result_conns + list(sentinel_of) + [self.wake_r]
         try:
             while not self.stop.is_set():
-                while True:
-                    try:
-                        pending.append(self.q.get_nowait())
-                    except queue.Empty:
-                        break
-                if self.producer_done and not pending and self.q.empty() and not any(outstanding):
+                st.take_queued(self.q)
+                if self.producer_done and not st.pending and self.q.empty() and not st.busy():
                     break
-                order = sorted(range(n), key=lambda k: len(outstanding[k]))
-                for w in order:
-                    while pending and len(outstanding[w]) < PREFETCH_PER_WORKER:
-                        task = pending.popleft()
-                        if not outstanding[w]:
-                            now = time.perf_counter()
-                            prof.add_idle(w, idle_since[w], now, clock0[w])
-                        if not self._send_slice(w, task, outstanding[w]):
-                            return
-                        outstanding[w].append(task)
-                if not pending:                      # loads fill the gaps, as in the threads backend
-                    for w in order:
-                        if outstanding[w]:
-                            continue
-                        with self.loads.cond:
-                            if not self.loads.startable():
-                                break
-                            i, item = self.loads.start()
-                        with self._lock:
-                            slot = self.free_arena.pop() if self.free_arena else -1
-                        prof.add_idle(w, idle_since[w], time.perf_counter(), clock0[w])
-                        outstanding[w].append(LoadMark(i, item[0], slot))
-                        if not self._send(w, ("load", i, item, slot), outstanding[w]):
-                            return
+                if not self._hand_out(st):
+                    return
                 # The producer wakes this thread for a new slice only while it could take one: with every
                 # worker's queue full, a result comes first anyway, and a wake-up per slice cost both threads
                 # a pipe write, a read and a poll. The flag is set before the queue is looked at again, so a
                 # slice put after that look always sees it.
-                self.dispatcher_hungry = not pending and any(len(o) < PREFETCH_PER_WORKER for o in outstanding)
+                self.dispatcher_hungry = st.hungry()
                 if self.dispatcher_hungry and not self.q.empty():
                     continue
-                ready = mpc.wait(self.result_conns + list(sentinel_of) + [self.wake_r], timeout=0.5)
-                for r in ready:
+                for r in mpc.wait(waitables, timeout=0.5):
                     if r == self.wake_r:
-                        try:
-                            while os.read(self.wake_r, 4096):
-                                pass
-                        except BlockingIOError:
-                            pass
-                        continue
-                    if isinstance(r, int) and r in sentinel_of:
+                        self._drain_wake_pipe()
+                    elif isinstance(r, int) and r in sentinel_of:
                         w = sentinel_of[r]
-                        self._worker_died(w, outstanding[w])
+                        self._worker_died(w, st.outstanding[w])
                         return
-                    w = result_of[id(r)]
-                    try:
-                        msg = r.recv()
-                    except (EOFError, OSError):
-                        self.procs[w].join(timeout=2)
-                        self._worker_died(w, outstanding[w])
+                    elif not self._receive(st, result_of[id(r)], r):
                         return
-                    task = outstanding[w].popleft()
-                    if msg[0] == "error":
-                        what = (f"loading volume {task.ref} of {self.cfg.data.input}"
-                                if isinstance(task, LoadMark) else
-                                f"volume {task.vol.id} slice z={task.z} ({task.vol.path})")
-                        self.fail(f"{what} failed in worker process {w}: {msg[3]}")
-                        return
-                    if isinstance(task, LoadMark):
-                        self._load_result(w, task, msg)
-                    else:
-                        self._slice_result(w, task, msg)
-                    if self.stop.is_set():
-                        return
-                    if not outstanding[w]:
-                        idle_since[w] = time.perf_counter()
-                        clock0[w] = prof.barrier_clock.value(idle_since[w])
         finally:
             self._stop_pool(graceful=not self.stop.is_set())
+
+    def _hand_out(self, st: "_Dispatch") -> bool:
+        """Queue slices at the workers (least loaded first), then loads at idle ones; False: the run stops."""
+        order = st.least_loaded_first()
+        for w in order:
+            while st.pending and len(st.outstanding[w]) < PREFETCH_PER_WORKER:
+                task = st.pending.popleft()
+                st.starts(w)
+                if not self._send_slice(w, task, st.outstanding[w]):
+                    return False
+                st.outstanding[w].append(task)
+        if st.pending:
+            return True
+        for w in order:                              # loads fill the gaps, as in the threads backend
+            if st.outstanding[w]:
+                continue
+            with self.loads.cond:
+                if not self.loads.startable():
+                    break
+                i, item = self.loads.start()
+            with self._lock:
+                slot = self.free_arena.pop() if self.free_arena else -1
+            st.starts(w)
+            st.outstanding[w].append(LoadMark(i, item[0], slot))
+            if not self._send(w, ("load", i, item, slot), st.outstanding[w]):
+                return False
+        return True
+
+    def _receive(self, st: "_Dispatch", w: int, conn) -> bool:
+        """Take worker ``w``'s answer to its oldest job; False: the run stops (a failure, or a dead worker)."""
+        try:
+            msg = conn.recv()
+        except (EOFError, OSError):
+            self.procs[w].join(timeout=2)
+            self._worker_died(w, st.outstanding[w])
+            return False
+        task = st.outstanding[w].popleft()
+        if msg[0] == "error":
+            what = (f"loading volume {task.ref} of {self.cfg.data.input}" if isinstance(task, LoadMark) else
+                    f"volume {task.vol.id} slice z={task.z} ({task.vol.path})")
+            self.fail(f"{what} failed in worker process {w}: {msg[3]}")
+            return False
+        if isinstance(task, LoadMark):
+            self._load_result(w, task, msg)
+        else:
+            self._slice_result(w, task, msg)
+        if self.stop.is_set():
+            return False
+        st.maybe_idle(w)
+        return True
+
+    def _drain_wake_pipe(self) -> None:
+        try:
+            while os.read(self.wake_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
 
     def _track_volume(self, vol: Loaded, n_todo: int) -> None:
         """Producer: a worker-loaded volume with ``n_todo`` slices to dispatch. Its memfd stays open until the
@@ -319,3 +319,44 @@ class ProcessBackend:
             self.shm.close()
         except (BufferError, OSError):
             pass
+
+
+class _Dispatch:
+    """The dispatcher's bookkeeping: slices taken from the producer's queue and not yet sent, the jobs each
+    worker holds (oldest first: workers answer in order), and since when each worker has been idle (its
+    profile's waiting / barrier time)."""
+
+    def __init__(self, n: int, prof):
+        self.prof = prof
+        self.pending: collections.deque = collections.deque()
+        self.outstanding = [collections.deque() for _ in range(n)]
+        self.idle_since = [time.perf_counter()] * n
+        self.clock0 = [prof.barrier_clock.value(self.idle_since[0])] * n
+
+    def take_queued(self, q: queue.Queue) -> None:
+        while True:
+            try:
+                self.pending.append(q.get_nowait())
+            except queue.Empty:
+                return
+
+    def busy(self) -> bool:
+        return any(self.outstanding)
+
+    def hungry(self) -> bool:
+        """No slice waits here, and some worker could take one."""
+        return not self.pending and any(len(o) < PREFETCH_PER_WORKER for o in self.outstanding)
+
+    def least_loaded_first(self) -> list[int]:
+        return sorted(range(len(self.outstanding)), key=lambda k: len(self.outstanding[k]))
+
+    def starts(self, w: int) -> None:
+        """Worker ``w`` gets a job: if it held none, its idle time ends now."""
+        if not self.outstanding[w]:
+            self.prof.add_idle(w, self.idle_since[w], time.perf_counter(), self.clock0[w])
+
+    def maybe_idle(self, w: int) -> None:
+        """Worker ``w`` answered a job: with none left it is idle from now."""
+        if not self.outstanding[w]:
+            self.idle_since[w] = time.perf_counter()
+            self.clock0[w] = self.prof.barrier_clock.value(self.idle_since[w])
