@@ -258,8 +258,10 @@ def test_settings_mismatch_is_refused_and_overwrite_restarts(folder, tmp_path, c
     assert "source" in capsys.readouterr().err
 
 
-def test_resume_after_a_failed_run_is_identical(folder, reference, tmp_path, monkeypatch, capsys):
-    """A run stopped mid-way (a slice raises) keeps whole batches; the rerun computes only the rest."""
+@pytest.mark.parametrize("rerun_batch", [4, 8])
+def test_resume_after_a_failed_run_is_identical(folder, reference, tmp_path, monkeypatch, capsys, rerun_batch):
+    """A run stopped mid-way (a slice raises) keeps whole batches; the rerun computes only the rest, also
+    with another batch size (a store begun under the old default of 64 resumes under 128)."""
     real = slice_worker.pseudolabels
     calls = {"n": 0}
 
@@ -278,7 +280,7 @@ def test_resume_after_a_failed_run_is_identical(folder, reference, tmp_path, mon
         committed = r.n_slices
         assert r.meta["complete"] is False and committed % 4 == 0 and 0 < committed <= 12
     monkeypatch.setattr(slice_worker, "pseudolabels", real)
-    assert pipeline.preprocess(make_cfg(folder, out, threads=2, batch=4), progress=False) == 0
+    assert pipeline.preprocess(make_cfg(folder, out, threads=2, batch=rerun_batch), progress=False) == 0
     assert "resuming" in capsys.readouterr().err
     runs = [json.loads(line) for line in (parts_dir(out) / "runs.jsonl").read_text().splitlines()]
     assert [r["status"] for r in runs] == ["failed", "complete"]
