@@ -430,8 +430,7 @@ class _Run(ProcessBackend):
                     vol.raw[z], vol.image[z], None if vol.label is None else vol.label[z],
                     cfg.prepare.fg_threshold, cfg.superpixels, self.codec, self.zero_label)
             except Exception as exc:
-                self.fail(f"volume {vol.id} slice z={z} ({vol.path}) failed in worker {w}: "
-                          f"{type(exc).__name__}: {exc}")
+                self.fail(f"{task.describe()} failed in worker {w}: {type(exc).__name__}: {exc}")
                 return
             prof.add_work(w, stages, time.thread_time() - c1)
             self._result(task, chunks, nsp)

@@ -148,8 +148,7 @@ class ProcessBackend:
             return False
         task = st.outstanding[w].popleft()
         if msg[0] == "error":
-            what = (f"loading volume {task.ref} of {self.cfg.data.input}" if isinstance(task, LoadMark) else
-                    f"volume {task.vol.id} slice z={task.z} ({task.vol.path})")
+            what = task.describe(self.cfg.data.input) if isinstance(task, LoadMark) else task.describe()
             self.fail(f"{what} failed in worker process {w}: {msg[3]}")
             return False
         if isinstance(task, LoadMark):
@@ -271,10 +270,9 @@ class ProcessBackend:
         p.join(timeout=1)
         why = signal_name(p.exitcode)
         if outstanding and isinstance(outstanding[0], LoadMark):
-            what = f"while loading volume {outstanding[0].ref} of {self.cfg.data.input}"
+            what = f"while {outstanding[0].describe(self.cfg.data.input)}"
         elif outstanding:
-            task = outstanding[0]
-            what = f"while computing volume {task.vol.id} slice z={task.z} ({task.vol.path})"
+            what = f"while computing {outstanding[0].describe()}"
         else:
             what = "while idle"
         self.fail(f"worker process {w} (pid {p.pid}) died ({why}) {what}; the unfinished batch was not "

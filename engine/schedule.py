@@ -67,6 +67,9 @@ class LoadMark:
     ref: str
     slot: int = -1
 
+    def describe(self, source: str) -> str:
+        return f"loading volume {self.ref} of {source}"
+
 
 @dataclasses.dataclass
 class Task:
@@ -74,6 +77,10 @@ class Task:
     vol: Loaded
     z: int
     slot: int = -1
+
+    def describe(self) -> str:
+        """The slice as error messages name it."""
+        return f"volume {self.vol.id} slice z={self.z} ({self.vol.path})"
 
 
 class BatchState:
