@@ -118,7 +118,8 @@ class EngineConfig:
     backend: str = "threads"             # threads | processes
     threads: int = 0                     # compute workers; 0 = all cores
     # slices per commit: a kill loses at most one batch, and every batch costs its workers a barrier (its last
-    # slices, the commit); 128 halves that cost against 64 (benchmarks/results/scaling-16core-batch64.json)
+    # slices, the commit); 128 halves that cost against 64
+    # (benchmarks/results/device-h200-2026-11-26b/scaling-16core-batch64-1349.json)
     batch: int = 128
     queue_slices: int = 256              # bound of the work queue (slices in flight)
     out: str = "data/store.h5"
