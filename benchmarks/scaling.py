@@ -376,8 +376,9 @@ def render_markdown(result: dict) -> str:
         meas = f" (measured on {paper['cores']} workers: {fmt(f['measured_fps_6'])}/s)" if f["measured_fps_6"] else ""
         lines.append(f"- {b}: Amdahl fit on 1..{ncores} CPUs (per-core series): X(1) = {fmt(fit['x1'])}/s, "
                      f"serial fraction s = {fit['serial_fraction']:.3f} (rms error "
-                     f"{100 * fit['rms_rel_error']:.1f}%); projected on {paper['cores']} cores at this machine's per-core speed: **{fmt(fit['projected_fps_6'])} "
-                     f"frames/s** vs the paper's {paper['slic_parallel']:.0f} "
+                     f"{100 * fit['rms_rel_error']:.1f}%); projected on {paper['cores']} cores at this machine's "
+                     f"per-core speed: **{fmt(fit['projected_fps_6'])} frames/s** vs the paper's "
+                     f"{paper['slic_parallel']:.0f} "
                      f"(x{fit['projected_vs_paper']:.1f}){meas}; best measured at {f['best']} workers.")
     lines.append("")
     if host:
