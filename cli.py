@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=["threads", "processes"], help="worker kind (default: threads)")
     p.add_argument("--method", choices=["slic", "felzenszwalb", "meanshift"],
                    help="pseudo-label method (default: slic)")
-    p.add_argument("--batch", type=int, help="slices per commit (default: 128)")
+    p.add_argument("--batch", type=int, help="slices per commit (default: 16 per worker, at least 128)")
     p.add_argument("--overwrite", action="store_true",
                    help="discard an existing store whose settings differ, instead of refusing")
     p.add_argument("--no-progress", action="store_true", help="plain log lines instead of a progress bar")

@@ -186,7 +186,7 @@ def run_scaling(cfg, spec: str, workers: list[int], backends: list[str], repeats
                 "efficiency_6": PAPER["slic_parallel"] / (PAPER["cores"] * PAPER["slic"])},
             "settings": {"input": spec, "workers": workers, "backends": backends, "repeats": repeats,
                          "warmup": warmup, "readers": readers or cfg.engine.readers,
-                         "batch": cfg.engine.batch, "compression": cfg.engine.compression,
+                         "batch": cfg.engine.batch or "auto", "compression": cfg.engine.compression,
                          "superpixels": common.jsonable(dataclasses.asdict(cfg.superpixels))}}
 
 

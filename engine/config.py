@@ -117,10 +117,12 @@ class SuperpixelConfig:
 class EngineConfig:
     backend: str = "threads"             # threads | processes
     threads: int = 0                     # compute workers; 0 = all cores
-    # slices per commit: a kill loses at most one batch, and every batch costs its workers a barrier (its last
-    # slices, the commit); 128 halves that cost against 64
-    # (benchmarks/results/device-h200-2026-11-26b/scaling-16core-batch64-1349.json)
-    batch: int = 128
+    # slices per commit; 0 = 16 per worker, at least 128 (engine.pipeline.batch_size). A kill loses at most one
+    # batch, and every batch costs its workers a fixed wait at the barrier (its last slices, the commit), whose
+    # share grows with the workers: on 16 cores 128 beat 64 by 6-37%
+    # (benchmarks/results/device-h200-2026-11-26b/scaling-16core-batch64-1349.json), and at 16 workers 256 beat
+    # 128 by 18% (processes) and 3% (threads), with no gain at 6 (device-h200-2026-11-26d/ab2.log)
+    batch: int = 0
     queue_slices: int = 256              # bound of the work queue (slices in flight)
     out: str = "data/store.h5"
     # none | gzip-N | maps-gzip-N, encoded in the workers (engine.store docstring has the measurements):
@@ -134,8 +136,8 @@ class EngineConfig:
         import re
         if self.backend not in ("threads", "processes"):
             raise ConfigError(f"engine.backend: {self.backend!r} is not one of threads, processes")
-        if self.threads < 0 or self.readers < 0 or self.batch < 1 or self.queue_slices < 1:
-            raise ConfigError("engine.threads and engine.readers must be >= 0, engine.batch and "
+        if self.threads < 0 or self.readers < 0 or self.batch < 0 or self.queue_slices < 1:
+            raise ConfigError("engine.threads, engine.readers and engine.batch must be >= 0 (0: automatic), "
                               "engine.queue_slices >= 1")
         if not re.fullmatch(r"none|(maps-)?gzip-[1-9]", self.compression):
             raise ConfigError(f"engine.compression: {self.compression!r} is not one of none, gzip-1..9, "

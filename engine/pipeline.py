@@ -120,6 +120,18 @@ def n_workers(cfg) -> int:
         return max(1, os.cpu_count() or 1)
 
 
+BATCH_PER_WORKER = 16          # automatic batch: slices per worker ...
+BATCH_MIN = 128                # ... and never fewer than this
+
+
+def batch_size(cfg, workers: int) -> int:
+    """``engine.batch``, with 0 meaning 16 slices per worker and at least 128: the wait at each batch's barrier
+    is fixed, so the batch grows with the workers to keep its share of the run from growing with them."""
+    if cfg.engine.batch > 0:
+        return int(cfg.engine.batch)
+    return max(BATCH_MIN, BATCH_PER_WORKER * workers)
+
+
 # --------------------------------------------------------------------------------------------- the run
 class _Run(ProcessBackend):
     def __init__(self, cfg, overwrite: bool, progress: bool):
@@ -130,7 +142,7 @@ class _Run(ProcessBackend):
         self.n_workers = n_workers(cfg)
         self.n_readers = n_readers(cfg, self.n_workers)   # volumes loading or loaded ahead
         self.backend = cfg.engine.backend
-        self.batch_size = int(cfg.engine.batch)
+        self.batch_size = batch_size(cfg, self.n_workers)
         self.size = int(cfg.prepare.size)
         self.shape = (self.size, self.size)
         self.stop = threading.Event()
@@ -462,6 +474,9 @@ class _Run(ProcessBackend):
                         builder = self.writer.begin_shard(st.index, st.first_slice, self.batch_size)
                     for r in results:
                         builder.add(r)
+                    if not done and st.closed and builder.prepared is None:
+                        # the producer no longer touches a closed batch: its tables can go in now
+                        builder.prepare(st.volumes, st.failures, st.count)
                     if done:
                         nbytes = builder.nbytes
                         self.writer.end_shard(builder, st.volumes, st.failures)

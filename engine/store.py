@@ -392,6 +392,7 @@ class ShardBuilder:
         self.rows: list[SliceResult] = []            # the slices' table rows (chunks dropped once written)
         self.nbytes = 0                              # bytes of the chunks written
         self.capacity = max(capacity, 0)
+        self.prepared: int | None = None             # slice count written by ``prepare``
         self.file = h5py.File(self.tmp, "w")
         self.sync_fd, self.unsynced = -1, 0
         self.sync_job: Future | None = None          # the early sync in flight (it uses ``sync_fd``)
@@ -428,26 +429,33 @@ class ShardBuilder:
             self.sync_job = _background_sync(self.sync_fd)
             self.unsynced = 0
 
+    def prepare(self, volumes: dict, failures: list, n: int) -> None:
+        """Write what the batch's last slices do not change (its size, volumes, failures, attributes) ahead of
+        :meth:`commit`. The engine calls it once the batch is closed, while its last slices are still being
+        computed, so the workers waiting at the barrier wait only for the slice table and the rename."""
+        try:
+            self._size_to(n)
+            self._write_batch_metadata(volumes, failures, n)
+            self.prepared = n
+        except BaseException:
+            self.discard()
+            raise
+
     def commit(self, volumes: dict, failures: list) -> ShardInfo:
         """Tables and metadata, flush, fsync, atomic rename, fsync of the folder: the commit point."""
         sl, n = self.rows, len(self.rows)
         try:
             f = self.file
-            if self.capacity != n:
-                for dset in self.dsets.values():
-                    dset.resize(n, axis=0)
+            if self.prepared is not None and self.prepared != n:
+                raise StoreError(f"{self.final}: internal error: batch prepared for {self.prepared} slices, "
+                                 f"committed with {n}")
+            self._size_to(n)
             _write_slice_table(f.create_group("slices"), [s.volume for s in sl], [s.z for s in sl],
                                [s.n_superpixels for s in sl], [s.labels_present for s in sl],
                                [s.organs for s in sl])
             f["slices"].create_dataset("ref", data=[s.ref for s in sl], dtype=_STR)
-            _write_volume_table(f.create_group("volumes"), list(volumes.values()))
-            _write_json_rows(f, "failures", failures)
-            settings = self.settings
-            f.attrs.update({
-                "format": FORMAT_NAME, "schema_version": SCHEMA_VERSION, "shard": self.index,
-                "first_slice": self.first_slice, "n_slices": n, "settings": json.dumps(settings, sort_keys=True),
-                "settings_hash": settings_hash(settings), "compression": self.codec.spec,
-                "code_version": self.code_version, "created": self.created})
+            if self.prepared is None:
+                self._write_batch_metadata(volumes, failures, n)
             f.close()
             self._wait_sync()
             os.fsync(self.sync_fd)
@@ -462,8 +470,25 @@ class ShardBuilder:
                          np.array([s.n_superpixels for s in sl], dtype=np.int32),
                          np.array([s.labels_present for s in sl], dtype=bool),
                          np.array([s.organs for s in sl], dtype=np.uint64),
-                         list(volumes.values()), list(failures), settings_hash(settings), self.code_version,
+                         list(volumes.values()), list(failures), settings_hash(self.settings), self.code_version,
                          self.created, self.shape, self.codec.spec)
+
+    def _size_to(self, n: int) -> None:
+        if self.capacity != n:
+            for dset in self.dsets.values():
+                dset.resize(n, axis=0)
+            self.capacity = n
+
+    def _write_batch_metadata(self, volumes: dict, failures: list, n: int) -> None:
+        f = self.file
+        _write_volume_table(f.create_group("volumes"), list(volumes.values()))
+        _write_json_rows(f, "failures", failures)
+        settings = self.settings
+        f.attrs.update({
+            "format": FORMAT_NAME, "schema_version": SCHEMA_VERSION, "shard": self.index,
+            "first_slice": self.first_slice, "n_slices": n, "settings": json.dumps(settings, sort_keys=True),
+            "settings_hash": settings_hash(settings), "compression": self.codec.spec,
+            "code_version": self.code_version, "created": self.created})
 
     def discard(self) -> None:
         """Close and remove the temporary file (a failed or abandoned batch)."""

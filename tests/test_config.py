@@ -46,6 +46,7 @@ def test_int_promotes_to_float_but_not_reverse():
     ("evaluate.classes.LIVER=x", r"^evaluate\.classes\.LIVER: expected an integer"),
     ("superpixels.method=watershed", r"superpixels\.method: 'watershed' is not one of"),
     ("engine.backend=gpu", r"engine\.backend: 'gpu' is not one of"),
+    ("engine.batch=-1", r"engine\.threads, engine\.readers and engine\.batch must be >= 0 \(0: automatic\)"),
     ("train.iterations", r"expected KEY=VALUE"),
     ("train.iterations.x=1", r"^train\.iterations: expected an integer, got dict"),
 ])

@@ -178,6 +178,46 @@ def test_a_kill_can_lose_at_most_one_batch(folder, reference, tmp_path, monkeypa
     assert runs[-1]["max_uncommitted_slices"] == 3
 
 
+@pytest.mark.parametrize("backend", ["threads", "processes"])
+def test_writer_prepares_closed_batches_before_their_last_slice(folder, reference, tmp_path, monkeypatch, backend):
+    # The tables of a closed batch are written while its last slices are computed (``ShardBuilder.prepare``),
+    # so that the barrier waits only for the slice table and the rename. Slow slices keep every batch open
+    # long enough for the writer to see it closed before it is complete.
+    from engine.store import ShardBuilder
+    real_prepare, real_pseudo = ShardBuilder.prepare, slice_worker.pseudolabels
+    prepared = []
+
+    def recording(self, volumes, failures, n):
+        prepared.append((self.index, n, len(self.rows)))
+        return real_prepare(self, volumes, failures, n)
+
+    def slow(*a, **kw):
+        time.sleep(0.02)
+        return real_pseudo(*a, **kw)
+
+    monkeypatch.setattr(ShardBuilder, "prepare", recording)
+    monkeypatch.setattr(slice_worker, "pseudolabels", slow)
+    out = tmp_path / "s.h5"
+    assert pipeline.preprocess(make_cfg(folder, out, batch=6, backend=backend, threads=1), progress=False) == 0
+    assert_same_store(reference, out)
+    assert prepared and all(written < n for _, n, written in prepared)    # before the batch's last slice
+    assert len({index for index, _, _ in prepared}) == len(prepared)        # once per batch
+
+
+@pytest.mark.parametrize("batch, workers, expected", [(0, 1, 128), (0, 8, 128), (0, 12, 192), (0, 16, 256),
+                                                      (0, 64, 1024), (64, 16, 64), (1, 2, 1)])
+def test_automatic_batch_grows_with_the_workers(batch, workers, expected):
+    cfg = load_config(None, [f"engine.batch={batch}", f"engine.threads={workers}"])
+    assert pipeline.batch_size(cfg, pipeline.n_workers(cfg)) == expected
+
+
+def test_run_records_the_automatic_batch(folder, tmp_path):
+    out = tmp_path / "s.h5"
+    assert pipeline.preprocess(make_cfg(folder, out, batch=0, threads=2), progress=False) == 0
+    prof = json.loads(out.with_name("s.h5.profile.json").read_text())
+    assert prof["batch"] == 128
+
+
 def test_profile_counts_the_page_faults_of_fresh_memory():
     import mmap
 

@@ -313,6 +313,46 @@ def test_shard_builder_streams_slices_and_shows_nothing_before_its_commit(tmp_pa
         StoreWriter.open(tmp_path / "t.h5", SETTINGS, codec, SHAPE, "rev1").begin_shard(1, 0, capacity=2)
 
 
+def _shard_contents(path):
+    with h5py.File(path, "r") as f:
+        out = {k: v for k, v in f.attrs.items() if k != "created"}
+        f.visititems(lambda name, obj: out.__setitem__(name, obj[()]) if isinstance(obj, h5py.Dataset) else None)
+    return out
+
+
+def test_prepared_shard_holds_what_an_unprepared_one_holds(tmp_path):
+    # The engine writes a closed batch's volumes, failures and attributes while its last slices are computed
+    # (``prepare``); the committed shard must not differ from one written all at its commit.
+    codec = Codec.parse("maps-gzip-1")
+    shards = []
+    for name, prepare in (("a.h5", False), ("b.h5", True)):
+        w = StoreWriter.open(tmp_path / name, SETTINGS, codec, SHAPE, "rev1")
+        builder = w.begin_shard(0, 0, capacity=8)
+        volumes, failures = {"ref1": row("1", 3)}, [{"ref": "bad", "path": "bad.nii", "reason": "truncated"}]
+        for z in range(3):
+            builder.add(make_slice(codec, "1", z)[0])
+            if prepare and z == 0:
+                builder.prepare(volumes, failures, 3)
+        w.end_shard(builder, volumes, failures)
+        w.finish(complete=True)
+        shards.append(_shard_contents(parts_dir(tmp_path / name) / shard_name(0)))
+    a, b = shards
+    assert a.keys() == b.keys() and "volumes/id" in a and "failures" in a
+    for key in a:
+        assert np.array_equal(np.asarray(a[key]), np.asarray(b[key])), key
+
+
+def test_prepared_slice_count_must_match_the_commit(tmp_path):
+    codec = Codec.parse("maps-gzip-1")
+    w = StoreWriter.open(tmp_path / "s.h5", SETTINGS, codec, SHAPE, "rev1")
+    builder = w.begin_shard(0, 0, capacity=4)
+    builder.add(make_slice(codec, "1", 0)[0])
+    builder.prepare({"ref1": row("1", 3)}, [], 2)
+    with pytest.raises(StoreError, match="prepared for 2 slices, committed with 1"):
+        w.end_shard(builder, {"ref1": row("1", 3)}, [])
+    assert not builder.tmp.exists() and not (parts_dir(tmp_path / "s.h5") / shard_name(0)).exists()
+
+
 def test_early_syncs_run_beside_the_writer_and_their_errors_reach_the_commit(tmp_path, monkeypatch):
     # The writer hands the early fdatasync to the store's sync thread and goes on writing; an error of that
     # sync (a failing disk) is raised by the commit, which then leaves no temporary shard behind.
