@@ -5,8 +5,8 @@ One run measures, on the same 20 CHAOS-T2 volumes (718 slices) and with the conf
 1. **compression**: what the store's encoding costs (the table in ``engine/store.py``'s docstring): a single
    writer applying HDF5 filters (none / lzf / gzip-1..4, with and without shuffle) and worker-side zlib per
    dataset, on the first volumes' real slices; writer MB/s (uncompressed bytes), slices/s, kB per slice.
-2. **kernel**: the bare SLIC kernel (``engine.superpixels.pseudolabels`` on in-memory slices with precomputed
-   body masks) in a tight loop, on 1 and on all cores (one thread per core pulling slices).
+2. **kernel**: the bare SLIC kernel (``engine.superpixels.pseudolabels_u16``, the engine's own call, on in-memory
+   slices with precomputed body masks) in a tight loop, on 1 and on all cores (one thread per core pulling slices).
 3. **serial SSL-ALPNet-style pipeline**: read each ``.nii.gz`` (nibabel), SSL-ALPNet body mask
    (scipy/skimage), the Felzenszwalb recipe (``engine.recipes.felzenszwalb_pseudolabels``), write the
    superpixel volume as ``.nii.gz`` (float64, as the official notebook does); one thread.
@@ -180,8 +180,11 @@ def bench_compression(raw, image, label, fg, sp_cfg, tmp: Path, repeats: int) ->
 
 # --------------------------------------------------------------------------------------------- 2. kernel
 def kernel_rate(raw, fg, sp_cfg, workers: int) -> float:
-    """Seconds for the bare pseudo-label kernel over every slice, ``workers`` threads pulling slices."""
-    from engine.superpixels import pseudolabels
+    """Seconds for the bare pseudo-label kernel over every slice, ``workers`` threads pulling slices.
+
+    The call is the engine's own (``pseudolabels_u16``: one GIL-free call per slice), so the baseline is the
+    same SLIC work with nothing around it."""
+    from engine.superpixels import pseudolabels_u16 as pseudolabels
 
     n = len(raw)
     if workers == 1:
@@ -314,8 +317,8 @@ def main(argv=None) -> int:
         result["slices"] = n
         result["volumes"] = len(refs)
         say(f"{n} slices from {len(refs)} volumes")
-        from engine.superpixels import pseudolabels
-        pseudolabels(raw[0], fg[0], cfg.superpixels)                     # kernel loaded before any timing
+        from engine.superpixels import pseudolabels_u16
+        pseudolabels_u16(raw[0], fg[0], cfg.superpixels)                 # kernel loaded before any timing
 
         if "compression" not in skip:
             k = min(n, 144)                                               # about the first 4 volumes

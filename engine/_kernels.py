@@ -603,7 +603,9 @@ def enforce_connectivity(lab, ls, out, h, w, min_size, max_size, start_label):
     Returns
     -------
     n_labels : int
-        Number of labels used (``start_label .. start_label + n_labels - 1``).
+        Number of segments that took a label of their own (``start_label .. start_label + n_labels - 1``); a
+        small segment with no labelled neighbour takes ``start_label + n_labels`` without using it up, so
+        the largest label can be one more.
     """
     mask_label = start_label - 1
     # ---- runs of equal label along each row. Run 0 is a dummy standing for "no segment" (outside the mask,
@@ -926,3 +928,53 @@ def slic_core(img, mask, use_mask, imin, imax, ratio, n_c, gy0, gsy, gx0, gsx, g
             k = labp[ib + x]
             out[ob + x] = k + s0 if k >= 0 else s0 - np.int32(1)
     return n_c
+
+
+# --------------------------------------------------------------------------------------------- engine path
+@njit(**_JIT)
+def masked_slic_u16(img, mask, n_segments, ratio, grid, search_radius, n_iter, n_spread, min_size_factor,
+                    max_size_factor, out, out16):
+    """maskSLIC of one slice as ``superpixels.slic`` runs it (no smoothing, unit spacing, connectivity
+    enforced, labels from 1), with its parameter arithmetic, in one GIL-free call: the engine's workers then
+    take the GIL once per slice for SLIC instead of around every step.
+
+    ``grid[k]`` = ``superpixels._grid(h, w, k)`` for k = 0..n_segments; ``search_radius`` <= 0 means
+    scikit-image's window. ``out`` (H*W int32) is scratch; ``out16`` (H*W uint16) receives the labels.
+
+    Returns
+    -------
+    n : int
+        The largest label (labels start at 1 inside the mask, 0 outside); 0 for an empty mask. Above 65535
+        ``out16`` holds nothing useful (the caller refuses such a slice).
+    status : int
+        ``masked_range``'s status: STATUS_INF for an infinite value inside the mask (nothing computed).
+    """
+    h, w = img.shape
+    imin, imax, status, n_pix = masked_range(img, mask, True)
+    if n_pix == 0 or status != STATUS_OK:
+        out16[:] = 0
+        return 0, status
+    n_c = min(n_segments, n_pix)
+    seg_size = n_pix / n_c
+    win_y = grid[n_c, 1]
+    win_x = grid[n_c, 3]
+    if search_radius <= 0.0:
+        half_y = 2.0 * win_y
+        half_x = 2.0 * win_x
+    else:
+        half_y = half_x = search_radius * np.sqrt(seg_size)
+    min_size = int(min_size_factor * seg_size)
+    max_size = max(1, int(max_size_factor * seg_size))
+    # float64 bounds, as ``slic`` passes them (numba hands them to Python as floats): the same arithmetic
+    slic_core(img, mask, True, np.float64(imin), np.float64(imax), ratio, n_c, 0, 0, 0, 0, 0.0,
+              float(max(win_y, win_x)), half_y, half_x, n_iter, n_spread, 1.0, 1.0, True, min_size, max_size, 1,
+              out)
+    # the largest label, not slic_core's count: a lone small fragment may take the label after the last one
+    n = np.int32(0)
+    for i in range(h * w):
+        n = max(n, out[i])
+    if n > 65535:
+        return n, status
+    for i in range(h * w):
+        out16[i] = np.uint16(out[i])
+    return n, status

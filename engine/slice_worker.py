@@ -17,7 +17,7 @@ from engine.prepare import body_mask
 from engine.schedule import Failure, SourceChanged
 from engine.shm import Ring, VolumeBuffers, map_volume, send_volume
 from engine.store import DATASETS, MAX_SUPERPIXEL_ID, Codec
-from engine.superpixels import pseudolabels
+from engine.superpixels import pseudolabels_u16
 
 
 def compute_slice(raw: np.ndarray, image: np.ndarray, label: np.ndarray | None, threshold: float, sp_cfg,
@@ -46,9 +46,8 @@ def compute_slice(raw: np.ndarray, image: np.ndarray, label: np.ndarray | None, 
     t0 = time.perf_counter()
     fg = body_mask(raw, threshold)
     t1 = time.perf_counter()
-    sp = pseudolabels(raw, fg, sp_cfg)
+    sp, nsp = pseudolabels_u16(raw, fg, sp_cfg)
     t2 = time.perf_counter()
-    nsp = int(sp.max()) if sp.size else 0
     if nsp > MAX_SUPERPIXEL_ID:
         raise ValueError(f"{nsp} superpixels in one slice; the store's uint16 ids allow {MAX_SUPERPIXEL_ID}")
     chunks = {"image": codec.encode("image", image), "superpixels": codec.encode("superpixels", sp),

@@ -33,7 +33,7 @@ import numpy as np
 
 from . import _kernels as K
 
-__all__ = ["slic", "pseudolabels", "felzenszwalb_pseudolabels", "meanshift_pseudolabels"]
+__all__ = ["slic", "pseudolabels", "pseudolabels_u16", "felzenszwalb_pseudolabels", "meanshift_pseudolabels"]
 
 _NO_MASK = np.ones((1, 1), dtype=np.uint8)  # placeholder argument: one compiled signature for both modes
 
@@ -92,6 +92,19 @@ def _check_number(value: Any, name: str, minimum: float, strict: bool, integer: 
         raise ValueError(f"slic: {name} must be a finite {'integer' if integer else 'number'}, got {value!r}")
     if value < minimum or (strict and value == minimum):
         raise ValueError(f"slic: {name} must be {'>' if strict else '>='} {minimum:g}, got {value!r}")
+
+
+def _check_slic_numbers(n_segments, compactness, max_num_iter, min_size_factor, max_size_factor, search_radius,
+                        spread_iter) -> None:
+    _check_number(n_segments, "n_segments", 1, strict=False, integer=True)
+    _check_number(compactness, "compactness", 0, strict=True)
+    _check_number(max_num_iter, "max_num_iter", 1, strict=False, integer=True)
+    _check_number(min_size_factor, "min_size_factor", 0, strict=False)
+    _check_number(max_size_factor, "max_size_factor", 0, strict=True)
+    if search_radius is not None:
+        _check_number(search_radius, "search_radius", 0, strict=True)
+    if spread_iter is not None:
+        _check_number(spread_iter, "spread_iter", 0, strict=False, integer=True)
 
 
 # --------------------------------------------------------------------------------------------- SLIC
@@ -170,15 +183,8 @@ def slic(
         raise ValueError(f"slic: image is empty (shape {arr.shape})")
     if arr.dtype.kind not in "biuf":
         raise ValueError(f"slic: image must hold real numbers, got dtype {arr.dtype}")
-    _check_number(n_segments, "n_segments", 1, strict=False, integer=True)
-    _check_number(compactness, "compactness", 0, strict=True)
-    _check_number(max_num_iter, "max_num_iter", 1, strict=False, integer=True)
-    _check_number(min_size_factor, "min_size_factor", 0, strict=False)
-    _check_number(max_size_factor, "max_size_factor", 0, strict=True)
-    if search_radius is not None:
-        _check_number(search_radius, "search_radius", 0, strict=True)
-    if spread_iter is not None:
-        _check_number(spread_iter, "spread_iter", 0, strict=False, integer=True)
+    _check_slic_numbers(n_segments, compactness, max_num_iter, min_size_factor, max_size_factor, search_radius,
+                        spread_iter)
     if isinstance(start_label, bool) or start_label not in (0, 1):
         raise ValueError(f"slic: start_label must be 0 or 1, got {start_label!r}")
     sp_y, sp_x = _pair(1.0 if spacing is None else spacing, "spacing", positive=True)
@@ -301,6 +307,66 @@ def pseudolabels(raw_slice: np.ndarray, fg: np.ndarray, cfg: Any) -> np.ndarray:
         return felzenszwalb_pseudolabels(raw, fgm, f.scale, f.sigma, f.min_size, f.faithful)
     ms = cfg.meanshift
     return meanshift_pseudolabels(raw, fgm, ms.kernel_size, ms.max_dist, ms.ratio, ms.sigma)
+
+
+def pseudolabels_u16(raw_slice: np.ndarray, fg: np.ndarray, cfg: Any) -> tuple[np.ndarray, int]:
+    """``pseudolabels`` as the engine stores them: uint16 labels and their number.
+
+    maskSLIC without smoothing (the default) runs in one GIL-free call (``_kernels.masked_slic_u16``: the
+    range check, the parameters, SLIC and the uint16 copy), with the labels of ``pseudolabels``; with many
+    worker threads every extra call costs a wait for the GIL. Other settings go through ``pseudolabels``.
+
+    Parameters
+    ----------
+    raw_slice, fg, cfg : as ``pseudolabels``
+
+    Returns
+    -------
+    labels : (H, W) uint16, or int32 when there are more than 65535 superpixels
+    n : int
+        The largest label (labels start at 1 inside the body mask, 0 outside; 0 for an empty mask), which
+        the store records as the slice's number of superpixels.
+
+    Raises
+    ------
+    ValueError
+        As ``pseudolabels``.
+    """
+    s = cfg.slic
+    raw = raw_slice
+    fast = (cfg.method == "slic" and s.mask and s.sigma == 0 and isinstance(raw, np.ndarray) and raw.ndim == 2
+            and raw.dtype == np.float32 and raw.flags.c_contiguous and isinstance(fg, np.ndarray)
+            and fg.dtype == np.bool_ and fg.shape == raw.shape and fg.flags.c_contiguous and raw.size > 0)
+    if not fast:
+        labels = pseudolabels(raw_slice, fg, cfg)
+        n = int(labels.max()) if labels.size else 0
+        return (labels.astype(np.uint16) if n <= 0xFFFF else labels), n
+    h, w = raw.shape
+    table = _slic_plan(h, w, s.n_segments, s.compactness, s.max_num_iter, s.min_size_factor, s.max_size_factor,
+                       s.search_radius, s.spread_iter)
+    out = np.empty(h * w, dtype=np.int32)
+    out16 = np.empty((h, w), dtype=np.uint16)
+    n, status = K.masked_slic_u16(raw, fg.view(np.uint8), int(s.n_segments), 1.0 / float(s.compactness), table,
+                                  -1.0 if s.search_radius is None else float(s.search_radius),
+                                  int(s.max_num_iter), int(s.max_num_iter if s.spread_iter is None else s.spread_iter),
+                                  float(s.min_size_factor), float(s.max_size_factor), out, out16.reshape(-1))
+    if status == K.STATUS_INF:
+        raise ValueError("slic: image contains infinite values inside the mask")
+    return (out16 if n <= 0xFFFF else out.reshape(h, w)), int(n)
+
+
+@functools.lru_cache(maxsize=64)
+def _slic_plan(h: int, w: int, n_segments, compactness, max_num_iter, min_size_factor, max_size_factor,
+               search_radius, spread_iter) -> np.ndarray:
+    """Checks the SLIC settings once per run and tabulates ``_grid(h, w, k)`` for k = 0..n_segments (the
+    search window of k seeds), which ``masked_slic_u16`` looks up by its number of seeds."""
+    _check_slic_numbers(n_segments, compactness, max_num_iter, min_size_factor, max_size_factor, search_radius,
+                        spread_iter)
+    table = np.zeros((int(n_segments) + 1, 4), dtype=np.int64)
+    for k in range(1, int(n_segments) + 1):
+        table[k] = _grid(h, w, k)
+    table.flags.writeable = False
+    return table
 
 
 def _clip_consecutive(labels: np.ndarray, fg: np.ndarray) -> np.ndarray:

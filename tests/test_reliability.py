@@ -170,14 +170,14 @@ def test_dead_worker_message_names_the_slice(src, tmp_path, monkeypatch, capsys)
     """A worker process that dies inside the kernel on one known slice: the message names that slice."""
     img, _ = synthetic_volume(3, N_SLICES + 0)       # volume id 3 is the third one written (k = 2)
     target = np.ascontiguousarray(img[:, :, 5], dtype=np.float32)
-    real = slice_worker.pseudolabels
+    real = slice_worker.pseudolabels_u16
 
     def dies_on_target(raw, fg, cfg):
         if raw.shape == target.shape and np.array_equal(raw, target):
             os.kill(os.getpid(), signal.SIGKILL)
         return real(raw, fg, cfg)
 
-    monkeypatch.setattr(slice_worker, "pseudolabels", dies_on_target)
+    monkeypatch.setattr(slice_worker, "pseudolabels_u16", dies_on_target)
     out = tmp_path / "store.h5"
     t0 = time.time()
     rc = pipeline.preprocess(make_cfg(src, out, batch=BATCH, backend="processes"), progress=False)

@@ -20,7 +20,7 @@ import pytest
 
 from engine import _kernels as K
 from engine.config import PrepareConfig, SuperpixelConfig
-from engine.superpixels import pseudolabels, slic
+from engine.superpixels import pseudolabels, pseudolabels_u16, slic
 
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -295,6 +295,61 @@ def test_pseudolabels_invalid_input():
         pseudolabels(img, np.ones((24, 24), bool), cfg)
 
 
+def _phantom_slices(n: int = 8):
+    """Slices of a phantom patient (256 x 256) and their body masks, then an empty slice."""
+    from engine.phantom import generate
+    from engine.prepare import body_mask
+
+    image = generate(0, n_slices=n).image
+    raws = [np.ascontiguousarray(image[:, :, z]) for z in range(n)] + [np.zeros(image.shape[:2], np.float32)]
+    return [(r, body_mask(r, PrepareConfig().fg_threshold)) for r in raws]
+
+
+@pytest.mark.parametrize("overrides", [{}, {"n_segments": 7}, {"search_radius": None, "spread_iter": None},
+                                       {"mask": False}, {"sigma": 0.8}])
+def test_pseudolabels_u16_equals_pseudolabels(overrides):
+    # The engine's call: maskSLIC without smoothing runs in one GIL-free kernel, the other settings through
+    # ``pseudolabels``; the labels must be the same either way, their largest value is the count returned.
+    cfg = SuperpixelConfig()
+    for k, v in overrides.items():
+        setattr(cfg.slic, k, v)
+    slices = _phantom_slices()
+    assert any(fg.any() for _, fg in slices) and not all(fg.any() for _, fg in slices)   # empty ones too
+    for raw, fg in slices:
+        want = pseudolabels(raw, fg, cfg)
+        got, n = pseudolabels_u16(raw, fg, cfg)
+        assert got.dtype == np.uint16 and got.shape == raw.shape
+        np.testing.assert_array_equal(got, want)
+        assert n == int(want.max())
+
+
+def test_pseudolabels_u16_other_methods_and_inputs():
+    img = blocks(noise=0.05)
+    fg = np.zeros(img.shape, bool)
+    fg[2:22, 3:20] = True
+    for cfg in (SuperpixelConfig(method="felzenszwalb"), SuperpixelConfig()):
+        for raw, mask in ((img, fg), (img.astype(np.float64), fg), (img, fg.astype(np.uint8)),
+                          (np.asfortranarray(img), fg)):
+            want = pseudolabels(raw, mask, cfg)
+            got, n = pseudolabels_u16(raw, mask, cfg)
+            np.testing.assert_array_equal(got, want)
+            assert got.dtype == np.uint16 and n == want.max()
+    got, n = pseudolabels_u16(img, np.zeros_like(fg), SuperpixelConfig())
+    assert n == 0 and got.dtype == np.uint16 and not got.any()
+
+
+def test_pseudolabels_u16_errors():
+    img = blocks(noise=0.05)
+    fg = np.ones(img.shape, bool)
+    img[3, 3] = np.inf
+    with pytest.raises(ValueError, match=r"^slic: image contains infinite values inside the mask$"):
+        pseudolabels_u16(img, fg, SuperpixelConfig())
+    cfg = SuperpixelConfig()
+    cfg.slic.compactness = 0.0                        # checked once per setting, as ``slic`` checks it
+    with pytest.raises(ValueError, match=r"slic: compactness must be > 0"):
+        pseudolabels_u16(blocks(), fg, cfg)
+
+
 # --------------------------------------------------------------------------------------------- real data
 @pytest.fixture(scope="module")
 def chaos_slices(chaos_dir):
@@ -323,6 +378,17 @@ def _check_parity(mismatches: list[float]) -> None:
     assert m.max() <= 0.005, f"worst slice differs on {m.max():.4%} of its pixels"
     assert m.mean() <= 0.0005, f"mean mismatch {m.mean():.5%}"
     assert (m == 0).mean() >= 0.6, f"only {(m == 0).mean():.0%} of slices identical"
+
+
+@pytest.mark.chaos
+def test_engine_call_equals_pseudolabels_on_chaos(chaos_slices):
+    raws, fgs, _ = chaos_slices
+    cfg = SuperpixelConfig()
+    for raw, fg in zip(raws, fgs):
+        want = pseudolabels(raw, fg, cfg)
+        got, n = pseudolabels_u16(raw, fg, cfg)
+        np.testing.assert_array_equal(got, want)
+        assert n == want.max()
 
 
 @pytest.mark.chaos
