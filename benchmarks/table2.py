@@ -23,7 +23,7 @@ inside the timing):
   mask as ``mask``, the project's SLIC parameters, ``channel_axis=None``). When the config uses maskSLIC (the
   default), a second row runs skimage's SLIC on the whole slice (no mask) and clips the result to the body
   (plain SLIC, as the paper may have run it; skimage's maskSLIC spends extra time placing its seeds).
-* **our SLIC, serial**: our numba body mask (``engine.prepare.body_mask``) + ``engine.superpixels.pseudolabels``
+* **our SLIC, serial**: our numba body mask (``engine.prepare.body_mask``) + ``engine.superpixels.pseudolabels_u16``
   (numba maskSLIC, consecutive ids) -- exactly the per-slice work of the engine's workers minus the encoding.
 * **one image per Python thread** (the paper's SLIC-parallel scheme): a ``ThreadPoolExecutor`` with N threads
   mapping the serial step above over the slices; with skimage SLIC (maskSLIC; the paper's scheme, as a
@@ -134,12 +134,12 @@ def skimage_slic_full_step(cfg) -> tuple[Callable, Callable]:
 
 
 def our_slic_step(cfg) -> tuple[Callable, Callable]:
-    """(mask, kernel) of the engine's workers: numba body mask, ``engine.superpixels.pseudolabels`` (SLIC)."""
+    """(mask, kernel) of the engine's workers: numba body mask, ``engine.superpixels.pseudolabels_u16`` (SLIC)."""
     from engine.prepare import body_mask
-    from engine.superpixels import pseudolabels
+    from engine.superpixels import pseudolabels_u16
 
     thr, sp = cfg.prepare.fg_threshold, slic_config(cfg)
-    return (lambda raw: body_mask(raw, thr)), (lambda raw, fg: pseudolabels(raw, fg, sp))
+    return (lambda raw: body_mask(raw, thr)), (lambda raw, fg: pseudolabels_u16(raw, fg, sp)[0])
 
 
 def serial_pass(raw: np.ndarray, mask_fn: Callable, kernel_fn: Callable) -> dict:
@@ -229,7 +229,7 @@ def build_rows(cfg, slices: common.SliceSet, engine_specs: dict, workers: list[i
         serial("skimage_slic_full_serial", "skimage SLIC (whole slice), serial",
                "mask (scipy/skimage) + skimage slic(no mask) + clip to body", "skimage_full", "slic")
     serial("our_slic_serial", "our SLIC (maskSLIC), serial",
-           "mask (numba) + engine.superpixels.pseudolabels", "ours", "slic")
+           "mask (numba) + engine.superpixels.pseudolabels_u16", "ours", "slic")
     if skimage_threads:
         pythreads(f"skimage_slic_pythreads_{nproc}", f"skimage SLIC, one image per Python thread, {nproc} threads",
                   "as skimage SLIC serial, ThreadPoolExecutor.map", "skimage", nproc, "slic_parallel")

@@ -938,7 +938,7 @@ def masked_slic_u16(img, mask, n_segments, ratio, grid, search_radius, n_iter, n
     enforced, labels from 1), with its parameter arithmetic, in one GIL-free call: the engine's workers then
     take the GIL once per slice for SLIC instead of around every step.
 
-    ``grid[k]`` = ``superpixels._grid(h, w, k)`` for k = 0..n_segments; ``search_radius`` <= 0 means
+    ``grid[k]`` = ``superpixels._grid(h, w, k)`` for k = 1..min(n_segments, H*W); ``search_radius`` <= 0 means
     scikit-image's window. ``out`` (H*W int32) is scratch; ``out16`` (H*W uint16) receives the labels.
 
     Returns
@@ -947,7 +947,7 @@ def masked_slic_u16(img, mask, n_segments, ratio, grid, search_radius, n_iter, n
         The largest label (labels start at 1 inside the mask, 0 outside); 0 for an empty mask. Above 65535
         ``out16`` holds nothing useful (the caller refuses such a slice).
     status : int
-        ``masked_range``'s status: STATUS_INF for an infinite value inside the mask (nothing computed).
+        ``masked_range``'s status: STATUS_NAN or STATUS_INF for such a value inside the mask (nothing computed).
     """
     h, w = img.shape
     imin, imax, status, n_pix = masked_range(img, mask, True)

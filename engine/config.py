@@ -121,7 +121,7 @@ class EngineConfig:
     # batch, and every batch costs its workers a fixed wait at the barrier (its last slices, the commit), whose
     # share grows with the workers: on 16 cores 128 beat 64 by 6-37%
     # (benchmarks/results/device-h200-2026-11-26b/scaling-16core-batch64-1349.json), and at 16 workers 256 beat
-    # 128 by 18% (processes) and 3% (threads), with no gain at 6 (device-h200-2026-11-26d/ab2.log)
+    # 128 by 18% (processes) and 3% (threads), with no gain at 6 (device-h200-2026-11-26d/call2-ab/summary.md)
     batch: int = 0
     queue_slices: int = 256              # bound of the work queue (slices in flight)
     out: str = "data/store.h5"

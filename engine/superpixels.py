@@ -350,6 +350,8 @@ def pseudolabels_u16(raw_slice: np.ndarray, fg: np.ndarray, cfg: Any) -> tuple[n
                                   -1.0 if s.search_radius is None else float(s.search_radius),
                                   int(s.max_num_iter), int(s.max_num_iter if s.spread_iter is None else s.spread_iter),
                                   float(s.min_size_factor), float(s.max_size_factor), out, out16.reshape(-1))
+    if status == K.STATUS_NAN:
+        raise ValueError("slic: image contains NaN values inside the mask")
     if status == K.STATUS_INF:
         raise ValueError("slic: image contains infinite values inside the mask")
     return (out16 if n <= 0xFFFF else out.reshape(h, w)), int(n)
@@ -358,12 +360,13 @@ def pseudolabels_u16(raw_slice: np.ndarray, fg: np.ndarray, cfg: Any) -> tuple[n
 @functools.lru_cache(maxsize=64)
 def _slic_plan(h: int, w: int, n_segments, compactness, max_num_iter, min_size_factor, max_size_factor,
                search_radius, spread_iter) -> np.ndarray:
-    """Checks the SLIC settings once per run and tabulates ``_grid(h, w, k)`` for k = 0..n_segments (the
-    search window of k seeds), which ``masked_slic_u16`` looks up by its number of seeds."""
+    """Checks the SLIC settings once per run and tabulates ``_grid(h, w, k)`` for every number of seeds k a
+    slice can get (1..min(n_segments, h * w)), which ``masked_slic_u16`` looks up."""
     _check_slic_numbers(n_segments, compactness, max_num_iter, min_size_factor, max_size_factor, search_radius,
                         spread_iter)
-    table = np.zeros((int(n_segments) + 1, 4), dtype=np.int64)
-    for k in range(1, int(n_segments) + 1):
+    k_max = min(int(n_segments), h * w)
+    table = np.zeros((k_max + 1, 4), dtype=np.int64)
+    for k in range(1, k_max + 1):
         table[k] = _grid(h, w, k)
     table.flags.writeable = False
     return table

@@ -344,6 +344,14 @@ def test_pseudolabels_u16_errors():
     img[3, 3] = np.inf
     with pytest.raises(ValueError, match=r"^slic: image contains infinite values inside the mask$"):
         pseudolabels_u16(img, fg, SuperpixelConfig())
+    img[3, 3] = np.nan                                # only a caller's own mask can hold NaN (body_mask cannot)
+    with pytest.raises(ValueError, match=r"^slic: image contains NaN values inside the mask$"):
+        pseudolabels_u16(img, fg, SuperpixelConfig())
+    img[3, 3] = 1.0
+    cfg = SuperpixelConfig()
+    cfg.slic.n_segments = 10 ** 6                     # more seeds than pixels: the table stops at the pixel count
+    got, n = pseudolabels_u16(img, fg, cfg)
+    np.testing.assert_array_equal(got, pseudolabels(img, fg, cfg))
     cfg = SuperpixelConfig()
     cfg.slic.compactness = 0.0                        # checked once per setting, as ``slic`` checks it
     with pytest.raises(ValueError, match=r"slic: compactness must be > 0"):
