@@ -1093,8 +1093,9 @@ class StoreReader:
         state["_files"] = {}
         return state
 
-    def __del__(self):
-        if getattr(self, "_pid", None) == os.getpid():
+    def __del__(self, _getpid=os.getpid):
+        # ``os.getpid`` bound at definition: at interpreter exit this module's globals may already be None
+        if getattr(self, "_pid", None) == _getpid():
             self.close()
 
 

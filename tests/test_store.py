@@ -272,6 +272,20 @@ def test_reader_errors_are_one_line(tmp_path):
             r.read(4)
 
 
+def test_reader_cleanup_survives_interpreter_exit(tmp_path, monkeypatch):
+    # At interpreter exit a module's globals may be None before a reader left open is collected; its
+    # ``__del__`` then used to fail with "'NoneType' object is not callable" (printed as "Exception ignored").
+    from engine import store as store_mod
+    path = tmp_path / "s.h5"
+    write_store(path)
+    reader = StoreReader(path)
+    reader.read(0)
+    assert reader._files
+    monkeypatch.setattr(store_mod, "os", None)
+    reader.__del__()
+    assert reader._files == {}
+
+
 def test_zlib_and_isal_encodings_decode_the_same(tmp_path, monkeypatch):
     """ISA-L is an optional accelerator: without it zlib writes an equivalent store, and either reads both."""
     from engine import store as store_mod
