@@ -20,7 +20,9 @@ Deliberate differences:
   values chosen by measurement in ``SlicConfig``.
 
 The hot loops are in :mod:`engine._kernels` (numba, ``nogil``): a call holds the GIL only for the argument
-checks, so the engine runs ``pseudolabels`` from several threads truly in parallel.
+checks, so several threads run them truly in parallel. The engine's workers call ``pseudolabels_u16``, the
+same labels in one kernel call per slice (uint16, with their largest value), which keeps their GIL
+handoffs per slice few when many threads share the interpreter.
 """
 from __future__ import annotations
 
