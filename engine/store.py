@@ -411,9 +411,7 @@ class ShardBuilder:
         """Write the next slice's chunks (slices are added in sequence order)."""
         i = len(self.rows)
         if i >= self.capacity:                       # h5py's ``shape`` costs GIL time: track it here
-            self.capacity = i + 1
-            for dset in self.dsets.values():
-                dset.resize(self.capacity, axis=0)
+            self._size_to(i + 1)
         for name in DATASETS:
             self.dsets[name].id.write_direct_chunk((i, 0, 0), s.chunks[name])
             n = len(memoryview(s.chunks[name]).cast("B"))
