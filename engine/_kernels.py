@@ -972,9 +972,7 @@ def masked_slic_u16(img, mask, n_segments, ratio, grid, search_radius, n_iter, n
     # the largest label, not slic_core's count: a lone small fragment may take the label after the last one
     n = np.int32(0)
     for i in range(h * w):
-        n = max(n, out[i])
-    if n > 65535:
-        return n, status
-    for i in range(h * w):
-        out16[i] = np.uint16(out[i])
+        v = out[i]
+        n = max(n, v)
+        out16[i] = np.uint16(v)                      # wraps above 65535, where the caller refuses the slice
     return n, status
