@@ -264,3 +264,53 @@ def test_scaling_command_line(phantom_folder, tmp_path):
     assert [(p["workers"], p["pinned"]) for p in data["points"]] == [
         (n, pin) for n in (1, 2) for pin in ((False, True) if n in below else (False,))]
     assert (tmp_path / "scaling-smoke-quick.png").stat().st_size > 0
+
+
+# --------------------------------------------------------------------------------------------- cpu_budget.py
+PERF_SCRIPT = """\
+  101/101  10.000:
+\t    7f00 0x7f00 ([unknown])
+\t    7f01 [unknown] (/tmp/perf-101.map)
+  101/102  10.100:
+\t    5a0 0x5a0 (/venv/site-packages/deflate/_deflate.abi3.so)
+  101/103  10.200:
+\t    ffff1 copy_folio_from_iter_atomic ([kernel.kallsyms])
+\t    ffff2 __x64_sys_pwrite64 ([kernel.kallsyms])
+\t    1234 __libc_pwrite (/usr/lib/x86_64-linux-gnu/libc.so.6)
+  202/202  10.300:
+\t    ffff3 clear_page_erms ([kernel.kallsyms])
+\t    7f02 [unknown] (/tmp/perf-101.map)
+  202/202  11.000:
+\t    1 _PyEval_EvalFrameDefault (/usr/lib/libpython3.11.so.1.0)
+"""
+
+
+def test_cpu_budget_parses_perf_script_and_groups_samples():
+    from benchmarks import cpu_budget
+
+    samples = cpu_budget.parse_perf_script(PERF_SCRIPT.splitlines())
+    assert [(pid, t) for pid, t, _ in samples] == [(101, 10.0), (101, 10.1), (101, 10.2), (202, 10.3), (202, 11.0)]
+    assert samples[2][2][0] == ("copy_folio_from_iter_atomic", "[kernel.kallsyms]")
+    assert [cpu_budget.classify(st) for _, _, st in samples] == [
+        "other libraries", "inflate .nii.gz (libdeflate)", "kernel: pwrite (store chunks)",
+        "kernel: page faults, interrupts, other", "Python interpreter"]
+    # the first sample's innermost frame has no library: grouped as "other"; a JIT frame alone is numba
+    assert cpu_budget.classify([("[unknown]", "perf-101.map")]) == "numba kernels (SLIC, body mask, preparation)"
+    out = cpu_budget.budget(samples, 10.05, 10.5)          # the three samples inside the window
+    assert out["samples"] == 3
+    assert out["share_pct"] == pytest.approx({"inflate .nii.gz (libdeflate)": 100 / 3,
+                                              "kernel: pwrite (store chunks)": 100 / 3,
+                                              "kernel: page faults, interrupts, other": 100 / 3})
+    assert out["process_share_pct"] == pytest.approx([200 / 3, 100 / 3])
+    with pytest.raises(common.BenchmarkError, match="no perf samples"):
+        cpu_budget.budget(samples, 20.0, 21.0)
+
+
+def test_cpu_budget_command_line_errors(monkeypatch, capsys):
+    from benchmarks import cpu_budget
+
+    assert cpu_budget.main(["--runs", "threads:0"]) == 2
+    assert "is not backend:workers" in capsys.readouterr().err
+    monkeypatch.setattr(cpu_budget.shutil, "which", lambda name: None)
+    assert cpu_budget.main(["--runs", "threads:1"]) == 2
+    assert "'perf' tool is not installed" in capsys.readouterr().err
