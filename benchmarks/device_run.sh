@@ -8,7 +8,8 @@
 # its own cap and what is left of BUDGET_S (default 450), so that one stuck step cannot eat the others' time;
 # a failed step is logged and the next one runs. Logs and result files go to OUT_DIR/work, packed at the end
 # into OUT_DIR/device_results.tar.gz. Environment: PYTHON (default python3), TRAIN_DEVICE (default cuda),
-# STEPS (comma list, default env,preprocess,train,scaling,engine,evaluate; add probe for the CPU-target probe),
+# STEPS (comma list, default env,preprocess,train,scaling,engine,evaluate; add probe for the CPU-target probe
+# and budget for the perf CPU budget),
 # REPEATS (scaling, default 2), QUICK=1 for a smoke run of the script itself (tiny iteration counts, --quick
 # benchmarks; any machine).
 set -u
@@ -85,6 +86,9 @@ step train_bf16 150 $PY "${TRAIN[@]}" --out "$W/paper_bf16" --set train.amp=true
 step scaling 200 $PY benchmarks/scaling.py --input "$DATA" "${SCALE[@]}" --tag 16core --out-dir "$W/results"
 step engine 240 $PY benchmarks/engine.py --input "$DATA" "${ENG[@]}" --tag 16core
 cp benchmarks/results/engine-16core* "$W/results/" 2>/dev/null || true
+# Where the CPU goes at all workers (perf samples by library; needs Linux perf there): only when STEPS names it.
+step budget 120 $PY benchmarks/cpu_budget.py --input "$DATA" --runs "threads:1,threads:$NCPU,processes:$NCPU" \
+    --tag 16core --out-dir "$W/results"
 
 # The evaluation protocol on the GPU with the fp32 checkpoint (200 iterations: a check of the path, not a Dice).
 step evaluate 120 $PY cli.py evaluate --config configs/paper.yaml --checkpoint "$W/paper_fp32/checkpoint.pt" \
