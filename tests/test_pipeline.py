@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import time
 from pathlib import Path
 
@@ -608,3 +609,23 @@ def test_backends_agree_on_cropped_padded_and_repaired_volumes(tmp_path):
         notes = r.volumes[0]["notes"]
         assert any("NaN" in n for n in notes) and any("80x52" in n for n in notes)
         assert all(np.isfinite(r.read(i)["image"]).all() for i in range(r.n_slices))
+
+
+def test_the_dispatchers_poller_reports_ready_descriptors_in_the_order_given():
+    """Results come before deaths: a worker's last answer is taken before its exit is reported."""
+    pipes = [os.pipe() for _ in range(3)]
+    try:
+        reads = [r for r, _ in pipes]
+        poller = process_backend._Poller([reads[2], reads[0], reads[1]])
+        assert poller.wait(0.01) == []                       # nothing readable: the timeout, no error
+        os.write(pipes[1][1], b"x")
+        os.write(pipes[2][1], b"x")
+        assert poller.wait(1.0) == [reads[2], reads[1]]
+        os.close(pipes[0][1])                                # end of file reads as ready (a dead worker's pipe)
+        pipes[0] = (pipes[0][0], -1)
+        assert poller.wait(1.0) == [reads[2], reads[0], reads[1]]
+    finally:
+        for r, w in pipes:
+            os.close(r)
+            if w >= 0:
+                os.close(w)
