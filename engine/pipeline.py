@@ -268,7 +268,7 @@ class _Run(ProcessBackend):
         self.loads = LoadPlan(self.plan, self.n_readers, threading.Condition(), self.stop,
                                on_change=self._wake if self.backend == "processes" else None)
         if self.backend == "processes":
-            self.q: queue.Queue = queue.Queue()
+            self.q: queue.SimpleQueue = queue.SimpleQueue()     # C-implemented: no Condition per put
         else:
             self.q = WorkQueue(self.loads, cfg.engine.queue_slices, self.stop)
         self.prof = Profiler(self.n_workers, self.backend, queue_depth=self._queue_depth,
