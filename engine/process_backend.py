@@ -322,8 +322,9 @@ class ProcessBackend:
 class _Poller:
     """The file descriptors the dispatcher waits on, registered once.
 
-    ``multiprocessing.connection.wait`` builds and fills a new selector on every call: 30 us of GIL-held CPU
-    per call here, about one call per slice, in the process that also writes the store.
+    ``multiprocessing.connection.wait`` builds, fills and closes a new selector on every call, about once per
+    slice, in the process that also writes the store (30 us of thread CPU per call here, 24 for this poll).
+    With the poll registered once that process used 1.6-2.8% less CPU per CHAOS run in A/B pairs.
     """
 
     def __init__(self, fds):
