@@ -33,7 +33,8 @@ class PreparedVolume:
     raw : ndarray, shape (size, size, Z), float32
         Source intensities with NaN/Inf replaced and the in-plane centre crop/pad applied.
     label : ndarray, shape (size, size, Z), uint8, or None
-        Labels cropped/padded like ``raw`` (padding 0).
+        Labels cropped/padded like ``raw`` (padding 0). ``Volume.label`` itself when it needs neither a crop,
+        a pad nor a copy (uint8, slice by slice in memory, ``size`` x ``size``), and no buffers were given.
     volume : Volume
         The source record (provenance: path, checksum, spacing, orientation).
     notes : list of str
@@ -155,10 +156,14 @@ def prepare_volume(vol: Volume, cfg, buffers=None) -> PreparedVolume:
         notes.append(f"in-plane size {h}x{w} centre-cropped/padded to {size}x{size}")
     label = None
     if vol.label is not None:
-        if label_out is None:
-            label_out = np.empty((n_z, size, size), np.uint8)
-        place_labels(np.asarray(vol.label, dtype=np.uint8), label_out, crop_offset(h, size), crop_offset(w, size))
-        label = label_out.transpose(1, 2, 0)
+        lab = np.asarray(vol.label, dtype=np.uint8)
+        if label_out is None and (h, w) == (size, size) and lab.transpose(2, 0, 1).flags.c_contiguous:
+            label = lab            # uint8, slice-major and the right size already (the NIfTI reader's): no copy
+        else:
+            if label_out is None:
+                label_out = np.empty((n_z, size, size), np.uint8)
+            place_labels(lab, label_out, crop_offset(h, size), crop_offset(w, size))
+            label = label_out.transpose(1, 2, 0)
     mean, std = _robust_stats(flat, cfg, notes) if getattr(cfg, "zscore", "volume") == "robust" else (None, None)
     if mean is None:
         # Statistics in float64: a float32 accumulator loses ~1e-4 relative accuracy on 3M voxels.

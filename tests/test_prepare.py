@@ -303,3 +303,22 @@ def test_prepare_rejects_constant_after_crop_and_label_shape_mismatch():
         prepare_volume(_vol(img), CFG)
     with pytest.raises(VolumeError, match="label shape"):
         prepare_volume(_vol(np.random.rand(8, 8, 2), np.zeros((8, 8, 3), np.uint8)), CFG)
+
+
+def test_prepared_labels_reuse_a_slice_major_uint8_label_and_copy_any_other():
+    """No copy for the NIfTI reader's labels at the output size (uint8, slice by slice in memory); a copy
+    for any other layout, dtype or size, and always into caller-given buffers."""
+    rng = np.random.default_rng(5)
+    size = CFG.size
+    img = rng.random((size, size, 3)).astype(np.float32)
+    slice_major = np.asarray(rng.integers(0, 5, (3, size, size)), dtype=np.uint8).transpose(1, 2, 0)
+    prep = prepare_volume(_vol(img, label=slice_major), CFG)
+    assert np.shares_memory(prep.label, slice_major) and np.array_equal(prep.label, slice_major)
+    for other in (np.ascontiguousarray(slice_major), slice_major.astype(np.int32)):
+        prep = prepare_volume(_vol(img, label=other), CFG)
+        assert not np.shares_memory(prep.label, other) and np.array_equal(prep.label, slice_major)
+        assert prep.label.dtype == np.uint8 and prep.label.transpose(2, 0, 1).flags.c_contiguous
+    bufs = (np.empty((3, size, size), np.float32), np.empty((3, size, size), np.float32),
+            np.empty((3, size, size), np.uint8))
+    prep = prepare_volume(_vol(img, label=slice_major), CFG, buffers=lambda n, has_label: bufs)
+    assert np.shares_memory(prep.label, bufs[2]) and np.array_equal(prep.label, slice_major)
