@@ -26,6 +26,7 @@ import re
 import shutil
 import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -493,6 +494,33 @@ def engine_config(cfg, spec: str, out: Path, workers: int, backend: str, readers
     if readers is not None:
         c.engine.readers = int(readers)
     return c
+
+
+def cli_preprocess(spec: str, out_dir: Path, workers: int, backend: str, extra: Sequence[str],
+                   cpus: Sequence[int] | None = None, prefix: Sequence[str] = ()) -> dict:
+    """One ``cli.py preprocess`` in a fresh subprocess into ``out_dir`` (emptied first, removed after): its
+    profile, the process' own wall time and the store's size on disk.
+
+    With ``cpus`` the subprocess (all its threads and worker processes) runs pinned to those CPUs; ``prefix``
+    goes before the Python command (e.g. ``perf record ... --``).
+    """
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True)
+    store = out_dir / "store.h5"
+    cmd = [*prefix, sys.executable, str(REPO / "cli.py"), "preprocess", "--input", spec, "--out", str(store),
+           "--threads", str(workers), "--backend", backend, "--no-progress", *extra]
+    with confined_to(cpus):  # the child inherits the mask of the thread that starts it
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+        wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise BenchmarkError(f"{' '.join(cmd)} exited {proc.returncode}: "
+                             f"{' | '.join(proc.stderr.strip().splitlines()[-3:])}")
+    prof = json.loads(store.with_name("store.h5.profile.json").read_text())
+    size = store.stat().st_size + sum(p.stat().st_size for p in (out_dir / "store.h5.parts").iterdir())
+    shutil.rmtree(out_dir)
+    return {"seconds": wall, "profile": prof, "store_bytes": size}
 
 
 def run_engine(cfg, spec: str, workers: int, backend: str, tmp_root: Path, readers: int | None = None,

@@ -19,7 +19,6 @@ Writes ``benchmarks/results/cpu-budget-<tag>.json`` and ``.md``.
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import shutil
 import subprocess
@@ -100,21 +99,14 @@ def budget(samples, start: float, end: float) -> dict:
 
 def perf_run(spec: str, backend: str, workers: int, freq: int, tmp: Path, extra: list[str]) -> dict:
     """One ``cli.py preprocess`` under ``perf record``: its profile and the CPU budget of its steady state."""
-    store, data = tmp / "store.h5", tmp / "perf.data"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    cmd = ["perf", "record", "-q", "-e", "cpu-clock", "-F", str(freq), "-g", "-o", str(data), "--",
-           sys.executable, str(common.REPO / "cli.py"), "preprocess", "--input", spec, "--out", str(store),
-           "--threads", str(workers), "--backend", backend, "--no-progress", *extra]
-    proc = subprocess.run(cmd, cwd=common.REPO, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise common.BenchmarkError(f"{' '.join(cmd[:8])} ... exited {proc.returncode}: "
-                                    f"{' | '.join(proc.stderr.strip().splitlines()[-2:])}")
-    prof = json.loads(store.with_name("store.h5.profile.json").read_text())
+    data = tmp / "perf.data"
+    tmp.mkdir(parents=True, exist_ok=True)
+    perf = ["perf", "record", "-q", "-e", "cpu-clock", "-F", str(freq), "-g", "-o", str(data), "--"]
+    prof = common.cli_preprocess(spec, tmp / "run", workers, backend, extra, prefix=perf)["profile"]
     script = subprocess.run(["perf", "script", "-i", str(data), "-F", "pid,tid,time,ip,sym,dso"],
                             capture_output=True, text=True)
     samples = parse_perf_script(script.stdout.splitlines())
-    shutil.rmtree(tmp, ignore_errors=True)
+    data.unlink(missing_ok=True)
     if not samples:
         raise common.BenchmarkError(f"perf recorded no samples ({script.stderr.strip()[:200]})")
     end = samples[-1][1]
@@ -172,7 +164,7 @@ def _body(args) -> int:
         result = {"host": common.host_info(), "input": args.input, "copies": args.copies, "runs": []}
         for backend, n in runs:
             common.log(f"perf: {backend} x{n} ...")
-            result["runs"].append(perf_run(spec, backend, n, args.freq, Path(tmp) / "run", extra))
+            result["runs"].append(perf_run(spec, backend, n, args.freq, Path(tmp) / "perf", extra))
         result["input_slices"] = result["runs"][0]["slices"]
     stem = common.result_stem("cpu-budget", args.tag, quick=False)
     out_dir = Path(args.out_dir)

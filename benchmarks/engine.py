@@ -32,7 +32,6 @@ import importlib.util
 import json
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -52,7 +51,6 @@ _spec.loader.exec_module(common)  # sets NUMBA_CACHE_DIR / MPLBACKEND before eng
 
 import numpy as np  # noqa: E402
 
-REPO = common.REPO
 say = common.log
 
 
@@ -240,31 +238,6 @@ def serial_felzenszwalb(spec: str, cfg, tmp: Path, max_volumes: int | None) -> d
 
 
 # --------------------------------------------------------------------------------------------- 4. engine
-def engine_run(spec: str, out_dir: Path, workers: int, backend: str, extra: list[str],
-               cpus: list[int] | None = None) -> dict:
-    """One ``cli.py preprocess`` in a fresh subprocess; its profile plus the process' own wall time.
-
-    With ``cpus`` the subprocess (all its threads and worker processes) runs pinned to those CPUs.
-    """
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    out_dir.mkdir(parents=True)
-    store = out_dir / "store.h5"
-    cmd = [sys.executable, str(REPO / "cli.py"), "preprocess", "--input", spec, "--out", str(store),
-           "--threads", str(workers), "--backend", backend, "--no-progress", *extra]
-    with common.confined_to(cpus):  # the child inherits the mask of the thread that starts it
-        t0 = time.perf_counter()
-        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
-        wall = time.perf_counter() - t0
-    if proc.returncode != 0:
-        raise common.BenchmarkError(f"{' '.join(cmd)} exited {proc.returncode}: "
-                                    f"{' | '.join(proc.stderr.strip().splitlines()[-3:])}")
-    prof = json.loads(store.with_name("store.h5.profile.json").read_text())
-    size = store.stat().st_size + sum(p.stat().st_size for p in (out_dir / "store.h5.parts").iterdir())
-    shutil.rmtree(out_dir)
-    return {"seconds": wall, "profile": prof, "store_bytes": size}
-
-
 def summarise_engine(runs: list[dict]) -> dict:
     mid = sorted(runs, key=lambda r: r["profile"]["wall_s"])[len(runs) // 2]
     p = mid["profile"]
@@ -358,11 +331,11 @@ def main(argv=None) -> int:
             configs += [(b, f"{w}-pinned", w, common.first_cpus(w)) for b in ("threads", "processes")
                         for w in counts if w < common.n_cores()]
             say(f"engine runs (subprocesses): {[c[:2] for c in configs]} ...")
-            engine_run(spec, tmp / "warm", workers_all, "threads", extra)    # page cache, numba cache
+            common.cli_preprocess(spec, tmp / "warm", workers_all, "threads", extra)    # page cache, numba cache
             runs = {c[:2]: [] for c in configs}
             for r in range(repeats):
                 for b, key, n, cpus in configs:
-                    run = engine_run(spec, tmp / "run", n, b, extra, cpus=cpus)
+                    run = common.cli_preprocess(spec, tmp / "run", n, b, extra, cpus=cpus)
                     runs[(b, key)].append(run)
                     say(f"  round {r + 1} {b} x{key}: {run['profile']['slices_per_s']:.1f} slices/s "
                         f"(engine), process {run['seconds']:.2f} s")
@@ -375,7 +348,7 @@ def main(argv=None) -> int:
             big = common.engine_input(args.input, tmp / "big", copies=10)
             mem = {}
             for b in ("threads", "processes"):
-                r = engine_run(big, tmp / "bigrun", workers_all, b, extra)
+                r = common.cli_preprocess(big, tmp / "bigrun", workers_all, b, extra)
                 mem[b] = {"slices": r["profile"]["slices"], "peak_rss_mb": r["profile"]["memory"]["peak_rss_mb"],
                           "engine_slices_per_s": r["profile"]["slices_per_s"]}
                 say(f"  {b}: {mem[b]}")
