@@ -83,7 +83,7 @@ class ProcessBackend:
     def _dispatcher(self) -> None:
         st = _Dispatch(self.n_workers, self.prof)
         sentinel_of = {p.sentinel: w for w, p in enumerate(self.procs)}
-        result_of = {c.fileno(): w for w, c in enumerate(self.result_conns)}
+        result_of = {c.fileno(): (w, c) for w, c in enumerate(self.result_conns)}
         ready = _Poller([*result_of, *sentinel_of, self.wake_r])     # answers before deaths: see _Poller
         try:
             while not self.stop.is_set():
@@ -106,7 +106,7 @@ class ProcessBackend:
                         w = sentinel_of[fd]
                         self._worker_died(w, st.outstanding[w])
                         return
-                    elif not self._receive(st, result_of[fd], self.result_conns[result_of[fd]]):
+                    elif not self._receive(st, *result_of[fd]):
                         return
         finally:
             self._stop_pool(graceful=not self.stop.is_set())
