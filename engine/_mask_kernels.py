@@ -58,23 +58,37 @@ def body_mask_kernel(img, thr, out):
     row_first = np.empty(h + 1, np.int32)       # runs of row y are row_first[y] .. row_first[y + 1] - 1
 
     # ---- pass 1: foreground runs, 8-connected union with the previous row's runs
+    # Each row is thresholded into bytes first (a loop the compiler vectorises), then scanned 8 pixels at a
+    # time: a word that holds no run boundary is skipped whole. CHAOS slices have ~600 runs, so most words
+    # are skipped; the pixel-by-pixel scan spent half the kernel's time on this pass.
+    n_words = w // 8 + 1
+    row = np.zeros(n_words * 8, np.uint8)       # at least one byte past ``w``, always 0, ends a row's last run
+    words = row.view(np.uint64)
+    all_set = np.uint64(0x0101010101010101)
+    none_set = np.uint64(0)
     n = 0
     for y in range(h):
         row_first[y] = n
-        x = 0
-        while x < w:
-            if img[y, x] > thr:
-                s = x
-                x += 1
-                while x < w and img[y, x] > thr:
-                    x += 1
-                run_row[n] = y
-                run_start[n] = s
-                run_end[n] = x
-                parent[n] = n
-                n += 1
-            else:
-                x += 1
+        for x in range(w):
+            row[x] = img[y, x] > thr
+        inside = False
+        same = none_set                         # the word of 8 pixels that holds no boundary
+        s = 0
+        for k in range(n_words):
+            if words[k] == same:
+                continue
+            for x in range(8 * k, 8 * k + 8):
+                if (row[x] != 0) != inside:
+                    if inside:
+                        run_row[n] = y
+                        run_start[n] = s
+                        run_end[n] = x
+                        parent[n] = n
+                        n += 1
+                    else:
+                        s = x
+                    inside = not inside
+            same = all_set if inside else none_set
         if y > 0:
             i = row_first[y - 1]
             pend = row_first[y]
@@ -160,8 +174,7 @@ def body_mask_kernel(img, thr, out):
     for b in range(m):
         if border[_find(bg_parent, b)]:
             y = bg_row[b]
-            for x in range(bg_start[b], bg_end[b]):
-                out[y, x] = False
+            out[y, bg_start[b]:bg_end[b]] = False
             count -= bg_end[b] - bg_start[b]
     return count
 

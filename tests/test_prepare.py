@@ -42,6 +42,17 @@ def test_body_mask_equals_reference_on_small_binary_images_with_ties():
         _same((rng.random((h, w)) < rng.uniform(0.1, 0.9)).astype(np.float32), 0.5)
 
 
+
+def test_body_mask_runs_that_reach_the_right_border_at_every_width_modulo_8():
+    # the kernel scans rows 8 pixels at a time: rows whose width is, or is not, a multiple of 8, with runs
+    # ending on the last pixel and on either side of a word boundary
+    rng = np.random.default_rng(4)
+    for w in (1, 7, 8, 9, 15, 16, 17, 63, 64, 65, 72):
+        img = (rng.random((12, w)) < 0.7).astype(np.float32)
+        img[:, -1] = 1.0
+        img[3, :] = 1.0
+        _same(img, 0.5)
+
 def test_body_mask_on_a_realistic_256_slice_with_holes_and_noise():
     rng = np.random.default_rng(2)
     yy, xx = np.mgrid[:256, :256]
@@ -282,6 +293,19 @@ def test_label_id_kernel_accepts_integers_0_255_and_stops_at_anything_else():
                 src_bad[0, 2, 0] = bad
                 assert not labels_to_u8(src_bad, np.empty(src.shape, np.uint8, order=order)), (dtype, bad)
 
+
+
+def test_label_id_kernel_copies_every_slice_of_a_non_square_volume_in_any_layout():
+    from engine._prepare_kernels import labels_to_u8
+    rng = np.random.default_rng(3)
+    ids = rng.integers(0, 256, (7, 5, 3)).astype(np.float64)
+    for order in ("C", "F"):
+        src = np.asarray(ids, order=order)
+        out = np.empty((3, 7, 5), np.uint8).transpose(1, 2, 0)       # slice-major, as the reader passes it
+        assert labels_to_u8(src, out) and np.array_equal(out, ids.astype(np.uint8)), order
+        src_bad = src.copy(order=order)
+        src_bad[6, 4, 2] = 2.5                                       # last voxel of the last slice
+        assert not labels_to_u8(src_bad, out), order
 
 @pytest.mark.parametrize("image, match", [
     (np.zeros((8, 8), np.float32), "3D"),
