@@ -6,7 +6,8 @@ One run measures, on the same 20 CHAOS-T2 volumes (718 slices) and with the conf
    writer applying HDF5 filters (none / lzf / gzip-1..4, with and without shuffle) and worker-side zlib per
    dataset, on the first volumes' real slices; writer MB/s (uncompressed bytes), slices/s, kB per slice.
 2. **kernel**: the bare SLIC kernel (``engine.superpixels.pseudolabels_u16``, the engine's own call, on in-memory
-   slices with precomputed body masks) in a tight loop, on 1 and on all cores (one thread per core pulling slices).
+   slices with precomputed body masks) in a tight loop, on 1 and on all cores (one thread per core pulling slices),
+   timed in rounds interleaved with the engine's rounds (and once more before the 10x runs), median kept.
 3. **serial SSL-ALPNet-style pipeline**: read each ``.nii.gz`` (nibabel), SSL-ALPNet body mask
    (scipy/skimage), the Felzenszwalb recipe (``engine.recipes.felzenszwalb_pseudolabels``), write the
    superpixel volume as ``.nii.gz`` (float64, as the official notebook does); one thread.
@@ -268,6 +269,7 @@ def main(argv=None) -> int:
     ap.add_argument("--workers", default=None,
                     help="engine/kernel worker counts, e.g. 1,2,16 (default: 1 and all cores)")
     ap.add_argument("--tag", help="result file tag (default: host name)")
+    ap.add_argument("--out-dir", default=str(common.RESULTS_DIR), help="folder of the result files")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = ap.parse_args(argv)
     skip = set(filter(None, args.skip.split(",")))
@@ -299,22 +301,25 @@ def main(argv=None) -> int:
             result["compression"] = bench_compression(raw[:k], image[:k], label[:k], fg[:k], cfg.superpixels, tmp,
                                                       repeats)
 
-        kernel = {}
-        if "kernel" not in skip:
-            say("bare kernel ...")
-            times = {w: [] for w in counts}
-            kernel_rate(raw[:20], fg[:20], cfg.superpixels, workers_all)  # warm
-            cpu = []
-            for _ in range(repeats):
-                for w in counts:
-                    c0 = time.process_time()
-                    times[w].append(kernel_rate(raw, fg, cfg.superpixels, w))
-                    cpu.append((time.process_time() - c0) / n)
-            result["kernel_cpu_ms_per_slice"] = round(1e3 * statistics.median(cpu), 4)
+        # The bare kernel is timed in rounds interleaved with the engine's (and once more before the 10x runs),
+        # so that both see the same machine: on a shared VM the speed drifts by 10% within minutes, and a
+        # kernel timed minutes before the engine skewed the "engine / kernel" ratios either way.
+        kernel_times = {w: [] for w in counts}
+        kernel_cpu: list[float] = []
+
+        def kernel_round() -> None:
             for w in counts:
-                kernel[w] = n / statistics.median(times[w])
-                say(f"  kernel, {w} thread(s): {kernel[w]:.1f} slices/s")
-            result["kernel_slices_per_s"] = {str(w): round(v, 1) for w, v in kernel.items()}
+                c0 = time.process_time()
+                kernel_times[w].append(kernel_rate(raw, fg, cfg.superpixels, w))
+                kernel_cpu.append((time.process_time() - c0) / n)
+
+        with_kernel = "kernel" not in skip
+        if with_kernel:
+            kernel_rate(raw[:20], fg[:20], cfg.superpixels, workers_all)  # warm
+            if "engine" in skip:
+                say("bare kernel ...")
+                for _ in range(repeats):
+                    kernel_round()
 
         if "serial" not in skip:
             say("serial SSL-ALPNet-style pipeline (read, Felzenszwalb recipe, write) ...")
@@ -334,8 +339,12 @@ def main(argv=None) -> int:
             common.cli_preprocess(spec, tmp / "warm", workers_all, "threads", extra)    # page cache, numba cache
             runs = {c[:2]: [] for c in configs}
             for r in range(repeats):
-                for b, key, n, cpus in configs:
-                    run = common.cli_preprocess(spec, tmp / "run", n, b, extra, cpus=cpus)
+                if with_kernel:
+                    kernel_round()
+                    say(f"  round {r + 1} bare kernel: " + ", ".join(
+                        f"{w} thread(s) {n / kernel_times[w][-1]:.1f}" for w in counts) + " slices/s")
+                for b, key, nw, cpus in configs:
+                    run = common.cli_preprocess(spec, tmp / "run", nw, b, extra, cpus=cpus)
                     runs[(b, key)].append(run)
                     say(f"  round {r + 1} {b} x{key}: {run['profile']['slices_per_s']:.1f} slices/s "
                         f"(engine), process {run['seconds']:.2f} s")
@@ -346,6 +355,8 @@ def main(argv=None) -> int:
         if "memory" not in skip and not args.quick:
             say("memory: CHAOS x10 (7180 slices, symlinked) ...")
             big = common.engine_input(args.input, tmp / "big", copies=10)
+            if with_kernel:
+                kernel_round()
             mem = {}
             for b in ("threads", "processes"):
                 r = common.cli_preprocess(big, tmp / "bigrun", workers_all, b, extra)
@@ -353,6 +364,15 @@ def main(argv=None) -> int:
                           "engine_slices_per_s": r["profile"]["slices_per_s"]}
                 say(f"  {b}: {mem[b]}")
             result["memory_10x"] = mem
+
+        kernel = {}
+        if with_kernel:
+            result["kernel_rounds"] = len(kernel_times[counts[0]])
+            result["kernel_cpu_ms_per_slice"] = round(1e3 * statistics.median(kernel_cpu), 4)
+            for w in counts:
+                kernel[w] = n / statistics.median(kernel_times[w])
+                say(f"  kernel, {w} thread(s): {kernel[w]:.1f} slices/s (median of {len(kernel_times[w])} rounds)")
+            result["kernel_slices_per_s"] = {str(w): round(v, 1) for w, v in kernel.items()}
 
         # ratios and targets (issue 4)
         ratios = {}
@@ -421,8 +441,9 @@ def main(argv=None) -> int:
     if warn:
         result["warning"] = warn
     stem = common.result_stem("engine", args.tag, args.quick)
-    path = common.write_json(common.RESULTS_DIR / f"{stem}.json", result)
-    (common.RESULTS_DIR / f"{stem}.md").write_text(render(result) + "\n")
+    out_dir = Path(args.out_dir)
+    path = common.write_json(out_dir / f"{stem}.json", result)
+    (out_dir / f"{stem}.md").write_text(render(result) + "\n")
     print(render(result))
     say(f"written: {path}")
     return 0

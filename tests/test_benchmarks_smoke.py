@@ -1,4 +1,4 @@
-"""Smoke tests of the benchmark scripts (benchmarks/table2.py, benchmarks/scaling.py, benchmarks/common.py).
+"""Smoke tests of the benchmark scripts (table2.py, scaling.py, engine.py, cpu_budget.py, common.py).
 
 They run each script's core function and its command line on three phantom slices with one repeat, so the
 scripts cannot rot unnoticed. They check structure and arithmetic (ratios, efficiency, the Amdahl fit), never
@@ -265,6 +265,24 @@ def test_scaling_command_line(phantom_folder, tmp_path):
         (n, pin) for n in (1, 2) for pin in ((False, True) if n in below else (False,))]
     assert (tmp_path / "scaling-smoke-quick.png").stat().st_size > 0
 
+
+
+# --------------------------------------------------------------------------------------------- engine.py
+def test_engine_command_line_times_the_kernel_beside_the_engine(phantom_folder, tmp_path):
+    import subprocess
+
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "engine.py"), "--input", str(phantom_folder),
+                           "--quick", "--workers", "1,2", "--skip", "compression,serial", "--tag", "smoke",
+                           "--out-dir", str(tmp_path)], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = json.loads((tmp_path / "engine-smoke-quick.json").read_text())
+    assert data["slices"] == 3 and data["kernel_rounds"] == 1          # one round, timed with the engine's
+    assert "round 1 bare kernel: 1 thread(s)" in proc.stderr + proc.stdout
+    assert set(data["engine"]) >= {"threads-1", "threads-2", "processes-1", "processes-2"}
+    kernel2 = data["kernel_slices_per_s"]["2"]
+    ratio = data["ratios"]["threads: engine / bare kernel at 2 worker(s)"]
+    assert ratio == pytest.approx(data["engine"]["threads-2"]["engine_slices_per_s"] / kernel2, rel=1e-2)
+    assert (tmp_path / "engine-smoke-quick.md").read_text().startswith("## Engine benchmark: 3 slices")
 
 # --------------------------------------------------------------------------------------------- cpu_budget.py
 PERF_SCRIPT = """\
