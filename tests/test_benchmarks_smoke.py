@@ -266,7 +266,6 @@ def test_scaling_command_line(phantom_folder, tmp_path):
     assert (tmp_path / "scaling-smoke-quick.png").stat().st_size > 0
 
 
-
 # --------------------------------------------------------------------------------------------- engine.py
 def test_engine_command_line_times_the_kernel_beside_the_engine(phantom_folder, tmp_path):
     import subprocess
@@ -283,6 +282,7 @@ def test_engine_command_line_times_the_kernel_beside_the_engine(phantom_folder, 
     ratio = data["ratios"]["threads: engine / bare kernel at 2 worker(s)"]
     assert ratio == pytest.approx(data["engine"]["threads-2"]["engine_slices_per_s"] / kernel2, rel=1e-2)
     assert (tmp_path / "engine-smoke-quick.md").read_text().startswith("## Engine benchmark: 3 slices")
+
 
 # --------------------------------------------------------------------------------------------- cpu_budget.py
 PERF_SCRIPT = """\

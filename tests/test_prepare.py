@@ -42,7 +42,6 @@ def test_body_mask_equals_reference_on_small_binary_images_with_ties():
         _same((rng.random((h, w)) < rng.uniform(0.1, 0.9)).astype(np.float32), 0.5)
 
 
-
 def test_body_mask_runs_that_reach_the_right_border_at_every_width_modulo_8():
     # the kernel scans rows 8 pixels at a time: rows whose width is, or is not, a multiple of 8, with runs
     # ending on the last pixel and on either side of a word boundary
@@ -52,6 +51,7 @@ def test_body_mask_runs_that_reach_the_right_border_at_every_width_modulo_8():
         img[:, -1] = 1.0
         img[3, :] = 1.0
         _same(img, 0.5)
+
 
 def test_body_mask_on_a_realistic_256_slice_with_holes_and_noise():
     rng = np.random.default_rng(2)
@@ -292,7 +292,6 @@ def test_label_id_kernel_accepts_integers_0_255_and_stops_at_anything_else():
                 src_bad = src.copy(order=order)
                 src_bad[0, 2, 0] = bad
                 assert not labels_to_u8(src_bad, np.empty(src.shape, np.uint8, order=order)), (dtype, bad)
-
 
 
 def test_label_id_kernel_copies_every_slice_of_a_non_square_volume_in_any_layout():
