@@ -84,8 +84,7 @@ step train_bf16 150 $PY "${TRAIN[@]}" --out "$W/paper_bf16" --set train.amp=true
 # per-core efficiency at 6); the engine benchmark at 1, 2, 6 and all workers (the bare kernel's own
 # scaling at 6 threads is the machine's share of the 6-worker efficiency).
 step scaling 200 $PY benchmarks/scaling.py --input "$DATA" "${SCALE[@]}" --tag 16core --out-dir "$W/results"
-step engine 240 $PY benchmarks/engine.py --input "$DATA" "${ENG[@]}" --tag 16core
-cp benchmarks/results/engine-16core* "$W/results/" 2>/dev/null || true
+step engine 240 $PY benchmarks/engine.py --input "$DATA" "${ENG[@]}" --tag 16core --out-dir "$W/results"
 # Where the CPU goes at all workers (perf samples by library; needs Linux perf there): only when STEPS names it.
 step budget 120 $PY benchmarks/cpu_budget.py --input "$DATA" --runs "threads:1,threads:$NCPU,processes:$NCPU" \
     --tag 16core --out-dir "$W/results"
