@@ -268,13 +268,11 @@ def main(argv=None) -> int:
     ap.add_argument("--skip", default="", help="comma list of sections to skip: compression,kernel,serial,engine,memory")
     ap.add_argument("--workers", default=None,
                     help="engine/kernel worker counts, e.g. 1,2,16 (default: 1 and all cores)")
-    ap.add_argument("--tag", help="result file tag (default: host name)")
-    ap.add_argument("--out-dir", default=str(common.RESULTS_DIR), help="folder of the result files")
-    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    common.add_output_args(ap, "16core")
     args = ap.parse_args(argv)
     skip = set(filter(None, args.skip.split(",")))
     common.check_source(args.input)
-    cfg = common.load_config(None, args.overrides)
+    cfg = common.load_config(args.config, args.set)
     max_vol = 4 if args.quick else None
     repeats = 1 if args.quick else max(1, args.repeats)
     counts = common.parse_int_list(args.workers) if args.workers else sorted({1, common.n_cores()})
@@ -283,8 +281,8 @@ def main(argv=None) -> int:
     result: dict = {"host": info, "input": args.input, "method": cfg.superpixels.method,
                     "params": json.loads(json.dumps(vars(cfg.superpixels.slic))), "engine_config": vars(cfg.engine).copy(),
                     "quick": args.quick, "repeats": repeats}
-    tmp = Path(tempfile.mkdtemp(prefix="bench-engine-"))
-    extra = [f"--set={o}" for o in args.overrides]
+    tmp = Path(tempfile.mkdtemp(prefix="bench-engine-", dir=args.tmp))
+    extra = [f"--set={o}" for o in args.set] + (["--config", args.config] if args.config else [])
     try:
         say(f"loading {args.input} ...")
         raw, image, label, fg, refs = load_chaos(args.input, cfg, max_vol)

@@ -272,10 +272,12 @@ def test_engine_command_line_times_the_kernel_beside_the_engine(phantom_folder, 
 
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "engine.py"), "--input", str(phantom_folder),
                            "--quick", "--workers", "1,2", "--skip", "compression,serial", "--tag", "smoke",
-                           "--out-dir", str(tmp_path)], cwd=ROOT, capture_output=True, text=True)
+                           "--out-dir", str(tmp_path), "--tmp", str(tmp_path), "--set", "engine.queue_slices=64"],
+                          cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     data = json.loads((tmp_path / "engine-smoke-quick.json").read_text())
     assert data["slices"] == 3 and data["kernel_rounds"] == 1          # one round, timed with the engine's
+    assert data["engine_config"]["queue_slices"] == 64                 # the shared --set reaches the config
     assert "round 1 bare kernel: 1 thread(s)" in proc.stderr + proc.stdout
     assert set(data["engine"]) >= {"threads-1", "threads-2", "processes-1", "processes-2"}
     kernel2 = data["kernel_slices_per_s"]["2"]
