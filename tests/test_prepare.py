@@ -306,6 +306,7 @@ def test_label_id_kernel_copies_every_slice_of_a_non_square_volume_in_any_layout
         src_bad[6, 4, 2] = 2.5                                       # last voxel of the last slice
         assert not labels_to_u8(src_bad, out), order
 
+
 @pytest.mark.parametrize("image, match", [
     (np.zeros((8, 8), np.float32), "3D"),
     (np.zeros((8, 8, 3, 2), np.float32), "3D"),
