@@ -80,3 +80,41 @@ def test_not_a_store(tmp_path, capsys):
     bad.write_text("hello")
     assert inspect_store(str(bad)) == 2
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def _run_cli_as_main(args: list[str]):
+    """``python cli.py ARGS`` with an exit handler that prints TEARDOWN if the interpreter's teardown runs."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(cli.__file__).resolve().parent
+    code = ("import atexit, runpy, sys; atexit.register(print, 'TEARDOWN'); "
+            f"sys.argv = ['cli.py'] + {args!r}; runpy.run_path('cli.py', run_name='__main__')")
+    env = dict(os.environ)
+    env.setdefault("NUMBA_CACHE_DIR", str(root / ".numba_cache"))
+    return subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_engine_commands_end_without_the_interpreter_teardown(store):
+    # preprocess and inspect end with os._exit once their output is flushed: what they print arrives whole,
+    # with their exit status, and no exit handler runs. Other outcomes keep their status too.
+    done = _run_cli_as_main(["inspect", str(store)])
+    assert done.returncode == 0, done.stderr
+    assert "integrity    OK: 11 slices" in done.stdout and "failures" in done.stdout
+    assert "TEARDOWN" not in done.stdout
+    missing = _run_cli_as_main(["inspect", str(store) + ".nope"])
+    assert missing.returncode == 2 and "no such store" in missing.stderr and "TEARDOWN" not in missing.stdout
+
+
+def test_teardown_is_kept_while_an_hdf5_file_is_open_for_writing(tmp_path):
+    import h5py
+    assert cli.can_skip_teardown()
+    f = h5py.File(tmp_path / "w.h5", "w")
+    try:
+        assert not cli.can_skip_teardown()                # its metadata would be lost
+    finally:
+        f.close()
+    with h5py.File(tmp_path / "w.h5", "r"):
+        assert cli.can_skip_teardown()                    # reading loses nothing
