@@ -9,7 +9,8 @@ import h5py
 import numpy as np
 
 from engine.figures import save_figure
-from engine.store import DATASETS, StoreError, StoreReader, describe_holder, lock_path, parts_dir, shard_name
+from engine.store import (DATASETS, StoreError, StoreReader, describe_holder, error_text, lock_path, parts_dir,
+                          shard_name)
 
 
 def _disk_size(path: Path) -> int:
@@ -74,7 +75,7 @@ def check_integrity(reader: StoreReader, read_pixels: bool = True) -> list[str]:
                         if f[name].shape[0] != len(vols):
                             problems.append(f"{path}: dataset {name} has {f[name].shape[0]} rows for {len(vols)} slices")
             except (OSError, KeyError) as exc:
-                problems.append(f"{path}: missing or unreadable ({exc})")
+                problems.append(f"{path}: missing or unreadable ({error_text(exc)})")
     # the virtual datasets of the index (what h5py / HDFView users read)
     try:
         with h5py.File(reader.path, "r") as f:
@@ -91,7 +92,7 @@ def check_integrity(reader: StoreReader, read_pixels: bool = True) -> list[str]:
                     if mapped != n:
                         problems.append(f"index dataset {name}: virtual mapping covers {mapped} of {n} slices")
     except OSError as exc:
-        problems.append(f"{reader.path}: cannot reopen the index ({exc})")
+        problems.append(f"{reader.path}: cannot reopen the index ({error_text(exc)})")
     return problems + _check_volumes_and_pixels(reader, read_pixels)
 
 

@@ -57,7 +57,7 @@ from engine.sources import open_source
 from engine.schedule import Batches, BatchState, Failure, Loaded, LoadPlan, SourceChanged, Stopped, Task, WorkQueue
 from engine.slice_worker import compute_slice, organ_bits, warm_slice
 from engine.store import (SCHEMA_VERSION, Codec, SettingsMismatch, SliceResult, StoreError, StoreLocked,
-                          StoreWriter, settings_hash, volume_row)
+                          StoreWriter, error_text, settings_hash, volume_row)
 from engine.volume import Volume, VolumeError
 
 # The index lists every shard, so rebuilding it costs O(shards) (0.14 s at 1,000 shards here): republishing it
@@ -215,7 +215,14 @@ class _Run(ProcessBackend):
             print(f"preprocess: note: the previous run (pid {writer.lock.stale.get('pid', '?')} on "
                   f"{writer.lock.stale.get('host', '?')}, started {writer.lock.stale.get('started', '?')}) ended "
                   f"without releasing the store; resuming it", file=sys.stderr)
-        write_run_info(self.store.parent, to_dict(cfg), name=self.store.name)
+        try:
+            write_run_info(self.store.parent, to_dict(cfg), name=self.store.name)
+        except OSError as exc:
+            writer.discard_if_empty()
+            writer.abort()
+            print(f"preprocess: cannot write the run's config next to {self.store}: {error_text(exc)}",
+                  file=sys.stderr)
+            return 2
         if writer.was_complete:
             # Recorded like any run: a run killed after its final index but before its own record (a window
             # of a few ms) otherwise leaves the store's history without any run that completed it.
@@ -481,9 +488,9 @@ class _Run(ProcessBackend):
                         nbytes = builder.nbytes
                         self.writer.end_shard(builder, st.volumes, st.failures)
                         builder = None
-                except (OSError, StoreError) as exc:
-                    self.fail(f"cannot commit batch {st.index} to {self.store}: {exc}; the batches committed "
-                              f"before it are kept, rerun the same command to resume")
+                except (OSError, RuntimeError, StoreError) as exc:   # RuntimeError: h5py's for some HDF5 I/O failures
+                    self.fail(f"cannot commit batch {st.index} to {self.store}: {error_text(exc)}; the batches "
+                              f"committed before it are kept, rerun the same command to resume")
                     return
                 t_batch += time.perf_counter() - t0
                 if not done:
@@ -494,9 +501,9 @@ class _Run(ProcessBackend):
                 t1 = time.perf_counter()
                 try:
                     self._maybe_publish()
-                except (OSError, StoreError) as exc:
-                    self.fail(f"cannot update the index {self.store} after batch {st.index}: {exc}; the committed "
-                              f"batches are kept, rerun the same command to resume")
+                except (OSError, RuntimeError, StoreError) as exc:
+                    self.fail(f"cannot update the index {self.store} after batch {st.index}: {error_text(exc)}; the "
+                              f"committed batches are kept, rerun the same command to resume")
                     return
                 prof.add_write(t_batch, time.perf_counter() - t1, nbytes)
                 t_batch = 0.0
@@ -577,16 +584,23 @@ class _Run(ProcessBackend):
         complete = self.error is None and self.producer_done
         record = self._run_record("complete" if complete else ("interrupted" if self.interrupted else "failed"))
         if complete:
-            writer.finish(complete=True, run_record=record)
+            try:
+                writer.finish(complete=True, run_record=record)
+            except StoreError as exc:                # e.g. the disk filled up after the last commit
+                self.error, complete = str(exc), False
         else:
             writer.abort(run_record=record)
         log = [f for s in writer.shards for f in s.failures]
         profile_path = self.store.with_name(self.store.name + ".profile.json")
-        prof = self.prof.write_json(profile_path, self.committed_this_run, extra={
-            "store": str(self.store), "settings_hash": settings_hash(settings), "batch": self.batch_size,
-            "compression": self.codec.spec, "readers": self.n_readers,
-            "max_uncommitted_slices": self.max_uncommitted,
-            "status": record["status"], "failed_volumes": [f.record() for f in self.failures]})
+        extra = {"store": str(self.store), "settings_hash": settings_hash(settings), "batch": self.batch_size,
+                 "compression": self.codec.spec, "readers": self.n_readers,
+                 "max_uncommitted_slices": self.max_uncommitted,
+                 "status": record["status"], "failed_volumes": [f.record() for f in self.failures]}
+        try:
+            prof = self.prof.write_json(profile_path, self.committed_this_run, extra=extra)
+        except OSError as exc:
+            print(f"preprocess: cannot write the profile {profile_path}: {error_text(exc)}", file=sys.stderr)
+            prof = self.prof.to_dict(self.committed_this_run, extra=extra)
         out = sys.stdout
         method = self.cfg.superpixels.method
         params = ", ".join(f"{k}={v}" for k, v in to_dict(getattr(self.cfg.superpixels, method)).items())

@@ -21,7 +21,7 @@ from multiprocessing import shared_memory
 from engine.schedule import Failure, Loaded, LoadMark, SourceChanged, Task
 from engine.shm import Ring, VolumeArena, receive_fd
 from engine.slice_worker import process_worker, signal_name
-from engine.store import DATASETS
+from engine.store import DATASETS, error_text
 
 # Arena slots for prepared volumes (the load look-ahead plus the volumes being computed), each for up to
 # ARENA_SLOT_SLICES slices; larger volumes get their own memfd.
@@ -230,7 +230,7 @@ class ProcessBackend:
             try:
                 result = self._received_volume(msg[2], i, w)
             except OSError as exc:
-                self.fail(f"cannot receive volume {mark.ref} from worker process {w}: {exc}")
+                self.fail(f"cannot receive volume {mark.ref} from worker process {w}: {error_text(exc)}")
                 return
             self.prof.add_read(msg[3], msg[4])
             self.prof.add_busy(w, msg[3] + msg[4], msg[5])

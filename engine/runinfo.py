@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -46,8 +47,18 @@ def write_run_info(out_dir: str | Path, config: dict[str, Any], name: str = "run
     """Write ``<name>.config.yaml`` (resolved config) and ``<name>.info.json`` into ``out_dir``."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / f"{name}.config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-    info = run_info(config)
+    _write_atomic(out_dir / f"{name}.config.yaml", yaml.safe_dump(config, sort_keys=False))
     path = out_dir / f"{name}.info.json"
-    path.write_text(json.dumps(info, indent=2))
+    _write_atomic(path, json.dumps(run_info(config), indent=2))
     return path
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """``path`` holds either its old content or all of ``text``, also when the disk fills up on the way."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise

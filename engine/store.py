@@ -114,6 +114,24 @@ class SettingsMismatch(StoreError):
     """The store was made with other settings (method, parameters, preparation or source)."""
 
 
+def error_text(exc: BaseException) -> str:
+    """One line for an error met while reading or writing a store.
+
+    HDF5 reports a failed system call in several lines (time, descriptor, buffer address, ...); the system's
+    own words for the errno say what a user needs (e.g. "No space left on device"). Other messages keep their
+    text, on one line.
+    """
+    code = getattr(exc, "errno", None)
+    if isinstance(exc, OSError) and code:
+        where = f": {exc.filename}" if exc.filename else ""
+        return f"{os.strerror(code)} (errno {code}){where}"
+    text = " ".join(str(exc).split())
+    m = re.search(r"\berrno = (\d+)", text)            # h5py raises some HDF5 I/O failures as RuntimeError
+    if m and int(m.group(1)):
+        return f"{os.strerror(int(m.group(1)))} (errno {m.group(1)})"
+    return text or type(exc).__name__
+
+
 # --------------------------------------------------------------------------------------------- paths
 def parts_dir(store: str | Path) -> Path:
     """Folder of the shard files of ``store``."""
@@ -638,8 +656,12 @@ class StoreLock:
             self.stale = _read_fd(fd) or None
             info = {"pid": os.getpid(), "host": platform.node(), "started": _now(),
                     "command": command or " ".join(sys.argv)}
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, json.dumps(info).encode(), 0)
+            try:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, json.dumps(info).encode(), 0)
+            except OSError:
+                os.close(fd)
+                raise
             self.fd = fd
             return self
         raise StoreError(f"{self.store}: could not take the lock {self.path} (it keeps being replaced)")
@@ -726,11 +748,21 @@ class StoreWriter:
             raise StoreError(f"{store}: cannot create its folder: {exc.strerror or exc}") from None
         if store.is_dir():
             raise StoreError(f"{store}: is a folder, not a store file")
-        lock = StoreLock(store).acquire(command)
+        try:
+            lock = StoreLock(store).acquire(command)
+        except OSError as exc:                   # e.g. a read-only folder
+            raise StoreError(f"{store}: cannot take its lock: {error_text(exc)}") from None
         try:
             writer = cls(store, settings, codec, shape, code_version, lock)
             writer._prepare(overwrite)
             return writer
+        except (OSError, RuntimeError) as exc:  # e.g. a full disk (h5py raises some HDF5 failures as RuntimeError)
+            try:
+                parts_dir(store).rmdir()         # only when this open created it and nothing is in it
+            except OSError:
+                pass
+            lock.release()
+            raise StoreError(f"{store}: cannot be written: {error_text(exc)}") from None
         except BaseException:
             lock.release()
             raise
@@ -787,7 +819,7 @@ class StoreWriter:
                 try:
                     info = read_shard_info(path)
                 except (OSError, KeyError, ValueError) as exc:
-                    self.dropped.append(f"{path}: unreadable ({exc}); it will be recomputed")
+                    self.dropped.append(f"{path}: unreadable ({error_text(exc)}); it will be recomputed")
             else:
                 self.dropped.append(f"{path}: follows a gap in the shard sequence; it will be recomputed")
             if info is None or (shards and info.settings_hash != shards[0].settings_hash) or \
@@ -881,12 +913,24 @@ class StoreWriter:
         self.n_published = len(self.shards)
 
     def finish(self, complete: bool, run_record: dict | None = None) -> None:
-        """Final index (``complete`` flag), append the run to ``runs.jsonl``, release the lock."""
+        """Final index (``complete`` flag), append the run to ``runs.jsonl``, release the lock.
+
+        Raises ``StoreError`` when either cannot be written (e.g. a full disk); the committed shards are kept and
+        the next run rebuilds the index from them.
+        """
         try:
-            if not (self.was_complete and complete):
-                write_index(self.store, self.shards, self.settings, complete=complete)
+            try:
+                if not (self.was_complete and complete):
+                    write_index(self.store, self.shards, self.settings, complete=complete)
+            except (OSError, RuntimeError) as exc:
+                raise StoreError(f"{self.store}: cannot write the final index: {error_text(exc)}; the committed "
+                                 f"batches are kept, rerun the same command to finish") from None
             if run_record is not None:
-                self._record_run(run_record)
+                try:
+                    self._record_run(run_record)
+                except OSError as exc:
+                    raise StoreError(f"{self.parts / 'runs.jsonl'}: cannot record this run: {error_text(exc)} "
+                                     f"(the store itself is written)") from None
         finally:
             self.lock.release()
 
@@ -909,10 +953,13 @@ class StoreWriter:
             if self.n_published != len(self.shards):
                 try:
                     self.publish()
-                except (OSError, StoreError):
+                except (OSError, RuntimeError, StoreError):
                     pass                      # e.g. the disk is full: the next run rebuilds the index from the shards
             if run_record is not None and self.parts.is_dir():
-                self._record_run(run_record)
+                try:
+                    self._record_run(run_record)
+                except OSError:
+                    pass                      # history only; the run already stops with its own error
         finally:
             self.lock.release()
 
@@ -980,7 +1027,7 @@ class StoreReader:
                 self.volumes = _read_volume_table(f["volumes"])
                 self.shape = tuple(f["image"].shape[1:])
         except OSError as exc:
-            raise StoreError(f"{self.path}: cannot read the store index: {exc}") from None
+            raise StoreError(f"{self.path}: cannot read the store index: {error_text(exc)}") from None
         except KeyError as exc:
             raise StoreError(f"{self.path}: store index is missing {exc}") from None
         self.n_slices = int(len(self.slices["z"]))
@@ -1008,7 +1055,7 @@ class StoreReader:
             try:
                 f = h5py.File(path, "r")
             except OSError as exc:
-                raise StoreError(f"{self.path}: shard {path} cannot be opened ({exc}); was the store "
+                raise StoreError(f"{self.path}: shard {path} cannot be opened ({error_text(exc)}); was the store "
                                  f"overwritten or moved without its .parts folder?") from None
             self._files[shard] = f
         return f

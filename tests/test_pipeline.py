@@ -5,6 +5,7 @@ runs with ``prepare.size = 64`` so that every test takes well under a second of 
 """
 from __future__ import annotations
 
+import errno
 import gzip
 import json
 import os
@@ -17,7 +18,7 @@ import pytest
 
 from alpnet.config import load as load_config
 from engine import pipeline, process_backend, slice_worker
-from engine.store import StoreReader, parts_dir
+from engine.store import StoreReader, lock_path, parts_dir
 
 SIZE = 64
 
@@ -448,27 +449,127 @@ def test_progress_bar_on_a_terminal(folder, tmp_path, monkeypatch):
 
 
 def test_a_failed_commit_stops_the_run_and_keeps_earlier_batches(folder, reference, tmp_path, monkeypatch, capsys):
-    import errno
-
     from engine.store import ShardBuilder
     real = ShardBuilder.add
 
     def disk_full(self, s):
         if self.index == 2 and self.rows:          # the second slice of batch 2 does not fit on the disk
-            raise OSError(errno.ENOSPC, "No space left on device")
+            # as h5py raises it: HDF5's report of the failed write, over two lines
+            raise OSError(errno.ENOSPC, "Can't write unprocessed chunk data (file write failed: time = Fri Nov 27 "
+                                        "00:18:14 2026\n, filename = 'x.h5', errno = 28, error message = 'No space "
+                                        "left on device', buf = 0x5638f93ed97f, total write size = 153649)")
         return real(self, s)
 
     monkeypatch.setattr(ShardBuilder, "add", disk_full)
     out = tmp_path / "s.h5"
     assert pipeline.preprocess(make_cfg(folder, out, batch=4), progress=False) == 1
     err = capsys.readouterr().err
-    assert "cannot commit batch 2" in err and "No space left on device" in err
+    line = next(x for x in err.splitlines() if "cannot commit batch 2" in x)
+    assert "No space left on device (errno 28); the batches committed before it are kept" in line
+    assert "buf = " not in err                       # HDF5's report is not passed on
     with StoreReader(out) as r:
         assert r.n_slices == 8 and r.meta["complete"] is False
     assert not [p for p in parts_dir(out).iterdir() if p.name.startswith(".")]
     monkeypatch.setattr(ShardBuilder, "add", real)
     assert pipeline.preprocess(make_cfg(folder, out, batch=4), progress=False) == 0
     assert_same_store(reference, out)
+
+
+# How HDF5 words a failed write when h5py passes it on (two lines, the errno inside the text).
+_HDF5_FULL = ("Unable to synchronously create file (file write failed: time = Fri Nov 27 00:19:34 2026\n, "
+              "filename = 'x.h5', errno = 28, error message = 'No space left on device', buf = 0x557a)")
+
+
+def _one_line_error(err: str, start: str) -> str:
+    assert "Traceback" not in err
+    lines = [x for x in err.splitlines() if x.startswith(start)]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+@pytest.mark.parametrize("raised", [OSError(28, _HDF5_FULL), RuntimeError(_HDF5_FULL.replace("create", "flush"))])
+def test_a_full_disk_when_the_store_is_created_is_one_line(folder, tmp_path, monkeypatch, capsys, raised):
+    # h5py raises HDF5's failures as OSError or RuntimeError: either way one line, status 2, the lock released
+    # and no empty store folder left behind
+    from engine import store as store_mod
+
+    def full(*args, **kwargs):
+        raise raised
+    monkeypatch.setattr(store_mod, "write_index", full)
+    out = tmp_path / "s.h5"
+    assert pipeline.preprocess(make_cfg(folder, out), progress=False) == 2
+    line = _one_line_error(capsys.readouterr().err, "preprocess:")
+    assert line == f"preprocess: {out}: cannot be written: No space left on device (errno 28)"
+    assert not parts_dir(out).exists() and not lock_path(out).exists()
+
+
+def test_a_read_only_folder_is_one_line(folder, tmp_path, monkeypatch, capsys):
+    from engine.store import StoreLock
+
+    def read_only(self, command=""):
+        raise OSError(errno.EROFS, "Read-only file system", str(self.path))
+    monkeypatch.setattr(StoreLock, "acquire", read_only)
+    out = tmp_path / "s.h5"
+    assert pipeline.preprocess(make_cfg(folder, out), progress=False) == 2
+    line = _one_line_error(capsys.readouterr().err, "preprocess:")
+    assert line == f"preprocess: {out}: cannot take its lock: Read-only file system (errno 30): {out}.lock"
+
+
+def test_a_full_disk_before_the_first_slice_is_one_line(folder, tmp_path, monkeypatch, capsys):
+    # the run's config and versions are written next to the store before any work: a failure there stops the
+    # run at once, without a half-written file or a store folder
+    from engine import runinfo
+
+    real_replace = os.replace
+
+    def full(src, dst):
+        if str(dst).endswith(".info.json"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_replace(src, dst)
+    monkeypatch.setattr(runinfo.os, "replace", full)
+    out = tmp_path / "s.h5"
+    assert pipeline.preprocess(make_cfg(folder, out), progress=False) == 2
+    line = _one_line_error(capsys.readouterr().err, "preprocess:")
+    assert line == f"preprocess: cannot write the run's config next to {out}: No space left on device (errno 28)"
+    assert not list(tmp_path.glob(".*tmp*")) and not (tmp_path / "s.h5.info.json").exists()
+    assert not parts_dir(out).exists() and not lock_path(out).exists()
+
+
+def test_a_full_disk_after_the_last_commit_keeps_the_store_resumable(folder, reference, tmp_path, monkeypatch,
+                                                                    capsys):
+    # every batch is committed, then the final index cannot be written: the run says so in one line, exits 1,
+    # and the same command finishes the store (its shards are all there)
+    from engine import store as store_mod
+    real = store_mod.write_index
+
+    def full_at_the_end(store, shards, settings, complete, extra_attrs=None):
+        if complete:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(store, shards, settings, complete, extra_attrs)
+    monkeypatch.setattr(store_mod, "write_index", full_at_the_end)
+    out = tmp_path / "s.h5"
+    assert pipeline.preprocess(make_cfg(folder, out), progress=False) == 1
+    captured = capsys.readouterr()
+    line = _one_line_error(captured.err, "preprocess: stopped:")
+    assert "cannot write the final index: No space left on device (errno 28)" in line and "rerun" in line
+    assert f"{out} INCOMPLETE" in captured.out
+    monkeypatch.setattr(store_mod, "write_index", real)
+    assert pipeline.preprocess(make_cfg(folder, out), progress=False) == 0
+    assert_same_store(reference, out)
+
+
+def test_a_profile_that_cannot_be_written_does_not_fail_the_run(folder, tmp_path, monkeypatch, capsys):
+    from engine.profile import Profiler
+
+    def full(self, path, slices, extra=None):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(Profiler, "write_json", full)
+    out = tmp_path / "s.h5"
+    assert pipeline.preprocess(make_cfg(folder, out), progress=False) == 0
+    captured = capsys.readouterr()
+    assert _one_line_error(captured.err, "preprocess: cannot write the profile").endswith(
+        "No space left on device (errno 28)")
+    assert f"{out} complete: 19 slices" in captured.out and "slices/s" in captured.out
 
 
 @pytest.mark.parametrize("interval,share,expected", [(0.0, 0, 5), (1e9, 10, 1)])

@@ -421,3 +421,18 @@ def test_organ_bits_kernel_follows_the_store_rule():
     organ_bits_kernel(label, out)
     assert out.tolist() == [slice_organ_bits(label[z]) for z in range(6)]
     assert out[2] == 0 and all(int(b) & 1 == 0 for b in out)
+
+
+def test_error_text_is_one_line_in_the_systems_words():
+    from engine.store import error_text
+    hdf5 = OSError(28, "Can't write unprocessed chunk data (file write failed: time = Fri Nov 27 00:18:14 2026\n"
+                       ", filename = 'x.h5', errno = 28, error message = 'No space left on device', buf = 0x5638)")
+    assert error_text(hdf5) == "No space left on device (errno 28)"
+    assert error_text(PermissionError(13, "Permission denied", "/data/s.h5")) == \
+        "Permission denied (errno 13): /data/s.h5"
+    assert error_text(OSError("Unable to synchronously open file\n(file signature not found)")) == \
+        "Unable to synchronously open file (file signature not found)"
+    assert error_text(RuntimeError("Disable slist on flush dest failure failed (file write failed: errno = 28,\n"
+                                   "error message = 'No space left on device')")) == "No space left on device (errno 28)"
+    assert error_text(KeyError("volumes")) == "'volumes'"
+    assert error_text(OSError()) == "OSError"
