@@ -155,6 +155,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        # The machine rather than the input (a read-only or full disk, a path under a file): one line too.
+        from engine.store import error_text
+        print(f"{args.command}: {error_text(exc)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -33,6 +33,7 @@ from alpnet.model import ALPNet, COUNTERS
 from engine.config import to_dict
 from engine.figures import save_figure
 from engine.runinfo import write_run_info
+from engine.store import error_text
 
 CHECKPOINT_NAME = "checkpoint.pt"
 REDRAWS = ("empty_redraws", "vanishing_redraws", "slice_redraws")
@@ -40,6 +41,10 @@ REDRAWS = ("empty_redraws", "vanishing_redraws", "slice_redraws")
 
 class TrainError(RuntimeError):
     """The run cannot start as asked; the message is one line."""
+
+
+class CheckpointWriteError(TrainError):
+    """A checkpoint could not be written during the run (e.g. a full disk); the previous one is intact."""
 
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -268,6 +273,9 @@ def main(cfg, resume: bool = False) -> int:
     """
     try:
         return _main(cfg, resume)
+    except CheckpointWriteError as exc:
+        print(f"train: {exc}", file=sys.stderr)
+        return 1
     except (EpisodeError, CheckpointError, EncoderError, TrainError) as exc:
         print(f"train: {exc}", file=sys.stderr)
         return 2
@@ -332,13 +340,21 @@ def _main(cfg, resume: bool) -> int:
              f"slices of {idx.n_store_slices} (dropped {idx.dropped}; held out {idx.held_out or 'none'}; "
              f"excluded labels {idx.exclude_labels or 'none'}); lr step {lr_step_of(cfg)}")
 
+    saved = [start_it if state else None]          # the iteration of the last checkpoint on disk
+
     def save(it: int) -> None:
         state = {"iteration": it, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                  "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None,
                  "config": cfg_dict, "store": store, "rng": rng_state(), "totals": dict(totals)}
-        save_checkpoint(ckpt_path, state)
-        if tc.keep_checkpoints:
-            save_checkpoint(out / f"checkpoint_{it:06d}.pt", state)
+        for path in [ckpt_path] + ([out / f"checkpoint_{it:06d}.pt"] if tc.keep_checkpoints else []):
+            try:
+                save_checkpoint(path, state)
+            except (OSError, RuntimeError) as exc:      # torch.save words a full disk as a RuntimeError
+                kept = (f"the checkpoint of iteration {saved[0]} is kept: free space and rerun with --resume"
+                        if saved[0] is not None else "no checkpoint was written yet: free space and rerun")
+                raise CheckpointWriteError(f"{path}: cannot write the checkpoint of iteration {it} "
+                                           f"({error_text(exc)}); {kept}") from None
+        saved[0] = it
 
     # No pin_memory: pinning refuses the batch's expanded (stride-0) images, and one episode's 0.6 MB crosses
     # to the GPU in microseconds without it.

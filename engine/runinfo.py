@@ -59,6 +59,7 @@ def _write_atomic(path: Path, text: str) -> None:
     try:
         tmp.write_text(text)
         os.replace(tmp, path)
-    except OSError:
+    except OSError as exc:
         tmp.unlink(missing_ok=True)
-        raise
+        # a failed write() names no file: name the one meant
+        raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from None

@@ -530,7 +530,8 @@ def test_a_full_disk_before_the_first_slice_is_one_line(folder, tmp_path, monkey
     out = tmp_path / "s.h5"
     assert pipeline.preprocess(make_cfg(folder, out), progress=False) == 2
     line = _one_line_error(capsys.readouterr().err, "preprocess:")
-    assert line == f"preprocess: cannot write the run's config next to {out}: No space left on device (errno 28)"
+    assert line == (f"preprocess: cannot write the run's config next to {out}: No space left on device (errno 28): "
+                    f"{out}.info.json")
     assert not list(tmp_path.glob(".*tmp*")) and not (tmp_path / "s.h5.info.json").exists()
     assert not parts_dir(out).exists() and not lock_path(out).exists()
 

@@ -126,6 +126,41 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck.pt"]   # no temporary left behind
 
 
+def test_a_full_disk_during_training_keeps_the_last_checkpoint(store, tmp_path, monkeypatch, capsys):
+    # the checkpoint of iteration 4 cannot be written (torch.save words a full disk as a RuntimeError): one line,
+    # exit 1, iteration 2's checkpoint intact, and --resume goes on from it once there is room again
+    from alpnet import train as train_mod
+    real = train_mod.save_checkpoint
+
+    def full_at_4(path, state):
+        if state["iteration"] == 4:
+            raise RuntimeError("[enforce fail at inline_container.cc:603] . PytorchStreamWriter failed writing "
+                               "file data/0: file write failed")
+        return real(path, state)
+    monkeypatch.setattr(train_mod, "save_checkpoint", full_at_4)
+    out = tmp_path / "run"
+    assert main(config(store, out, 4), resume=False) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot write the checkpoint of iteration 4" in err[0]
+    assert "PytorchStreamWriter failed writing file data/0" in err[0]
+    assert "the checkpoint of iteration 2 is kept: free space and rerun with --resume" in err[0]
+    assert read_checkpoint(out / "checkpoint.pt")["iteration"] == 2
+    monkeypatch.setattr(train_mod, "save_checkpoint", real)
+    assert main(config(store, out, 4), resume=True) == 0
+    assert read_checkpoint(out / "checkpoint.pt")["iteration"] == 4
+
+
+def test_an_output_folder_that_cannot_be_made_is_one_line(store, tmp_path, capsys):
+    import cli
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    args = ["--store", str(store), "--out", str(blocker / "run"), "--set", "model.encoder=tiny",
+            "--set", "train.iterations=2", "--set", "train.num_workers=0", "--set", "train.device=cpu"]
+    assert cli.main(["train", *args]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"train: Not a directory (errno 20): {blocker / 'run'}"]
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")
 def test_cuda_request_without_a_gpu_is_a_one_line_error(store, tmp_path, capsys):
     assert main(config(store, tmp_path / "cuda", 2, "train.device=cuda"), resume=False) == 2
