@@ -160,9 +160,9 @@ def main(argv: list[str] | None = None) -> int:
         from engine.store import error_text
         print(f"{args.command}: {error_text(exc)}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:                 # engine.pipeline.Terminated for SIGTERM
+        print(getattr(exc, "word", "interrupted"), file=sys.stderr)
+        return getattr(exc, "code", 130)
 
 
 # Commands that read and write only through ``engine`` (no torch): they end their process without the

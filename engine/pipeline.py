@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import os
 import queue
+import signal
 import sys
 import threading
 import time
@@ -69,6 +70,18 @@ PUBLISH_COST_SHARE = 10
 # GIL-holding h5py call, CPython hands the GIL over only after the switch interval (default 5 ms, five times a
 # SLIC kernel call). The engine lowers it for the duration of a run.
 SWITCH_INTERVAL_S = 0.0005
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, a job scheduler's stop or time limit): the run stops as on Ctrl-C, keeping and
+    recording what it committed, releasing the store; exit status 143 (128 + SIGTERM)."""
+    code = 143
+    word = "terminated (SIGTERM)"
+
+
+def _raise_terminated(signum, frame) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)    # a second SIGTERM must not break the orderly stop
+    raise Terminated()
 
 
 # --------------------------------------------------------------------------------------------- settings
@@ -149,6 +162,7 @@ class _Run(ProcessBackend):
         self.done = threading.Event()
         self.error: str | None = None
         self.interrupted = False
+        self.exit_code = 130
         self.failures: list[Failure] = []
         self.notes: list[str] = []
         self._lock = threading.Lock()
@@ -296,9 +310,11 @@ class _Run(ProcessBackend):
         self._spawn(self._writer, "writer")
         try:
             self._wait()
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:
             self.interrupted = True
-            self.fail("interrupted (Ctrl-C); committed batches are kept, rerun the same command to resume")
+            self.exit_code = getattr(exc, "code", 130)
+            self.fail(f"{getattr(exc, 'word', 'interrupted (Ctrl-C)')}; committed batches are kept, rerun the same "
+                      f"command to resume")
         finally:
             self._join()
             self._release_ring()
@@ -621,7 +637,7 @@ class _Run(ProcessBackend):
         out.flush()
         if self.error:
             print(f"preprocess: stopped: {self.error}", file=sys.stderr)
-            return 130 if self.interrupted else 1
+            return self.exit_code if self.interrupted else 1
         return 1 if log else 0
 
 
@@ -666,8 +682,15 @@ def preprocess(cfg, overwrite: bool = False, progress: bool = True) -> int:
     -------
     int
         0: the store is complete and no volume failed; 1: some volumes failed (skipped, listed in the store's
-        log) or the run stopped (a worker died, a slice failed, Ctrl-C: 130); 2: refused before any work (bad
-        input path, store locked by another run, settings mismatch, bad settings).
+        log) or the run stopped (a worker died, a slice failed; Ctrl-C: 130, SIGTERM: 143, both keeping what
+        was committed); 2: refused before any work (bad input path, store locked by another run, settings
+        mismatch, bad settings, a store that cannot be written).
     """
     tune_allocator()
-    return _Run(cfg, overwrite, progress).run()
+    in_main = threading.current_thread() is threading.main_thread()
+    old = signal.signal(signal.SIGTERM, _raise_terminated) if in_main else None
+    try:
+        return _Run(cfg, overwrite, progress).run()
+    finally:
+        if in_main:
+            signal.signal(signal.SIGTERM, old)

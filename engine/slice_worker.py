@@ -84,7 +84,8 @@ def process_worker(w: int, task_conn, result_conn, all_conns, lock_fd, shm, slot
     """Body of a worker process (forked). Messages: a slice (ring slot, sequence number, volume key, z) in,
     its encoded chunks into the ring slot, their lengths out; a volume to load (prepared into its arena slot
     or a memfd, ``send_volume``); where a volume lives (``"volume"``), before the first slice of it."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)     # Ctrl-C is handled by the parent, which stops us
+    signal.signal(signal.SIGINT, signal.SIG_IGN)     # Ctrl-C and a scheduler's SIGTERM (sent to every
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)    # process of the job) are handled by the parent, which stops us
     if lock_fd is not None:
         try:
             os.close(lock_fd)                        # never keep the store lock alive after the parent

@@ -140,6 +140,34 @@ def test_kill_9_ten_trials(src, clean, tmp_path):
         kill_and_resume(src, clean, tmp_path / f"t{trial}" / "store.h5", rng)
 
 
+@pytest.mark.parametrize("backend", ["threads", "processes"])
+def test_sigterm_stops_like_ctrl_c_and_the_rerun_completes(src, clean, tmp_path, backend):
+    # A job scheduler's stop or time limit sends SIGTERM to every process of the job: the run stops in order
+    # (exit 143, one line, the run recorded, the lock released, no worker left) and the rerun completes.
+    out = tmp_path / "store.h5"
+    proc = start(command(src, out, "--backend", backend))
+    try:
+        assert wait_for(lambda: shards(out) >= 2, timeout=120, proc=proc, step=0.002), "run ended too early"
+        procs = [proc.pid] + [c.pid for c in psutil.Process(proc.pid).children()
+                              if "resource_tracker" not in " ".join(c.cmdline())]
+        for pid in procs:
+            os.kill(pid, signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, err
+    stops = [line for line in err.splitlines() if "stopped" in line]
+    assert stops == ["preprocess: stopped: terminated (SIGTERM); committed batches are kept, rerun the same "
+                     "command to resume"]
+    runs = [json.loads(line) for line in (parts_dir(out) / "runs.jsonl").read_text().splitlines()]
+    assert runs[-1]["status"] == "interrupted" and runs[-1]["slices_committed"] >= 2 * BATCH
+    assert not lock_path(out).exists()
+    assert not [p for p in psutil.process_iter(["cmdline"]) if str(out) in " ".join(p.info["cmdline"] or [])]
+    assert pipeline.preprocess(make_cfg(src, out, batch=BATCH, backend=backend), progress=False) == 0
+    assert_same_store(clean, out)
+
+
 def test_killed_worker_process_fails_cleanly_and_rerun_completes(src, clean, tmp_path):
     out = tmp_path / "store.h5"
     proc = start(command(src, out, "--backend", "processes"))
