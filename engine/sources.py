@@ -86,6 +86,9 @@ def _libdeflate_gunzip(data: bytes) -> bytearray | None:
     return out if len(out) == size else None
 
 
+_GZIP_MAGIC = b"\x1f\x8b"
+
+
 def _from_bytes(path: Path):
     """Read a NIfTI-1 file in one pass: its bytes serve both the checksum and the (fast) decompression.
 
@@ -101,7 +104,7 @@ def _from_bytes(path: Path):
     digest = hashlib.sha256(data).hexdigest()
     try:
         raw = data
-        if path.name.endswith(".gz"):
+        if data[:2] == _GZIP_MAGIC:             # by content: a misnamed .nii / .nii.gz reads all the same
             fast = _libdeflate_gunzip(data)
             if fast is not None:
                 # A view exists only when every voxel is in ``fast`` (a short buffer gives none), so the common
@@ -112,9 +115,45 @@ def _from_bytes(path: Path):
                 if _holds_whole_image(fast):
                     return nib.Nifti1Image.from_bytes(fast), digest
             raw = _gunzip(data)
-        return _nifti_view(raw) or nib.Nifti1Image.from_bytes(raw), digest
+        view = _nifti_view(raw)
+        if view is not None:
+            return view, digest
+        # nibabel would print its findings on a stray header (see _header_problem); the caller words the error
+        return (nib.Nifti1Image.from_bytes(raw), digest) if _header_size(raw) == 348 else None
     except Exception:
         return None
+
+
+def _header_size(first: bytes) -> int | None:
+    """``sizeof_hdr`` of a NIfTI file from its first bytes: 348 (NIfTI-1) or 540 (NIfTI-2), either byte order."""
+    for order in ("little", "big"):
+        size = int.from_bytes(first[:4], order) if len(first) >= 4 else None
+        if size in (348, 540):
+            return size
+    return None
+
+
+def _header_problem(path: Path) -> str | None:
+    """Why ``path`` cannot be a NIfTI-1/2 file, judged from its first bytes (inflated when it is gzip), or None.
+
+    Checked before handing a file to nibabel, which prints its own findings about a stray header to stderr
+    (next to the one line the engine gives) and goes by the file name to decide on gzip.
+    """
+    try:
+        with open(path, "rb") as fh:
+            gz = fh.read(2) == _GZIP_MAGIC
+            fh.seek(0)
+            first = gzip.GzipFile(fileobj=fh).read(4) if gz else fh.read(4)
+    except FileNotFoundError:
+        return None                                   # nibabel's own "file not found" follows
+    except (OSError, EOFError) as exc:                # gzip.BadGzipFile and zlib errors included
+        return f"unreadable start: {one_line(exc)}"
+    if _header_size(first) not in (348, 540):
+        return "no NIfTI-1 or NIfTI-2 header at its start"
+    if gz != path.name.endswith(".gz"):
+        return ("gzip-compressed but named .nii: rename it .nii.gz" if gz else
+                "named .gz but not gzip-compressed: rename it .nii")
+    return None
 
 
 class _NiftiView:
@@ -182,6 +221,9 @@ def _nifti_array(path: Path, kind: str):
     if fast is not None:
         img, digest = fast
     else:
+        problem = _header_problem(path)
+        if problem:
+            raise VolumeError(path, f"not a readable NIfTI {kind} ({problem})")
         try:
             img = nib.load(str(path))
         except FileNotFoundError:

@@ -181,6 +181,38 @@ def test_each_bad_volume_gets_one_line_and_the_others_still_load(tmp_path):
     assert errors["8"].startswith(str(tmp_path / "label_8.nii.gz"))   # the label file is named
 
 
+def test_misnamed_compression_is_read_by_content(tmp_path):
+    # a plain NIfTI named .nii.gz and a gzipped one named .nii (both seen in the wild) load like the original
+    arr = _image()
+    plain = _write(tmp_path / "ref.nii", arr)
+    (tmp_path / "image_1.nii.gz").write_bytes(plain.read_bytes())
+    (tmp_path / "image_2.nii").write_bytes(gzip.compress(plain.read_bytes()))
+    for name in ("image_1.nii.gz", "image_2.nii"):
+        vol = load_nifti(tmp_path / name, None, name)
+        assert np.array_equal(np.asarray(vol.image), arr) and vol.checksum == _sha(tmp_path / name)
+
+
+def test_files_that_are_no_nifti_get_one_line_and_nothing_else_on_stderr(tmp_path, capfd):
+    # nibabel prints its own findings on a stray header ("sizeof_hdr should be 348; ..."): the engine judges
+    # such files before handing them over, so its one line is all a user sees
+    (tmp_path / "image_1.nii").write_bytes(np.random.default_rng(0).bytes(5000))
+    (tmp_path / "image_2.nii.gz").write_bytes(gzip.compress(np.random.default_rng(1).bytes(5000)))
+    (tmp_path / "image_3.nii.gz").write_bytes(b"\x1f\x8b garbage")
+    two = nib.Nifti2Image(_image().astype(np.float32), LAS)
+    nib.save(two, str(tmp_path / "two.nii"))
+    (tmp_path / "image_4.nii").write_bytes(gzip.compress((tmp_path / "two.nii").read_bytes()))   # NIfTI-2
+    expected = {"image_1.nii": "no NIfTI-1 or NIfTI-2 header at its start",
+                "image_2.nii.gz": "no NIfTI-1 or NIfTI-2 header at its start",
+                "image_3.nii.gz": "unreadable start: BadGzipFile",
+                "image_4.nii": "gzip-compressed but named .nii: rename it .nii.gz"}
+    for name, reason in expected.items():
+        with pytest.raises(VolumeError) as err:
+            load_nifti(tmp_path / name, None, name)
+        assert str(err.value).startswith(f"{tmp_path / name}: not a readable NIfTI image ({reason}")
+    out, errout = capfd.readouterr()
+    assert out == "" and errout == ""
+
+
 def test_describe_reports_bad_inputs_one_line_each_and_exits_1(tmp_path, capsys):
     _bad_folder(tmp_path)
     _write(tmp_path / "image_13.nii.gz", np.full((16, 12, 5), 7.0))                    # constant
