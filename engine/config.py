@@ -38,6 +38,18 @@ class DataConfig:
 ZSCORE_MODES = ("volume", "robust")
 
 
+def _check_range(section: str, obj, names: tuple[str, ...], minimum: float, strict: bool = False,
+                 maximum: float | None = None) -> None:
+    """Refuse ``section.name`` values below ``minimum`` (or equal to it when ``strict``) or above ``maximum``."""
+    for name in names:
+        value = getattr(obj, name)
+        if value is None:
+            continue
+        if value < minimum or (strict and value == minimum) or (maximum is not None and value > maximum):
+            bound = f"{'>' if strict else '>='} {minimum:g}" + (f" and <= {maximum:g}" if maximum is not None else "")
+            raise ConfigError(f"{section}.{name}: must be {bound}, got {value!r}")
+
+
 @dataclasses.dataclass
 class PrepareConfig:
     """Slice preparation (method.md 1.3-1.6)."""
@@ -53,6 +65,10 @@ class PrepareConfig:
     def __post_init__(self) -> None:
         if self.zscore not in ZSCORE_MODES:
             raise ConfigError(f"prepare.zscore: {self.zscore!r} is not one of {', '.join(ZSCORE_MODES)}")
+        _check_range("prepare", self, ("size",), 1)
+        _check_range("prepare", self, ("clip_percentile",), 0, strict=True, maximum=100)
+        if len(self.target_spacing) != 3 or min(self.target_spacing) <= 0:
+            raise ConfigError(f"prepare.target_spacing: must be 3 numbers > 0 (mm), got {self.target_spacing!r}")
 
 
 @dataclasses.dataclass
@@ -81,8 +97,11 @@ class SlicConfig:
     spread_iter: int = 0
 
     def __post_init__(self) -> None:
-        if self.search_radius <= 0 or self.spread_iter < 0:
-            raise ConfigError("superpixels.slic: search_radius must be > 0 and spread_iter >= 0")
+        # the ranges of engine.superpixels.slic, checked here so that a bad value stops a run before any work
+        # (and before --overwrite discards a store)
+        _check_range("superpixels.slic", self, ("n_segments", "max_num_iter"), 1)
+        _check_range("superpixels.slic", self, ("compactness", "max_size_factor", "search_radius"), 0, strict=True)
+        _check_range("superpixels.slic", self, ("sigma", "min_size_factor", "spread_iter"), 0)
 
 
 @dataclasses.dataclass
@@ -92,6 +111,10 @@ class FelzenszwalbConfig:
     min_size: int = 400
     faithful: bool = False               # True: reproduce SSL-ALPNet's relabelling quirks (id gaps)
 
+    def __post_init__(self) -> None:
+        _check_range("superpixels.felzenszwalb", self, ("scale",), 0, strict=True)
+        _check_range("superpixels.felzenszwalb", self, ("sigma", "min_size"), 0)
+
 
 @dataclasses.dataclass
 class MeanShiftConfig:
@@ -99,6 +122,12 @@ class MeanShiftConfig:
     max_dist: float = 40.0
     ratio: float = 0.5
     sigma: float = 1.0
+
+    def __post_init__(self) -> None:
+        _check_range("superpixels.meanshift", self, ("kernel_size",), 1)
+        _check_range("superpixels.meanshift", self, ("max_dist",), 0, strict=True)
+        _check_range("superpixels.meanshift", self, ("ratio",), 0, strict=True, maximum=1)
+        _check_range("superpixels.meanshift", self, ("sigma",), 0)
 
 
 @dataclasses.dataclass

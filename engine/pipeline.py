@@ -206,6 +206,15 @@ class _Run(ProcessBackend):
             print(f"preprocess: {exc}", file=sys.stderr)
             return 2
         settings = store_settings(cfg, cfg.data.input, self.refs)
+        # One slice through the pseudo-label step checks settings that only the method can judge, before the
+        # store is opened: with --overwrite, opening it discards what it holds.
+        warm = warm_slice(self.size, cfg.prepare.fg_threshold)
+        self.zero_label = self.codec.encode("label", np.zeros(self.shape, np.uint8))
+        try:
+            compute_slice(warm, warm, None, cfg.prepare.fg_threshold, cfg.superpixels, self.codec, self.zero_label)
+        except ValueError as exc:
+            print(f"preprocess: the superpixel settings are not usable: {exc}", file=sys.stderr)
+            return 2
         try:
             self.writer = StoreWriter.open(self.store, settings, self.codec, self.shape, git_revision(),
                                            overwrite=self.overwrite, command=" ".join(sys.argv))
@@ -262,17 +271,9 @@ class _Run(ProcessBackend):
             print(f"preprocess: resuming {self.store}: {writer.n_committed} slices in {len(writer.shards)} "
                   f"committed batches kept; {len(self.plan)} of {len(self.refs)} volumes left", file=sys.stderr)
 
-        # Kernels are compiled / loaded from the numba cache and the settings validated before any timing and
-        # before forking, so that worker processes inherit ready machine code.
+        # Kernels are compiled / loaded from the numba cache before any timing and before forking, so that
+        # worker processes inherit ready machine code (the pseudo-label kernels were loaded by ``run``).
         warm = warm_slice(self.size, cfg.prepare.fg_threshold)
-        self.zero_label = self.codec.encode("label", np.zeros(self.shape, np.uint8))
-        try:
-            compute_slice(warm, warm, None, cfg.prepare.fg_threshold, cfg.superpixels, self.codec, self.zero_label)
-        except ValueError as exc:
-            writer.discard_if_empty()
-            writer.abort()
-            print(f"preprocess: the superpixel settings are not usable: {exc}", file=sys.stderr)
-            return 2
         # NIfTI volumes are column-major (float64 ones reach preparation as they are) with slice-major labels
         # (``engine.sources``), the others row-major; a small volume takes the pad path.
         for layout, dtype in (("F", np.float32), ("F", np.float64), ("C", np.float32)):

@@ -49,6 +49,19 @@ def test_int_promotes_to_float_but_not_reverse():
     ("engine.batch=-1", r"engine\.threads, engine\.readers and engine\.batch must be >= 0 \(0: automatic\)"),
     ("train.iterations", r"expected KEY=VALUE"),
     ("train.iterations.x=1", r"^train\.iterations: expected an integer, got dict"),
+    # the ranges of the methods' parameters: refused before any work (and before --overwrite discards a store)
+    ("superpixels.slic.n_segments=0", r"^superpixels\.slic\.n_segments: must be >= 1, got 0$"),
+    ("superpixels.slic.compactness=0", r"^superpixels\.slic\.compactness: must be > 0, got 0\.0$"),
+    ("superpixels.slic.max_num_iter=0", r"^superpixels\.slic\.max_num_iter: must be >= 1"),
+    ("superpixels.slic.sigma=-1", r"^superpixels\.slic\.sigma: must be >= 0"),
+    ("superpixels.slic.search_radius=0", r"^superpixels\.slic\.search_radius: must be > 0"),
+    ("superpixels.felzenszwalb.scale=0", r"^superpixels\.felzenszwalb\.scale: must be > 0"),
+    ("superpixels.felzenszwalb.min_size=-3", r"^superpixels\.felzenszwalb\.min_size: must be >= 0"),
+    ("superpixels.meanshift.ratio=1.5", r"^superpixels\.meanshift\.ratio: must be > 0 and <= 1, got 1\.5$"),
+    ("superpixels.meanshift.kernel_size=0.5", r"^superpixels\.meanshift\.kernel_size: must be >= 1"),
+    ("prepare.size=0", r"^prepare\.size: must be >= 1, got 0$"),
+    ("prepare.clip_percentile=0", r"^prepare\.clip_percentile: must be > 0 and <= 100"),
+    ("prepare.target_spacing=[1.25, 0, 7.7]", r"^prepare\.target_spacing: must be 3 numbers > 0"),
 ])
 def test_bad_overrides_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message):

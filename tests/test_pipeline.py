@@ -18,6 +18,7 @@ import pytest
 
 from alpnet.config import load as load_config
 from engine import pipeline, process_backend, slice_worker
+from engine.config import ConfigError
 from engine.store import StoreReader, lock_path, parts_dir
 
 SIZE = 64
@@ -402,15 +403,30 @@ def test_bad_input_path_and_bad_settings_are_refused_before_work(tmp_path, capsy
     err = capsys.readouterr().err
     assert "missing" in err and "no such file or folder" in err and not out.exists()
     src = write_folder(tmp_path / "in", n=1)
-    cfg = make_cfg(src, out, "superpixels.slic.n_segments=0")
-    assert pipeline.preprocess(cfg, progress=False) == 2
-    assert "superpixel settings" in capsys.readouterr().err
-    assert not out.exists() and not parts_dir(out).exists()       # nothing left behind
+    with pytest.raises(ConfigError, match=r"superpixels.slic.n_segments: must be >= 1, got 0"):
+        make_cfg(src, out, "superpixels.slic.n_segments=0")
     not_store = tmp_path / "precious.h5"
     not_store.write_bytes(b"not a store")
     assert pipeline.preprocess(make_cfg(src, not_store), overwrite=True, progress=False) == 2
     assert "not a store written by this engine" in capsys.readouterr().err
     assert not_store.read_bytes() == b"not a store"
+
+
+def test_settings_the_method_refuses_never_cost_an_existing_store(folder, reference, tmp_path, monkeypatch, capsys):
+    # --overwrite discards a store made with other settings when the store is opened: settings that only the
+    # pseudo-label step can judge are tried on one slice before that, so refusing them loses nothing
+    import shutil
+    out = tmp_path / reference.name                 # same name: the index maps the shards by folder name
+    shutil.copy(reference, out)
+    shutil.copytree(parts_dir(reference), parts_dir(out))
+
+    def refuses(*args, **kwargs):
+        raise ValueError("slic: this combination is not usable")
+    monkeypatch.setattr(pipeline, "compute_slice", refuses)
+    cfg = make_cfg(folder, out, "superpixels.slic.n_segments=13")
+    assert pipeline.preprocess(cfg, overwrite=True, progress=False) == 2
+    assert "the superpixel settings are not usable: slic: this combination" in capsys.readouterr().err
+    assert_same_store(reference, out)
 
 
 def test_phantom_source(tmp_path):
