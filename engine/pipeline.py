@@ -208,7 +208,7 @@ class _Run(ProcessBackend):
         settings = store_settings(cfg, cfg.data.input, self.refs)
         # One slice through the pseudo-label step checks settings that only the method can judge, before the
         # store is opened: with --overwrite, opening it discards what it holds.
-        warm = warm_slice(self.size, cfg.prepare.fg_threshold)
+        self.warm = warm = warm_slice(self.size, cfg.prepare.fg_threshold)
         self.zero_label = self.codec.encode("label", np.zeros(self.shape, np.uint8))
         try:
             compute_slice(warm, warm, None, cfg.prepare.fg_threshold, cfg.superpixels, self.codec, self.zero_label)
@@ -273,7 +273,7 @@ class _Run(ProcessBackend):
 
         # Kernels are compiled / loaded from the numba cache before any timing and before forking, so that
         # worker processes inherit ready machine code (the pseudo-label kernels were loaded by ``run``).
-        warm = warm_slice(self.size, cfg.prepare.fg_threshold)
+        warm = self.warm
         # NIfTI volumes are column-major (float64 ones reach preparation as they are) with slice-major labels
         # (``engine.sources``), the others row-major; a small volume takes the pad path.
         for layout, dtype in (("F", np.float32), ("F", np.float64), ("C", np.float32)):
