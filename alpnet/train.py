@@ -33,7 +33,7 @@ from alpnet.model import ALPNet, COUNTERS
 from engine.config import to_dict
 from engine.figures import save_figure
 from engine.runinfo import write_run_info
-from engine.store import error_text
+from engine.store import StoreError, error_text
 
 CHECKPOINT_NAME = "checkpoint.pt"
 REDRAWS = ("empty_redraws", "vanishing_redraws", "slice_redraws")
@@ -276,9 +276,20 @@ def main(cfg, resume: bool = False) -> int:
     except CheckpointWriteError as exc:
         print(f"train: {exc}", file=sys.stderr)
         return 1
+    except StoreError as exc:                     # the store went bad under the run (a damaged or removed shard)
+        print(f"train: {_last_line(exc)}", file=sys.stderr)
+        return 1
     except (EpisodeError, CheckpointError, EncoderError, TrainError) as exc:
         print(f"train: {exc}", file=sys.stderr)
         return 2
+
+
+def _last_line(exc: BaseException) -> str:
+    """The message of ``exc`` on one line. A DataLoader worker's error reaches the trainer re-raised with the
+    worker's traceback in its message, whose last line is the original ``Type: message``."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    last = lines[-1] if lines else type(exc).__name__
+    return last.split(": ", 1)[1] if last.startswith(("engine.store.StoreError: ", "StoreError: ")) else last
 
 
 def _main(cfg, resume: bool) -> int:

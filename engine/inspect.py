@@ -114,11 +114,12 @@ def _check_volumes_and_pixels(reader: StoreReader, read_pixels: bool) -> list[st
         elif len(zs) != expected and (complete or row["id"] != last_volume):
             problems.append(f"volume {row['id']}: {len(zs)} of its {expected} slices in the store")
     if read_pixels:
+        unreadable: dict[str, list[int]] = {}          # reason -> slices (a damaged shard fails all of its slices)
         for i in range(n):
             try:
                 d = reader.read(i)
             except Exception as exc:  # any decoding failure is a finding, not a crash
-                problems.append(f"slice {i} (volume {sl['volume'][i]} z={sl['z'][i]}): unreadable ({exc})")
+                unreadable.setdefault(error_text(exc), []).append(i)
                 continue
             tag = f"slice {i} (volume {sl['volume'][i]} z={sl['z'][i]})"
             sp, fg = d["superpixels"], d["fg"]
@@ -136,6 +137,10 @@ def _check_volumes_and_pixels(reader: StoreReader, read_pixels: bool) -> list[st
             if len(problems) > 50:
                 problems.append("... (stopped after 50 problems)")
                 break
+        for reason, rows in unreadable.items():
+            first = rows[0]
+            where = (f"slice {first}" if len(rows) == 1 else f"{len(rows)} slices ({first}..{rows[-1]})")
+            problems.append(f"{where}, from volume {sl['volume'][first]} z={sl['z'][first]}: unreadable ({reason})")
     return problems
 
 

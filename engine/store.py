@@ -1055,8 +1055,9 @@ class StoreReader:
             try:
                 f = h5py.File(path, "r")
             except OSError as exc:
-                raise StoreError(f"{self.path}: shard {path} cannot be opened ({error_text(exc)}); was the store "
-                                 f"overwritten or moved without its .parts folder?") from None
+                hint = ("was the store overwritten or moved without its .parts folder?" if not path.exists() else
+                        "the shard is damaged: `cli.py preprocess` with the store's command recomputes it")
+                raise StoreError(f"{self.path}: shard {path} cannot be opened ({error_text(exc)}); {hint}") from None
             self._files[shard] = f
         return f
 

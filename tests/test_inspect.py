@@ -73,6 +73,21 @@ def test_damage_is_reported(store, tmp_path, capsys):
     assert "DAMAGED" in capsys.readouterr().out
 
 
+def test_a_damaged_shard_is_one_finding_not_one_per_slice(store, tmp_path, capsys):
+    import os
+    import shutil
+    copy = tmp_path / store.name
+    shutil.copy(store, copy)
+    shutil.copytree(parts_dir(store), parts_dir(copy))
+    shard = parts_dir(copy) / shard_name(1)
+    os.truncate(shard, shard.stat().st_size // 2)
+    assert inspect_store(str(copy), as_json=True) == 1
+    problems = json.loads(capsys.readouterr().out)["problems"]
+    assert len(problems) == 2, problems                 # the shard itself, and its slices in one line
+    assert problems[0].startswith(f"{shard}: missing or unreadable (Unable to synchronously open file")
+    assert "slices (" in problems[1] and "unreadable (" in problems[1] and "the shard is damaged" in problems[1]
+
+
 def test_not_a_store(tmp_path, capsys):
     assert inspect_store(str(tmp_path / "nope.h5")) == 2
     assert "no such store" in capsys.readouterr().err

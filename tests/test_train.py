@@ -150,6 +150,29 @@ def test_a_full_disk_during_training_keeps_the_last_checkpoint(store, tmp_path, 
     assert read_checkpoint(out / "checkpoint.pt")["iteration"] == 4
 
 
+def test_a_shard_damaged_under_training_is_one_line(tmp_path, capsys):
+    # a shard truncated after the store was written (a copy cut short, a failing disk): the trainer stops with
+    # exit 1 and one line naming the shard and the remedy
+    import os
+    from engine.store import parts_dir
+    damaged = write_store(tmp_path / "store.h5", synthetic_volumes(n=6))
+    shard = sorted(parts_dir(damaged).glob("0*.h5"))[0]
+    os.truncate(shard, shard.stat().st_size // 2)
+    assert main(config(damaged, tmp_path / "run", 4), resume=False) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"train: {damaged}: shard {shard} cannot be opened (")
+    assert err[0].endswith("the shard is damaged: `cli.py preprocess` with the store's command recomputes it")
+
+
+def test_a_data_loader_workers_error_is_told_in_its_last_line():
+    from alpnet.train import _last_line
+    from engine.store import StoreError
+    relayed = StoreError("Caught StoreError in DataLoader worker process 0.\nOriginal Traceback (most recent call "
+                         "last):\n  File \"x.py\", line 1, in read\nengine.store.StoreError: s.h5: shard bad\n")
+    assert _last_line(relayed) == "s.h5: shard bad"
+    assert _last_line(StoreError("s.h5: no such store")) == "s.h5: no such store"
+
+
 def test_an_output_folder_that_cannot_be_made_is_one_line(store, tmp_path, capsys):
     import cli
     blocker = tmp_path / "a_file"
