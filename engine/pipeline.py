@@ -51,7 +51,7 @@ import numpy as np
 
 from engine.config import to_dict
 from engine.prepare import prepare_volume
-from engine.process_backend import ProcessBackend
+from engine.process_backend import ProcessBackend, SharedMemoryTooSmall
 from engine.profile import Profiler, summary_lines
 from engine.runinfo import git_revision, write_run_info
 from engine.sources import open_source
@@ -298,7 +298,13 @@ class _Run(ProcessBackend):
         self.batches = Batches(len(writer.shards), writer.n_committed, self.batch_size, self.prof.barrier_clock,
                                 self.stop)
         if self.backend == "processes":
-            self._start_pool()                      # fork before any thread of ours exists
+            try:
+                self._start_pool()                  # fork before any thread of ours exists
+            except SharedMemoryTooSmall as exc:
+                writer.discard_if_empty()
+                writer.abort()
+                print(f"preprocess: {exc}", file=sys.stderr)
+                return 2
         self._start_progress()
         self.t_start = time.time()
         self.prof.start()

@@ -10,6 +10,7 @@ slice of them is computed.
 from __future__ import annotations
 
 import collections
+import errno
 import multiprocessing as mp
 import os
 import queue
@@ -38,6 +39,7 @@ class ProcessBackend:
         slots = max(2 * PREFETCH_PER_WORKER * n + 4, 8)
         slots = min(slots, max(self.cfg.engine.queue_slices, PREFETCH_PER_WORKER * n + 1))
         self.shm = shared_memory.SharedMemory(create=True, size=Ring.nbytes(slots, self.shape))
+        _reserve(self.shm, Ring.nbytes(slots, self.shape))
         self.ring = Ring(self.shm.buf, slots, self.shape)
         self.free_slots: queue.SimpleQueue = queue.SimpleQueue()   # 8 us per put as a queue.Queue
         for s in range(slots):
@@ -317,6 +319,32 @@ class ProcessBackend:
             self.shm.close()
         except (BufferError, OSError):
             pass
+
+
+class SharedMemoryTooSmall(Exception):
+    """/dev/shm cannot hold the ring; the message is one line."""
+
+
+def _reserve(shm: shared_memory.SharedMemory, nbytes: int) -> None:
+    """Reserve the ring's pages in /dev/shm now.
+
+    A shared-memory file is created sparse: where /dev/shm is small (a Docker container gets 64 MB unless
+    ``--shm-size`` says otherwise) the first worker to touch a page beyond it dies of SIGBUS, and a rerun dies
+    the same way. Allocating the pages up front turns that into one clear error before any work.
+    """
+    fd = getattr(shm, "_fd", -1)
+    if fd < 0 or not hasattr(os, "posix_fallocate"):
+        return
+    try:
+        os.posix_fallocate(fd, 0, nbytes)
+    except OSError as exc:
+        if exc.errno in (errno.EINVAL, errno.EOPNOTSUPP):  # a file system that cannot reserve: go on unchecked
+            return
+        shm.close()
+        shm.unlink()
+        raise SharedMemoryTooSmall(
+            f"processes backend: /dev/shm has no room for the {nbytes / 2 ** 20:.0f} MB ring of slices "
+            f"({error_text(exc)}); give it more (Docker: --shm-size) or use --backend threads") from None
 
 
 class _Poller:

@@ -519,6 +519,25 @@ def test_a_full_disk_when_the_store_is_created_is_one_line(folder, tmp_path, mon
     assert not parts_dir(out).exists() and not lock_path(out).exists()
 
 
+def test_a_small_dev_shm_is_one_line_before_any_work(folder, tmp_path, monkeypatch, capsys):
+    # the processes backend's ring lives in /dev/shm (64 MB in a Docker container by default): its pages are
+    # reserved up front, so a /dev/shm too small for it is one line and exit 2, not workers dying of SIGBUS
+    shm_before = set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(process_backend.os, "posix_fallocate", full)
+    out = tmp_path / "s.h5"
+    assert pipeline.preprocess(make_cfg(folder, out, backend="processes"), progress=False) == 2
+    line = _one_line_error(capsys.readouterr().err, "preprocess:")
+    assert line.startswith("preprocess: processes backend: /dev/shm has no room for the ")
+    assert line.endswith("(No space left on device (errno 28)); give it more (Docker: --shm-size) or use "
+                         "--backend threads")
+    assert not parts_dir(out).exists() and not lock_path(out).exists()
+    if os.path.isdir("/dev/shm"):
+        assert set(os.listdir("/dev/shm")) - shm_before == set()      # the ring's file is removed
+
+
 def test_a_read_only_folder_is_one_line(folder, tmp_path, monkeypatch, capsys):
     from engine.store import StoreLock
 
