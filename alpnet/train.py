@@ -15,6 +15,7 @@ momentum and weight decay, the learning rate multiplied by ``lr_gamma`` every ``
 from __future__ import annotations
 
 import json
+import os
 import random
 import sys
 import time
@@ -43,7 +44,11 @@ class TrainError(RuntimeError):
     """The run cannot start as asked; the message is one line."""
 
 
-class CheckpointWriteError(TrainError):
+class RunStopped(TrainError):
+    """The run started but cannot go on (exit status 1); the message is one line."""
+
+
+class CheckpointWriteError(RunStopped):
     """A checkpoint could not be written during the run (e.g. a full disk); the previous one is intact."""
 
 
@@ -273,7 +278,7 @@ def main(cfg, resume: bool = False) -> int:
     """
     try:
         return _main(cfg, resume)
-    except CheckpointWriteError as exc:
+    except RunStopped as exc:
         print(f"train: {exc}", file=sys.stderr)
         return 1
     except StoreError as exc:                     # the store went bad under the run (a damaged or removed shard)
@@ -282,6 +287,19 @@ def main(cfg, resume: bool = False) -> int:
     except (EpisodeError, CheckpointError, EncoderError, TrainError) as exc:
         print(f"train: {exc}", file=sys.stderr)
         return 2
+
+
+def _dev_shm_note(num_workers: int) -> str:
+    """Where loader workers most often fail: the batches they hand over go through /dev/shm."""
+    if not num_workers:
+        return "no loader workers were used"
+    try:
+        st = os.statvfs("/dev/shm")
+        free = f"{st.f_bavail * st.f_frsize / 2 ** 20:.0f} MB free now"
+    except OSError:
+        free = "not found here"
+    return (f"loader workers hand their batches over through /dev/shm ({free}): give it more (Docker: "
+            f"--shm-size) or set train.num_workers=0")
 
 
 def _last_line(exc: BaseException) -> str:
@@ -378,6 +396,14 @@ def _main(cfg, resume: bool) -> int:
                                scaler)
     finally:
         stream.close()
+    if last < tc.iterations:
+        # The stream yields exactly the batches asked for: fewer means a loader worker lost some. torch prints
+        # the worker's error and lets the loader end as if the stream were done.
+        if saved[0] != last:
+            save(last)
+        raise RunStopped(f"the episode stream ended after iteration {last} of {tc.iterations}: a loader worker "
+                         f"failed (its error is printed above; {_dev_shm_note(tc.num_workers)}); the checkpoint "
+                         f"of iteration {last} is kept: rerun with --resume")
     wall = time.perf_counter() - t0
     png = plot_loss_curve(log.metrics_path, out / "loss_curve.png")
     draws = totals.get("episodes", 0) + totals.get("empty_redraws", 0) + totals.get("vanishing_redraws", 0)

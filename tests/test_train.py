@@ -164,6 +164,27 @@ def test_a_shard_damaged_under_training_is_one_line(tmp_path, capsys):
     assert err[0].endswith("the shard is damaged: `cli.py preprocess` with the store's command recomputes it")
 
 
+def test_a_stream_that_ends_early_is_an_error_not_a_finished_run(store, tmp_path, monkeypatch, capsys):
+    # A loader worker that cannot hand over its batch (a full /dev/shm) has its error printed by torch and the
+    # loader then ends as if the stream were done: the run used to report "done" after fewer iterations
+    from alpnet.episodes import EpisodeStream
+    real = EpisodeStream.__iter__
+
+    def one_batch(self):
+        it = real(self)
+        yield next(it)
+    monkeypatch.setattr(EpisodeStream, "__iter__", one_batch)
+    out = tmp_path / "run"
+    assert main(config(store, out, 4), resume=False) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("train: the episode stream ended after iteration 1 of 4: a loader")
+    assert err[0].endswith("the checkpoint of iteration 1 is kept: rerun with --resume")
+    assert read_checkpoint(out / "checkpoint.pt")["iteration"] == 1
+    monkeypatch.setattr(EpisodeStream, "__iter__", real)
+    assert main(config(store, out, 4), resume=True) == 0
+    assert read_checkpoint(out / "checkpoint.pt")["iteration"] == 4
+
+
 def test_a_data_loader_workers_error_is_told_in_its_last_line():
     from alpnet.train import _last_line
     from engine.store import StoreError
