@@ -57,8 +57,8 @@ from engine.runinfo import git_revision, write_run_info
 from engine.sources import open_source
 from engine.schedule import Batches, BatchState, Failure, Loaded, LoadPlan, SourceChanged, Stopped, Task, WorkQueue
 from engine.slice_worker import compute_slice, organ_bits, warm_slice
-from engine.store import (SCHEMA_VERSION, Codec, SettingsMismatch, SliceResult, StoreError, StoreLocked,
-                          StoreWriter, error_text, settings_hash, volume_row)
+from engine.store import (SCHEMA_VERSION, Codec, RunRecordError, SettingsMismatch, SliceResult, StoreError,
+                          StoreLocked, StoreWriter, error_text, settings_hash, volume_row)
 from engine.volume import Volume, VolumeError
 
 # The index lists every shard, so rebuilding it costs O(shards) (0.14 s at 1,000 shards here): republishing it
@@ -609,6 +609,8 @@ class _Run(ProcessBackend):
         if complete:
             try:
                 writer.finish(complete=True, run_record=record)
+            except RunRecordError as exc:            # history only: the store is complete
+                print(f"preprocess: warning: {exc}", file=sys.stderr)
             except StoreError as exc:                # e.g. the disk filled up after the last commit
                 self.error, complete = str(exc), False
         else:

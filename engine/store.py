@@ -114,6 +114,10 @@ class SettingsMismatch(StoreError):
     """The store was made with other settings (method, parameters, preparation or source)."""
 
 
+class RunRecordError(StoreError):
+    """The run's line of ``runs.jsonl`` could not be written; the store itself is (history only)."""
+
+
 def error_text(exc: BaseException) -> str:
     """One line for an error met while reading or writing a store.
 
@@ -929,8 +933,8 @@ class StoreWriter:
                 try:
                     self._record_run(run_record)
                 except OSError as exc:
-                    raise StoreError(f"{self.parts / 'runs.jsonl'}: cannot record this run: {error_text(exc)} "
-                                     f"(the store itself is written)") from None
+                    raise RunRecordError(f"{self.parts / 'runs.jsonl'}: cannot record this run: {error_text(exc)} "
+                                         f"(the store itself is written)") from None
         finally:
             self.lock.release()
 

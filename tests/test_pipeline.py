@@ -594,6 +594,22 @@ def test_a_full_disk_after_the_last_commit_keeps_the_store_resumable(folder, ref
     assert_same_store(reference, out)
 
 
+def test_a_run_record_that_cannot_be_written_is_a_warning(folder, reference, tmp_path, monkeypatch, capsys):
+    # runs.jsonl is the store's history, not its content: a complete store stays complete
+    from engine.store import StoreWriter
+
+    def full(self, record):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(StoreWriter, "_record_run", full)
+    out = tmp_path / "s.h5"
+    assert pipeline.preprocess(make_cfg(folder, out), progress=False) == 0
+    captured = capsys.readouterr()
+    line = _one_line_error(captured.err, "preprocess: warning:")
+    assert line.endswith("cannot record this run: No space left on device (errno 28) (the store itself is written)")
+    assert f"{out} complete" in captured.out
+    assert_same_store(reference, out)
+
+
 def test_a_profile_that_cannot_be_written_does_not_fail_the_run(folder, tmp_path, monkeypatch, capsys):
     from engine.profile import Profiler
 
