@@ -1009,7 +1009,10 @@ class StoreReader:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         if not self.path.exists():
-            raise StoreError(f"{self.path}: no such store")
+            parts = parts_dir(self.path)
+            hint = (f" (its shard folder {parts.name} is there: the preprocess command that made it rebuilds the "
+                    f"index)" if parts.is_dir() and any(_SHARD_RE.match(p.name) for p in parts.iterdir()) else "")
+            raise StoreError(f"{self.path}: no such store{hint}")
         try:
             with h5py.File(self.path, "r") as f:
                 if _s(f.attrs.get("format", "")) != FORMAT_NAME:

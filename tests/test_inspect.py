@@ -88,6 +88,15 @@ def test_a_damaged_shard_is_one_finding_not_one_per_slice(store, tmp_path, capsy
     assert "slices (" in problems[1] and "unreadable (" in problems[1] and "the shard is damaged" in problems[1]
 
 
+def test_a_lost_index_is_told_how_to_come_back(store, tmp_path, capsys):
+    import shutil
+    shutil.copytree(parts_dir(store), parts_dir(tmp_path / store.name))
+    assert inspect_store(str(tmp_path / store.name)) == 2
+    assert capsys.readouterr().err.strip() == (f"inspect: {tmp_path / store.name}: no such store (its shard folder "
+                                               f"{store.name}.parts is there: the preprocess command that made it "
+                                               f"rebuilds the index)")
+
+
 def test_not_a_store(tmp_path, capsys):
     assert inspect_store(str(tmp_path / "nope.h5")) == 2
     assert "no such store" in capsys.readouterr().err
