@@ -19,6 +19,7 @@ import numpy as np
 
 from alpnet.protocol import summarise
 from engine.figures import save_figure
+from engine.runinfo import write_text_atomic
 
 # Table I of the paper (method.md section 0): Abd-MRI (CHAOS T2-SPIR), 1-way 1-shot, setting 2, Dice in percent,
 # mean of 5 folds. Printed beside our rows, always labelled as the paper's numbers.
@@ -311,10 +312,8 @@ def write_report(out: Path, results: Mapping, overlays: Mapping) -> None:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     clean = jsonable(results)
-    tmp = out / "results.json.tmp"
-    tmp.write_text(json.dumps(clean, indent=1))
-    tmp.replace(out / "results.json")
-    (out / "results.md").write_text(markdown(clean))
+    write_text_atomic(out / "results.json", json.dumps(clean, indent=1))
+    write_text_atomic(out / "results.md", markdown(clean))
     write_overlays(out / "overlays", overlays)
 
 

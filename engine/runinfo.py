@@ -47,14 +47,16 @@ def write_run_info(out_dir: str | Path, config: dict[str, Any], name: str = "run
     """Write ``<name>.config.yaml`` (resolved config) and ``<name>.info.json`` into ``out_dir``."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    _write_atomic(out_dir / f"{name}.config.yaml", yaml.safe_dump(config, sort_keys=False))
+    write_text_atomic(out_dir / f"{name}.config.yaml", yaml.safe_dump(config, sort_keys=False))
     path = out_dir / f"{name}.info.json"
-    _write_atomic(path, json.dumps(run_info(config), indent=2))
+    write_text_atomic(path, json.dumps(run_info(config), indent=2))
     return path
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    """``path`` holds either its old content or all of ``text``, also when the disk fills up on the way."""
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """``path`` holds either its old content or all of ``text``, also when the disk fills up on the way; a
+    failure names ``path`` (a failed ``write`` names no file)."""
+    path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         tmp.write_text(text)

@@ -105,3 +105,22 @@ def test_shipped_configs_load():
     files = sorted(root.glob("*.yaml"))
     for path in files:
         load(str(path))
+
+
+def test_text_files_are_replaced_whole_and_a_failure_names_the_file(tmp_path, monkeypatch):
+    # run configs, info files and evaluation reports: either the old content or all of the new one
+    import os
+
+    from engine import runinfo
+    path = tmp_path / "results.md"
+    runinfo.write_text_atomic(path, "old")
+    real = os.replace
+
+    def full(src, dst):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(runinfo.os, "replace", full)
+    with pytest.raises(OSError) as err:
+        runinfo.write_text_atomic(path, "new")
+    assert err.value.errno == 28 and err.value.filename == str(path)
+    monkeypatch.setattr(runinfo.os, "replace", real)
+    assert path.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["results.md"]
