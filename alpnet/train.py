@@ -274,7 +274,9 @@ def main(cfg, resume: bool = False) -> int:
     """Train ALPNet on the episodes of ``cfg.train.store`` into the run folder ``cfg.train.out``.
 
     Returns 0 on success, 2 with a one-line message on stderr when the run cannot start (missing or empty
-    store, missing checkpoint for ``resume``, an occupied run folder, a bad encoder or weights file).
+    store, missing checkpoint for ``resume``, an occupied run folder, a bad encoder or weights file), 1 with
+    one when it stops on the way (a store that cannot be read, a checkpoint that cannot be written, an episode
+    stream that ended early).
     """
     try:
         return _main(cfg, resume)

@@ -230,6 +230,13 @@ class _Run(ProcessBackend):
             if self.writer.lock.fd is not None:      # any path that did not finish/abort
                 self.writer.lock.release()
 
+    def _refuse(self, message: str) -> int:
+        """Give up before any slice is computed: leave no new store behind, release it, say why (exit 2)."""
+        self.writer.discard_if_empty()
+        self.writer.abort()
+        print(f"preprocess: {message}", file=sys.stderr)
+        return 2
+
     def _run_locked(self, settings: dict) -> int:
         cfg, writer = self.cfg, self.writer
         for line in writer.dropped:
@@ -241,11 +248,7 @@ class _Run(ProcessBackend):
         try:
             write_run_info(self.store.parent, to_dict(cfg), name=self.store.name)
         except OSError as exc:
-            writer.discard_if_empty()
-            writer.abort()
-            print(f"preprocess: cannot write the run's config next to {self.store}: {error_text(exc)}",
-                  file=sys.stderr)
-            return 2
+            return self._refuse(f"cannot write the run's config next to {self.store}: {error_text(exc)}")
         if writer.was_complete:
             # Recorded like any run: a run killed after its final index but before its own record (a window
             # of a few ms) otherwise leaves the store's history without any run that completed it.
@@ -301,10 +304,7 @@ class _Run(ProcessBackend):
             try:
                 self._start_pool()                  # fork before any thread of ours exists
             except SharedMemoryTooSmall as exc:
-                writer.discard_if_empty()
-                writer.abort()
-                print(f"preprocess: {exc}", file=sys.stderr)
-                return 2
+                return self._refuse(str(exc))
         self._start_progress()
         self.t_start = time.time()
         self.prof.start()
@@ -623,8 +623,8 @@ class _Run(ProcessBackend):
                  "status": record["status"], "failed_volumes": [f.record() for f in self.failures]}
         try:
             prof = self.prof.write_json(profile_path, self.committed_this_run, extra=extra)
-        except OSError as exc:
-            print(f"preprocess: cannot write the profile {profile_path}: {error_text(exc)}", file=sys.stderr)
+        except OSError as exc:                       # error_text names the file
+            print(f"preprocess: cannot write the profile: {error_text(exc)}", file=sys.stderr)
             prof = self.prof.to_dict(self.committed_this_run, extra=extra)
         out = sys.stdout
         method = self.cfg.superpixels.method

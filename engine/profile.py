@@ -23,6 +23,8 @@ from typing import Callable
 
 import psutil
 
+from engine.runinfo import write_text_atomic
+
 STAGES_READ = ("load", "prepare")                 # per volume, in the load jobs of the workers
 STAGES_WORK = ("mask", "superpixels", "encode")   # per slice, in the workers
 STAGES_WRITE = ("write", "index")                 # per batch, in the writer thread
@@ -297,14 +299,7 @@ class Profiler:
 
     def write_json(self, path: str | Path, slices: int, extra: dict | None = None) -> dict:
         data = self.to_dict(slices, extra)
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        try:
-            tmp.write_text(json.dumps(data, indent=1))
-            os.replace(tmp, path)
-        except OSError:
-            tmp.unlink(missing_ok=True)
-            raise
+        write_text_atomic(path, json.dumps(data, indent=1))
         return data
 
 

@@ -126,8 +126,10 @@ def _from_bytes(path: Path):
 
 def _header_size(first: bytes) -> int | None:
     """``sizeof_hdr`` of a NIfTI file from its first bytes: 348 (NIfTI-1) or 540 (NIfTI-2), either byte order."""
+    if len(first) < 4:
+        return None
     for order in ("little", "big"):
-        size = int.from_bytes(first[:4], order) if len(first) >= 4 else None
+        size = int.from_bytes(first[:4], order)
         if size in (348, 540):
             return size
     return None
@@ -148,7 +150,7 @@ def _header_problem(path: Path) -> str | None:
         return None                                   # nibabel's own "file not found" follows
     except (OSError, EOFError) as exc:                # gzip.BadGzipFile and zlib errors included
         return f"unreadable start: {one_line(exc)}"
-    if _header_size(first) not in (348, 540):
+    if _header_size(first) is None:
         return "no NIfTI-1 or NIfTI-2 header at its start"
     if gz != path.name.endswith(".gz"):
         return ("gzip-compressed but named .nii: rename it .nii.gz" if gz else

@@ -919,8 +919,8 @@ class StoreWriter:
     def finish(self, complete: bool, run_record: dict | None = None) -> None:
         """Final index (``complete`` flag), append the run to ``runs.jsonl``, release the lock.
 
-        Raises ``StoreError`` when either cannot be written (e.g. a full disk); the committed shards are kept and
-        the next run rebuilds the index from them.
+        Raises ``StoreError`` when the index cannot be written (e.g. a full disk; the committed shards are kept and
+        the next run rebuilds the index from them), ``RunRecordError`` when only the run's record cannot.
         """
         try:
             try:
