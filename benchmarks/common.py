@@ -586,7 +586,7 @@ def profile_summary(p: dict) -> dict:
     pct = (lambda v: round(100.0 * v / total, 1) if total > 0 else 0.0)
     return {"engine_fps": p["slices_per_s"], "engine_wall_s": p["wall_s"],
             "busy_pct": pct(wt["busy_s"]), "waiting_pct": pct(wt["waiting_s"]), "barrier_pct": pct(wt["barrier_s"]),
-            "busy_on_cpu_pct": wt.get("busy_on_cpu_pct"),
+            "busy_on_cpu_pct": wt.get("busy_on_cpu_pct"), "busy_core_wait_pct": wt.get("busy_core_wait_pct"),
             "busy_s": wt["busy_s"], "waiting_s": wt["waiting_s"], "barrier_s": wt["barrier_s"],
             # sampled during this run (process + children): ``peak_rss_mb`` also holds ru_maxrss, which is the
             # benchmark process's maximum over all earlier runs too

@@ -251,7 +251,7 @@ def summarise_engine(runs: list[dict]) -> dict:
             "busy_pct": round(100 * wt["busy_s"] / total, 1) if total else 0.0,
             "waiting_pct": round(100 * wt["waiting_s"] / total, 1) if total else 0.0,
             "barrier_pct": round(100 * wt["barrier_s"] / total, 1) if total else 0.0,
-            "busy_on_cpu_pct": wt.get("busy_on_cpu_pct"),
+            "busy_on_cpu_pct": wt.get("busy_on_cpu_pct"), "busy_core_wait_pct": wt.get("busy_core_wait_pct"),
             "cpu_pct": p["cpu"]["utilisation_pct"], "peak_rss_mb": p["memory"]["peak_rss_mb"],
             "cpu_ms_per_slice": round(statistics.median(1e3 * r["profile"]["cpu"]["cpu_s"] / r["profile"]["slices"]
                                                         for r in runs), 3),
@@ -460,13 +460,14 @@ def render(r: dict) -> str:
                      common.fmt(e["cpu_ms_per_slice"], 2),
                      f"{e['busy_pct']:.0f}/{e['waiting_pct']:.0f}/{e['barrier_pct']:.0f}",
                      "-" if e.get("busy_on_cpu_pct") is None else common.fmt(e["busy_on_cpu_pct"]),
+                     "-" if e.get("busy_core_wait_pct") is None else common.fmt(e["busy_core_wait_pct"]),
                      common.fmt(e["cpu_pct"]),
                      common.fmt(e["peak_rss_mb"], 0),
                      "-" if e.get("minor_page_faults_main") is None else f"{e['minor_page_faults_main']:,}",
                      " ".join(f"{k} {v:.2f}" for k, v in ps.items())])
     if rows:
         lines += [common.markdown_table(["engine", "slices/s (engine)", "slices/s (process)", "CPU ms/slice",
-                                         "busy/wait/barrier %", "busy on a core %",
+                                         "busy/wait/barrier %", "busy on a core %", "busy waiting for a core %",
                                          "CPU %", "peak RSS MB", "page faults (main process)",
                                          "ms per slice in each stage (wall time)"], rows), ""]
     if "kernel_slices_per_s" in r:

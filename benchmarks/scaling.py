@@ -349,7 +349,7 @@ def render_markdown(result: dict) -> str:
               "core count the whole run (workers, reader, writer) is pinned to as many CPUs as workers.", ""]
     head = ["backend", "workers", "CPUs", "frames/s", "range", "speed-up / worker", "eff./worker %",
             "speed-up / core", "eff./core %",
-            "end-to-end frames/s", "busy %", "on a core, % of busy", "waiting %", "barrier %", "CPU %",
+            "end-to-end frames/s", "busy %", "on a core, % of busy", "waiting for a core, % of busy", "waiting %", "barrier %", "CPU %",
             "peak RSS MB"]
     rows = []
     pct = (lambda v: "-" if v is None else fmt(100 * v))
@@ -362,6 +362,7 @@ def render_markdown(result: dict) -> str:
                      pct(p["efficiency_per_core"]),
                      fmt(p["end_to_end_fps"]), fmt(pr["busy_pct"]),
                      "-" if pr.get("busy_on_cpu_pct") is None else fmt(pr["busy_on_cpu_pct"]),
+                     "-" if pr.get("busy_core_wait_pct") is None else fmt(pr["busy_core_wait_pct"]),
                      fmt(pr["waiting_pct"]), fmt(pr["barrier_pct"]),
                      fmt(p["cpu_pct_median"]), fmt(pr["peak_rss_mb"])])
     lines += [markdown_table(head, rows), ""]

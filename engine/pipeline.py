@@ -52,7 +52,7 @@ import numpy as np
 from engine.config import to_dict
 from engine.prepare import prepare_volume
 from engine.process_backend import ProcessBackend, SharedMemoryTooSmall
-from engine.profile import Profiler, summary_lines
+from engine.profile import Profiler, run_queue_seconds, summary_lines
 from engine.runinfo import git_revision, write_run_info
 from engine.sources import open_source
 from engine.schedule import Batches, BatchState, Failure, Loaded, LoadPlan, SourceChanged, Stopped, Task, WorkQueue
@@ -451,6 +451,14 @@ class _Run(ProcessBackend):
 
     # -------------------------------------------------------------- thread workers
     def _thread_worker(self, w: int) -> None:
+        rq0 = run_queue_seconds()
+        try:
+            self._thread_work(w)
+        finally:
+            rq1 = run_queue_seconds()
+            self.prof.add_run_queue(w, None if rq0 is None or rq1 is None else rq1 - rq0)
+
+    def _thread_work(self, w: int) -> None:
         prof, cfg = self.prof, self.cfg
         while True:
             t0 = time.perf_counter()

@@ -19,6 +19,7 @@ import socket
 import time
 from multiprocessing import shared_memory
 
+from engine.profile import run_queue_seconds
 from engine.schedule import Failure, Loaded, LoadMark, SourceChanged, Task
 from engine.shm import Ring, VolumeArena, receive_fd
 from engine.slice_worker import process_worker, signal_name
@@ -111,6 +112,8 @@ class ProcessBackend:
                     elif not self._receive(st, *result_of[fd]):
                         return
         finally:
+            for w, p in enumerate(self.procs):      # over the worker's life, read before it exits
+                self.prof.add_run_queue(w, run_queue_seconds(p.pid))
             self._stop_pool(graceful=not self.stop.is_set())
 
     def _hand_out(self, st: "_Dispatch") -> bool:

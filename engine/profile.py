@@ -61,6 +61,7 @@ class WorkerStats:
         self.slices = 0
         self.busy = 0.0
         self.busy_cpu = 0.0      # CPU time while busy; for the rest of ``busy`` it waited for the GIL or a core
+        self.run_queue: float | None = None   # time runnable but without a core (Linux schedstat), if known
         self.waiting = 0.0
         self.barrier = 0.0
         self.stages = {k: 0.0 for k in STAGES_WORK}
@@ -69,6 +70,7 @@ class WorkerStats:
         return {"slices": self.slices, "busy_s": round(self.busy, 4), "busy_cpu_s": round(self.busy_cpu, 4),
                 "waiting_s": round(self.waiting, 4),
                 "barrier_s": round(self.barrier, 4),
+                "run_queue_s": None if self.run_queue is None else round(self.run_queue, 4),
                 "busy_frac": round(self.busy / wall, 4) if wall > 0 else 0.0,
                 "stages_s": {k: round(v, 4) for k, v in self.stages.items()}}
 
@@ -139,6 +141,12 @@ class Profiler:
         volume: ``add_read`` records its stages)."""
         self.workers[w].busy += seconds
         self.workers[w].busy_cpu += cpu
+
+    def add_run_queue(self, w: int, seconds: float | None) -> None:
+        """Worker ``w`` waited ``seconds`` in all for a core while runnable (``run_queue_seconds``)."""
+        if seconds is not None:
+            st = self.workers[w]
+            st.run_queue = (st.run_queue or 0.0) + seconds
 
     def add_read(self, load: float, prepare: float) -> None:
         with self._lock:
@@ -253,6 +261,7 @@ class Profiler:
         busy_cpu = sum(w.busy_cpu for w in self.workers)
         waiting = sum(w.waiting for w in self.workers)
         barrier = sum(w.barrier for w in self.workers)
+        core_wait = _core_wait(self.workers)
         per_slice = {}
         if slices:
             for k, v in self.read.items():
@@ -271,6 +280,11 @@ class Profiler:
             "bytes_written": self.bytes_written,
             "worker_time": {"busy_s": round(busy, 4), "busy_cpu_s": round(busy_cpu, 4),
                             "busy_on_cpu_pct": round(100 * busy_cpu / busy, 1) if busy > 0 else 0.0,
+                            # the rest of busy split: waiting for a core (runnable, Linux schedstat) and the
+                            # remainder, asleep in busy: the GIL, a lock or I/O; None where not measured
+                            "busy_core_wait_s": None if core_wait is None else round(core_wait, 4),
+                            "busy_core_wait_pct": (None if core_wait is None else
+                                                   round(100 * core_wait / busy, 1) if busy > 0 else 0.0),
                             "waiting_s": round(waiting, 4), "barrier_s": round(barrier, 4),
                             "busy_frac": round(busy / (wall * len(self.workers)), 4) if wall > 0 and self.workers
                             else 0.0},
@@ -308,6 +322,27 @@ def _minor_faults() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
+def run_queue_seconds(pid: int | None = None) -> float | None:
+    """Seconds a thread (``pid`` None: the calling one) or a single-threaded process has been runnable but
+    without a core, from Linux's ``schedstat`` (its second field, run-queue delay); None where not reported."""
+    path = "/proc/thread-self/schedstat" if pid is None else f"/proc/{pid}/task/{pid}/schedstat"
+    try:
+        with open(path, "rb") as fh:
+            return int(fh.read().split()[1]) / 1e9
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _core_wait(workers: list[WorkerStats]) -> float | None:
+    """Time within busy the workers waited for a core, or None unless every worker measured it.
+
+    The run-queue delay of a worker also holds the short waits for a core after waking from idle; it is
+    capped per worker at the busy time it spent off a core, so that the split adds up."""
+    if not workers or any(w.run_queue is None for w in workers):
+        return None
+    return sum(min(w.run_queue, max(0.0, w.busy - w.busy_cpu)) for w in workers)
+
+
 def _peak_rss_self() -> int:
     """Peak resident memory of this process in bytes.
 
@@ -329,10 +364,16 @@ def summary_lines(p: dict) -> list[str]:
     total = wt["busy_s"] + wt["waiting_s"] + wt["barrier_s"]
     frac = (lambda v: f"{100 * v / total:.0f}%" if total > 0 else "-")
     cpu_per_slice = f", {1000 * p['cpu']['cpu_s'] / p['slices']:.2f} CPU ms per slice" if p["slices"] else ""
+    on_core = wt.get("busy_on_cpu_pct", 0)
+    if wt.get("busy_core_wait_pct") is None:
+        off_core = "the rest waiting for the GIL or a core"
+    else:
+        rest = max(0.0, 100 - on_core - wt["busy_core_wait_pct"])
+        off_core = f"{wt['busy_core_wait_pct']:.0f}% waiting for a core, {rest:.0f}% for the GIL, a lock or I/O"
     lines = [f"{p['slices']} slices in {p['wall_s']:.2f} s = {p['slices_per_s']:.1f} slices/s with "
              f"{p['workers']} {p['backend']} worker(s)",
-             f"workers: busy {frac(wt['busy_s'])} ({wt.get('busy_on_cpu_pct', 0):.0f}% of it on a core, the rest "
-             f"waiting for the GIL or a core), waiting for input {frac(wt['waiting_s'])}, "
+             f"workers: busy {frac(wt['busy_s'])} ({on_core:.0f}% of it on a core, {off_core}), waiting for input "
+             f"{frac(wt['waiting_s'])}, "
              f"barrier {frac(wt['barrier_s'])}; CPU {p['cpu']['utilisation_pct']:.0f}% "
              f"({p['cpu']['cores']} cores){cpu_per_slice}; peak RSS {p['memory']['peak_rss_mb']:.0f} MB"]
     ps = p["per_slice_ms"]

@@ -238,6 +238,65 @@ def test_profile_counts_the_page_faults_of_fresh_memory():
     assert pages <= faults < pages + 5000
 
 
+def test_run_queue_seconds_reads_linux_schedstat(tmp_path):
+    import subprocess
+    import sys
+
+    from engine.profile import run_queue_seconds
+
+    if not os.path.exists("/proc/thread-self/schedstat"):
+        pytest.skip("this kernel reports no schedstat")
+    mine = run_queue_seconds()
+    assert mine is not None and mine >= 0
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        theirs = run_queue_seconds(child.pid)
+        assert theirs is not None and theirs >= 0
+    finally:
+        child.kill()
+        child.wait()
+    assert run_queue_seconds(child.pid) is None                 # gone: no figure, no error
+
+
+def test_profile_splits_off_core_time_into_core_wait_and_the_rest():
+    from engine.profile import Profiler, summary_lines
+
+    prof = Profiler(2, "threads")
+    prof.add_work(0, {"superpixels": 1.0}, cpu=0.6)
+    prof.add_work(1, {"superpixels": 1.0}, cpu=0.9)
+    prof.add_run_queue(0, 0.3)
+    prof.add_run_queue(1, 0.5)            # more than its 0.1 s off a core (waits after waking): capped at 0.1
+    prof.stop()
+    d = prof.to_dict(2)
+    wt = d["worker_time"]
+    assert wt["busy_core_wait_s"] == pytest.approx(0.4) and wt["busy_core_wait_pct"] == pytest.approx(20.0)
+    assert [w["run_queue_s"] for w in d["per_worker"]] == [0.3, 0.5]
+    assert "75% of it on a core, 20% waiting for a core, 5% for the GIL, a lock or I/O" in summary_lines(d)[1]
+    # one worker without the figure (not Linux): no split, the old wording
+    prof = Profiler(2, "threads")
+    prof.add_work(0, {"superpixels": 1.0}, cpu=0.6)
+    prof.add_run_queue(0, 0.3)
+    prof.add_run_queue(1, None)
+    prof.stop()
+    d = prof.to_dict(1)
+    assert d["worker_time"]["busy_core_wait_pct"] is None and d["per_worker"][1]["run_queue_s"] is None
+    assert "of it on a core, the rest waiting for the GIL or a core" in summary_lines(d)[1]
+
+
+@pytest.mark.parametrize("backend", ["threads", "processes"])
+def test_profile_measures_core_wait_of_both_backends(folder, tmp_path, backend):
+    if not os.path.exists("/proc/thread-self/schedstat"):
+        pytest.skip("this kernel reports no schedstat")
+    out = tmp_path / "s.h5"
+    assert pipeline.preprocess(make_cfg(folder, out, backend=backend), progress=False) == 0
+    prof = json.loads(out.with_name("s.h5.profile.json").read_text())
+    wt = prof["worker_time"]
+    assert all(w["run_queue_s"] is not None and w["run_queue_s"] >= 0 for w in prof["per_worker"])
+    assert wt["busy_core_wait_s"] is not None
+    off_core = sum(max(0.0, w["busy_s"] - w["busy_cpu_s"]) for w in prof["per_worker"])
+    assert 0 <= wt["busy_core_wait_s"] <= off_core + 1e-3
+
+
 def test_profile_runinfo_and_summary(folder, tmp_path, capsys):
     out = tmp_path / "s.h5"
     assert pipeline.preprocess(make_cfg(folder, out), progress=False) == 0
