@@ -349,7 +349,8 @@ def render_markdown(result: dict) -> str:
               "core count the whole run (workers, reader, writer) is pinned to as many CPUs as workers.", ""]
     head = ["backend", "workers", "CPUs", "frames/s", "range", "speed-up / worker", "eff./worker %",
             "speed-up / core", "eff./core %",
-            "end-to-end frames/s", "busy %", "on a core, % of busy", "waiting for a core, % of busy", "waiting %", "barrier %", "CPU %",
+            "end-to-end frames/s", "busy %", "on a core, % of busy", "waiting for a core, % of busy", "waiting %",
+            "barrier %", "CPU %",
             "peak RSS MB"]
     rows = []
     pct = (lambda v: "-" if v is None else fmt(100 * v))
