@@ -15,6 +15,8 @@ from typing import Any, Union
 
 import yaml
 
+from engine import ranges
+
 
 class ConfigError(ValueError):
     """A configuration key or value is invalid; the message names the dotted key."""
@@ -36,6 +38,15 @@ class DataConfig:
 
 
 ZSCORE_MODES = ("volume", "robust")
+
+
+def _check_method(section: str, obj, table: dict) -> None:
+    """Refuse ``section.name`` values outside ``engine.ranges`` (the table the public functions check too);
+    the loader has already checked the types."""
+    for name, rng in table.items():
+        value = getattr(obj, name)
+        if value is not None and not rng.holds(value):
+            raise ConfigError(f"{section}.{name}: must be {rng.text()}, got {value!r}")
 
 
 def _check_range(section: str, obj, names: tuple[str, ...], minimum: float, strict: bool = False,
@@ -97,11 +108,9 @@ class SlicConfig:
     spread_iter: int = 0
 
     def __post_init__(self) -> None:
-        # the ranges of engine.superpixels.slic, checked here so that a bad value stops a run before any work
-        # (and before --overwrite discards a store)
-        _check_range("superpixels.slic", self, ("n_segments", "max_num_iter"), 1)
-        _check_range("superpixels.slic", self, ("compactness", "max_size_factor", "search_radius"), 0, strict=True)
-        _check_range("superpixels.slic", self, ("sigma", "min_size_factor", "spread_iter"), 0)
+        # checked here too, so that a bad value stops a run before any work (and before --overwrite discards
+        # a store)
+        _check_method("superpixels.slic", self, ranges.SLIC)
 
 
 @dataclasses.dataclass
@@ -112,8 +121,7 @@ class FelzenszwalbConfig:
     faithful: bool = False               # True: reproduce SSL-ALPNet's relabelling quirks (id gaps)
 
     def __post_init__(self) -> None:
-        _check_range("superpixels.felzenszwalb", self, ("scale",), 0, strict=True)
-        _check_range("superpixels.felzenszwalb", self, ("sigma", "min_size"), 0)
+        _check_method("superpixels.felzenszwalb", self, ranges.FELZENSZWALB)
 
 
 @dataclasses.dataclass
@@ -124,10 +132,7 @@ class MeanShiftConfig:
     sigma: float = 1.0
 
     def __post_init__(self) -> None:
-        _check_range("superpixels.meanshift", self, ("kernel_size",), 1)
-        _check_range("superpixels.meanshift", self, ("max_dist",), 0, strict=True)
-        _check_range("superpixels.meanshift", self, ("ratio",), 0, strict=True, maximum=1)
-        _check_range("superpixels.meanshift", self, ("sigma",), 0)
+        _check_method("superpixels.meanshift", self, ranges.MEANSHIFT)
 
 
 @dataclasses.dataclass

@@ -8,6 +8,8 @@ from __future__ import annotations
 import numpy as np
 from skimage.segmentation import felzenszwalb, quickshift
 
+from engine import ranges
+
 __all__ = ["felzenszwalb_pseudolabels", "meanshift_pseudolabels", "consecutive_ids", "MEANSHIFT_INTENSITY_RANGE"]
 
 # The MeanShift recipe maps the body's intensities to [0, MEANSHIFT_INTENSITY_RANGE] before mode seeking, so that
@@ -119,12 +121,7 @@ def felzenszwalb_pseudolabels(raw_slice: np.ndarray, fg: np.ndarray, scale: floa
         Non-2D or non-finite input, mask of another shape or not boolean, scale <= 0, sigma < 0, min_size < 0.
     """
     img, mask = _check_inputs(raw_slice, fg)
-    if not scale > 0:
-        raise ValueError(f"felzenszwalb scale must be > 0, got {scale}")
-    if not sigma >= 0:
-        raise ValueError(f"felzenszwalb sigma must be >= 0, got {sigma}")
-    if isinstance(min_size, bool) or int(min_size) != min_size or min_size < 0:
-        raise ValueError(f"felzenszwalb min_size must be an integer >= 0, got {min_size}")
+    ranges.check("felzenszwalb", ranges.FELZENSZWALB, {"scale": scale, "sigma": sigma, "min_size": min_size})
     if not mask.any():
         return np.zeros(img.shape, dtype=np.int32)
     seg = felzenszwalb(img, scale=scale, sigma=sigma, min_size=int(min_size), channel_axis=None)
@@ -169,7 +166,7 @@ def meanshift_pseudolabels(raw_slice: np.ndarray, fg: np.ndarray, kernel_size: f
     max_dist : float
         Largest feature-space link distance (> 0).
     ratio : float
-        Weight of intensity against position (> 0).
+        Weight of intensity against position (> 0 and <= 1, as skimage's quickshift asks).
     sigma : float
         Gaussian pre-smoothing in pixels (>= 0).
 
@@ -184,14 +181,8 @@ def meanshift_pseudolabels(raw_slice: np.ndarray, fg: np.ndarray, kernel_size: f
         Non-2D or non-finite input, mask of another shape or not boolean, a parameter out of range.
     """
     img, mask = _check_inputs(raw_slice, fg)
-    if not kernel_size >= 1:
-        raise ValueError(f"meanshift kernel_size must be >= 1, got {kernel_size}")
-    if not max_dist > 0:
-        raise ValueError(f"meanshift max_dist must be > 0, got {max_dist}")
-    if not ratio > 0:
-        raise ValueError(f"meanshift ratio must be > 0, got {ratio}")
-    if not sigma >= 0:
-        raise ValueError(f"meanshift sigma must be >= 0, got {sigma}")
+    ranges.check("meanshift", ranges.MEANSHIFT,
+                 {"kernel_size": kernel_size, "max_dist": max_dist, "ratio": ratio, "sigma": sigma})
     out = np.zeros(img.shape, dtype=np.int32)
     if not mask.any():
         return out

@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from . import _kernels as K
+from . import ranges
 
 __all__ = ["slic", "pseudolabels", "pseudolabels_u16", "felzenszwalb_pseudolabels", "meanshift_pseudolabels"]
 
@@ -88,25 +89,22 @@ def _pair(value: Any, name: str, positive: bool) -> tuple[float, float]:
     return vals[0], vals[1]
 
 
-def _check_number(value: Any, name: str, minimum: float, strict: bool, integer: bool = False) -> None:
-    kind = numbers.Integral if integer else numbers.Real
-    if isinstance(value, bool) or not isinstance(value, kind) or not math.isfinite(float(value)):
-        raise ValueError(f"slic: {name} must be a finite {'integer' if integer else 'number'}, got {value!r}")
-    if value < minimum or (strict and value == minimum):
-        raise ValueError(f"slic: {name} must be {'>' if strict else '>='} {minimum:g}, got {value!r}")
+def _check_number(value: Any, name: str) -> None:
+    rng = ranges.SLIC[name]
+    if not rng.is_kind(value):
+        raise ValueError(f"slic: {name} must be a finite {'integer' if rng.integer else 'number'}, got {value!r}")
+    if not rng.holds(value):
+        raise ValueError(f"slic: {name} must be {rng.text()}, got {value!r}")
 
 
 def _check_slic_numbers(n_segments, compactness, max_num_iter, min_size_factor, max_size_factor, search_radius,
                         spread_iter) -> None:
-    _check_number(n_segments, "n_segments", 1, strict=False, integer=True)
-    _check_number(compactness, "compactness", 0, strict=True)
-    _check_number(max_num_iter, "max_num_iter", 1, strict=False, integer=True)
-    _check_number(min_size_factor, "min_size_factor", 0, strict=False)
-    _check_number(max_size_factor, "max_size_factor", 0, strict=True)
-    if search_radius is not None:
-        _check_number(search_radius, "search_radius", 0, strict=True)
-    if spread_iter is not None:
-        _check_number(spread_iter, "spread_iter", 0, strict=False, integer=True)
+    """The ranges of ``engine.ranges.SLIC`` (sigma goes through ``_pair``: it may be a pair)."""
+    for name, value in (("n_segments", n_segments), ("compactness", compactness), ("max_num_iter", max_num_iter),
+                        ("min_size_factor", min_size_factor), ("max_size_factor", max_size_factor),
+                        ("search_radius", search_radius), ("spread_iter", spread_iter)):
+        if value is not None or name not in ("search_radius", "spread_iter"):
+            _check_number(value, name)
 
 
 # --------------------------------------------------------------------------------------------- SLIC
