@@ -170,9 +170,10 @@ class EngineConfig:
         import re
         if self.backend not in ("threads", "processes"):
             raise ConfigError(f"engine.backend: {self.backend!r} is not one of threads, processes")
-        if self.threads < 0 or self.readers < 0 or self.batch < 0 or self.queue_slices < 1:
-            raise ConfigError("engine.threads, engine.readers and engine.batch must be >= 0 (0: automatic), "
-                              "engine.queue_slices >= 1")
+        for name in ("threads", "readers", "batch"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"engine.{name}: must be >= 0 (0: automatic), got {getattr(self, name)!r}")
+        _check_range("engine", self, ("queue_slices",), 1)
         if not re.fullmatch(r"none|(maps-)?gzip-[1-9]", self.compression):
             raise ConfigError(f"engine.compression: {self.compression!r} is not one of none, gzip-1..9, "
                               f"maps-gzip-1..9")

@@ -46,7 +46,9 @@ def test_int_promotes_to_float_but_not_reverse():
     ("evaluate.classes.LIVER=x", r"^evaluate\.classes\.LIVER: expected an integer"),
     ("superpixels.method=watershed", r"superpixels\.method: 'watershed' is not one of"),
     ("engine.backend=gpu", r"engine\.backend: 'gpu' is not one of"),
-    ("engine.batch=-1", r"engine\.threads, engine\.readers and engine\.batch must be >= 0 \(0: automatic\)"),
+    ("engine.batch=-1", r"^engine\.batch: must be >= 0 \(0: automatic\), got -1$"),
+    ("engine.threads=-2", r"^engine\.threads: must be >= 0 \(0: automatic\), got -2$"),
+    ("engine.queue_slices=0", r"^engine\.queue_slices: must be >= 1, got 0$"),
     ("train.iterations", r"expected KEY=VALUE"),
     ("train.iterations.x=1", r"^train\.iterations: expected an integer, got dict"),
     # the ranges of the methods' parameters: refused before any work (and before --overwrite discards a store)
