@@ -469,6 +469,8 @@ def _run(cfg: Any, checkpoint: str | None, baseline: str | None, setting: int | 
     classes = select_classes(ev.classes, test_labels)
 
     loader = ScanLoader(ev.data, cfg)
+    for line in loader.source.warnings:
+        print(f"evaluate: warning: {line}", file=sys.stderr)
     ids = loader.ids
     fold_objs = [make_fold(ids, ev.n_folds, k) for k in folds]
     overlaps: dict[int, list[str]] = {}

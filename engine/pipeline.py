@@ -205,6 +205,8 @@ class _Run(ProcessBackend):
         except VolumeError as exc:
             print(f"preprocess: {exc}", file=sys.stderr)
             return 2
+        for line in self.source.warnings:
+            print(f"preprocess: warning: {line}", file=sys.stderr)
         settings = store_settings(cfg, cfg.data.input, self.refs)
         # One slice through the pseudo-label step checks settings that only the method can judge, before the
         # store is opened: with --overwrite, opening it discards what it holds.

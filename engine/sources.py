@@ -369,12 +369,18 @@ class NiftiFolderSource(Source):
         super().__init__(folder)
         self._images: dict[str, list[Path]] = {}
         self._labels: dict[str, list[Path]] = {}
+        stray = []
         for p in Path(folder).iterdir():
             m = _NIFTI_RE.match(p.name)
             if m and p.is_file():
                 (self._images if m.group(1) == "image" else self._labels).setdefault(m.group(2), []).append(p)
+            elif re.search(r"\.nii(\.gz)?$", p.name) and not p.name.startswith(".") and p.is_file():
+                stray.append(p)
         for vid in sorted(set(self._labels) - set(self._images), key=_id_key):
             self.warnings.append(f"{self._labels[vid][0]}: label without an image_{vid} file (ignored)")
+        # a scan named otherwise would silently go missing from the store or the evaluation
+        for p in sorted(stray):
+            self.warnings.append(f"{p}: a NIfTI file not named image_<id> or label_<id> (ignored)")
 
     def refs(self) -> list[str]:
         return sorted(self._images, key=_id_key)

@@ -146,6 +146,7 @@ def test_network_predictor_with_cached_support_equals_plain_forward():
 # --------------------------------------------------------------------------------------------- main
 def test_main_support_copy_writes_report(tmp_path, capsys):
     data = _make_dataset(tmp_path / "data")
+    (data / "notes.nii.gz").write_bytes(b"")                # a stray NIfTI name: said on stderr, ignored
     cfg = _cfg(tmp_path, data, fold="0")
     assert main(cfg, checkpoint=None, baseline="support-copy", setting=None, device="cpu") == 0
     out = tmp_path / "eval"
@@ -160,8 +161,11 @@ def test_main_support_copy_writes_report(tmp_path, capsys):
     assert "paper, Table I" not in md       # classes are not CHAOS's: no paper rows
     assert sorted(p.name for p in (out / "overlays").iterdir()) == ["fold0_A_scan1.png", "fold0_B_scan1.png"]
     assert (out / "evaluate.info.json").is_file() and (out / "evaluate.config.yaml").is_file()
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
     assert "53.33" in printed and "| A | B | Mean |" in printed.replace("---:", "")
+    assert (f"evaluate: warning: {data / 'notes.nii.gz'}: a NIfTI file not named image_<id> or label_<id> "
+            "(ignored)") in captured.err.splitlines()
 
 
 def test_main_all_folds_pools_scans(tmp_path):

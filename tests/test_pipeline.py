@@ -297,6 +297,19 @@ def test_profile_measures_core_wait_of_both_backends(folder, tmp_path, backend):
     assert 0 <= wt["busy_core_wait_s"] <= off_core + 1e-3
 
 
+def test_files_the_folder_source_ignores_are_named_on_stderr(tmp_path, capsys):
+    src = write_folder(tmp_path / "in", n=2)
+    (src / "image_2.nii.gz").rename(src / "scan_2.nii.gz")          # misnamed: its label is left alone too
+    out = tmp_path / "s.h5"
+    assert pipeline.preprocess(make_cfg(src, out), progress=False) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert f"preprocess: warning: {src / 'label_2.nii.gz'}: label without an image_2 file (ignored)" in err
+    assert (f"preprocess: warning: {src / 'scan_2.nii.gz'}: a NIfTI file not named image_<id> or label_<id> "
+            "(ignored)") in err
+    with StoreReader(out) as r:
+        assert [v["ref"] for v in r.volumes] == ["1"]
+
+
 def test_profile_runinfo_and_summary(folder, tmp_path, capsys):
     out = tmp_path / "s.h5"
     assert pipeline.preprocess(make_cfg(folder, out), progress=False) == 0

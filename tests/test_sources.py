@@ -220,6 +220,8 @@ def test_describe_reports_bad_inputs_one_line_each_and_exits_1(tmp_path, capsys)
     nan[0, 0, 0], nan[1, 1, 1] = np.nan, np.inf
     _write(tmp_path / "image_14.nii.gz", nan)                                          # NaN/Inf: warning
     _write(tmp_path / "label_99.nii.gz", np.zeros((4, 4, 4), np.uint8))                # orphan label
+    _write(tmp_path / "scan_7.nii.gz", _image())                                       # named otherwise
+    _write(tmp_path / ".hidden.nii.gz", _image())
     assert describe(str(tmp_path), None) == 1
     out, err = capsys.readouterr()
     error_lines = [line for line in err.splitlines() if line.startswith("error:")]
@@ -228,6 +230,8 @@ def test_describe_reports_bad_inputs_one_line_each_and_exits_1(tmp_path, capsys)
     warnings = [line for line in err.splitlines() if line.startswith("warning:")]
     assert any("image_14.nii.gz: 2 NaN/Inf voxel(s)" in w for w in warnings)
     assert any("label_99.nii.gz: label without an image_99" in w for w in warnings)
+    assert any("scan_7.nii.gz: a NIfTI file not named image_<id> or label_<id> (ignored)" in w for w in warnings)
+    assert not any("hidden" in w for w in warnings)                                    # dot files: not ours
     assert "total: 3 volumes, 15 slices" in out
     assert describe(str(tmp_path), None, as_json=True) == 1
     report = json.loads(capsys.readouterr().out)
