@@ -6,7 +6,8 @@ A checkpoint is a ``torch.save`` dict of plain types and tensors (it loads with 
     iteration     int, iterations completed
     model         state dict            optimizer / scheduler / scaler   state dicts (scaler may be None)
     config        dict, engine.config.to_dict(cfg) of the run (every section)
-    store         dict: path, method, params, code_version, schema_version (what the episodes came from)
+    store         dict: path, method, params, code_version, schema_version, settings_hash, complete,
+                  store_slices, training_slices, ... (what the episodes came from)
     rng           dict: torch, cuda (list), numpy (list form), python (tuple)
     totals        dict of cumulative counters (prototype fallbacks, id redraws, episodes)
 """

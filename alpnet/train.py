@@ -253,6 +253,8 @@ def _store_record(stream: EpisodeStream, path: str) -> dict:
     return _plain({"path": str(Path(path).resolve()), "method": meta.get("method"), "params": meta.get("params"),
                    "prepare": meta.get("prepare"),
                    "code_version": meta.get("code_version"), "schema_version": meta.get("schema_version"),
+                   "settings_hash": meta.get("settings_hash"), "complete": bool(meta.get("complete", False)),
+                   "store_slices": int(stream.index.n_store_slices),
                    "training_slices": int(stream.index.rows.size), "dropped": stream.index.dropped,
                    "held_out": stream.index.held_out, "exclude_labels": stream.index.exclude_labels})
 
@@ -370,6 +372,11 @@ def _main(cfg, resume: bool) -> int:
              f"encoder {cfg.model.encoder}; store {tc.store} ({store['method']}): {idx.rows.size} training "
              f"slices of {idx.n_store_slices} (dropped {idx.dropped}; held out {idx.held_out or 'none'}; "
              f"excluded labels {idx.exclude_labels or 'none'}); lr step {lr_step_of(cfg)}")
+    if not store["complete"]:
+        # a store being written or left by a stopped run is readable (committed batches only); say so, since
+        # its training set is smaller than the source's and differs from the finished store's
+        log.line(f"train: note: {tc.store} is INCOMPLETE ({idx.n_store_slices} slices committed): training on "
+                 "them; rerun its preprocess command to complete it")
 
     saved = [start_it if state else None]          # the iteration of the last checkpoint on disk
 

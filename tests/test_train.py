@@ -46,10 +46,24 @@ def test_run_folder_checkpoint_and_evaluation_loader(store, tmp_path, capsys):
     assert not model.training and meta["iteration"] == 4
     assert cfg_dict["model"]["encoder"] == "tiny" and cfg_dict["train"]["iterations"] == 4
     assert meta["store"]["method"] == "test" and meta["store"]["training_slices"] == 23
+    assert meta["store"]["complete"] is True and meta["store"]["store_slices"] >= 23
+    assert "INCOMPLETE" not in log
     assert meta["totals"]["episodes"] == 4
     raw = read_checkpoint(out / "checkpoint.pt")
     for key in ("optimizer", "scheduler", "rng", "iteration", "config", "store"):
         assert key in raw
+
+
+def test_an_incomplete_store_trains_on_its_committed_slices_with_a_note(tmp_path, capsys):
+    import h5py
+    store = write_store(tmp_path / "store.h5", synthetic_volumes(n=6))
+    with h5py.File(store, "r+") as f:            # as a stopped (or still running) preprocess leaves the index
+        f.attrs["complete"] = False
+    out = tmp_path / "run"
+    assert main(config(store, out, 2), resume=False) == 0
+    note = f"train: note: {store} is INCOMPLETE ("
+    assert note in capsys.readouterr().out and note in (out / "log.txt").read_text()
+    assert read_checkpoint(out / "checkpoint.pt")["store"]["complete"] is False
 
 
 def test_resume_continues_exactly(store, tmp_path):
