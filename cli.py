@@ -118,6 +118,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if args.png and (args.volume is None or args.slice is None):
         print("inspect: --png needs --volume ID and --slice Z", file=sys.stderr)
         return 2
+    if not args.png and (args.volume is not None or args.slice is not None):
+        # without this, the one-screen summary came out and the slice asked for was silently ignored
+        print("inspect: --volume and --slice choose the slice of an overlay: add --png FILE", file=sys.stderr)
+        return 2
     return _call("engine.inspect", "inspect_store", args.store, as_json=args.json, volume=args.volume,
                  z=args.slice, png=args.png)
 

@@ -58,6 +58,13 @@ def test_overlay_png_is_written(store, tmp_path, capsys):
     assert cli.main(["inspect", str(store), "--volume", "2", "--slice", "40", "--png", str(png)]) == 2
     assert "slice 40 is not in the store" in capsys.readouterr().err
     assert cli.main(["inspect", str(store), "--volume", "7", "--slice", "0", "--png", str(png)]) == 2
+    capsys.readouterr()
+    assert cli.main(["inspect", str(store), "--png", str(png)]) == 2
+    assert cli.main(["inspect", str(store), "--volume", "2", "--slice", "3"]) == 2      # no --png: not ignored
+    out, err = capsys.readouterr()
+    assert out == "" and err.splitlines() == [
+        "inspect: --png needs --volume ID and --slice Z",
+        "inspect: --volume and --slice choose the slice of an overlay: add --png FILE"]
 
 
 def test_damage_is_reported(store, tmp_path, capsys):
