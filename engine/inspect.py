@@ -73,7 +73,8 @@ def check_integrity(reader: StoreReader, read_pixels: bool = True) -> list[str]:
                         problems.append(f"{path}: its slice table differs from the index")
                     for name in DATASETS:
                         if f[name].shape[0] != len(vols):
-                            problems.append(f"{path}: dataset {name} has {f[name].shape[0]} rows for {len(vols)} slices")
+                            problems.append(f"{path}: dataset {name} has {f[name].shape[0]} rows for "
+                                            f"{len(vols)} slices")
             except (OSError, KeyError) as exc:
                 problems.append(f"{path}: missing or unreadable ({error_text(exc)})")
     # the virtual datasets of the index (what h5py / HDFView users read)

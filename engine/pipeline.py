@@ -338,7 +338,8 @@ class _Run(ProcessBackend):
                 pass
             except BaseException as exc:   # a bug in the engine itself: stop everything, show where
                 tb = traceback.format_exc(limit=-3).strip().splitlines()
-                self.fail(f"internal error in {name}: {type(exc).__name__}: {exc} ({tb[-3].strip() if len(tb) > 2 else ''})")
+                where = tb[-3].strip() if len(tb) > 2 else ""
+                self.fail(f"internal error in {name}: {type(exc).__name__}: {exc} ({where})")
         t = threading.Thread(target=body, name=f"engine-{name}", daemon=True)
         t.start()
         self.threads.append(t)
