@@ -303,16 +303,20 @@ def plot_scaling(result: dict, path: Path) -> Path:
     width = 0.8 / max(1, len(backends))
     allw = sorted({p["workers"] for p in result["points"] if not p["pinned"]})
     pos = {w: i for i, w in enumerate(allw)}
-    parts = (("busy_pct", "busy"), ("waiting_pct", "waiting for input"), ("barrier_pct", "batch barrier"))
-    shades = ("#4c72b0", "#dd8452", "#8c8c8c")
+    names = ("busy, on a core", "busy, waiting for a core", "busy, asleep (GIL, lock, I/O)",
+             "busy, off a core (not split)", "waiting for input", "batch barrier")
+    shades = ("#4c72b0", "#a1c9f4", "#c44e52", "#ccb974", "#dd8452", "#8c8c8c")
+    labelled: set[str] = set()
     for j, b in enumerate(backends):
         pts = [p for p in result["points"] if p["backend"] == b and not p["pinned"]]
         xs = np.array([pos[p["workers"]] for p in pts]) + (j - (len(backends) - 1) / 2) * width
         bottom = np.zeros(len(pts))
-        for (key, name), shade in zip(parts, shades):
-            vals = np.array([p["profile"][key] for p in pts])
+        for k, (name, shade) in enumerate(zip(names, shades)):
+            vals = np.array([_time_parts(p["profile"])[k] for p in pts])
+            label = name if vals.any() and name not in labelled else None
+            labelled.add(label)
             ax_t.bar(xs, vals, width * 0.95, bottom=bottom, color=shade, hatch="//" if b == "processes" else None,
-                     edgecolor="white", label=name if j == 0 else None)
+                     edgecolor="white", label=label)
             bottom += vals
         ax_t.plot(xs, [min(100.0, p["cpu_pct_median"] / min(p["workers"], ncores)) for p in pts], "k.",
                   label="CPU % per core in use" if j == 0 else None)
@@ -326,6 +330,17 @@ def plot_scaling(result: dict, path: Path) -> Path:
     fig.suptitle(f"Engine scaling on {host.get('cpu', '?')} ({ncores} cores), {result['slices_label']}"
                  + ("  [quick run: noisy]" if result.get("quick") else ""), fontsize=11)
     return save_figure(fig, path, dpi=110)
+
+
+def _time_parts(pr: dict) -> tuple[float, ...]:
+    """% of the workers' wall time: busy on a core, busy waiting for a core, busy asleep, busy off a core but
+    not split (profiles from before the split), waiting for input, barrier."""
+    busy, on_core, core_wait = pr["busy_pct"], pr.get("busy_on_cpu_pct"), pr.get("busy_core_wait_pct")
+    on = busy if on_core is None else busy * min(on_core, 100.0) / 100
+    if core_wait is None:
+        return on, 0.0, 0.0, busy - on, pr["waiting_pct"], pr["barrier_pct"]
+    wait = min(busy - on, busy * core_wait / 100)
+    return on, wait, busy - on - wait, 0.0, pr["waiting_pct"], pr["barrier_pct"]
 
 
 def _xy_err(pts: list[dict]) -> tuple:

@@ -133,6 +133,16 @@ def test_amdahl_fit_recovers_known_law():
     assert float(scaling.amdahl(6, 28.0, s)) == pytest.approx(91.0)
 
 
+def test_scaling_plot_splits_busy_time_when_the_profile_does():
+    split = {"busy_pct": 90.0, "busy_on_cpu_pct": 80.0, "busy_core_wait_pct": 15.0, "waiting_pct": 6.0,
+             "barrier_pct": 4.0}
+    assert scaling._time_parts(split) == pytest.approx((72.0, 13.5, 4.5, 0.0, 6.0, 4.0))
+    older = {"busy_pct": 90.0, "busy_on_cpu_pct": 80.0, "waiting_pct": 6.0, "barrier_pct": 4.0}
+    assert scaling._time_parts(older) == pytest.approx((72.0, 0.0, 0.0, 18.0, 6.0, 4.0))
+    for parts in (scaling._time_parts(split), scaling._time_parts(older)):
+        assert sum(parts) == pytest.approx(100.0)
+
+
 def test_busy_warning_looks_at_the_load_when_the_run_starts():
     # the load at the end of a run is mostly the run's own work: a 2-worker run on 2 cores ends near 2.0
     quiet_start = {"usable_cpus": 2, "load_average_start": [0.3, 0.2, 0.2], "load_average_end": [2.0, 1.0, 0.5]}
