@@ -40,25 +40,13 @@ class DataConfig:
 ZSCORE_MODES = ("volume", "robust")
 
 
-def _check_method(section: str, obj, table: dict) -> None:
-    """Refuse ``section.name`` values outside ``engine.ranges`` (the table the public functions check too);
-    the loader has already checked the types."""
+def _check_ranges(section: str, obj, table: dict) -> None:
+    """Refuse ``section.name`` values outside their ``engine.ranges.Range`` (the methods' tables are the ones
+    the public functions check too); the loader has already checked the types."""
     for name, rng in table.items():
         value = getattr(obj, name)
         if value is not None and not rng.holds(value):
             raise ConfigError(f"{section}.{name}: must be {rng.text()}, got {value!r}")
-
-
-def _check_range(section: str, obj, names: tuple[str, ...], minimum: float, strict: bool = False,
-                 maximum: float | None = None) -> None:
-    """Refuse ``section.name`` values below ``minimum`` (or equal to it when ``strict``) or above ``maximum``."""
-    for name in names:
-        value = getattr(obj, name)
-        if value is None:
-            continue
-        if value < minimum or (strict and value == minimum) or (maximum is not None and value > maximum):
-            bound = f"{'>' if strict else '>='} {minimum:g}" + (f" and <= {maximum:g}" if maximum is not None else "")
-            raise ConfigError(f"{section}.{name}: must be {bound}, got {value!r}")
 
 
 @dataclasses.dataclass
@@ -76,8 +64,8 @@ class PrepareConfig:
     def __post_init__(self) -> None:
         if self.zscore not in ZSCORE_MODES:
             raise ConfigError(f"prepare.zscore: {self.zscore!r} is not one of {', '.join(ZSCORE_MODES)}")
-        _check_range("prepare", self, ("size",), 1)
-        _check_range("prepare", self, ("clip_percentile",), 0, strict=True, maximum=100)
+        _check_ranges("prepare", self, {"size": ranges.Range(1, integer=True),
+                                        "clip_percentile": ranges.Range(0, strict=True, maximum=100)})
         if len(self.target_spacing) != 3 or min(self.target_spacing) <= 0:
             raise ConfigError(f"prepare.target_spacing: must be 3 numbers > 0 (mm), got {self.target_spacing!r}")
 
@@ -110,7 +98,7 @@ class SlicConfig:
     def __post_init__(self) -> None:
         # checked here too, so that a bad value stops a run before any work (and before --overwrite discards
         # a store)
-        _check_method("superpixels.slic", self, ranges.SLIC)
+        _check_ranges("superpixels.slic", self, ranges.SLIC)
 
 
 @dataclasses.dataclass
@@ -121,7 +109,7 @@ class FelzenszwalbConfig:
     faithful: bool = False               # True: reproduce SSL-ALPNet's relabelling quirks (id gaps)
 
     def __post_init__(self) -> None:
-        _check_method("superpixels.felzenszwalb", self, ranges.FELZENSZWALB)
+        _check_ranges("superpixels.felzenszwalb", self, ranges.FELZENSZWALB)
 
 
 @dataclasses.dataclass
@@ -132,7 +120,7 @@ class MeanShiftConfig:
     sigma: float = 1.0
 
     def __post_init__(self) -> None:
-        _check_method("superpixels.meanshift", self, ranges.MEANSHIFT)
+        _check_ranges("superpixels.meanshift", self, ranges.MEANSHIFT)
 
 
 @dataclasses.dataclass
@@ -173,7 +161,7 @@ class EngineConfig:
         for name in ("threads", "readers", "batch"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"engine.{name}: must be >= 0 (0: automatic), got {getattr(self, name)!r}")
-        _check_range("engine", self, ("queue_slices",), 1)
+        _check_ranges("engine", self, {"queue_slices": ranges.Range(1, integer=True)})
         if not re.fullmatch(r"none|(maps-)?gzip-[1-9]", self.compression):
             raise ConfigError(f"engine.compression: {self.compression!r} is not one of none, gzip-1..9, "
                               f"maps-gzip-1..9")

@@ -30,6 +30,7 @@ from engine._prepare_kernels import labels_to_u8
 from engine.volume import Volume, VolumeError, one_line
 
 _NIFTI_RE = re.compile(r"^(image|label)_(.+?)\.nii(\.gz)?$")
+_NIFTI_SUFFIX = re.compile(r"\.nii(\.gz)?$")
 _MAX_VOXELS = 1 << 30               # 4 GiB as float32: far beyond any abdominal scan, rejects absurd headers
 
 
@@ -374,7 +375,7 @@ class NiftiFolderSource(Source):
             m = _NIFTI_RE.match(p.name)
             if m and p.is_file():
                 (self._images if m.group(1) == "image" else self._labels).setdefault(m.group(2), []).append(p)
-            elif re.search(r"\.nii(\.gz)?$", p.name) and not p.name.startswith(".") and p.is_file():
+            elif _NIFTI_SUFFIX.search(p.name) and not p.name.startswith(".") and p.is_file():
                 stray.append(p)
         for vid in sorted(set(self._labels) - set(self._images), key=_id_key):
             self.warnings.append(f"{self._labels[vid][0]}: label without an image_{vid} file (ignored)")
@@ -431,7 +432,7 @@ class NiftiFileSource(Source):
                     self._label = cand
                     break
         else:
-            self._id = re.sub(r"\.nii(\.gz)?$", "", p.name)
+            self._id = _NIFTI_SUFFIX.sub("", p.name)
 
     def refs(self) -> list[str]:
         return [self._id]
@@ -539,7 +540,7 @@ def open_source(spec: str, cfg=None) -> Source:
     if not path.exists():
         raise VolumeError(spec, "no such file or folder")
     if path.is_file():
-        if re.search(r"\.nii(\.gz)?$", path.name):
+        if _NIFTI_SUFFIX.search(path.name):
             return NiftiFileSource(path)
         raise VolumeError(spec, "not a NIfTI file (.nii or .nii.gz); give a NIfTI file, a folder or 'phantom'")
     if not path.is_dir():
