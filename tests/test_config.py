@@ -63,6 +63,7 @@ def test_int_promotes_to_float_but_not_reverse():
     ("superpixels.meanshift.kernel_size=0.5", r"^superpixels\.meanshift\.kernel_size: must be >= 1"),
     ("prepare.size=0", r"^prepare\.size: must be >= 1, got 0$"),
     ("prepare.clip_percentile=0", r"^prepare\.clip_percentile: must be > 0 and <= 100"),
+    ("prepare.clip_percentile=.nan", r"^prepare\.clip_percentile: must be > 0 and <= 100, got nan$"),
     ("prepare.target_spacing=[1.25, 0, 7.7]", r"^prepare\.target_spacing: must be 3 numbers > 0"),
 ])
 def test_bad_overrides_name_the_key(override, message):
