@@ -164,9 +164,11 @@ def main(argv: list[str] | None = None) -> int:
         from engine.store import error_text
         print(f"{args.command}: {error_text(exc)}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt as exc:                 # engine.pipeline.Terminated for SIGTERM
-        print(getattr(exc, "word", "interrupted"), file=sys.stderr)
-        return getattr(exc, "code", 130)
+    except KeyboardInterrupt as exc:                 # Ctrl-C, or SIGTERM during a preprocess run
+        from engine.stops import stop_status
+        code, word = stop_status(exc)
+        print(word, file=sys.stderr)
+        return code
 
 
 # Commands that read and write only through ``engine`` (no torch): they end their process without the

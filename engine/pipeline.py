@@ -59,6 +59,7 @@ from engine.schedule import Batches, BatchState, Failure, Loaded, LoadPlan, Sour
 from engine.slice_worker import compute_slice, organ_bits, warm_slice
 from engine.store import (SCHEMA_VERSION, Codec, RunRecordError, SettingsMismatch, SliceResult, StoreError,
                           StoreLocked, StoreWriter, error_text, settings_hash, volume_row)
+from engine.stops import raise_terminated, stop_status
 from engine.volume import Volume, VolumeError
 
 # The index lists every shard, so rebuilding it costs O(shards) (0.14 s at 1,000 shards here): republishing it
@@ -70,18 +71,6 @@ PUBLISH_COST_SHARE = 10
 # GIL-holding h5py call, CPython hands the GIL over only after the switch interval (default 5 ms, five times a
 # SLIC kernel call). The engine lowers it for the duration of a run.
 SWITCH_INTERVAL_S = 0.0005
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (``kill``, a job scheduler's stop or time limit): the run stops as on Ctrl-C, keeping and
-    recording what it committed, releasing the store; exit status 143 (128 + SIGTERM)."""
-    code = 143
-    word = "terminated (SIGTERM)"
-
-
-def _raise_terminated(signum, frame) -> None:
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)    # a second SIGTERM must not break the orderly stop
-    raise Terminated()
 
 
 # --------------------------------------------------------------------------------------------- settings
@@ -321,9 +310,8 @@ class _Run(ProcessBackend):
             self._wait()
         except KeyboardInterrupt as exc:
             self.interrupted = True
-            self.exit_code = getattr(exc, "code", 130)
-            self.fail(f"{getattr(exc, 'word', 'interrupted (Ctrl-C)')}; committed batches are kept, rerun the same "
-                      f"command to resume")
+            self.exit_code, word = stop_status(exc)
+            self.fail(f"{word}; committed batches are kept, rerun the same command to resume")
         finally:
             self._join()
             self._release_ring()
@@ -708,7 +696,7 @@ def preprocess(cfg, overwrite: bool = False, progress: bool = True) -> int:
     """
     tune_allocator()
     in_main = threading.current_thread() is threading.main_thread()
-    old = signal.signal(signal.SIGTERM, _raise_terminated) if in_main else None
+    old = signal.signal(signal.SIGTERM, raise_terminated) if in_main else None
     try:
         return _Run(cfg, overwrite, progress).run()
     finally:
