@@ -5,10 +5,11 @@
 
 Each run is one ``cli.py preprocess`` under ``perf record -e cpu-clock -g`` (every thread and worker process).
 The samples of the engine's steady state (from 0.5 s after the engine started to 0.3 s before the process
-ended, less on short runs; the imports before it are left out) are grouped by the library the sampled instruction lies in, and
-kernel samples by the system call the user-space code was in (pwrite, fsync, ...). Multiplying a group's share
-by the run's CPU time per slice (its profile) gives milliseconds per slice: the budget that issue 4's "end to
-end >= 50% of the bare kernel" constrains (everything but SLIC may cost as much CPU as SLIC).
+ended, less on short runs; the imports before it are left out) are grouped by the library the sampled
+instruction lies in, and kernel samples by the system call the user-space code was in (pwrite, fsync, ...).
+Multiplying a group's share by the run's CPU time per slice (its profile) gives milliseconds per slice: the
+budget that issue 4's "end to end >= 50% of the bare kernel" constrains (everything but SLIC may cost as much
+CPU as SLIC).
 
 numba's machine code has no symbols for ``perf``, so SLIC, the body mask and the preparation passes share one
 group. The engine's profile (``STORE.profile.json``, per-stage wall times) separates them.

@@ -144,8 +144,9 @@ def bench_compression(raw, image, label, fg, sp_cfg, tmp: Path, repeats: int) ->
                 total = sum(len(fn(np.ascontiguousarray(a))) for a in arr)
                 times.append(time.process_time() - t0)
             sec = statistics.median(times)
-            worker.append({"library": lib, "dataset": name, "level": level, "cpu_ms_per_slice": round(1e3 * sec / n, 3),
-                           "kb_per_slice": round(total / n / 1e3, 2), "raw_kb_per_slice": round(arr[0].nbytes / 1e3, 1)})
+            worker.append({"library": lib, "dataset": name, "level": level,
+                           "cpu_ms_per_slice": round(1e3 * sec / n, 3), "kb_per_slice": round(total / n / 1e3, 2),
+                           "raw_kb_per_slice": round(arr[0].nbytes / 1e3, 1)})
             say(f"  worker {lib}-{level} {name:12s} {1e3 * sec / n:6.3f} CPU ms/slice {total / n / 1e3:6.1f} kB/slice")
 
     from engine.store import Codec
@@ -265,7 +266,8 @@ def main(argv=None) -> int:
     ap.add_argument("--input", default=str(common.DEFAULT_CHAOS), help="folder of CHAOS .nii.gz volumes")
     ap.add_argument("--repeats", type=int, default=2, help="timed rounds per configuration (median kept)")
     ap.add_argument("--quick", action="store_true", help="4 volumes, 1 repeat, no 10x memory run (smoke test)")
-    ap.add_argument("--skip", default="", help="comma list of sections to skip: compression,kernel,serial,engine,memory")
+    ap.add_argument("--skip", default="",
+                    help="comma list of sections to skip: compression,kernel,serial,engine,memory")
     ap.add_argument("--workers", default=None,
                     help="engine/kernel worker counts, e.g. 1,2,16 (default: 1 and all cores)")
     common.add_output_args(ap, "16core")
@@ -279,8 +281,8 @@ def main(argv=None) -> int:
     workers_all = counts[-1]                 # "all workers" = the largest count asked for
     info = common.host_info()
     result: dict = {"host": info, "input": args.input, "method": cfg.superpixels.method,
-                    "params": json.loads(json.dumps(vars(cfg.superpixels.slic))), "engine_config": vars(cfg.engine).copy(),
-                    "quick": args.quick, "repeats": repeats}
+                    "params": json.loads(json.dumps(vars(cfg.superpixels.slic))),
+                    "engine_config": vars(cfg.engine).copy(), "quick": args.quick, "repeats": repeats}
     tmp = Path(tempfile.mkdtemp(prefix="bench-engine-", dir=args.tmp))
     extra = [f"--set={o}" for o in args.set] + (["--config", args.config] if args.config else [])
     try:
@@ -380,7 +382,8 @@ def main(argv=None) -> int:
                 one_pinned = engine.get((b, "1-pinned"))
                 for w in counts:
                     if one and w > 1 and engine.get((b, w)):
-                        ratios[f"{b}: {w} workers / 1 worker"] = engine[(b, w)]["engine_slices_per_s"] / one["engine_slices_per_s"]
+                        ratios[f"{b}: {w} workers / 1 worker"] = (engine[(b, w)]["engine_slices_per_s"]
+                                                                  / one["engine_slices_per_s"])
                     # w workers on w CPUs: the run pinned to them, or the free run when w is all the cores
                     on_w = engine.get((b, f"{w}-pinned")) or (engine.get((b, w)) if w >= common.n_cores() else None)
                     if one_pinned and w > 1 and on_w:
@@ -388,7 +391,8 @@ def main(argv=None) -> int:
                             on_w["engine_slices_per_s"] / one_pinned["engine_slices_per_s"]
                 for w in counts:
                     if kernel.get(w) and engine.get((b, w)):
-                        ratios[f"{b}: engine / bare kernel at {w} worker(s)"] = engine[(b, w)]["engine_slices_per_s"] / kernel[w]
+                        ratios[f"{b}: engine / bare kernel at {w} worker(s)"] = (engine[(b, w)]["engine_slices_per_s"]
+                                                                                 / kernel[w])
                     if kernel.get(w) and engine.get((b, f"{w}-pinned")):
                         ratios[f"{b}: engine on {w} CPU(s) / bare kernel at {w} worker(s)"] = \
                             engine[(b, f"{w}-pinned")]["engine_slices_per_s"] / kernel[w]
@@ -409,8 +413,8 @@ def main(argv=None) -> int:
             elif "serial" in k:
                 targets[k] = {"value": round(v, 3), "target": ">= 10", "met": v >= 10}
         if engine:
-            targets["peak RSS CHAOS (MB)"] = {"value": max(e["peak_rss_mb"] for e in engine.values()),
-                                              "target": "< 1536", "met": max(e["peak_rss_mb"] for e in engine.values()) < 1536}
+            peak = max(e["peak_rss_mb"] for e in engine.values())
+            targets["peak RSS CHAOS (MB)"] = {"value": peak, "target": "< 1536", "met": peak < 1536}
         if "memory_10x" in result:
             worst = max(m["peak_rss_mb"] for m in result["memory_10x"].values())
             targets["peak RSS 10x CHAOS (MB)"] = {"value": worst, "target": "< 1536", "met": worst < 1536}
@@ -471,11 +475,12 @@ def render(r: dict) -> str:
                                          "CPU %", "peak RSS MB", "page faults (main process)",
                                          "ms per slice in each stage (wall time)"], rows), ""]
     if "kernel_slices_per_s" in r:
-        lines.append("bare kernel: " + ", ".join(f"{w} thread(s) {v} slices/s" for w, v in r["kernel_slices_per_s"].items())
-                     + f"; {r.get('kernel_cpu_ms_per_slice')} CPU ms per slice")
+        rates = ", ".join(f"{w} thread(s) {v} slices/s" for w, v in r["kernel_slices_per_s"].items())
+        lines.append(f"bare kernel: {rates}; {r.get('kernel_cpu_ms_per_slice')} CPU ms per slice")
     if "machine_check_kernel_scaling" in r:
-        lines.append(f"machine check: the bare kernel ran {r['machine_check_kernel_scaling']}x faster on all cores than "
-                     f"on one during this run (scaling targets are only meaningful when this is near the core count)")
+        lines.append(f"machine check: the bare kernel ran {r['machine_check_kernel_scaling']}x faster on all cores "
+                     f"than on one during this run (scaling targets are only meaningful when this is near the core "
+                     f"count)")
     if "machine_check_memory" in r:
         m = r["machine_check_memory"]
         lines.append(f"machine check: writing {m['mb']} MB of memory that a fresh process never touched ran at "
@@ -487,8 +492,9 @@ def render(r: dict) -> str:
                      f"{r['serial_felzenszwalb']['slices_per_s']:.1f} slices/s, "
                      f"{r['serial_felzenszwalb']['cpu_ms_per_slice']:.2f} CPU ms per slice")
     if "memory_10x" in r:
-        lines.append("10x CHAOS: " + ", ".join(f"{b} {m['slices']} slices, peak RSS {m['peak_rss_mb']:.0f} MB, "
-                                               f"{m['engine_slices_per_s']:.0f} slices/s" for b, m in r["memory_10x"].items()))
+        runs = ", ".join(f"{b} {m['slices']} slices, peak RSS {m['peak_rss_mb']:.0f} MB, "
+                         f"{m['engine_slices_per_s']:.0f} slices/s" for b, m in r["memory_10x"].items())
+        lines.append("10x CHAOS: " + runs)
     lines.append("")
     if r.get("targets"):
         lines.append(common.markdown_table(["target", "value", "goal", "met"],

@@ -433,6 +433,7 @@ def test_error_text_is_one_line_in_the_systems_words():
     assert error_text(OSError("Unable to synchronously open file\n(file signature not found)")) == \
         "Unable to synchronously open file (file signature not found)"
     assert error_text(RuntimeError("Disable slist on flush dest failure failed (file write failed: errno = 28,\n"
-                                   "error message = 'No space left on device')")) == "No space left on device (errno 28)"
+                                   "error message = 'No space left on device')")) \
+        == "No space left on device (errno 28)"
     assert error_text(KeyError("volumes")) == "'volumes'"
     assert error_text(OSError()) == "OSError"
