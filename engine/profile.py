@@ -358,6 +358,9 @@ def _peak_rss_self() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+_WORKER_NOUNS = {"threads": ("worker thread", "worker threads"), "processes": ("worker process", "worker processes")}
+
+
 def summary_lines(p: dict) -> list[str]:
     """A few human lines from a profile dict (``Profiler.to_dict``)."""
     wt = p["worker_time"]
@@ -370,8 +373,9 @@ def summary_lines(p: dict) -> list[str]:
     else:
         rest = max(0.0, 100 - on_core - wt["busy_core_wait_pct"])
         off_core = f"{wt['busy_core_wait_pct']:.0f}% waiting for a core, {rest:.0f}% for the GIL, a lock or I/O"
+    one, many = _WORKER_NOUNS.get(p["backend"], ("worker", "workers"))
     lines = [f"{p['slices']} slices in {p['wall_s']:.2f} s = {p['slices_per_s']:.1f} slices/s with "
-             f"{p['workers']} {p['backend']} worker(s)",
+             f"{p['workers']} {one if p['workers'] == 1 else many}",
              f"workers: busy {frac(wt['busy_s'])} ({on_core:.0f}% of it on a core, {off_core}), waiting for input "
              f"{frac(wt['waiting_s'])}, "
              f"barrier {frac(wt['barrier_s'])}; CPU {p['cpu']['utilisation_pct']:.0f}% "

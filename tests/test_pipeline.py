@@ -283,6 +283,18 @@ def test_profile_splits_off_core_time_into_core_wait_and_the_rest():
     assert "of it on a core, the rest waiting for the GIL or a core" in summary_lines(d)[1]
 
 
+@pytest.mark.parametrize("backend, workers, noun", [("threads", 1, "worker thread"), ("threads", 2, "worker threads"),
+                                                     ("processes", 1, "worker process"),
+                                                     ("processes", 4, "worker processes")])
+def test_profile_summary_names_the_workers(backend, workers, noun):
+    from engine.profile import Profiler, summary_lines
+
+    prof = Profiler(workers, backend)
+    prof.add_work(0, {"superpixels": 1.0}, cpu=1.0)
+    prof.stop()
+    assert summary_lines(prof.to_dict(10))[0].endswith(f" slices/s with {workers} {noun}")
+
+
 @pytest.mark.parametrize("backend", ["threads", "processes"])
 def test_profile_measures_core_wait_of_both_backends(folder, tmp_path, backend):
     if not os.path.exists("/proc/thread-self/schedstat"):
