@@ -662,6 +662,17 @@ def parse_int_list(text: str) -> list[int]:
     return sorted(out)
 
 
+BACKENDS = ("threads", "processes")
+
+
+def parse_choices(text: str, allowed: tuple[str, ...], option: str) -> list[str]:
+    """``"threads,processes"`` -> the named choices in order; an unknown or empty list names the option."""
+    picked = [part.strip() for part in text.split(",") if part.strip()]
+    if not picked or any(part not in allowed for part in picked):
+        raise BenchmarkError(f"{option} {text!r}: choose among {', '.join(allowed)}")
+    return picked
+
+
 def log(msg: str) -> None:
     """Progress messages go to stderr, results to stdout."""
     print(msg, file=sys.stderr, flush=True)

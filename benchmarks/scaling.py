@@ -55,7 +55,7 @@ import numpy as np  # noqa: E402
 
 from engine.figures import save_figure  # noqa: E402
 
-BACKENDS = ("threads", "processes")
+BACKENDS = common.BACKENDS
 
 
 # --------------------------------------------------------------------------------------------- Amdahl
@@ -446,9 +446,7 @@ def _main(args: argparse.Namespace) -> int:
         workers = default_workers(ncores, args.max_workers)
     pinned = None if args.pinned is None else ([] if args.pinned.strip().lower() == "none"
                                                  else common.parse_int_list(args.pinned))
-    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
-    if not backends or any(b not in BACKENDS for b in backends):
-        raise BenchmarkError(f"--backends {args.backends!r}: choose among {', '.join(BACKENDS)}")
+    backends = common.parse_choices(args.backends, BACKENDS, "--backends")
     if repeats < 1 or args.copies < 1 or (args.readers is not None and args.readers < 1):
         raise BenchmarkError("--repeats, --copies and --readers must be >= 1")
     common.check_source(args.input)

@@ -73,7 +73,7 @@ from benchmarks.common import PAPER, BenchmarkError, fmt, log, markdown_table  #
 
 import numpy as np  # noqa: E402
 
-BACKENDS = ("threads", "processes")
+BACKENDS = common.BACKENDS
 INPUT_FORMATS = ("nii.gz", "nii")
 
 
@@ -459,9 +459,7 @@ def _main(args: argparse.Namespace) -> int:
         workers = common.parse_int_list(args.workers)
     else:
         workers = sorted({1, nproc}) if args.quick else default_workers(nproc)
-    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
-    if any(b not in BACKENDS for b in backends):
-        raise BenchmarkError(f"--backends {args.backends!r}: choose among {', '.join(BACKENDS)}")
+    backends = common.parse_choices(args.backends, BACKENDS, "--backends")
     formats = [] if args.engine_inputs.strip() == "none" else \
         [f.strip().lstrip(".") for f in args.engine_inputs.split(",") if f.strip()]
     if any(f not in INPUT_FORMATS for f in formats):

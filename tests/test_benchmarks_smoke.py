@@ -114,6 +114,14 @@ def test_parse_int_list():
             common.parse_int_list(bad)
 
 
+def test_parse_choices_names_the_option_and_the_choices():
+    assert common.parse_choices(" processes, threads", common.BACKENDS, "--backends") == ["processes", "threads"]
+    for bad in ("gpu", "", "threads,gpu"):
+        with pytest.raises(common.BenchmarkError) as err:
+            common.parse_choices(bad, common.BACKENDS, "--backends")
+        assert str(err.value) == f"--backends {bad!r}: choose among threads, processes"
+
+
 def test_worker_lists():
     assert scaling.default_workers(2) == [1, 2, 3, 4]
     assert scaling.default_workers(16) == list(range(1, 17)) + [24, 32]
