@@ -342,6 +342,30 @@ def summarise(times: Sequence[float], items: int) -> dict:
             "median_s": med, "times_s": [round(t, 5) for t in times], "repeats": len(times), "frames": items}
 
 
+def round_ratios(num: Sequence[float], den: Sequence[float], scale: float = 1.0) -> list[float]:
+    """``num[r] / (scale * den[r])`` for every round ``r`` measured on both sides.
+
+    A ratio of medians hides how far one round's pair can fall from it; pairing the rounds of an interleaved
+    run (both sides timed within the same minute of a drifting machine) shows whether a target near its line
+    is met by the machine's state or by the code.
+    """
+    return [a / (scale * b) for a, b in zip(num, den) if b > 0]
+
+
+def rounds_verdict(values: Sequence[float], at_least: float) -> dict | None:
+    """Spread of a ratio over its rounds against a lower bound: ``min``, ``max``, ``met`` (rounds at or above
+    the bound) and ``rounds``; None for fewer than two rounds (no spread to show)."""
+    if len(values) < 2:
+        return None
+    return {"min": round(min(values), 3), "max": round(max(values), 3),
+            "met": sum(v >= at_least for v in values), "rounds": len(values)}
+
+
+def rounds_text(v: dict | None) -> str:
+    """``0.47-0.53, met in 3 of 7`` for a :func:`rounds_verdict`; ``-`` when there is none."""
+    return "-" if not v else f"{v['min']:g}-{v['max']:g}, met in {v['met']} of {v['rounds']}"
+
+
 def round_robin(configs: Sequence[Any], warmup: Callable[[Any], None], measure: Callable[[Any], dict],
                 repeats: int, log: Callable[[str], None] | None = None, label: Callable[[Any], str] = str
                 ) -> list[list[dict]]:

@@ -56,6 +56,7 @@ import numpy as np  # noqa: E402
 from engine.figures import save_figure  # noqa: E402
 
 BACKENDS = common.BACKENDS
+EFFICIENCY_TARGETS = {2: 0.90, 6: 0.80}     # issue 7: at 2 workers here, at 6 on a 16-core machine
 
 
 # --------------------------------------------------------------------------------------------- Amdahl
@@ -206,7 +207,8 @@ def summarise_point(backend: str, n: int, pinned: bool, res: list[dict], ncores:
     return {"backend": backend, "workers": n, "pinned": pinned, "cpus": min(n, ncores) if pinned else ncores,
             "per_core_series": pinned or n >= ncores, "slices": slices, "fps": summ["fps"],
             "fps_min": summ["fps_min"], "fps_max": summ["fps_max"], "spread_pct": summ["spread_pct"],
-            "engine_wall_s": summ["times_s"], "end_to_end_fps": outer["fps"], "end_to_end_s": outer["times_s"],
+            "engine_wall_s": summ["times_s"], "fps_rounds": [round(slices / t, 2) for t in engine_walls if t > 0],
+            "end_to_end_fps": outer["fps"], "end_to_end_s": outer["times_s"],
             "cpu_pct_median": float(np.median([r["profile"]["cpu"]["utilisation_pct"] for r in res])),
             "profile": common.profile_summary(median_run["profile"])}
 
@@ -218,22 +220,29 @@ def add_speedups(pts: list[dict], ncores: int) -> None:
     cores for its reader and writer. Per core (strong scaling, n workers on min(n, cores) CPUs): ``X(n on c)
     / (c X(1 on 1))``; every part of the engine then shares the cores it is given (no run on one CPU: no
     per-core figures). Points outside a series get None for its fields.
+
+    Both efficiencies are also given round by round (``efficiency_rounds``, ``efficiency_per_core_rounds``):
+    each round's run against the baseline's run of the same round, timed within the same minute.
     """
     free = [p for p in pts if not p["pinned"]]
     per_core = [p for p in pts if p["per_core_series"]]
     for p in pts:
         for key in ("speedup", "efficiency", "speedup_per_core", "efficiency_per_core"):
             p[key] = None
+        p["efficiency_rounds"], p["efficiency_per_core_rounds"] = [], []
     if free:
         base = min(free, key=lambda p: p["workers"])
         for p in free:
             p["speedup"] = p["fps"] / base["fps"] * base["workers"]
             p["efficiency"] = p["speedup"] / p["workers"]
+            p["efficiency_rounds"] = common.round_ratios(p["fps_rounds"], base["fps_rounds"],
+                                                         p["workers"] / base["workers"])
     base = next((p for p in per_core if p["cpus"] == 1), None)   # per core needs a run on one CPU
     if base is not None:
         for p in per_core:
             p["speedup_per_core"] = p["fps"] / base["fps"] * base["cpus"]
             p["efficiency_per_core"] = p["speedup_per_core"] / p["cpus"]
+            p["efficiency_per_core_rounds"] = common.round_ratios(p["fps_rounds"], base["fps_rounds"], p["cpus"])
 
 
 # --------------------------------------------------------------------------------------------- output
@@ -382,6 +391,7 @@ def render_markdown(result: dict) -> str:
                      fmt(pr["waiting_pct"]), fmt(pr["barrier_pct"]),
                      fmt(p["cpu_pct_median"]), fmt(pr["peak_rss_mb"])])
     lines += [markdown_table(head, rows), ""]
+    lines += target_lines(result["points"])
     lines += [f"Paper (Table II, {paper['machine']}): SLIC {paper['slic']:.0f} frames/s serial, SLIC-parallel "
               f"{paper['slic_parallel']:.0f} on {paper['cores']} cores = {100 * paper['efficiency_6']:.0f}% "
               f"efficiency, Amdahl serial fraction {paper['implied_serial_fraction']:.3f}.", ""]
@@ -404,6 +414,27 @@ def render_markdown(result: dict) -> str:
                   f"{host.get('load_average_start')} at start, {host.get('load_average_end')} at end; code "
                   f"{host.get('git')}.", f"Command: `{host.get('command')}`", ""]
     return "\n".join(lines)
+
+
+def target_lines(points: list[dict]) -> list[str]:
+    """The issues' efficiency targets (90% at 2 workers, 80% at 6) for the points that have them: the median
+    figure and its spread over the rounds, per core and per worker."""
+    lines = []
+    for p in points:
+        bound = EFFICIENCY_TARGETS.get(p["workers"])
+        if bound is None:
+            continue
+        for scale, key in (("per core", "efficiency_per_core"), ("per worker", "efficiency")):
+            value = p[key]
+            if value is None:
+                continue
+            rounds = common.rounds_verdict(p[key + "_rounds"], bound)
+            spread = "" if rounds is None else (f"; round by round {100 * rounds['min']:.1f}-"
+                                                f"{100 * rounds['max']:.1f}%, met in {rounds['met']} of "
+                                                f"{rounds['rounds']}")
+            lines.append(f"- {p['backend']}, {p['workers']} workers, {scale}: efficiency {100 * value:.1f}% "
+                         f"(target {100 * bound:.0f}%: {'met' if value >= bound else 'not met'}{spread})")
+    return lines + [""] if lines else []
 
 
 # --------------------------------------------------------------------------------------------- main

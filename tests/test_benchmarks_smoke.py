@@ -122,6 +122,35 @@ def test_parse_choices_names_the_option_and_the_choices():
         assert str(err.value) == f"--backends {bad!r}: choose among threads, processes"
 
 
+def test_round_ratios_pair_the_rounds_and_count_those_that_meet_the_bound():
+    assert common.round_ratios([9.0, 8.0, 10.0], [5.0, 5.0, 4.0], scale=2) == [0.9, 0.8, 1.25]
+    assert common.round_ratios([1.0, 2.0, 3.0], [2.0, 0.0]) == [0.5]             # unpaired or empty rounds: none
+    verdict = common.rounds_verdict([0.9, 0.8, 1.25], 0.9)
+    assert verdict == {"min": 0.8, "max": 1.25, "met": 2, "rounds": 3}
+    assert common.rounds_text(verdict) == "0.8-1.25, met in 2 of 3"
+    assert common.rounds_verdict([0.95], 0.9) is None and common.rounds_text(None) == "-"
+
+
+def test_scaling_efficiency_round_by_round_against_the_targets():
+    def point(workers, pinned, cpus, fps_rounds):
+        return {"backend": "threads", "workers": workers, "pinned": pinned, "cpus": cpus,
+                "per_core_series": pinned or workers >= 2, "fps": sorted(fps_rounds)[1], "fps_rounds": fps_rounds}
+
+    pts = [point(1, False, 2, [500.0, 520.0, 540.0]), point(1, True, 1, [450.0, 500.0, 480.0]),
+           point(2, False, 2, [900.0, 900.0, 880.0])]
+    scaling.add_speedups(pts, ncores=2)
+    free1, pinned1, two = pts
+    assert two["efficiency_per_core"] == pytest.approx(900 / (2 * 480))
+    assert two["efficiency_per_core_rounds"] == pytest.approx([1.0, 0.9, 880 / 960])
+    assert two["efficiency_rounds"] == pytest.approx([0.9, 900 / 1040, 880 / 1080])
+    assert pinned1["efficiency_per_core_rounds"] == pytest.approx([1.0, 1.0, 1.0])
+    assert scaling.target_lines(pts) == [
+        "- threads, 2 workers, per core: efficiency 93.8% (target 90%: met; round by round 90.0-100.0%, met in 3 "
+        "of 3)",
+        "- threads, 2 workers, per worker: efficiency 86.5% (target 90%: not met; round by round 81.5-90.0%, met "
+        "in 1 of 3)", ""]
+
+
 def test_worker_lists():
     assert scaling.default_workers(2) == [1, 2, 3, 4]
     assert scaling.default_workers(16) == list(range(1, 17)) + [24, 32]
@@ -289,18 +318,27 @@ def test_engine_command_line_times_the_kernel_beside_the_engine(phantom_folder, 
     import subprocess
 
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "engine.py"), "--input", str(phantom_folder),
-                           "--quick", "--workers", "1,2", "--skip", "compression,serial", "--tag", "smoke",
+                           "--quick", "--repeats", "2", "--workers", "1,2", "--skip", "compression,serial",
+                           "--tag", "smoke",
                            "--out-dir", str(tmp_path), "--tmp", str(tmp_path), "--set", "engine.queue_slices=64"],
                           cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     data = json.loads((tmp_path / "engine-smoke-quick.json").read_text())
-    assert data["slices"] == 3 and data["kernel_rounds"] == 1          # one round, timed with the engine's
+    assert data["slices"] == 3 and data["kernel_rounds"] == 2          # a kernel round per engine round
     assert data["engine_config"]["queue_slices"] == 64                 # the shared --set reaches the config
     assert "round 1 bare kernel: 1 thread(s)" in proc.stderr + proc.stdout
     assert set(data["engine"]) >= {"threads-1", "threads-2", "processes-1", "processes-2"}
     kernel2 = data["kernel_slices_per_s"]["2"]
     ratio = data["ratios"]["threads: engine / bare kernel at 2 worker(s)"]
     assert ratio == pytest.approx(data["engine"]["threads-2"]["engine_slices_per_s"] / kernel2, rel=1e-2)
+    # round by round: each engine round against the kernel round timed just before it
+    key = "threads: engine / bare kernel at 2 worker(s)"
+    engine_rounds = data["engine"]["threads-2"]["engine_slices_per_s_all"]
+    assert data["ratio_rounds"][key] == pytest.approx(
+        [e / k for e, k in zip(engine_rounds, data["kernel_slices_per_s_rounds"]["2"])], rel=1e-2)
+    verdict = data["targets"][key]["rounds"]
+    assert verdict["rounds"] == 2 and verdict["met"] == sum(v >= 0.5 for v in data["ratio_rounds"][key])
+    assert data["targets"]["peak RSS CHAOS (MB)"].get("rounds") is None
     assert (tmp_path / "engine-smoke-quick.md").read_text().startswith("## Engine benchmark: 3 slices")
 
 
