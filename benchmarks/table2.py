@@ -294,9 +294,11 @@ def run_table2(cfg, slices: common.SliceSet, engine_specs: dict, workers: list[i
         frames = res[0].get("slices", slices.n)
         d = {"key": row.key, "label": row.label, "timed": row.timed, "workers": row.workers, "kind": row.kind,
              "backend": row.backend, "input_format": row.input_format, "paper_row": row.paper,
-             **common.summarise([r["seconds"] for r in res], frames)}
+             **common.summarise([r["seconds"] for r in res], frames),
+             "fps_rounds": [round(frames / r["seconds"], 2) for r in res if r["seconds"] > 0]}
         if "kernel_s" in res[0]:
             d["kernel_fps"] = frames / float(np.median([r["kernel_s"] for r in res]))
+            d["kernel_fps_rounds"] = [round(frames / r["kernel_s"], 2) for r in res if r["kernel_s"] > 0]
             d["mask_ms"] = 1000.0 * float(np.median([r["mask_s"] for r in res])) / frames
         if "profile" in res[0]:
             order = np.argsort([r["seconds"] for r in res])
@@ -329,19 +331,25 @@ def targets(rows: list[dict], nproc: int) -> list[dict]:
     get = {d["key"]: d for d in rows}
     out = []
 
-    def add(name, value, target, unit="x"):
-        out.append({"target": name, "measured": value, "goal": target, "unit": unit, "met": bool(value >= target)})
+    def add(name, value, target, unit="x", rounds=()):
+        # rounds: the same ratio for each round of the interleaved run (both rows timed within one round)
+        out.append({"target": name, "measured": value, "goal": target, "unit": unit, "met": bool(value >= target),
+                    "rounds": common.rounds_verdict(list(rounds), target)})
 
+    base = get.get("felzenszwalb_serial")
     for d in rows:
         if d["workers"] == nproc and (d["kind"] == "engine" or d["key"].startswith("our_slic_pythreads")):
-            add(f"{d['label']} vs serial Felzenszwalb recipe", d["x_felzenszwalb"], 40.0)
+            add(f"{d['label']} vs serial Felzenszwalb recipe", d["x_felzenszwalb"], 40.0,
+                rounds=common.round_ratios(d["fps_rounds"], base["fps_rounds"]) if base else ())
     ours = get.get("our_slic_serial")
     for key in ("skimage_slic_serial", "skimage_slic_full_serial"):
         sk = get.get(key)
         if sk and ours:
             name = sk["label"].split(",")[0]
-            add(f"our SLIC kernel vs {name} kernel, per core", ours["kernel_fps"] / sk["kernel_fps"], 15.0)
-            add(f"our SLIC step (mask + SLIC) vs {name} step, per core", ours["fps"] / sk["fps"], 15.0)
+            add(f"our SLIC kernel vs {name} kernel, per core", ours["kernel_fps"] / sk["kernel_fps"], 15.0,
+                rounds=common.round_ratios(ours["kernel_fps_rounds"], sk["kernel_fps_rounds"]))
+            add(f"our SLIC step (mask + SLIC) vs {name} step, per core", ours["fps"] / sk["fps"], 15.0,
+                rounds=common.round_ratios(ours["fps_rounds"], sk["fps_rounds"]))
     for d in rows:
         if d["workers"] == 2 and d["key"].endswith("_2"):
             one = get.get(d["key"][:-len("_2")] + "_1")
@@ -352,7 +360,8 @@ def targets(rows: list[dict], nproc: int) -> list[dict]:
             else:
                 continue
             if one:
-                add(f"efficiency at 2 workers: {name}", 100.0 * d["fps"] / (2 * one["fps"]), 90.0, "%")
+                add(f"efficiency at 2 workers: {name}", 100.0 * d["fps"] / (2 * one["fps"]), 90.0, "%",
+                    rounds=common.round_ratios(d["fps_rounds"], one["fps_rounds"], 2 / 100))
     return out
 
 
@@ -404,9 +413,10 @@ def render_markdown(result: dict) -> str:
         lines += [markdown_table(eh, et), ""]
     if result["targets"]:
         lines += ["Targets (issue 7 / issue 3), from this run's ratios:", ""]
-        lines += [markdown_table(["target", "measured", "goal", "met"], [
+        lines += [markdown_table(["target", "measured", "goal", "met", "round by round"], [
             [t["target"], f"{fmt(t['measured'], 1)} {t['unit']}", "" if t["goal"] is None else
-             f">= {fmt(t['goal'], 0)} {t['unit']}", "" if t["met"] is None else ("yes" if t["met"] else "**no**")]
+             f">= {fmt(t['goal'], 0)} {t['unit']}", "" if t["met"] is None else ("yes" if t["met"] else "**no**"),
+             common.rounds_text(t.get("rounds"))]
             for t in result["targets"]]), ""]
     if host:
         v = host.get("versions", {})

@@ -151,6 +151,23 @@ def test_scaling_efficiency_round_by_round_against_the_targets():
         "in 1 of 3)", ""]
 
 
+def test_table2_targets_round_by_round():
+    def row(key, workers, fps_rounds):
+        fps = sorted(fps_rounds)[len(fps_rounds) // 2]
+        return {"key": key, "label": key, "workers": workers, "kind": "in-memory", "fps": fps,
+                "fps_rounds": fps_rounds, "x_felzenszwalb": fps / 40.0}
+
+    rows = [row("felzenszwalb_serial", 1, [40.0, 36.0]), row("our_slic_pythreads_1", 1, [950.0, 800.0]),
+            row("our_slic_pythreads_2", 2, [1800.0, 1400.0])]
+    got = {t["target"]: t for t in table2.targets(rows, nproc=2)}
+    x40 = got["our_slic_pythreads_2 vs serial Felzenszwalb recipe"]
+    assert x40["measured"] == pytest.approx(45.0) and x40["met"]
+    assert x40["rounds"] == {"min": round(1400 / 36, 3), "max": 45.0, "met": 1, "rounds": 2}
+    eff = got["efficiency at 2 workers: our SLIC, one image per Python thread"]
+    assert eff["measured"] == pytest.approx(100 * 1800 / 1900)
+    assert eff["rounds"] == {"min": 87.5, "max": round(100 * 1800 / 1900, 3), "met": 1, "rounds": 2}
+
+
 def test_worker_lists():
     assert scaling.default_workers(2) == [1, 2, 3, 4]
     assert scaling.default_workers(16) == list(range(1, 17)) + [24, 32]
