@@ -362,8 +362,12 @@ def rounds_verdict(values: Sequence[float], at_least: float) -> dict | None:
 
 
 def rounds_text(v: dict | None) -> str:
-    """``0.47-0.53, met in 3 of 7`` for a :func:`rounds_verdict`; ``-`` when there is none."""
-    return "-" if not v else f"{v['min']:g}-{v['max']:g}, met in {v['met']} of {v['rounds']}"
+    """``0.474-0.541, met in 3 of 7`` for a :func:`rounds_verdict` (1 decimal from 10 up, else 3 significant
+    digits); ``-`` when there is none."""
+    if not v:
+        return "-"
+    num = (lambda x: f"{x:.1f}" if abs(x) >= 10 else f"{x:.3g}")
+    return f"{num(v['min'])}-{num(v['max'])}, met in {v['met']} of {v['rounds']}"
 
 
 def round_robin(configs: Sequence[Any], warmup: Callable[[Any], None], measure: Callable[[Any], dict],

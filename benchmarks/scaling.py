@@ -7,8 +7,8 @@ Reproduce on any machine (from the repository root, after ``make install``)::
     .venv/bin/python benchmarks/scaling.py --max-workers 16 --tag 16core    # a 16-core machine
     .venv/bin/python benchmarks/scaling.py --tag i7-10750H          # the paper's 6-core laptop
 
-Writes ``benchmarks/results/scaling-<tag>.json`` and ``.png`` (``<tag>`` defaults to the host name;
-``--quick`` adds ``-quick``) and prints a Markdown table.
+Writes ``benchmarks/results/scaling-<tag>.json``, ``.md`` and ``.png`` (``<tag>`` defaults to the host name;
+``--quick`` adds ``-quick``) and prints the Markdown.
 
 What is measured
 ----------------
@@ -508,9 +508,10 @@ def _main(args: argparse.Namespace) -> int:
     stem = common.result_stem("scaling", args.tag, args.quick)
     out_dir = Path(args.out_dir)
     common.write_json(out_dir / f"{stem}.json", result)
+    (out_dir / f"{stem}.md").write_text(md + "\n")
     plot_scaling(result, out_dir / f"{stem}.png")
     print(md)
-    log(f"scaling: done in {result['total_s']:.0f} s; wrote {out_dir / stem}.json and .png")
+    log(f"scaling: done in {result['total_s']:.0f} s; wrote {out_dir / stem}.json, .md and .png")
     return 0
 
 

@@ -128,6 +128,7 @@ def test_round_ratios_pair_the_rounds_and_count_those_that_meet_the_bound():
     verdict = common.rounds_verdict([0.9, 0.8, 1.25], 0.9)
     assert verdict == {"min": 0.8, "max": 1.25, "met": 2, "rounds": 3}
     assert common.rounds_text(verdict) == "0.8-1.25, met in 2 of 3"
+    assert common.rounds_text({"min": 44.842, "max": 47.297, "met": 3, "rounds": 3}) == "44.8-47.3, met in 3 of 3"
     assert common.rounds_verdict([0.95], 0.9) is None and common.rounds_text(None) == "-"
 
 
@@ -328,6 +329,7 @@ def test_scaling_command_line(phantom_folder, tmp_path):
     assert [(p["workers"], p["pinned"]) for p in data["points"]] == [
         (n, pin) for n in (1, 2) for pin in ((False, True) if n in below else (False,))]
     assert (tmp_path / "scaling-smoke-quick.png").stat().st_size > 0
+    assert (tmp_path / "scaling-smoke-quick.md").read_text() == data["markdown"] + "\n"
 
 
 # --------------------------------------------------------------------------------------------- engine.py
