@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(p)
 
     p = sub.add_parser("inspect", help="summarise a store, or list the volumes of a data source",
-                       description="inspect STORE: one-screen summary and integrity check of a store. "
+                       description="inspect STORE: one-screen summary, integrity check and run history of a store. "
                                    "inspect --data PATH: list the volumes a source yields.")
     p.add_argument("store", nargs="?", help="store file (e.g. data/store.h5)")
     p.add_argument("--data", help="list the volumes of this source instead (folder, file or 'phantom')")

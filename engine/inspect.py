@@ -21,6 +21,36 @@ def _disk_size(path: Path) -> int:
     return total
 
 
+def _run_history(path: Path) -> dict:
+    """How the store was built, from ``runs.jsonl``: how many runs, their statuses in order, the last one.
+
+    History, not content: a line torn by a kill while it was appended is skipped, a missing file is no runs.
+    """
+    runs = []
+    try:
+        lines = (parts_dir(path) / "runs.jsonl").read_text().splitlines()
+    except OSError:
+        lines = []
+    for line in lines:
+        try:
+            runs.append(json.loads(line))
+        except ValueError:
+            continue
+    return {"count": len(runs), "statuses": [r.get("status") for r in runs], "last": runs[-1] if runs else None}
+
+
+def _last_profile(path: Path) -> dict | None:
+    """The throughput in ``STORE.profile.json``, which the last run that reached its end wrote (None: none)."""
+    profile = path.with_name(path.name + ".profile.json")
+    try:
+        p = json.loads(profile.read_text())
+        return {"path": str(profile), "slices": int(p["slices"]), "wall_s": float(p["wall_s"]),
+                "slices_per_s": float(p["slices_per_s"]), "backend": p.get("backend"), "workers": p.get("workers"),
+                "status": p.get("status")}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def _writer_holding(path: Path) -> dict | None:
     """Who is writing the store right now, from its lock file (None when nobody is).
 
@@ -177,6 +207,7 @@ def summarize(reader: StoreReader, path: Path, check_pixels: bool = True) -> dic
             "empty_slices": int((nsp == 0).sum())},
         "size_bytes": size, "bytes_per_slice": round(size / reader.n_slices) if reader.n_slices else None,
         "log": meta.get("log", []), "problems": problems,
+        "runs": _run_history(path), "profile": _last_profile(path),
     }
 
 
@@ -206,6 +237,7 @@ def _print_summary(s: dict) -> None:
             print(f"  {p}")
     else:
         print(f"integrity    OK: {s['slices']} slices read and consistent, no gaps, every batch mapped")
+    _print_runs(s["runs"], s["profile"])
     if s["log"]:
         print(f"failures     {len(s['log'])} volume(s) could not be used:")
         for f in s["log"][:8]:
@@ -214,6 +246,25 @@ def _print_summary(s: dict) -> None:
             print(f"  ... and {len(s['log']) - 8} more (--json lists all)")
     else:
         print("failures     none")
+
+
+def _print_runs(runs: dict, profile: dict | None) -> None:
+    if runs["count"]:
+        counts: dict[str, int] = {}
+        for status in runs["statuses"]:
+            counts[str(status)] = counts.get(str(status), 0) + 1
+        last = runs["last"]
+        started, finished = str(last.get("started")), str(last.get("finished"))
+        if finished[:10] == started[:10]:            # the same day: the time of day says it
+            finished = finished[11:]
+        print(f"runs         {runs['count']} ({', '.join(f'{n} {k}' for k, n in counts.items())}); last "
+              f"{started} -> {finished}, {last.get('backend')} x{last.get('workers')}, "
+              f"{last.get('slices_committed')} slices committed, {last.get('status')}")
+    else:
+        print("runs         none recorded (runs.jsonl missing or empty)")
+    if profile:
+        print(f"profile      {profile['slices']} slices in {profile['wall_s']:.2f} s = {profile['slices_per_s']:.1f} "
+              f"slices/s, {profile['backend']} x{profile['workers']}, {profile['status']} ({profile['path']})")
 
 
 def write_overlay(reader: StoreReader, volume: str, z: int, png: str | Path) -> Path:

@@ -50,6 +50,35 @@ def test_json_has_the_agreed_keys(store, capsys):
     assert s["size_bytes"] > 0 and s["being_written_by"] is None
 
 
+def test_summary_tells_how_the_store_was_built(store, tmp_path, capsys):
+    import shutil
+    assert inspect_store(str(store), as_json=True) == 0
+    s = json.loads(capsys.readouterr().out)
+    assert s["runs"]["count"] == 1 and s["runs"]["statuses"] == ["complete"]
+    assert s["runs"]["last"]["slices_committed"] == 11
+    prof = s["profile"]
+    assert prof["slices"] == 11 and prof["status"] == "complete" and prof["slices_per_s"] > 0
+    assert prof["path"] == f"{store}.profile.json"
+    inspect_store(str(store))
+    out = capsys.readouterr().out
+    assert "runs         1 (1 complete); last " in out and "11 slices committed, complete" in out
+    assert "profile      11 slices in " in out and f"({store}.profile.json)" in out
+    # a copy with an interrupted run before, a line torn by a kill, and no profile
+    copy = tmp_path / store.name
+    shutil.copy(store, copy)
+    shutil.copytree(parts_dir(store), parts_dir(copy))
+    runs = parts_dir(copy) / "runs.jsonl"
+    last = runs.read_text()
+    runs.write_text(json.dumps({**json.loads(last), "status": "interrupted"}) + "\n" + last + '{"started": "20')
+    inspect_store(str(copy))
+    out = capsys.readouterr().out
+    assert "runs         2 (1 interrupted, 1 complete); last " in out
+    assert "profile" not in out
+    runs.unlink()
+    inspect_store(str(copy))
+    assert "runs         none recorded (runs.jsonl missing or empty)" in capsys.readouterr().out
+
+
 def test_overlay_png_is_written(store, tmp_path, capsys):
     png = tmp_path / "o" / "overlay.png"
     assert cli.main(["inspect", str(store), "--volume", "2", "--slice", "3", "--png", str(png)]) == 0
