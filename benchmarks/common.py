@@ -426,6 +426,9 @@ def host_tag() -> str:
     return re.sub(r"[^A-Za-z0-9_-]+", "-", name)
 
 
+BUSY_SAMPLE_S = 0.5          # how long host_info watches the CPUs before a run
+
+
 def host_info() -> dict:
     """What the numbers depend on: CPU, cores, memory, load, library versions, code revision."""
     import psutil
@@ -436,10 +439,14 @@ def host_info() -> dict:
         load = [round(v, 2) for v in os.getloadavg()]
     except OSError:
         load = None
+    # What other work keeps the CPUs busy right now: the load average lags by a minute, so a benchmark that
+    # starts just after another one would see the previous run's load in it.
+    busy = round(psutil.cpu_percent(interval=BUSY_SAMPLE_S) / 100 * (psutil.cpu_count() or 1), 2)
     return {"host": socket.gethostname(), "cpu": cpu_model(), "machine": platform.machine(),
             "os": f"{platform.system()} {platform.release()}", "logical_cpus": psutil.cpu_count(logical=True),
             "physical_cores": psutil.cpu_count(logical=False), "usable_cpus": n_cores(),
             "memory_gb": round(psutil.virtual_memory().total / 2 ** 30, 1), "load_average_start": load,
+            "cores_busy_start": busy,
             "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "git": git_revision(), "versions": versions(),
             "command": " ".join([".venv/bin/python", os.path.relpath(sys.argv[0], REPO)] + sys.argv[1:])
             if sys.argv and sys.argv[0].endswith(".py") else None}
@@ -488,14 +495,22 @@ def memory_touch_check(mb: int = 256) -> dict:
 
 
 def busy_warning(info: dict) -> str | None:
-    """A line saying the machine was busy (1-minute load above half its cores) when the run started, else None.
+    """A line saying the machine was busy (more than half its cores) when the run started, else None.
 
-    Only the load at the start counts: the load at the end mostly measures the benchmark's own work."""
+    Only the start counts: the end mostly measures the benchmark's own work. The CPU busy time sampled just
+    before the run decides when the run recorded it; the 1-minute load average (older results) otherwise."""
     start = info.get("load_average_start")
-    worst = start[0] if start else 0.0
+    load = start[0] if start else 0.0
     cores = info.get("usable_cpus") or 1
-    if worst > 0.5 * cores:
-        return (f"the machine was busy when this run started (1-minute load average {worst:.1f} on {cores} "
+    busy = info.get("cores_busy_start")
+    if busy is not None:
+        if busy <= 0.5 * cores:
+            return None
+        return (f"the machine was busy when this run started ({busy:.1f} of {cores} cores busy in the "
+                f"{BUSY_SAMPLE_S:g} s before it, 1-minute load average {load:.1f}): absolute numbers are noisy; "
+                f"ratios within the run are less affected")
+    if load > 0.5 * cores:
+        return (f"the machine was busy when this run started (1-minute load average {load:.1f} on {cores} "
                 f"cores): absolute numbers are noisy; ratios within the run are less affected")
     return None
 

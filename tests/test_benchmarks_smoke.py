@@ -205,6 +205,18 @@ def test_busy_warning_looks_at_the_load_when_the_run_starts():
     busy_start = {"usable_cpus": 2, "load_average_start": [1.6, 1.0, 0.5], "load_average_end": [0.1, 0.1, 0.1]}
     assert "load average 1.6 on 2 cores" in common.busy_warning(busy_start)
     assert common.busy_warning({"usable_cpus": 2}) is None
+    # a run that records the CPUs' busy time is judged by it: the load average lags behind a previous run
+    after_a_run = {"usable_cpus": 2, "load_average_start": [2.6, 1.4, 0.7], "cores_busy_start": 0.1}
+    assert common.busy_warning(after_a_run) is None
+    busy_now = {"usable_cpus": 2, "load_average_start": [0.4, 0.2, 0.1], "cores_busy_start": 1.8}
+    assert common.busy_warning(busy_now).startswith("the machine was busy when this run started (1.8 of 2 cores "
+                                                    "busy in the 0.5 s before it, 1-minute load average 0.4)")
+
+
+def test_host_info_samples_the_cpus_before_the_run():
+    import psutil
+    info = common.host_info()
+    assert 0.0 <= info["cores_busy_start"] <= psutil.cpu_count()
 
 
 def test_engine_input_links_and_cuts(phantom_folder, tmp_path):
