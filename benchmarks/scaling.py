@@ -278,10 +278,10 @@ def plot_scaling(result: dict, path: Path) -> Path:
                     label=f"projected on {paper['cores']} cores ({b}): {fit['projected_fps_6']:.0f}/s")
         per_core = [p for p in per_core if p["efficiency_per_core"] is not None]
         if per_core:
-            ax_e.plot([p["workers"] for p in per_core], [100 * p["efficiency_per_core"] for p in per_core],
-                      marker="s", mfc="none", color=c, label=f"{b}, per core (n workers on min(n, cores) CPUs)")
-        ax_e.plot([p["workers"] for p in free], [100 * p["efficiency"] for p in free], marker=".", ls=":",
-                  color=c, label=f"{b}, per worker (all cores free)")
+            ax_e.errorbar(*_efficiency_err(per_core, "efficiency_per_core"), marker="s", mfc="none", color=c,
+                          capsize=3, label=f"{b}, per core (n workers on min(n, cores) CPUs)")
+        ax_e.errorbar(*_efficiency_err(free, "efficiency"), marker=".", ls=":", color=c, capsize=3,
+                      label=f"{b}, per worker (all cores free)")
     first = min(result["points"], key=lambda p: (p["cpus"], p["workers"]))
     x1 = first["fps"] / first["cpus"]
     ax.plot(grid, x1 * np.minimum(grid, ncores), ":", color="grey", label="linear up to the cores")
@@ -305,7 +305,7 @@ def plot_scaling(result: dict, path: Path) -> Path:
     ax_e.axhline(90, color="green", lw=0.8, ls="-.", label="target 90% at 2 workers")
     ax_e.axhline(80, color="olive", lw=0.8, ls=":", label="target 80% at 6 workers")
     ax_e.set_ylim(0, 115)
-    ax_e.set_ylabel("parallel efficiency, %")
+    ax_e.set_ylabel("parallel efficiency, % (bars: its rounds)")
     ax_e.set_title("Efficiency")
     ax_e.legend(fontsize=7, loc="lower left")
     # where the workers' time went, from the engine's profile
@@ -356,6 +356,15 @@ def _xy_err(pts: list[dict]) -> tuple:
     """Worker counts, median frames/s and the (below, above) spread of points, for ``errorbar``."""
     return ([p["workers"] for p in pts], [p["fps"] for p in pts],
             np.array([[p["fps"] - p["fps_min"] for p in pts], [p["fps_max"] - p["fps"] for p in pts]]))
+
+
+def _efficiency_err(pts: list[dict], key: str) -> tuple:
+    """Worker counts, efficiency in % and the (below, above) spread of its rounds (none without rounds)."""
+    y = [100 * p[key] for p in pts]
+    rounds = [[100 * v for v in p.get(key + "_rounds") or [p[key]]] for p in pts]
+    return ([p["workers"] for p in pts], y,
+            np.array([[max(0.0, v - min(r)) for v, r in zip(y, rounds)], [max(0.0, max(r) - v)
+                                                                          for v, r in zip(y, rounds)]]))
 
 
 def render_markdown(result: dict) -> str:
