@@ -145,6 +145,9 @@ def test_scaling_efficiency_round_by_round_against_the_targets():
     assert two["efficiency_per_core_rounds"] == pytest.approx([1.0, 0.9, 880 / 960])
     assert two["efficiency_rounds"] == pytest.approx([0.9, 900 / 1040, 880 / 1080])
     assert pinned1["efficiency_per_core_rounds"] == pytest.approx([1.0, 1.0, 1.0])
+    x, y, err = scaling._efficiency_err([two], "efficiency_per_core")         # the plot's error bars
+    assert x == [2] and y == pytest.approx([93.75]) and err[:, 0] == pytest.approx([3.75, 6.25])
+    assert scaling._efficiency_err([{"workers": 1, "efficiency": 1.0}], "efficiency")[2].sum() == 0
     assert scaling.target_lines(pts) == [
         "- threads, 2 workers, per core: efficiency 93.8% (target 90%: met; round by round 90.0-100.0%, met in 3 "
         "of 3)",
