@@ -42,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("store", nargs="?", help="store file (e.g. data/store.h5)")
     p.add_argument("--data", help="list the volumes of this source instead (folder, file or 'phantom')")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("--quick", action="store_true",
+                   help="check the tables and every batch's mapping, without reading each slice's pixels")
     p.add_argument("--volume", help="with --slice and --png: volume id of the overlay")
     p.add_argument("--slice", type=int, help="with --volume and --png: slice index z")
     p.add_argument("--png", help="write a superpixel/label overlay of one slice to this PNG")
@@ -123,7 +125,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         print("inspect: --volume and --slice choose the slice of an overlay: add --png FILE", file=sys.stderr)
         return 2
     return _call("engine.inspect", "inspect_store", args.store, as_json=args.json, volume=args.volume,
-                 z=args.slice, png=args.png)
+                 z=args.slice, png=args.png, read_pixels=not args.quick)
 
 
 def cmd_train(args: argparse.Namespace) -> int:

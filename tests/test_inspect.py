@@ -41,7 +41,7 @@ def test_json_has_the_agreed_keys(store, capsys):
     s = json.loads(capsys.readouterr().out)
     for key in ("volumes", "slices", "method", "params", "superpixels_per_slice", "complete", "problems"):
         assert key in s
-    assert s["slices"] == 11 and s["complete"] is True and s["problems"] == []
+    assert s["slices"] == 11 and s["complete"] is True and s["problems"] == [] and s["pixels_checked"] is True
     assert [v["id"] for v in s["volumes"]] == ["1", "2"] and s["volumes"][1]["slices_in_store"] == 6
     assert s["method"] == "slic" and s["params"]["n_segments"] == 12
     sp = s["superpixels_per_slice"]
@@ -77,6 +77,27 @@ def test_summary_tells_how_the_store_was_built(store, tmp_path, capsys):
     runs.unlink()
     inspect_store(str(copy))
     assert "runs         none recorded (runs.jsonl missing or empty)" in capsys.readouterr().out
+
+
+def test_quick_checks_tables_and_mapping_without_reading_pixels(store, tmp_path, capsys, monkeypatch):
+    from engine.store import StoreReader
+    read = []
+    monkeypatch.setattr(StoreReader, "read", lambda self, i: read.append(i))
+    assert cli.main(["inspect", str(store), "--quick"]) == 0
+    out = capsys.readouterr().out
+    assert "integrity    OK: 11 slices consistent in the tables, no gaps, every batch mapped (pixels not read: " \
+           "--quick)" in out
+    assert read == []                                                   # no slice's chunks were read
+    assert cli.main(["inspect", str(store), "--quick", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["pixels_checked"] is False
+    # a missing shard is still found: the tables and the mapping are checked
+    import shutil
+    copy = tmp_path / store.name
+    shutil.copy(store, copy)
+    shutil.copytree(parts_dir(store), parts_dir(copy))
+    (parts_dir(copy) / shard_name(1)).unlink()
+    assert cli.main(["inspect", str(copy), "--quick"]) == 1
+    assert "missing or unreadable" in capsys.readouterr().out
 
 
 def test_overlay_png_is_written(store, tmp_path, capsys):
