@@ -361,13 +361,13 @@ def rounds_verdict(values: Sequence[float], at_least: float) -> dict | None:
             "met": sum(v >= at_least for v in values), "rounds": len(values)}
 
 
-def rounds_text(v: dict | None) -> str:
-    """``0.474-0.541, met in 3 of 7`` for a :func:`rounds_verdict` (1 decimal from 10 up, else 3 significant
-    digits); ``-`` when there is none."""
+def rounds_text(v: dict | None, scale: float = 1.0, unit: str = "") -> str:
+    """``0.474-0.541, met in 3 of 7`` for a :func:`rounds_verdict` (bounds times ``scale``, then ``unit``; 1
+    decimal from 10 up, else 3 significant digits); ``-`` when there is none."""
     if not v:
         return "-"
     num = (lambda x: f"{x:.1f}" if abs(x) >= 10 else f"{x:.3g}")
-    return f"{num(v['min'])}-{num(v['max'])}, met in {v['met']} of {v['rounds']}"
+    return f"{num(scale * v['min'])}-{num(scale * v['max'])}{unit}, met in {v['met']} of {v['rounds']}"
 
 
 def round_robin(configs: Sequence[Any], warmup: Callable[[Any], None], measure: Callable[[Any], dict],

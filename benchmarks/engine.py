@@ -367,7 +367,8 @@ def main(argv=None) -> int:
                 say(f"  {b}: {mem[b]}")
             result["memory_10x"] = mem
 
-        kernel = {}
+        kernel: dict[int, float] = {}
+        kernel_by_round: dict[int, list[float]] = {}
         if with_kernel:
             result["kernel_rounds"] = len(kernel_times[counts[0]])
             result["kernel_cpu_ms_per_slice"] = round(1e3 * statistics.median(kernel_cpu), 4)
@@ -375,13 +376,13 @@ def main(argv=None) -> int:
                 kernel[w] = n / statistics.median(kernel_times[w])
                 say(f"  kernel, {w} thread(s): {kernel[w]:.1f} slices/s (median of {len(kernel_times[w])} rounds)")
             result["kernel_slices_per_s"] = {str(w): round(v, 1) for w, v in kernel.items()}
-            result["kernel_slices_per_s_rounds"] = {str(w): [round(n / t, 1) for t in kernel_times[w]]
-                                                    for w in counts}
+            kernel_by_round = {w: [n / t for t in kernel_times[w]] for w in counts}
+            result["kernel_slices_per_s_rounds"] = {str(w): [round(v, 1) for v in rates]
+                                                    for w, rates in kernel_by_round.items()}
 
         # ratios and targets (issue 4); each ratio of two interleaved series also round by round
         ratios: dict[str, float] = {}
         per_round: dict[str, list[float]] = {}
-        kernel_by_round = {w: [n / t for t in kernel_times[w]] for w in kernel}
 
         def ratio(key: str, num, den, num_rounds=(), den_rounds=()) -> None:
             ratios[key] = num / den

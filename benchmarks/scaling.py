@@ -438,9 +438,7 @@ def target_lines(points: list[dict]) -> list[str]:
             if value is None:
                 continue
             rounds = common.rounds_verdict(p[key + "_rounds"], bound)
-            spread = "" if rounds is None else (f"; round by round {100 * rounds['min']:.1f}-"
-                                                f"{100 * rounds['max']:.1f}%, met in {rounds['met']} of "
-                                                f"{rounds['rounds']}")
+            spread = "" if rounds is None else f"; round by round {common.rounds_text(rounds, 100, '%')}"
             lines.append(f"- {p['backend']}, {p['workers']} workers, {scale}: efficiency {100 * value:.1f}% "
                          f"(target {100 * bound:.0f}%: {'met' if value >= bound else 'not met'}{spread})")
     return lines + [""] if lines else []

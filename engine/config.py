@@ -43,10 +43,10 @@ ZSCORE_MODES = ("volume", "robust")
 def _check_ranges(section: str, obj, table: dict) -> None:
     """Refuse ``section.name`` values outside their ``engine.ranges.Range`` (the methods' tables are the ones
     the public functions check too); the loader has already checked the types."""
-    for name, rng in table.items():
-        value = getattr(obj, name)
-        if value is not None and not rng.holds(value):
-            raise ConfigError(f"{section}.{name}: must be {rng.text()}, got {value!r}")
+    found = ranges.violation(table, {name: getattr(obj, name) for name in table})
+    if found is not None:
+        name, rng, value = found
+        raise ConfigError(f"{section}.{name}: must be {rng.text()}, got {value!r}")
 
 
 @dataclasses.dataclass

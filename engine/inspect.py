@@ -1,6 +1,7 @@
 """``cli.py inspect STORE``: one-screen summary and integrity check of a store; optional overlay PNG."""
 from __future__ import annotations
 
+import collections
 import json
 import sys
 from pathlib import Path
@@ -253,9 +254,7 @@ def _print_summary(s: dict) -> None:
 
 def _print_runs(runs: dict, profile: dict | None) -> None:
     if runs["count"]:
-        counts: dict[str, int] = {}
-        for status in runs["statuses"]:
-            counts[str(status)] = counts.get(str(status), 0) + 1
+        counts = collections.Counter(map(str, runs["statuses"]))     # in order of first appearance
         last = runs["last"]
         started, finished = str(last.get("started")), str(last.get("finished"))
         if finished[:10] == started[:10]:            # the same day: the time of day says it

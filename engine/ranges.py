@@ -66,12 +66,21 @@ MEANSHIFT = {
 METHODS = {"slic": SLIC, "felzenszwalb": FELZENSZWALB, "meanshift": MEANSHIFT}
 
 
-def check(where: str, table: dict[str, Range], values: dict) -> None:
-    """Raise ``ValueError("<where> <name> must be [an integer] <bounds>, got <value>")`` for the first value
-    that does not hold; ``values`` maps names of ``table`` to values, and None (an optional parameter left
-    unset) passes."""
+def violation(table: dict[str, Range], values: dict) -> tuple[str, Range, object] | None:
+    """The first ``(name, range, value)`` whose value does not hold, or None; ``values`` maps names of
+    ``table`` to values, and None (an optional parameter left unset) passes."""
     for name, value in values.items():
         rng = table[name]
         if value is not None and not rng.holds(value):
-            kind = "an integer " if rng.integer else ""
-            raise ValueError(f"{where} {name} must be {kind}{rng.text()}, got {value!r}")
+            return name, rng, value
+    return None
+
+
+def check(where: str, table: dict[str, Range], values: dict) -> None:
+    """Raise ``ValueError("<where> <name> must be [an integer] <bounds>, got <value>")`` for the first value
+    that does not hold (:func:`violation`)."""
+    found = violation(table, values)
+    if found is not None:
+        name, rng, value = found
+        kind = "an integer " if rng.integer else ""
+        raise ValueError(f"{where} {name} must be {kind}{rng.text()}, got {value!r}")
