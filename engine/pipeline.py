@@ -27,8 +27,8 @@ Backends
 ``processes``: workers are forked processes. A worker that loads a volume prepares it into a slot of a
 shared arena, or into a memfd when it does not fit (``engine.shm``); the workers computing its slices read it
 there and put the encoded chunks into a ``multiprocessing.shared_memory`` ring of output slots. The parent
-never touches volume pixels: it copies each slice's encoded chunks out of the ring for the writer, and only
-slot numbers and a few integers travel through one pair of pipes per worker. The parent waits on the result
+never touches volume pixels: the writer writes each slice's encoded chunks straight from its ring slot, which
+is reused only after that, and only slot numbers and a few integers travel through one pair of pipes per worker. The parent waits on the result
 pipes *and* the process sentinels, so a worker that dies (killed, segfault, out of memory) is noticed at once;
 the run then stops, naming the slice or volume the worker held, and commits nothing of the unfinished batch.
 
@@ -476,10 +476,10 @@ class _Run(ProcessBackend):
             prof.add_work(w, stages, time.thread_time() - c1)
             self._result(task, chunks, nsp)
 
-    def _result(self, task: Task, chunks: dict, nsp: int) -> None:
+    def _result(self, task: Task, chunks: dict, nsp: int, release=None) -> None:
         vol = task.vol
         self.batches.add_result(task.seq, SliceResult(vol.id, vol.ref, task.z, chunks, nsp, vol.row["has_label"],
-                                                      int(vol.organs[task.z])))
+                                                      int(vol.organs[task.z]), release))
         with self._lock:
             self.computed += 1
             self.max_uncommitted = max(self.max_uncommitted, self.computed - self.committed_this_run)
@@ -503,6 +503,8 @@ class _Run(ProcessBackend):
                         builder = self.writer.begin_shard(st.index, st.first_slice, self.batch_size)
                     for r in results:
                         builder.add(r)
+                        if r.release is not None:
+                            r.release()
                     if not done and st.closed and builder.prepared is None:
                         # the producer no longer touches a closed batch: its tables can go in now
                         builder.prepare(st.volumes, st.failures, st.count)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import errno
+import functools
 import multiprocessing as mp
 import os
 import queue
@@ -20,7 +21,7 @@ import time
 from multiprocessing import shared_memory
 
 from engine.profile import run_queue_seconds
-from engine.schedule import Failure, Loaded, LoadMark, SourceChanged, Task
+from engine.schedule import WRITE_RUN, Failure, Loaded, LoadMark, SourceChanged, Task
 from engine.shm import Ring, VolumeArena, receive_fd
 from engine.slice_worker import process_worker, signal_name
 from engine.store import DATASETS, error_text
@@ -37,7 +38,10 @@ class ProcessBackend:
 
     def _start_pool(self) -> None:
         n = self.n_workers
-        slots = max(2 * PREFETCH_PER_WORKER * n + 4, 8)
+        # A slot is taken when a slice is dispatched and given back once the writer has written its chunks
+        # from it: the tasks queued at the workers, the slices computed ahead of the one the writer waits
+        # for, and a run of WRITE_RUN that wakes the writer.
+        slots = max(2 * PREFETCH_PER_WORKER * n + WRITE_RUN + 4, 16)
         slots = min(slots, max(self.cfg.engine.queue_slices, PREFETCH_PER_WORKER * n + 1))
         self.shm = shared_memory.SharedMemory(create=True, size=Ring.nbytes(slots, self.shape))
         _reserve(self.shm, Ring.nbytes(slots, self.shape))
@@ -263,11 +267,10 @@ class ProcessBackend:
             return
         out, off, chunks = self.ring.out[slot], 0, {}
         for name, ln in zip(DATASETS, lens):
-            chunks[name] = out[off:off + ln].tobytes()
+            chunks[name] = out[off:off + ln]         # no copy: the slot stays taken until they are written
             off += ln
-        self.free_slots.put(slot)
         self.prof.add_work(w, stages, cpu)
-        self._result(task, chunks, nsp)
+        self._result(task, chunks, nsp, release=functools.partial(self.free_slots.put, slot))
         self._volume_progress(task.vol.key, sent=0, finished=1)
 
     def _worker_died(self, w: int, outstanding) -> None:

@@ -2,9 +2,8 @@
 
 The parent never touches a volume: a worker process that loads one prepares it into an arena slot (or,
 when it does not fit, a memfd whose descriptor travels over a Unix socket), the workers computing its
-slices read it there, and they put each slice's encoded chunks into a ring slot, from which the parent
-copies them for the writer. Nothing here has a name in
-the file system, so no process that is killed can leak it.
+slices read it there, and they put each slice's encoded chunks into a ring slot, from which the parent's
+writer writes them. Nothing here has a name in the file system, so no process that is killed can leak it.
 """
 from __future__ import annotations
 

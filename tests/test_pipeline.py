@@ -160,6 +160,25 @@ def test_processes_volumes_too_large_for_the_arena_go_through_a_memfd(folder, re
     assert_same_store(reference, out)
 
 
+def test_processes_ring_slot_is_reused_only_after_its_chunks_are_written(folder, reference, tmp_path, monkeypatch):
+    # The writer writes chunks straight from their ring slot. With the smallest ring (queue_slices=1: one slot
+    # more than the tasks queued at the workers), one batch for the whole run (no barrier holds the workers
+    # back) and a slow writer, the workers run ahead of it: a slot handed out again before its chunks were
+    # written would put another slice's pixels into the store (this test failed on such a version).
+    from engine.store import ShardBuilder
+    real = ShardBuilder.add
+
+    def slow(self, s):
+        time.sleep(0.01)
+        return real(self, s)
+
+    monkeypatch.setattr(ShardBuilder, "add", slow)
+    out = tmp_path / "s.h5"
+    assert pipeline.preprocess(make_cfg(folder, out, backend="processes", batch=64, queue_slices=1),
+                               progress=False) == 0
+    assert_same_store(reference, out)
+
+
 @pytest.mark.parametrize("backend", ["threads", "processes"])
 def test_a_kill_can_lose_at_most_one_batch(folder, reference, tmp_path, monkeypatch, backend):
     # design.md, Store, requirement 2: whenever the run could be killed, at most one batch of computed slices is
