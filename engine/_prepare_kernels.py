@@ -1,7 +1,7 @@
 """Numba kernels of volume preparation (method.md 1.5): range, centre crop/pad, z-score, label ids.
 
 ``engine.prepare.prepare_volume`` used six numpy passes and two temporary volumes per scan (finite mask,
-min, max, crop/transpose copy, float64 mean, float64 std). These kernels do the same in three passes (four
+min, max, crop/transpose copy, float64 mean, float64 std). These kernels do the same in two passes (four
 when a volume needs a crop, a pad or repairs) without temporaries and without the GIL, so that worker threads
 loading volumes do not stall the others. Sums are accumulated in float64, as the numpy version did.
 """
@@ -60,42 +60,86 @@ def place(img, out, oy, ox, pad):
 @njit(nogil=True, cache=True)
 def place_scan(img, out):
     """:func:`finite_range` and :func:`place` in one pass, for a volume that needs no crop or pad (``img``
-    (S, S, Z), ``out`` (Z, S, S) float32): returns (True, min, max, float64 sum of ``out``), the sum added up
-    in :func:`place`'s order. Returns (False, ...) at the first voxel that is not finite once in float32; the
+    (S, S, Z), ``out`` (Z, S, S) float32).
+
+    Returns (True, min, max, float64 sum of ``out``, s1, s2): the sum is added up in :func:`place`'s order;
+    ``s1`` and ``s2`` are the float64 sums of ``out - shift`` and of its squares, ``shift`` being the first
+    voxel, so that the sum of squared deviations needs no second pass over the volume
+    (``shifted_sum_sq_dev``). Returns (False, ...) at the first voxel that is not finite once in float32; the
     caller then takes the two-pass path, which repairs such voxels."""
     d, s, _ = out.shape
     lo = np.inf
     hi = -np.inf
     total = 0.0
+    shift = np.float64(np.float32(img[0, 0, 0]))
+    s1 = 0.0
+    s2 = 0.0
     for z in range(d):
         acc = 0.0
+        b1 = 0.0
+        b2 = 0.0
         for y in range(s):
             for x in range(s):
                 v = img[y, x, z]
                 f = np.float32(v)
                 if not np.isfinite(f):
-                    return False, lo, hi, total
+                    return False, lo, hi, total, s1, s2
                 if v < lo:
                     lo = v
                 if v > hi:
                     hi = v
                 out[z, y, x] = f
                 acc += f
+                dv = f - shift
+                b1 += dv
+                b2 += dv * dv
         total += acc
-    return True, lo, hi, total
+        s1 += b1
+        s2 += b2
+    return True, lo, hi, total, s1, s2
+
+
+# Beyond this ratio of (mean - shift)^2 to the variance, the shifted sums could lose digits that matter to a
+# float32 standard deviation (their rounding error grows with it): the exact second pass is taken instead.
+SHIFT_RATIO_LIMIT = 1e4
+
+
+def shifted_sum_sq_dev(n: int, s1: float, s2: float) -> float | None:
+    """Sum of squared deviations from the mean, from ``place_scan``'s shifted sums ``s1``, ``s2`` over ``n``
+    voxels; None when the shift lies too far from the mean for them to be accurate (then ``sum_sq_dev``)."""
+    d = s1 / n
+    sq = s2 - s1 * d
+    if not sq > 0 or d * d > SHIFT_RATIO_LIMIT * (sq / n):
+        return None
+    return sq
 
 
 @njit(nogil=True, cache=True)
 def sum_sq_dev(flat, mean):
-    """Float64 sum of ``(flat - mean) ** 2`` over a float32 array."""
+    """Float64 sum of ``(flat - mean) ** 2`` over a float32 array (Z, H, W)."""
     total = 0.0
     for z in range(flat.shape[0]):
-        acc = 0.0
+        # four independent sums: one chain of float64 additions left this pass waiting on its latency
+        a0 = 0.0
+        a1 = 0.0
+        a2 = 0.0
+        a3 = 0.0
         for y in range(flat.shape[1]):
-            for x in range(flat.shape[2]):
-                dv = flat[z, y, x] - mean
-                acc += dv * dv
-        total += acc
+            w = flat.shape[2]
+            w4 = w - w % 4
+            for x in range(0, w4, 4):
+                d0 = flat[z, y, x] - mean
+                d1 = flat[z, y, x + 1] - mean
+                d2 = flat[z, y, x + 2] - mean
+                d3 = flat[z, y, x + 3] - mean
+                a0 += d0 * d0
+                a1 += d1 * d1
+                a2 += d2 * d2
+                a3 += d3 * d3
+            for x in range(w4, w):
+                d0 = flat[z, y, x] - mean
+                a0 += d0 * d0
+        total += (a0 + a1) + (a2 + a3)
     return total
 
 

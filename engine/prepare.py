@@ -12,7 +12,8 @@ import dataclasses
 import numpy as np
 
 from engine._mask_kernels import body_mask_kernel
-from engine._prepare_kernels import finite_range, place, place_labels, place_scan, sum_sq_dev, zscore
+from engine._prepare_kernels import (finite_range, place, place_labels, place_scan, shifted_sum_sq_dev, sum_sq_dev,
+                                     zscore)
 from engine.volume import Volume, VolumeError
 
 
@@ -148,7 +149,7 @@ def prepare_volume(vol: Volume, cfg, buffers=None) -> PreparedVolume:
 
     # ``flat`` is the slice-major (Z, size, size) buffer; ``raw`` its (size, size, Z) view. A private copy: the
     # source is never modified. Padding and non-finite voxels get the finite minimum.
-    (flat, image, label_out), lo, n_bad, total = _place_volume(src, size, new_buffers, vol.path)
+    (flat, image, label_out), lo, n_bad, total, sq = _place_volume(src, size, new_buffers, vol.path)
     raw = flat.transpose(1, 2, 0)
     if n_bad:
         notes.append(f"{n_bad} NaN/Inf voxel(s) replaced by the finite minimum {lo:g}")
@@ -168,7 +169,9 @@ def prepare_volume(vol: Volume, cfg, buffers=None) -> PreparedVolume:
     if mean is None:
         # Statistics in float64: a float32 accumulator loses ~1e-4 relative accuracy on 3M voxels.
         mean = total / flat.size
-        std = float(np.sqrt(sum_sq_dev(flat, mean) / flat.size))
+        if sq is None:
+            sq = sum_sq_dev(flat, mean)
+        std = float(np.sqrt(sq / flat.size))
     if not std > 0:
         raise VolumeError(vol.path, f"constant after the centre crop to {size}x{size}: cannot be z-scored")
     # float32 arithmetic, as the original ``(x - x.mean()) / x.std()`` on a float32 array
@@ -176,28 +179,31 @@ def prepare_volume(vol: Volume, cfg, buffers=None) -> PreparedVolume:
     return PreparedVolume(id=vol.id, image=image.transpose(1, 2, 0), raw=raw, label=label, volume=vol, notes=notes)
 
 
-def _place_volume(src: np.ndarray, size: int, new_buffers, path: str) -> tuple[tuple, float, int, float]:
+def _place_volume(src: np.ndarray, size: int, new_buffers, path: str) -> tuple[tuple, float, int, float,
+                                                                              float | None]:
     """Range checks and centre crop/pad of ``src`` (H, W, Z) into the first of ``new_buffers()``.
 
-    Returns (buffers, finite minimum, number of repaired voxels, float64 sum of the placed voxels). A volume
-    already ``size`` x ``size`` is scanned and placed in one pass; one that needs a crop, a pad or repairs
-    takes two (range first: padding and repairs need the minimum).
+    Returns (buffers, finite minimum, number of repaired voxels, float64 sum of the placed voxels, their sum of
+    squared deviations from the mean or None). A volume already ``size`` x ``size`` is scanned and placed in
+    one pass, which also gives the squared deviations (None when its shifted sums are not accurate enough);
+    one that needs a crop, a pad or repairs takes two (range first: padding and repairs need the minimum),
+    and its squared deviations are left to ``sum_sq_dev``.
     """
     h, w, _ = src.shape
     bufs = None
     if (h, w) == (size, size):
         bufs = new_buffers()
-        ok, lo, hi, total = place_scan(src, bufs[0])
+        ok, lo, hi, total, s1, s2 = place_scan(src, bufs[0])
         if ok:
             _check_not_constant(float(lo), float(hi), path)
-            return bufs, float(lo), 0, total
+            return bufs, float(lo), 0, total, shifted_sum_sq_dev(src.size, s1, s2)
     n_finite, lo, hi = finite_range(src)
     if n_finite == 0:
         raise VolumeError(path, "no finite voxel (all NaN/Inf)")
     _check_not_constant(float(lo), float(hi), path)
     bufs = bufs or new_buffers()
     total = place(src, bufs[0], crop_offset(h, size), crop_offset(w, size), float(lo))
-    return bufs, float(lo), src.size - int(n_finite), total
+    return bufs, float(lo), src.size - int(n_finite), total, None
 
 
 def _check_not_constant(lo: float, hi: float, path: str) -> None:

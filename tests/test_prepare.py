@@ -256,17 +256,49 @@ def test_prepare_crops_and_pads_to_size():
 def test_one_pass_placement_equals_range_then_place(dtype, order):
     # The one-pass kernel must give what the two passes give, bit for bit (same float64 sum order), and hand
     # back every volume that needs a repair.
-    from engine._prepare_kernels import finite_range, place, place_scan
+    from engine._prepare_kernels import finite_range, place, place_scan, shifted_sum_sq_dev, sum_sq_dev
     src = np.asarray(np.random.default_rng(5).normal(300, 80, (16, 16, 4)), dtype=dtype, order=order)
     a, b = np.empty((4, 16, 16), np.float32), np.empty((4, 16, 16), np.float32)
-    ok, lo, hi, total = place_scan(src, a)
+    ok, lo, hi, total, s1, s2 = place_scan(src, a)
     n, lo2, hi2 = finite_range(src)
     assert ok and (lo, hi) == (lo2, hi2) and n == src.size
     assert total == place(src, b, 0, 0, lo2) and np.array_equal(a, b)
+    # its shifted sums give the sum of squared deviations of the second pass
+    exact = sum_sq_dev(a, total / a.size)
+    assert shifted_sum_sq_dev(a.size, s1, s2) == pytest.approx(exact, rel=1e-12)
     for bad in (np.nan, np.inf, -np.inf) + ((1e300,) if dtype == np.float64 else ()):
         broken = src.copy(order=order)
         broken[3, 7, 2] = bad
         assert not place_scan(broken, a)[0], bad
+
+
+def test_sum_sq_dev_equals_numpy_for_every_row_length():
+    from engine._prepare_kernels import sum_sq_dev
+    rng = np.random.default_rng(3)
+    for w in (1, 3, 4, 5, 8, 11):                      # four sums per row, and the rest of the row
+        flat = rng.normal(300, 80, (3, 5, w)).astype(np.float32)
+        mean = float(flat.astype(np.float64).mean())
+        assert sum_sq_dev(flat, mean) == pytest.approx(((flat.astype(np.float64) - mean) ** 2).sum(), rel=1e-12)
+
+
+def test_z_score_is_exact_when_the_first_voxel_is_far_from_the_mean():
+    # The one-pass statistics are shifted by the first voxel. A first voxel 10^7 standard deviations away
+    # from the mean would cost them their accuracy: they are refused, and the second pass gives the std.
+    from engine._prepare_kernels import place_scan, shifted_sum_sq_dev
+    img = np.random.default_rng(4).normal(300, 1, (256, 256, 2))
+    img[0, 0, 0] = 1e7
+    out = np.empty((2, 256, 256), np.float32)
+    ok, _, _, total, s1, s2 = place_scan(img, out)
+    assert ok and shifted_sum_sq_dev(out.size, s1, s2) is None
+    p = prepare_volume(_vol(img), CFG)
+    x = img.astype(np.float32).astype(np.float64)
+    expected = ((img.astype(np.float32) - np.float32(x.mean())) / np.float32(x.std())).astype(np.float32)
+    np.testing.assert_allclose(p.image, expected, rtol=1e-6, atol=1e-6)
+    # an ordinary first voxel: the one-pass figure is taken, and agrees with numpy as closely
+    img[0, 0, 0] = 300.0
+    ok, _, _, total, s1, s2 = place_scan(img, out)
+    x = img.astype(np.float32).astype(np.float64)
+    assert shifted_sum_sq_dev(out.size, s1, s2) == pytest.approx(((x - x.mean()) ** 2).sum(), rel=1e-12)
 
 
 @pytest.mark.parametrize("order", ["C", "F"])
