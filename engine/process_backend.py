@@ -43,6 +43,9 @@ class ProcessBackend:
         # for, and a run of WRITE_RUN that wakes the writer.
         slots = max(2 * PREFETCH_PER_WORKER * n + WRITE_RUN + 4, 16)
         slots = min(slots, max(self.cfg.engine.queue_slices, PREFETCH_PER_WORKER * n + 1))
+        # A ring smaller than that (a small engine.queue_slices) could never hold a whole run of WRITE_RUN
+        # written-to-be slices beside the tasks at the workers: the writer, not woken, would wait out its timeout.
+        self.batches.write_run = max(1, min(WRITE_RUN, slots - PREFETCH_PER_WORKER * n))
         self.shm = shared_memory.SharedMemory(create=True, size=Ring.nbytes(slots, self.shape))
         _reserve(self.shm, Ring.nbytes(slots, self.shape))
         self.ring = Ring(self.shm.buf, slots, self.shape)
@@ -313,7 +316,11 @@ class ProcessBackend:
         process, and a closed wake fd could be reused by a store file that ``_wake`` would then write into."""
         if getattr(self, "shm", None) is None or any(t.is_alive() for t in self.threads):
             return                                   # a thread that did not stop: all goes with the process
-        for fd in [self.wake_r, self.wake_w] + [h["fd"] for h in self.volume_homes.values() if h["fd"] >= 0]:
+        # memfd volumes: those the producer took and did not finish sending, and those loaded ahead that it
+        # never took (a run that stopped early); each holds a whole prepared volume in memory
+        ahead = [r.fd for r in self.loads.results.values() if isinstance(r, Loaded) and r.fd >= 0]
+        self.loads.results.clear()
+        for fd in [self.wake_r, self.wake_w] + [h["fd"] for h in self.volume_homes.values() if h["fd"] >= 0] + ahead:
             try:
                 os.close(fd)
             except OSError:

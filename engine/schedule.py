@@ -109,6 +109,9 @@ class Batches:
         self.clock = clock
         self.stop = stop
         self.finished = False    # no batch will be opened any more
+        # slices ready in sequence that wake the writer; the processes backend lowers it when its ring has too
+        # few slots for such a run (a slot is freed only once the writer has written it)
+        self.write_run = WRITE_RUN
 
     def begin(self, index: int, first_slice: int) -> BatchState:
         """Open a batch; blocks (the barrier) while INFLIGHT_BATCHES batches are uncommitted."""
@@ -142,14 +145,15 @@ class Batches:
             st.results[seq] = result
             if st.written not in st.results:
                 return
-            # Wake the writer for a run of WRITE_RUN slices, not for each one: every wake-up costs both
+            # Wake the writer for a run of ``write_run`` slices, not for each one: every wake-up costs both
             # threads a futex call and a context switch. Near the end of a closed batch it is woken for
             # every slice instead, so that when the last one is computed only that slice's write and the
             # commit stand between the waiting workers and the next batch.
+            run = self.write_run
             n = 0
-            while st.written + n in st.results and n < WRITE_RUN:
+            while st.written + n in st.results and n < run:
                 n += 1
-            if n >= WRITE_RUN or (st.closed and self._uncomputed(st) < WRITE_RUN):
+            if n >= run or (st.closed and self._uncomputed(st) < run):
                 self.cond.notify_all()
 
     def writable(self, timeout: float) -> tuple[BatchState, list, bool] | None:

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from alpnet.config import load as load_config
-from engine import pipeline, process_backend, slice_worker
+from engine import pipeline, process_backend, schedule, slice_worker
 from engine.config import ConfigError
 from engine.store import StoreReader, lock_path, parts_dir
 
@@ -177,6 +177,57 @@ def test_processes_ring_slot_is_reused_only_after_its_chunks_are_written(folder,
     assert pipeline.preprocess(make_cfg(folder, out, backend="processes", batch=64, queue_slices=1),
                                progress=False) == 0
     assert_same_store(reference, out)
+
+
+def test_processes_small_ring_wakes_the_writer_for_shorter_runs(folder, reference, tmp_path, monkeypatch):
+    # The writer is woken for a run of WRITE_RUN ready slices; a ring with fewer free slots than that beside the
+    # tasks queued at the workers could never form one, and every batch waited out the writer's timeout.
+    seen = []
+    real = process_backend.ProcessBackend._start_pool
+
+    def start(self):
+        real(self)
+        seen.append((self.ring.slots, self.batches.write_run))
+
+    monkeypatch.setattr(process_backend.ProcessBackend, "_start_pool", start)
+    for queue_slices in (1, 7, 256):
+        out = tmp_path / f"s{queue_slices}.h5"
+        cfg = make_cfg(folder, out, backend="processes", batch=64, queue_slices=queue_slices)
+        assert pipeline.preprocess(cfg, progress=False) == 0
+        assert_same_store(reference, out)
+    queued = process_backend.PREFETCH_PER_WORKER * 2
+    assert seen == [(queued + 1, 1), (7, 7 - queued), (seen[2][0], schedule.WRITE_RUN)]
+    assert seen[2][0] >= queued + schedule.WRITE_RUN
+
+
+def test_processes_memfd_volumes_loaded_ahead_are_closed_when_a_run_stops(folder, tmp_path, monkeypatch):
+    # Volumes too large for an arena slot live in a memfd; those loaded ahead of a failure were never taken
+    # by the producer, and their descriptors (each a whole prepared volume in memory) outlived the run.
+    monkeypatch.setattr(process_backend, "ARENA_SLOT_SLICES", 2)
+    real = slice_worker.compute_slice
+    calls = [0]
+
+    def failing(*a, **kw):
+        calls[0] += 1
+        if calls[0] == 2:
+            raise ValueError("a slice that cannot be computed")
+        return real(*a, **kw)
+
+    monkeypatch.setattr(slice_worker, "compute_slice", failing)
+
+    def memfds() -> int:
+        names = []
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                names.append(os.readlink(f"/proc/self/fd/{fd}"))
+            except OSError:
+                pass
+        return sum("memfd:engine-volume" in n for n in names)
+
+    before = memfds()
+    cfg = make_cfg(folder, tmp_path / "s.h5", backend="processes", batch=2, readers=3)
+    assert pipeline.preprocess(cfg, progress=False) == 1
+    assert memfds() == before
 
 
 @pytest.mark.parametrize("backend", ["threads", "processes"])
