@@ -657,6 +657,16 @@ def fmt(value: float | None, digits: int = 1) -> str:
     return f"{value:.{digits}f}"
 
 
+def fmt_vs_bound(value: float, bound: float, digits: int = 1) -> str:
+    """``value`` with ``digits`` decimals, or more where fewer would print a figure on the other side of
+    ``bound`` than the value itself (0.89966 against 0.9 reads "0.8997", not "0.900" next to "not met")."""
+    for d in range(digits, digits + 5):
+        text = f"{value:.{d}f}"
+        if (float(text) >= bound) == (value >= bound):
+            return text
+    return text
+
+
 def jsonable(obj: Any) -> Any:
     """``obj`` with numpy scalars, tuples and paths turned into JSON types (non-finite floats -> None)."""
     if isinstance(obj, dict):

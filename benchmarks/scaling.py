@@ -104,6 +104,15 @@ def fit_amdahl(ns, xs) -> dict | None:
             "points": [int(n) for n in ns]}
 
 
+def fit_quality_text(fit: dict) -> str:
+    """How well ``fit_amdahl``'s curve describes its points, in words. Two worker counts and two parameters: the
+    curve passes through both, and a residual would say nothing about how well the law holds."""
+    n = len(set(fit["points"]))
+    if n == 2:
+        return "exact through its 2 points, so no fit error to show"
+    return f"rms error {100 * fit['rms_rel_error']:.1f}% over {n} worker counts"
+
+
 # --------------------------------------------------------------------------------------------- the sweep
 def default_workers(ncores: int, max_workers: int | None = None) -> list[int]:
     """Every count from 1 to ``ncores``, then steps of ``ncores // 2`` up to ``max_workers`` (default 2 x cores)."""
@@ -410,9 +419,10 @@ def render_markdown(result: dict) -> str:
             lines.append(f"- {b}: fewer than two worker counts within the {ncores} cores: no Amdahl fit.")
             continue
         meas = f" (measured on {paper['cores']} workers: {fmt(f['measured_fps_6'])}/s)" if f["measured_fps_6"] else ""
+        quality = fit_quality_text(fit)
         lines.append(f"- {b}: Amdahl fit on 1..{ncores} CPUs (per-core series): X(1) = {fmt(fit['x1'])}/s, "
-                     f"serial fraction s = {fit['serial_fraction']:.3f} (rms error "
-                     f"{100 * fit['rms_rel_error']:.1f}%); projected on {paper['cores']} cores at this machine's "
+                     f"serial fraction s = {fit['serial_fraction']:.3f} ({quality}); projected on "
+                     f"{paper['cores']} cores at this machine's "
                      f"per-core speed: **{fmt(fit['projected_fps_6'])} frames/s** vs the paper's "
                      f"{paper['slic_parallel']:.0f} "
                      f"(x{fit['projected_vs_paper']:.1f}){meas}; best measured at {f['best']} workers.")
@@ -437,9 +447,10 @@ def target_lines(points: list[dict]) -> list[str]:
             value = p[key]
             if value is None:
                 continue
-            rounds = common.rounds_verdict(p[key + "_rounds"], bound)
+            rounds = common.rounds_verdict(p.get(key + "_rounds", []), bound)          # older files: none
             spread = "" if rounds is None else f"; round by round {common.rounds_text(rounds, 100, '%')}"
-            lines.append(f"- {p['backend']}, {p['workers']} workers, {scale}: efficiency {100 * value:.1f}% "
+            lines.append(f"- {p['backend']}, {p['workers']} workers, {scale}: efficiency "
+                         f"{common.fmt_vs_bound(100 * value, 100 * bound)}% "
                          f"(target {100 * bound:.0f}%: {'met' if value >= bound else 'not met'}{spread})")
     return lines + [""] if lines else []
 

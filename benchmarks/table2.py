@@ -326,6 +326,13 @@ def run_table2(cfg, slices: common.SliceSet, engine_specs: dict, workers: list[i
                          "engine": common.jsonable(dataclasses.asdict(cfg.engine))}}
 
 
+def _measured_text(t: dict) -> str:
+    """A target's measured figure with one decimal, or more where one would round it across its goal."""
+    if t["goal"] is None or abs(t["measured"]) >= 100:
+        return fmt(t["measured"], 1)
+    return common.fmt_vs_bound(t["measured"], t["goal"], 1)
+
+
 def targets(rows: list[dict], nproc: int) -> list[dict]:
     """The issue's targets, evaluated on this run's ratios (only those whose rows were measured)."""
     get = {d["key"]: d for d in rows}
@@ -414,7 +421,7 @@ def render_markdown(result: dict) -> str:
     if result["targets"]:
         lines += ["Targets (issue 7 / issue 3), from this run's ratios:", ""]
         lines += [markdown_table(["target", "measured", "goal", "met", "round by round"], [
-            [t["target"], f"{fmt(t['measured'], 1)} {t['unit']}", "" if t["goal"] is None else
+            [t["target"], f"{_measured_text(t)} {t['unit']}", "" if t["goal"] is None else
              f">= {fmt(t['goal'], 0)} {t['unit']}", "" if t["met"] is None else ("yes" if t["met"] else "**no**"),
              common.rounds_text(t.get("rounds"))]
             for t in result["targets"]]), ""]

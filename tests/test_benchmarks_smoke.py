@@ -52,6 +52,31 @@ def test_summarise_median_and_spread():
         common.summarise([], items=1)
 
 
+def test_figures_near_a_bound_get_the_digits_that_keep_them_on_their_side():
+    assert common.fmt_vs_bound(89.966, 90) == "89.97"          # "90.0" would sit next to "not met"
+    assert common.fmt_vs_bound(90.04, 90) == "90.0"
+    assert common.fmt_vs_bound(0.49992, 0.5, 3) == "0.4999"
+    assert common.fmt_vs_bound(0.50016, 0.5, 3) == "0.500"
+    assert common.fmt_vs_bound(49.5, 50) == "49.5"
+    assert common.fmt_vs_bound(0.8999999999, 0.9, 1) == "0.90000"    # at most 4 more digits
+
+
+def test_engine_summary_takes_the_median_rate_of_an_even_number_of_runs():
+    from benchmarks import engine as engine_bench
+
+    def run(rate, wall):
+        return {"seconds": wall + 1, "store_bytes": 1e6,
+                "profile": {"slices": 10, "slices_per_s": rate, "wall_s": wall, "per_slice_ms": {},
+                            "worker_time": {"busy_s": 1.0, "waiting_s": 0.0, "barrier_s": 0.0},
+                            "cpu": {"utilisation_pct": 100.0, "cpu_s": rate / 100},
+                            "memory": {"peak_rss_mb": 100.0}}}
+
+    e = engine_bench.summarise_engine([run(200.0, 0.05), run(180.0, 0.0556)])
+    assert e["engine_slices_per_s"] == 190.0 and e["engine_slices_per_s_all"] == [200.0, 180.0]
+    e = engine_bench.summarise_engine([run(200.0, 0.05), run(100.0, 0.1), run(150.0, 0.0667)])
+    assert e["engine_slices_per_s"] == 150.0
+
+
 def test_round_robin_warms_up_then_interleaves():
     calls = []
     out = common.round_robin(["a", "b"], warmup=lambda c: calls.append(("warm", c)),
@@ -189,6 +214,10 @@ def test_amdahl_fit_recovers_known_law():
     assert scaling.fit_amdahl([2, 2], [10.0, 11.0]) is None        # one distinct count: nothing to fit
     s = scaling.implied_serial_fraction(6, 91 / 28)
     assert float(scaling.amdahl(6, 28.0, s)) == pytest.approx(91.0)
+    # two worker counts: the curve goes through both points, so no error is claimed for it
+    assert scaling.fit_quality_text(scaling.fit_amdahl([1, 2], [500.0, 900.0])) == \
+        "exact through its 2 points, so no fit error to show"
+    assert scaling.fit_quality_text(fit) == "rms error 0.0% over 6 worker counts"
 
 
 def test_scaling_plot_splits_busy_time_when_the_profile_does():
@@ -373,6 +402,13 @@ def test_engine_command_line_times_the_kernel_beside_the_engine(phantom_folder, 
     verdict = data["targets"][key]["rounds"]
     assert verdict["rounds"] == 2 and verdict["met"] == sum(v >= 0.5 for v in data["ratio_rounds"][key])
     assert data["targets"]["peak RSS CHAOS (MB)"].get("rounds") is None
+    # CPU per slice: each engine run against the kernel at its own worker count (a pinned 1-worker run: 1)
+    kcpu = data["kernel_cpu_ms_per_slice"]
+    assert set(kcpu) == {"1", "2"}
+    for key, w in (("threads-2", "2"), ("threads-1-pinned", "1")):
+        if key in data["engine"]:
+            t = data["targets"][f"threads x{key[8:]}: kernel CPU / engine CPU per slice"]
+            assert t["value"] == pytest.approx(kcpu[w] / data["engine"][key]["cpu_ms_per_slice"], rel=1e-3)
     assert (tmp_path / "engine-smoke-quick.md").read_text().startswith("## Engine benchmark: 3 slices")
 
 
