@@ -28,9 +28,10 @@ Backends
 shared arena, or into a memfd when it does not fit (``engine.shm``); the workers computing its slices read it
 there and put the encoded chunks into a ``multiprocessing.shared_memory`` ring of output slots. The parent
 never touches volume pixels: the writer writes each slice's encoded chunks straight from its ring slot, which
-is reused only after that, and only slot numbers and a few integers travel through one pair of pipes per worker. The parent waits on the result
-pipes *and* the process sentinels, so a worker that dies (killed, segfault, out of memory) is noticed at once;
-the run then stops, naming the slice or volume the worker held, and commits nothing of the unfinished batch.
+is reused only after that, and only slot numbers and a few integers travel through one pair of pipes per
+worker. The parent waits on the result pipes *and* the process sentinels, so a worker that dies (killed,
+segfault, out of memory) is noticed at once; the run then stops, naming the slice or volume the worker held,
+and commits nothing of the unfinished batch.
 
 Modules: this one runs a whole run (``preprocess``); ``engine.schedule`` holds what its threads share (load
 plan, work queue, batches), ``engine.slice_worker`` what a worker does (one slice; a worker process's body),
@@ -46,6 +47,7 @@ import threading
 import time
 import traceback
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -476,7 +478,7 @@ class _Run(ProcessBackend):
             prof.add_work(w, stages, time.thread_time() - c1)
             self._result(task, chunks, nsp)
 
-    def _result(self, task: Task, chunks: dict, nsp: int, release=None) -> None:
+    def _result(self, task: Task, chunks: dict, nsp: int, release: Callable[[], None] | None = None) -> None:
         vol = task.vol
         self.batches.add_result(task.seq, SliceResult(vol.id, vol.ref, task.z, chunks, nsp, vol.row["has_label"],
                                                       int(vol.organs[task.z]), release))

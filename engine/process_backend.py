@@ -43,8 +43,8 @@ class ProcessBackend:
         # for, and a run of WRITE_RUN that wakes the writer.
         slots = max(2 * PREFETCH_PER_WORKER * n + WRITE_RUN + 4, 16)
         slots = min(slots, max(self.cfg.engine.queue_slices, PREFETCH_PER_WORKER * n + 1))
-        # A ring smaller than that (a small engine.queue_slices) could never hold a whole run of WRITE_RUN
-        # written-to-be slices beside the tasks at the workers: the writer, not woken, would wait out its timeout.
+        # A ring made smaller by engine.queue_slices may have no room for a run of WRITE_RUN computed slices
+        # beside the tasks at the workers: the writer, never woken for a run, would wait out its timeout.
         self.batches.write_run = max(1, min(WRITE_RUN, slots - PREFETCH_PER_WORKER * n))
         self.shm = shared_memory.SharedMemory(create=True, size=Ring.nbytes(slots, self.shape))
         _reserve(self.shm, Ring.nbytes(slots, self.shape))
