@@ -465,7 +465,8 @@ def main(argv=None) -> int:
             if "serial_felzenszwalb" in result and w == workers_all:
                 v = result["serial_felzenszwalb"]["cpu_ms_per_slice"] / e["cpu_ms_per_slice"] * workers_all
                 targets[f"{b} x{w}: serial CPU / engine CPU per slice x {workers_all} cores"] = {
-                    "value": round(v, 6), "bound": 10, "target": ">= 10 (projected for an otherwise idle machine)", "met": v >= 10}
+                    "value": round(v, 6), "bound": 10, "target": ">= 10 (projected for an otherwise idle machine)",
+                    "met": v >= 10}
         if kernel.get(1) and kernel.get(workers_all) and workers_all > 1:
             result["machine_check_kernel_scaling"] = round(kernel[workers_all] / kernel[1], 3)
         result["machine_check_memory"] = common.memory_touch_check()
