@@ -877,6 +877,37 @@ def test_an_open_batch_wakes_the_writer_only_for_runs(monkeypatch):
     assert wakes == []
 
 
+def test_work_queue_wakes_the_producer_only_when_it_waits_for_room(monkeypatch):
+    # The producer waits on the queue's condition for its next volume as well; a wake-up for every slice
+    # a worker took (~1.4 per slice on 10x CHAOS) pushed a worker off its core each time for nothing.
+    import threading
+
+    from engine.schedule import LoadPlan, WorkQueue
+    stop = threading.Event()
+    q = WorkQueue(LoadPlan([], 1, threading.Condition(), stop), 2, stop)
+    wakes = []
+    notify = q.cond.notify_all
+    monkeypatch.setattr(q.cond, "notify_all", lambda: (wakes.append(1), notify()))
+    q.put("a")
+    q.put("b")
+    assert len(wakes) == 2                          # each put wakes an idle worker
+    assert q.get() == ("slice", "a")
+    assert len(wakes) == 2                          # nobody waited for room: no wake-up
+    q.put("c")                                      # full again (2 slices)
+    putter = threading.Thread(target=q.put, args=("d",))
+    putter.start()
+    deadline = time.monotonic() + 30
+    while q.putters == 0 and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert q.putters == 1
+    before = len(wakes)
+    assert q.get() == ("slice", "b")
+    assert len(wakes) == before + 1                 # the waiting producer is woken
+    putter.join(30)
+    assert not putter.is_alive() and q.putters == 0
+    assert [q.get(), q.get()] == [("slice", "c"), ("slice", "d")]
+
+
 def test_default_zscore_leaves_the_settings_hash_of_older_stores_unchanged(folder, tmp_path):
     # stores written before prepare.zscore existed recorded no such key: the default must hash the same
     refs = ["1", "2", "3"]
