@@ -505,6 +505,9 @@ class _Run(ProcessBackend):
                         builder = self.writer.begin_shard(st.index, st.first_slice, self.batch_size)
                     for r in results:
                         builder.add(r)
+                    # The run's ring slots go back together: the producer, waiting for a free slot, then wakes
+                    # once per run instead of once per slice (each wake-up pushed a worker off its core).
+                    for r in results:
                         if r.release is not None:
                             r.release()
                     if not done and st.closed and builder.prepared is None:

@@ -179,6 +179,45 @@ def test_processes_ring_slot_is_reused_only_after_its_chunks_are_written(folder,
     assert_same_store(reference, out)
 
 
+def test_processes_writer_hands_back_a_runs_ring_slots_after_writing_all_of_them(folder, reference, tmp_path,
+                                                                                 monkeypatch):
+    # The producer waits for a free ring slot before each slice it dispatches. Slots handed back one by one,
+    # each right after its slice's write, woke it once per slice (each wake-up preempting a worker); handed
+    # back after the whole run is written, once per run.
+    from engine.store import ShardBuilder
+    events = []
+    real_add, real_writable, real_result = ShardBuilder.add, schedule.Batches.writable, pipeline._Run._result
+
+    def add(self, s):
+        events.append("add")
+        return real_add(self, s)
+
+    def writable(self, timeout):
+        got = real_writable(self, timeout)
+        if got is not None:
+            events.append(len(got[1]))
+        return got
+
+    def result(self, task, chunks, nsp, release=None):
+        assert release is not None
+        return real_result(self, task, chunks, nsp, lambda: (events.append("release"), release()))
+
+    monkeypatch.setattr(ShardBuilder, "add", add)
+    monkeypatch.setattr(schedule.Batches, "writable", writable)
+    monkeypatch.setattr(pipeline._Run, "_result", result)
+    out = tmp_path / "s.h5"
+    assert pipeline.preprocess(make_cfg(folder, out, backend="processes", batch=64), progress=False) == 0
+    assert_same_store(reference, out)
+    runs, i = [], 0
+    while i < len(events):
+        n = events[i]
+        assert isinstance(n, int), events[i:i + 5]
+        assert events[i + 1:i + 1 + 2 * n] == ["add"] * n + ["release"] * n
+        runs.append(n)
+        i += 1 + 2 * n
+    assert sum(runs) == 6 + 7 + 6 and max(runs) > 1           # every slice once; some runs of several
+
+
 def test_processes_small_ring_wakes_the_writer_for_shorter_runs(folder, reference, tmp_path, monkeypatch):
     # The writer is woken for a run of WRITE_RUN ready slices; a ring with fewer free slots than that beside the
     # tasks queued at the workers could never form one, and every batch waited out the writer's timeout.
