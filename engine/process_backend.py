@@ -4,8 +4,9 @@
 profiler, batches, load plan and ``fail``/``stop``. The dispatcher sends each worker process slices (ring slot,
 sequence number, volume key, z) and load jobs over its pipe, keeps ``PREFETCH_PER_WORKER`` tasks queued at
 each, and waits on the result pipes and the process sentinels together, so that a worker that dies is noticed
-at once (``_worker_died`` names what it held). Volumes live in a shared arena slot or a memfd until every
-slice of them is computed.
+at once (``_worker_died`` names the slice it was computing). A worker answers several slices in one message
+when it has more work queued (``slice_worker.RESULT_RUN``). Volumes live in a shared arena slot or a memfd
+until every slice of them is computed.
 """
 from __future__ import annotations
 
@@ -23,14 +24,16 @@ from multiprocessing import shared_memory
 from engine.profile import run_queue_seconds
 from engine.schedule import WRITE_RUN, Failure, Loaded, LoadMark, SourceChanged, Task
 from engine.shm import Ring, VolumeArena, receive_fd
-from engine.slice_worker import process_worker, signal_name
+from engine.slice_worker import RESULT_RUN, process_worker, signal_name
 from engine.store import DATASETS, error_text
 
 # Arena slots for prepared volumes (the load look-ahead plus the volumes being computed), each for up to
 # ARENA_SLOT_SLICES slices; larger volumes get their own memfd.
 ARENA_EXTRA_SLOTS = 2
 ARENA_SLOT_SLICES = 64
-PREFETCH_PER_WORKER = 2       # tasks queued at each worker (hides the pipe round trip)
+# Jobs queued at each worker: one more than the answers it may hold back (slice_worker.RESULT_RUN), so that
+# it still has a slice to compute while its answers are on their way and the next jobs come back.
+PREFETCH_PER_WORKER = RESULT_RUN + 1
 
 
 class ProcessBackend:
@@ -63,11 +66,15 @@ class ProcessBackend:
         self.volume_homes: dict[int, dict] = {}     # key -> memfd / arena slot, slices still to send / compute
         self.volume_of_worker = [-1] * n             # the volume each worker was told about last
         sp_cfg, thr = self.cfg.superpixels, self.cfg.prepare.fg_threshold
+        # The sequence number of the slice each worker is computing, written by the worker before each one:
+        # a worker may hold the answers of slices it finished, so its oldest unanswered job need not be the
+        # one it died on (_worker_died).
+        self.computing = ctx.RawArray("q", [-1] * n)
         for w, ((task_r, task_w), (res_r, res_w)) in enumerate(pipes):
             p = ctx.Process(target=process_worker, name=f"engine-worker-{w}", daemon=True,
                             args=(w, task_r, res_w, all_conns, self.writer.lock.fd, self.shm, slots, self.shape,
                                   thr, sp_cfg, self.codec, self.zero_label, self._load, socks[w][1], all_socks,
-                                  self.arena))
+                                  self.arena, self.computing))
             p.start()
             self.procs.append(p)
         for w, ((task_r, task_w), (res_r, res_w)) in enumerate(pipes):
@@ -151,24 +158,26 @@ class ProcessBackend:
         return True
 
     def _receive(self, st: "_Dispatch", w: int, conn) -> bool:
-        """Take worker ``w``'s answer to its oldest job; False: the run stops (a failure, or a dead worker)."""
+        """Take worker ``w``'s answers to its oldest jobs (one, or several slices' in a ``"many"`` message);
+        False: the run stops (a failure, or a dead worker)."""
         try:
             msg = conn.recv()
         except (EOFError, OSError):
             self.procs[w].join(timeout=2)
             self._worker_died(w, st.outstanding[w])
             return False
-        task = st.outstanding[w].popleft()
-        if msg[0] == "error":
-            what = task.describe(self.cfg.data.input) if isinstance(task, LoadMark) else task.describe()
-            self.fail(f"{what} failed in worker process {w}: {msg[3]}")
-            return False
-        if isinstance(task, LoadMark):
-            self._load_result(w, task, msg)
-        else:
-            self._slice_result(w, task, msg)
-        if self.stop.is_set():
-            return False
+        for answer in (msg[1] if msg[0] == "many" else (msg,)):
+            task = st.outstanding[w].popleft()
+            if answer[0] == "error":
+                what = task.describe(self.cfg.data.input) if isinstance(task, LoadMark) else task.describe()
+                self.fail(f"{what} failed in worker process {w}: {answer[3]}")
+                return False
+            if isinstance(task, LoadMark):
+                self._load_result(w, task, answer)
+            else:
+                self._slice_result(w, task, answer)
+            if self.stop.is_set():
+                return False
         st.maybe_idle(w)
         return True
 
@@ -280,10 +289,12 @@ class ProcessBackend:
         p = self.procs[w]
         p.join(timeout=1)
         why = signal_name(p.exitcode)
+        seq = self.computing[w]
+        current = next((t for t in outstanding if isinstance(t, Task) and t.seq == seq), None)
         if outstanding and isinstance(outstanding[0], LoadMark):
             what = f"while {outstanding[0].describe(self.cfg.data.input)}"
         elif outstanding:
-            what = f"while computing {outstanding[0].describe()}"
+            what = f"while computing {(current or outstanding[0]).describe()}"
         else:
             what = "while idle"
         self.fail(f"worker process {w} (pid {p.pid}) died ({why}) {what}; the unfinished batch was not "

@@ -19,6 +19,11 @@ from engine.shm import Ring, VolumeBuffers, map_volume, send_volume
 from engine.store import DATASETS, MAX_SUPERPIXEL_ID, Codec
 from engine.superpixels import pseudolabels_u16
 
+# A worker process answers up to RESULT_RUN slices in one message (``("many", [answer, ...])``): each message
+# wakes the parent's dispatcher, and each wake-up takes a core from a worker. It never waits for a new job
+# while holding answers, so a held answer is late by at most RESULT_RUN - 1 slices' compute time.
+RESULT_RUN = 3
+
 
 def compute_slice(raw: np.ndarray, image: np.ndarray, label: np.ndarray | None, threshold: float, sp_cfg,
                   codec: Codec, zero_label: bytes | np.ndarray) -> tuple[dict, int, dict]:
@@ -80,10 +85,12 @@ def warm_slice(size: int, threshold: float) -> np.ndarray:
 
 
 def process_worker(w: int, task_conn, result_conn, all_conns, lock_fd, shm, slots, shape, threshold, sp_cfg,
-                    codec, zero_label, load, sock, all_socks, arena) -> None:
+                    codec, zero_label, load, sock, all_socks, arena, computing) -> None:
     """Body of a worker process (forked). Messages: a slice (ring slot, sequence number, volume key, z) in,
-    its encoded chunks into the ring slot, their lengths out; a volume to load (prepared into its arena slot
-    or a memfd, ``send_volume``); where a volume lives (``"volume"``), before the first slice of it."""
+    its encoded chunks into the ring slot, their lengths out (up to RESULT_RUN slices' in one message); a
+    volume to load (prepared into its arena slot or a memfd, ``send_volume``); where a volume lives
+    (``"volume"``), before the first slice of it. ``computing[w]`` holds the sequence number of the slice in
+    hand."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)     # Ctrl-C and a scheduler's SIGTERM (sent to every
     signal.signal(signal.SIGTERM, signal.SIG_IGN)    # process of the job) are handled by the parent, which stops us
     if lock_fd is not None:
@@ -99,8 +106,11 @@ def process_worker(w: int, task_conn, result_conn, all_conns, lock_fd, shm, slot
             c.close()
     ring = Ring(shm.buf, slots, shape)
     volumes: dict[int, tuple] = {}                   # key -> (raw, image, label) in the arena or a memfd
+    held: list[tuple] = []                           # answers of computed slices not sent yet
     parent = os.getppid()
     while True:
+        if held and not task_conn.poll(0):
+            held = _answer(result_conn, held)        # never wait for work while holding answers
         while not task_conn.poll(0.5):
             if os.getppid() != parent:               # the parent died (e.g. kill -9): leave quietly
                 os._exit(3)
@@ -108,6 +118,8 @@ def process_worker(w: int, task_conn, result_conn, all_conns, lock_fd, shm, slot
             msg = task_conn.recv()
         except (EOFError, OSError):
             os._exit(0)
+        if held and (msg is None or msg[0] == "load"):
+            held = _answer(result_conn, held)        # the end, or a load that takes a while
         if msg is None:
             break
         if msg[0] == "load":
@@ -128,6 +140,7 @@ def process_worker(w: int, task_conn, result_conn, all_conns, lock_fd, shm, slot
                 break
             continue
         slot, seq, key, z = msg
+        computing[w] = seq                           # read by the parent if this process dies
         c0 = time.thread_time()
         try:
             raw, image, label = volumes[key]
@@ -141,14 +154,24 @@ def process_worker(w: int, task_conn, result_conn, all_conns, lock_fd, shm, slot
                 out[off:off + b.size] = b
                 lens.append(int(b.size))
                 off += b.size
-            result_conn.send(("ok", slot, seq, lens, nsp, stages, time.thread_time() - c0))
+            held.append(("ok", slot, seq, lens, nsp, stages, time.thread_time() - c0))
+            if len(held) >= RESULT_RUN:
+                held = _answer(result_conn, held)
         except Exception as exc:  # reported to the parent, which stops the run naming the slice
+            held = _answer(result_conn, held)
             result_conn.send(("error", slot, seq, f"{type(exc).__name__}: {exc}"))
             break
     try:
         result_conn.close()
     except OSError:
         pass
+
+
+def _answer(result_conn, held: list[tuple]) -> list[tuple]:
+    """Send the held answers (in order: the parent pairs them with its jobs oldest first); an empty list."""
+    if held:
+        result_conn.send(held[0] if len(held) == 1 else ("many", held))
+    return []
 
 
 def load_in_worker(i: int, item: tuple, load, bufs: VolumeBuffers, sock, result_conn) -> bool:
