@@ -227,7 +227,11 @@ class ProcessBackend:
             if not self._send(w, msg, outstanding):
                 return False
             self.volume_of_worker[w] = vol.key
-        if not self._send(w, (task.slot, task.seq, vol.key, task.z), outstanding):
+        # The last slices of a batch are answered at once: the commit, which the workers wait for at the
+        # barrier, needs every one of them written.
+        b = self.batches
+        urgent = (task.seq - b.first_seq) % b.size >= b.size - PREFETCH_PER_WORKER * self.n_workers
+        if not self._send(w, (task.slot, task.seq, vol.key, task.z, urgent), outstanding):
             return False
         self._volume_progress(vol.key, sent=1, finished=0)
         return True

@@ -86,11 +86,11 @@ def warm_slice(size: int, threshold: float) -> np.ndarray:
 
 def process_worker(w: int, task_conn, result_conn, all_conns, lock_fd, shm, slots, shape, threshold, sp_cfg,
                     codec, zero_label, load, sock, all_socks, arena, computing) -> None:
-    """Body of a worker process (forked). Messages: a slice (ring slot, sequence number, volume key, z) in,
-    its encoded chunks into the ring slot, their lengths out (up to RESULT_RUN slices' in one message); a
-    volume to load (prepared into its arena slot or a memfd, ``send_volume``); where a volume lives
-    (``"volume"``), before the first slice of it. ``computing[w]`` holds the sequence number of the slice in
-    hand."""
+    """Body of a worker process (forked). Messages: a slice (ring slot, sequence number, volume key, z,
+    urgent) in, its encoded chunks into the ring slot, their lengths out (up to RESULT_RUN slices' in one
+    message; at once for an urgent slice, one of the last of a batch); a volume to load (prepared into its
+    arena slot or a memfd, ``send_volume``); where a volume lives (``"volume"``), before the first slice of
+    it. ``computing[w]`` holds the sequence number of the slice in hand."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)     # Ctrl-C and a scheduler's SIGTERM (sent to every
     signal.signal(signal.SIGTERM, signal.SIG_IGN)    # process of the job) are handled by the parent, which stops us
     if lock_fd is not None:
@@ -139,7 +139,7 @@ def process_worker(w: int, task_conn, result_conn, all_conns, lock_fd, shm, slot
                 result_conn.send(("error", -1, -1, f"cannot map volume {key}: {exc}"))
                 break
             continue
-        slot, seq, key, z = msg
+        slot, seq, key, z, urgent = msg
         computing[w] = seq                           # read by the parent if this process dies
         c0 = time.thread_time()
         try:
@@ -155,7 +155,7 @@ def process_worker(w: int, task_conn, result_conn, all_conns, lock_fd, shm, slot
                 lens.append(int(b.size))
                 off += b.size
             held.append(("ok", slot, seq, lens, nsp, stages, time.thread_time() - c0))
-            if len(held) >= RESULT_RUN:
+            if urgent or len(held) >= RESULT_RUN:
                 held = _answer(result_conn, held)
         except Exception as exc:  # reported to the parent, which stops the run naming the slice
             held = _answer(result_conn, held)
