@@ -136,6 +136,7 @@ def process_worker(w: int, task_conn, result_conn, all_conns, lock_fd, shm, slot
                 volumes[key] = (arena.views(slot, vshape[0], has_label) if slot >= 0 else
                                 map_volume(sock, vshape, has_label))
             except OSError as exc:
+                held = _answer(result_conn, held)    # answers first: the parent pairs them with its jobs in order
                 result_conn.send(("error", -1, -1, f"cannot map volume {key}: {exc}"))
                 break
             continue
