@@ -341,6 +341,7 @@ def main(argv=None) -> int:
 
         spec = common.engine_input(args.input, tmp / "in", max_volumes=max_vol)
         engine = {}
+        workers_of: dict[tuple, int] = {}                 # (backend, key) -> workers of that configuration
         if "engine" not in skip:
             # (backend, key, workers, CPUs or None): below the core count also pinned to as many CPUs as
             # workers (reader and writer included), keyed "<n>-pinned"
@@ -350,6 +351,7 @@ def main(argv=None) -> int:
             say(f"engine runs (subprocesses): {[c[:2] for c in configs]} ...")
             common.cli_preprocess(spec, tmp / "warm", workers_all, "threads", extra)    # page cache, numba cache
             runs = {c[:2]: [] for c in configs}
+            workers_of = {c[:2]: c[2] for c in configs}
             for r in range(repeats):
                 if with_kernel:
                     kernel_round()
@@ -455,7 +457,7 @@ def main(argv=None) -> int:
         # At full use of the cores, "engine >= 50% of the bare kernel rate" means engine CPU per slice <= 2x the
         # kernel's, and the engine at all cores vs the serial pipeline is (serial CPU / engine CPU) x cores.
         for (b, w), e in engine.items():
-            nw = int(str(w).split("-")[0])                # "1-pinned": 1 worker, against the 1-thread kernel
+            nw = workers_of[(b, w)]                       # "1-pinned": 1 worker, against the 1-thread kernel
             if kcpu.get(nw):
                 v = kcpu[nw] / e["cpu_ms_per_slice"]
                 targets[f"{b} x{w}: kernel CPU / engine CPU per slice"] = {

@@ -230,8 +230,7 @@ class ProcessBackend:
             self.volume_of_worker[w] = vol.key
         # The last slices of a batch are answered at once: the commit, which the workers wait for at the
         # barrier, needs every one of them written.
-        b = self.batches
-        urgent = (task.seq - b.first_seq) % b.size >= b.size - PREFETCH_PER_WORKER * self.n_workers
+        urgent = self.batches.place(task.seq)[1] >= self.batches.size - PREFETCH_PER_WORKER * self.n_workers
         if not self._send(w, (task.slot, task.seq, vol.key, task.z, urgent), outstanding):
             return False
         self._volume_progress(vol.key, sent=1, finished=0)

@@ -138,8 +138,14 @@ class Batches:
             self.finished = True
             self.cond.notify_all()
 
+    def place(self, seq: int) -> tuple[int, int]:
+        """(batch index, position in that batch) of slice ``seq``: batches are runs of ``size`` sequence
+        numbers from ``first_seq``."""
+        k, pos = divmod(seq - self.first_seq, self.size)
+        return self.first_index + k, pos
+
     def add_result(self, seq: int, result: SliceResult) -> None:
-        index = self.first_index + (seq - self.first_seq) // self.size
+        index = self.place(seq)[0]
         with self.cond:
             st = self.open[index]
             st.results[seq] = result
