@@ -315,15 +315,18 @@ def main(argv=None) -> int:
         kernel_cpu: dict[int, list[float]] = {w: [] for w in counts}
         kernel_10x: dict[int, float] = {}
 
-        def kernel_round(times: dict | None = None) -> None:
+        def kernel_round() -> dict[int, float]:
+            """One round of the bare kernel at every thread count: seconds per count (its CPU is kept aside)."""
+            times = {}
             for w in counts:
                 c0 = time.process_time()
-                t = kernel_rate(raw, fg, cfg.superpixels, w)
+                times[w] = kernel_rate(raw, fg, cfg.superpixels, w)
                 kernel_cpu[w].append((time.process_time() - c0) / n)
-                if times is None:
-                    kernel_times[w].append(t)
-                else:
-                    times[w] = t
+            return times
+
+        def kernel_round_beside_chaos() -> None:
+            for w, t in kernel_round().items():
+                kernel_times[w].append(t)
 
         with_kernel = "kernel" not in skip
         if with_kernel:
@@ -331,7 +334,7 @@ def main(argv=None) -> int:
             if "engine" in skip:
                 say("bare kernel ...")
                 for _ in range(repeats):
-                    kernel_round()
+                    kernel_round_beside_chaos()
 
         if "serial" not in skip:
             say("serial SSL-ALPNet-style pipeline (read, Felzenszwalb recipe, write) ...")
@@ -354,7 +357,7 @@ def main(argv=None) -> int:
             workers_of = {c[:2]: c[2] for c in configs}
             for r in range(repeats):
                 if with_kernel:
-                    kernel_round()
+                    kernel_round_beside_chaos()
                     say(f"  round {r + 1} bare kernel: " + ", ".join(
                         f"{w} thread(s) {n / kernel_times[w][-1]:.1f}" for w in counts) + " slices/s")
                 for b, key, nw, cpus in configs:
@@ -370,7 +373,7 @@ def main(argv=None) -> int:
             say("memory: CHAOS x10 (7180 slices, symlinked) ...")
             big = common.engine_input(args.input, tmp / "big", copies=10)
             if with_kernel:
-                kernel_round(kernel_10x)
+                kernel_10x = kernel_round()
             mem = {}
             for b in ("threads", "processes"):
                 r = common.cli_preprocess(big, tmp / "bigrun", workers_all, b, extra)
