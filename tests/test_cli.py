@@ -1,4 +1,5 @@
-"""The command line's own exit paths: a stop from outside (Ctrl-C, SIGTERM) ends with its status and one word."""
+"""The command line's own behaviour: a stop from outside (Ctrl-C, SIGTERM) ends with its status and one word;
+the engine's commands start numpy with one OpenBLAS thread."""
 from __future__ import annotations
 
 import os
@@ -26,11 +27,13 @@ def test_a_stop_from_outside_exits_with_its_status(monkeypatch, capsys, tmp_path
 
 
 @pytest.mark.parametrize("command, user_value, expected", [
-    (["inspect", "missing.h5"], None, "1"),          # the engine's commands: one OpenBLAS thread
-    (["inspect", "missing.h5"], "3", "3"),           # unless the user chose a number
-    (["train", "--config", "missing.yaml"], None, None),   # torch's commands keep the defaults
+    (["inspect", "STORE"], None, "1"),               # the engine's commands: one OpenBLAS thread
+    (["inspect", "STORE"], "3", "3"),                # unless the user chose a number
+    (["train", "--config", "CONFIG"], None, None),   # torch's commands keep the defaults
 ])
 def test_engine_commands_start_numpy_with_one_blas_thread(tmp_path, command, user_value, expected):
+    command = [str(tmp_path / "missing.h5") if a == "STORE" else str(tmp_path / "missing.yaml") if a == "CONFIG"
+               else a for a in command]
     # a fresh interpreter: the variable only counts when set before numpy is first imported
     script = ("import os, sys, cli\n"
               f"try:\n    cli.main({command!r})\nexcept SystemExit:\n    pass\n"
