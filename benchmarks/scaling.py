@@ -16,7 +16,8 @@ Each point is one end-to-end engine run (``engine.pipeline.preprocess``, what ``
 --backend B`` runs) on the CHAOS-T2 volumes (``--input``; ``--copies K`` links the volumes K times for longer
 runs on many cores; ``--uncompressed`` reads a temporary float32 ``.nii`` copy instead of the ``.nii.gz``
 files) into a fresh temporary store. Throughput is the engine's own figure from its profile
-(``STORE.profile.json``: slices / time from the first read to the last commit); the time around the whole
+(``STORE.profile.json``: slices / time from the first read to the run's end: the last commit, the
+engine's threads joined and, for processes, its workers stopped); the time around the whole
 call (store creation and worker start included) is kept as ``end_to_end_fps``. From the same profile: per
 worker busy / waiting-for-input / barrier time, CPU utilisation (psutil, the process and its children) and
 peak memory. Worker counts go from 1 to the number of cores and beyond it (to 2 x cores by default) to show
@@ -385,7 +386,7 @@ def render_markdown(result: dict) -> str:
     if result.get("warning"):
         lines += [f"**Note:** {result['warning']}.", ""]
     lines += [f"{result['slices_label']}; {result['settings']['repeats']} timed runs per point after a warm-up, "
-              "interleaved round-robin; frames/s from the engine profile (first read to last commit), median "
+              "interleaved round-robin; frames/s from the engine profile (first read to the run's end), median "
               "and slowest..fastest run. \"CPUs\": those the run could use. Per worker: all cores free, so a "
               "1-worker run has the other cores for its reader and writer. Per core (strong scaling): below the "
               "core count the whole run (workers, reader, writer) is pinned to as many CPUs as workers.", ""]

@@ -42,7 +42,7 @@ and worker start included) into a fresh temporary store each time:
   timing, to show what zlib inflation of the input costs.
 
 Each is run with the ``threads`` and ``processes`` backends at 1..nproc workers. Their profile (the engine's
-``STORE.profile.json``) is summarised in a second table: the engine's own slices/s (first read to last commit),
+``STORE.profile.json``) is summarised in a second table: the engine's own slices/s (first read to the run's end),
 where the workers' time went (busy / waiting for input / held at the batch barrier), CPU utilisation and
 peak memory.
 
@@ -403,8 +403,9 @@ def render_markdown(result: dict) -> str:
     eng = [d for d in rows if d["kind"] == "engine"]
     if eng:
         lines += ["Engine profile (the median repeat's `STORE.profile.json`): engine frames/s = first read to "
-                  "last commit; the worker split is over all workers' wall time; peak RSS is sampled during the "
-                  "run (every 0.25 s) over the benchmark process and its workers, and includes the in-memory "
+                  "the run's end (last commit, threads joined); the worker split is over all workers' wall "
+                  "time; peak RSS is sampled during the run (every 0.25 s) over the benchmark process and its "
+                  "workers, and includes the in-memory "
                   "slices of the other rows (`scaling.py` measures the engine alone).", ""]
         eh = ["backend", "input", "workers", "end-to-end frames/s", "engine frames/s", "busy %", "waiting %",
               "barrier %", "CPU %", "peak RSS MB", "ms/slice read+prepare", "ms/slice mask+SLIC+encode",
