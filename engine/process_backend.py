@@ -293,12 +293,12 @@ class ProcessBackend:
         p = self.procs[w]
         p.join(timeout=1)
         why = signal_name(p.exitcode)
-        seq = self.computing[w]
-        current = next((t for t in outstanding if isinstance(t, Task) and t.seq == seq), None)
         if outstanding and isinstance(outstanding[0], LoadMark):
             what = f"while {outstanding[0].describe(self.cfg.data.input)}"
         elif outstanding:
-            what = f"while computing {(current or outstanding[0]).describe()}"
+            seq = self.computing[w]
+            current = next((t for t in outstanding if isinstance(t, Task) and t.seq == seq), outstanding[0])
+            what = f"while computing {current.describe()}"
         else:
             what = "while idle"
         self.fail(f"worker process {w} (pid {p.pid}) died ({why}) {what}; the unfinished batch was not "

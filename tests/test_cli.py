@@ -27,21 +27,20 @@ def test_a_stop_from_outside_exits_with_its_status(monkeypatch, capsys, tmp_path
 
 
 @pytest.mark.parametrize("command, user_value, expected", [
-    (["inspect", "STORE"], None, "1"),               # the engine's commands: one OpenBLAS thread
-    (["inspect", "STORE"], "3", "3"),                # unless the user chose a number
-    (["train", "--config", "CONFIG"], None, None),   # torch's commands keep the defaults
+    (["inspect", "missing.h5"], None, "1"),               # the engine's commands: one OpenBLAS thread
+    (["inspect", "missing.h5"], "3", "3"),                # unless the user chose a number
+    (["train", "--config", "missing.yaml"], None, None),  # torch's commands keep the defaults
 ])
 def test_engine_commands_start_numpy_with_one_blas_thread(tmp_path, command, user_value, expected):
-    command = [str(tmp_path / "missing.h5") if a == "STORE" else str(tmp_path / "missing.yaml") if a == "CONFIG"
-               else a for a in command]
-    # a fresh interpreter: the variable only counts when set before numpy is first imported
+    # a fresh interpreter (the variable only counts when set before numpy is first imported), in tmp_path
     script = ("import os, sys, cli\n"
               f"try:\n    cli.main({command!r})\nexcept SystemExit:\n    pass\n"
               "print('numpy' in sys.modules, os.environ.get('OPENBLAS_NUM_THREADS'))\n")
     env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_NUM_THREADS"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     if user_value is not None:
         env["OPENBLAS_NUM_THREADS"] = user_value
-    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
                          timeout=120)
     loaded, value = out.stdout.split()[-2:]
     assert value == str(expected), out.stdout + out.stderr
