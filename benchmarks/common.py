@@ -622,21 +622,31 @@ def run_engine(cfg, spec: str, workers: int, backend: str, tmp_root: Path, reade
     return {"seconds": seconds, "slices": int(profile["slices"]), "profile": profile}
 
 
+def worker_time_pcts(wt: dict) -> dict:
+    """The workers' busy / waiting / barrier / other time (a profile's ``worker_time``) as % of their wall time.
+
+    Profiles written before ``other_s`` was recorded give 0 for it, so their three shares are of their sum.
+    """
+    other = wt.get("other_s", 0.0)
+    total = wt["busy_s"] + wt["waiting_s"] + wt["barrier_s"] + other
+    pct = (lambda v: round(100.0 * v / total, 1) if total > 0 else 0.0)
+    return {"busy_pct": pct(wt["busy_s"]), "waiting_pct": pct(wt["waiting_s"]), "barrier_pct": pct(wt["barrier_s"]),
+            "other_pct": pct(other)}
+
+
 def profile_summary(p: dict) -> dict:
     """The fields of an engine profile that the benchmark tables show."""
     wt = p["worker_time"]
-    total = wt["busy_s"] + wt["waiting_s"] + wt["barrier_s"]
-    pct = (lambda v: round(100.0 * v / total, 1) if total > 0 else 0.0)
-    return {"engine_fps": p["slices_per_s"], "engine_wall_s": p["wall_s"],
-            "busy_pct": pct(wt["busy_s"]), "waiting_pct": pct(wt["waiting_s"]), "barrier_pct": pct(wt["barrier_s"]),
+    return {"engine_fps": p["slices_per_s"], "engine_wall_s": p["wall_s"], **worker_time_pcts(wt),
             "busy_on_cpu_pct": wt.get("busy_on_cpu_pct"), "busy_core_wait_pct": wt.get("busy_core_wait_pct"),
             "busy_s": wt["busy_s"], "waiting_s": wt["waiting_s"], "barrier_s": wt["barrier_s"],
+            "other_s": wt.get("other_s", 0.0),
             # sampled during this run (process + children): ``peak_rss_mb`` also holds ru_maxrss, which is the
             # benchmark process's maximum over all earlier runs too
             "cpu_pct": p["cpu"]["utilisation_pct"],
             "peak_rss_mb": p["memory"].get("peak_rss_sampled_total_mb", p["memory"]["peak_rss_mb"]),
             "per_slice_ms": p.get("per_slice_ms", {}),
-            "per_worker": [{k: w[k] for k in ("slices", "busy_s", "waiting_s", "barrier_s")}
+            "per_worker": [{k: w.get(k, 0.0) for k in ("slices", "busy_s", "waiting_s", "barrier_s", "other_s")}
                            for w in p.get("per_worker", [])]}
 
 

@@ -245,17 +245,14 @@ def summarise_engine(runs: list[dict]) -> dict:
     memory) are those of the run with the median wall time (with an even count, the faster of the middle two)."""
     mid = sorted(runs, key=lambda r: r["profile"]["wall_s"])[(len(runs) - 1) // 2]
     p = mid["profile"]
-    wt = p["worker_time"]
-    total = wt["busy_s"] + wt["waiting_s"] + wt["barrier_s"]
     return {"slices": p["slices"],
             "engine_slices_per_s": round(statistics.median(r["profile"]["slices_per_s"] for r in runs), 1),
             "engine_slices_per_s_all": [round(r["profile"]["slices_per_s"], 1) for r in runs],
             "process_wall_s": round(statistics.median(r["seconds"] for r in runs), 2),
             "process_slices_per_s": round(p["slices"] / statistics.median(r["seconds"] for r in runs), 1),
-            "busy_pct": round(100 * wt["busy_s"] / total, 1) if total else 0.0,
-            "waiting_pct": round(100 * wt["waiting_s"] / total, 1) if total else 0.0,
-            "barrier_pct": round(100 * wt["barrier_s"] / total, 1) if total else 0.0,
-            "busy_on_cpu_pct": wt.get("busy_on_cpu_pct"), "busy_core_wait_pct": wt.get("busy_core_wait_pct"),
+            **common.worker_time_pcts(p["worker_time"]),
+            "busy_on_cpu_pct": p["worker_time"].get("busy_on_cpu_pct"),
+            "busy_core_wait_pct": p["worker_time"].get("busy_core_wait_pct"),
             "cpu_pct": p["cpu"]["utilisation_pct"], "peak_rss_mb": p["memory"]["peak_rss_mb"],
             "cpu_ms_per_slice": round(statistics.median(1e3 * r["profile"]["cpu"]["cpu_s"] / r["profile"]["slices"]
                                                         for r in runs), 3),
@@ -510,7 +507,7 @@ def render(r: dict) -> str:
         ps = e["per_slice_ms"]
         rows.append([name, common.fmt(e["engine_slices_per_s"]), common.fmt(e["process_slices_per_s"]),
                      common.fmt(e["cpu_ms_per_slice"], 2),
-                     f"{e['busy_pct']:.0f}/{e['waiting_pct']:.0f}/{e['barrier_pct']:.0f}",
+                     f"{e['busy_pct']:.0f}/{e['waiting_pct']:.0f}/{e['barrier_pct']:.0f}/{e.get('other_pct', 0):.0f}",
                      "-" if e.get("busy_on_cpu_pct") is None else common.fmt(e["busy_on_cpu_pct"]),
                      "-" if e.get("busy_core_wait_pct") is None else common.fmt(e["busy_core_wait_pct"]),
                      common.fmt(e["cpu_pct"]),
@@ -519,7 +516,8 @@ def render(r: dict) -> str:
                      " ".join(f"{k} {v:.2f}" for k, v in ps.items())])
     if rows:
         lines += [common.markdown_table(["engine", "slices/s (engine)", "slices/s (process)", "CPU ms/slice",
-                                         "busy/wait/barrier %", "busy on a core %", "busy waiting for a core %",
+                                         "busy/wait/barrier/other % of the workers' time", "busy on a core %",
+                                         "busy waiting for a core %",
                                          "CPU %", "peak RSS MB", "page faults (main process)",
                                          "ms per slice in each stage (wall time)"], rows), ""]
     if "kernel_slices_per_s" in r:

@@ -19,7 +19,7 @@ files) into a fresh temporary store. Throughput is the engine's own figure from 
 (``STORE.profile.json``: slices / time from the first read to the run's end: the last commit, the
 engine's threads joined and, for processes, its workers stopped); the time around the whole
 call (store creation and worker start included) is kept as ``end_to_end_fps``. From the same profile: per
-worker busy / waiting-for-input / barrier time, CPU utilisation (psutil, the process and its children) and
+worker busy / waiting-for-input / barrier / other time (% of the workers' wall time), CPU utilisation (psutil, the process and its children) and
 peak memory. Worker counts go from 1 to the number of cores and beyond it (to 2 x cores by default) to show
 what oversubscription does. Each configuration is warmed up once, then repeats are interleaved round-robin
 (``benchmarks/common.py``); points are medians with the min-max range.
@@ -323,8 +323,9 @@ def plot_scaling(result: dict, path: Path) -> Path:
     allw = sorted({p["workers"] for p in result["points"] if not p["pinned"]})
     pos = {w: i for i, w in enumerate(allw)}
     names = ("busy, on a core", "busy, waiting for a core", "busy, asleep (GIL, lock, I/O)",
-             "busy, off a core (not split)", "waiting for input", "batch barrier")
-    shades = ("#4c72b0", "#a1c9f4", "#c44e52", "#ccb974", "#dd8452", "#8c8c8c")
+             "busy, off a core (not split)", "waiting for input", "batch barrier",
+             "other (handing results over, the run's end)")
+    shades = ("#4c72b0", "#a1c9f4", "#c44e52", "#ccb974", "#dd8452", "#8c8c8c", "#dddddd")
     labelled: set[str] = set()
     for j, b in enumerate(backends):
         pts = [p for p in result["points"] if p["backend"] == b and not p["pinned"]]
@@ -353,13 +354,15 @@ def plot_scaling(result: dict, path: Path) -> Path:
 
 def _time_parts(pr: dict) -> tuple[float, ...]:
     """% of the workers' wall time: busy on a core, busy waiting for a core, busy asleep, busy off a core but
-    not split (profiles from before the split), waiting for input, barrier."""
+    not split (profiles from before the split), waiting for input, barrier, other (0 in profiles from before
+    it was recorded)."""
     busy, on_core, core_wait = pr["busy_pct"], pr.get("busy_on_cpu_pct"), pr.get("busy_core_wait_pct")
     on = busy if on_core is None else busy * min(on_core, 100.0) / 100
+    rest = (pr["waiting_pct"], pr["barrier_pct"], pr.get("other_pct", 0.0))
     if core_wait is None:
-        return on, 0.0, 0.0, busy - on, pr["waiting_pct"], pr["barrier_pct"]
+        return (on, 0.0, 0.0, busy - on) + rest
     wait = min(busy - on, busy * core_wait / 100)
-    return on, wait, busy - on - wait, 0.0, pr["waiting_pct"], pr["barrier_pct"]
+    return (on, wait, busy - on - wait, 0.0) + rest
 
 
 def _xy_err(pts: list[dict]) -> tuple:
@@ -389,11 +392,13 @@ def render_markdown(result: dict) -> str:
               "interleaved round-robin; frames/s from the engine profile (first read to the run's end), median "
               "and slowest..fastest run. \"CPUs\": those the run could use. Per worker: all cores free, so a "
               "1-worker run has the other cores for its reader and writer. Per core (strong scaling): below the "
-              "core count the whole run (workers, reader, writer) is pinned to as many CPUs as workers.", ""]
+              "core count the whole run (workers, reader, writer) is pinned to as many CPUs as workers. Busy, "
+              "waiting, barrier and other: % of the workers' wall time (other: handing results over, the run's "
+              "end after a worker's last job).", ""]
     head = ["backend", "workers", "CPUs", "frames/s", "range", "speed-up / worker", "eff./worker %",
             "speed-up / core", "eff./core %",
             "end-to-end frames/s", "busy %", "on a core, % of busy", "waiting for a core, % of busy", "waiting %",
-            "barrier %", "CPU %",
+            "barrier %", "other %", "CPU %",
             "peak RSS MB"]
     rows = []
     pct = (lambda v: "-" if v is None else fmt(100 * v))
@@ -407,7 +412,7 @@ def render_markdown(result: dict) -> str:
                      fmt(p["end_to_end_fps"]), fmt(pr["busy_pct"]),
                      "-" if pr.get("busy_on_cpu_pct") is None else fmt(pr["busy_on_cpu_pct"]),
                      "-" if pr.get("busy_core_wait_pct") is None else fmt(pr["busy_core_wait_pct"]),
-                     fmt(pr["waiting_pct"]), fmt(pr["barrier_pct"]),
+                     fmt(pr["waiting_pct"]), fmt(pr["barrier_pct"]), fmt(pr.get("other_pct", 0.0)),
                      fmt(p["cpu_pct_median"]), fmt(pr["peak_rss_mb"])])
     lines += [markdown_table(head, rows), ""]
     lines += target_lines(result["points"])

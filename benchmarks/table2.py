@@ -408,13 +408,14 @@ def render_markdown(result: dict) -> str:
                   "workers, and includes the in-memory "
                   "slices of the other rows (`scaling.py` measures the engine alone).", ""]
         eh = ["backend", "input", "workers", "end-to-end frames/s", "engine frames/s", "busy %", "waiting %",
-              "barrier %", "CPU %", "peak RSS MB", "ms/slice read+prepare", "ms/slice mask+SLIC+encode",
+              "barrier %", "other %", "CPU %", "peak RSS MB", "ms/slice read+prepare", "ms/slice mask+SLIC+encode",
               "ms/slice write"]
         et = []
         for d in eng:
             e, ps = d["engine"], d["engine"]["per_slice_ms"]
             et.append([d["backend"], "." + d["input_format"], d["workers"], fmt(d["fps"]), fmt(e["engine_fps"]),
-                       fmt(e["busy_pct"]), fmt(e["waiting_pct"]), fmt(e["barrier_pct"]), fmt(e["cpu_pct"]),
+                       fmt(e["busy_pct"]), fmt(e["waiting_pct"]), fmt(e["barrier_pct"]), fmt(e.get("other_pct", 0.0)),
+                       fmt(e["cpu_pct"]),
                        fmt(e["peak_rss_mb"]), fmt(ps.get("load", 0) + ps.get("prepare", 0), 2),
                        fmt(ps.get("mask", 0) + ps.get("superpixels", 0) + ps.get("encode", 0), 2),
                        fmt(ps.get("write", 0) + ps.get("index", 0), 2)])

@@ -126,6 +126,7 @@ class ProcessBackend:
                         return
                     elif not self._receive(st, *result_of[fd]):
                         return
+            st.close()
         finally:
             for w, p in enumerate(self.procs):      # over the worker's life, read before it exits
                 self.prof.add_run_queue(w, run_queue_seconds(p.pid))
@@ -428,6 +429,16 @@ class _Dispatch:
         """Worker ``w`` gets a job: if it held none, its idle time ends now."""
         if not self.outstanding[w]:
             self.prof.add_idle(w, self.idle_since[w], time.perf_counter(), self.clock0[w])
+
+    def close(self) -> None:
+        """The run's work is done: the idle intervals still open end now, as a worker thread's do when it is
+        let go (what follows, the workers exiting, is the profile's *other* time)."""
+        now = time.perf_counter()
+        for w, jobs in enumerate(self.outstanding):
+            if not jobs:
+                self.prof.add_idle(w, self.idle_since[w], now, self.clock0[w])
+                self.idle_since[w] = now
+                self.clock0[w] = self.prof.barrier_clock.value(now)
 
     def maybe_idle(self, w: int) -> None:
         """Worker ``w`` answered a job: with none left it is idle from now."""

@@ -8,8 +8,11 @@ A ``Profiler`` is shared by the engine's threads. Workers add their per-stage ti
 idle time is split into *waiting* (no slice was ready: reading/preparing volumes is the bottleneck) and
 *barrier* (the producer was held back because two uncommitted batches were already in flight, i.e. the
 writer or a straggling slice of the older batch held the line). The split uses ``BlockClock``: the
-producer's cumulative blocked time, sampled at both ends of each idle interval. A sampler thread records
-queue depth, CPU utilisation (psutil, this process and its children) and resident memory over time.
+producer's cumulative blocked time, sampled at both ends of each idle interval. The rest of a worker's wall
+time is *other*: handing results over between slices (with worker processes, the parent's threads mostly run
+when an answer wakes them, so the time a worker loses to them falls here rather than in *busy*) and the
+run's end after the worker's last job (worker processes exiting, the shared memory freed). A sampler thread
+records queue depth, CPU utilisation (psutil, this process and its children) and resident memory over time.
 """
 from __future__ import annotations
 
@@ -70,6 +73,7 @@ class WorkerStats:
         return {"slices": self.slices, "busy_s": round(self.busy, 4), "busy_cpu_s": round(self.busy_cpu, 4),
                 "waiting_s": round(self.waiting, 4),
                 "barrier_s": round(self.barrier, 4),
+                "other_s": round(max(0.0, wall - self.busy - self.waiting - self.barrier), 4),
                 "run_queue_s": None if self.run_queue is None else round(self.run_queue, 4),
                 "busy_frac": round(self.busy / wall, 4) if wall > 0 else 0.0,
                 "stages_s": {k: round(v, 4) for k, v in self.stages.items()}}
@@ -286,6 +290,7 @@ class Profiler:
                             "busy_core_wait_pct": (None if core_wait is None else
                                                    round(100 * core_wait / busy, 1) if busy > 0 else 0.0),
                             "waiting_s": round(waiting, 4), "barrier_s": round(barrier, 4),
+                            "other_s": round(max(0.0, wall * len(self.workers) - busy - waiting - barrier), 4),
                             "busy_frac": round(busy / (wall * len(self.workers)), 4) if wall > 0 and self.workers
                             else 0.0},
             "per_worker": [w.to_dict(wall) for w in self.workers],
@@ -364,7 +369,8 @@ _WORKER_NOUNS = {"threads": ("worker thread", "worker threads"), "processes": ("
 def summary_lines(p: dict) -> list[str]:
     """A few human lines from a profile dict (``Profiler.to_dict``)."""
     wt = p["worker_time"]
-    total = wt["busy_s"] + wt["waiting_s"] + wt["barrier_s"]
+    other = wt.get("other_s", 0.0)           # profiles written before it was recorded: 0
+    total = wt["busy_s"] + wt["waiting_s"] + wt["barrier_s"] + other      # the workers' wall time
     frac = (lambda v: f"{100 * v / total:.0f}%" if total > 0 else "-")
     cpu_per_slice = f", {1000 * p['cpu']['cpu_s'] / p['slices']:.2f} CPU ms per slice" if p["slices"] else ""
     on_core = wt.get("busy_on_cpu_pct", 0)
@@ -378,7 +384,7 @@ def summary_lines(p: dict) -> list[str]:
              f"{p['workers']} {one if p['workers'] == 1 else many}",
              f"workers: busy {frac(wt['busy_s'])} ({on_core:.0f}% of it on a core, {off_core}), waiting for input "
              f"{frac(wt['waiting_s'])}, "
-             f"barrier {frac(wt['barrier_s'])}; CPU {p['cpu']['utilisation_pct']:.0f}% "
+             f"barrier {frac(wt['barrier_s'])}, other {frac(other)} (handing results over, the run's end); CPU {p['cpu']['utilisation_pct']:.0f}% "
              f"({p['cpu']['cores']} cores){cpu_per_slice}; peak RSS {p['memory']['peak_rss_mb']:.0f} MB"]
     ps = p["per_slice_ms"]
     if ps:

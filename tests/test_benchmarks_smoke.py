@@ -221,13 +221,23 @@ def test_amdahl_fit_recovers_known_law():
 
 
 def test_scaling_plot_splits_busy_time_when_the_profile_does():
-    split = {"busy_pct": 90.0, "busy_on_cpu_pct": 80.0, "busy_core_wait_pct": 15.0, "waiting_pct": 6.0,
-             "barrier_pct": 4.0}
-    assert scaling._time_parts(split) == pytest.approx((72.0, 13.5, 4.5, 0.0, 6.0, 4.0))
+    split = {"busy_pct": 80.0, "busy_on_cpu_pct": 80.0, "busy_core_wait_pct": 15.0, "waiting_pct": 6.0,
+             "barrier_pct": 4.0, "other_pct": 10.0}
+    assert scaling._time_parts(split) == pytest.approx((64.0, 12.0, 4.0, 0.0, 6.0, 4.0, 10.0))
+    # profiles from before the busy split and before ``other``: their shares are of busy + waiting + barrier
     older = {"busy_pct": 90.0, "busy_on_cpu_pct": 80.0, "waiting_pct": 6.0, "barrier_pct": 4.0}
-    assert scaling._time_parts(older) == pytest.approx((72.0, 0.0, 0.0, 18.0, 6.0, 4.0))
+    assert scaling._time_parts(older) == pytest.approx((72.0, 0.0, 0.0, 18.0, 6.0, 4.0, 0.0))
     for parts in (scaling._time_parts(split), scaling._time_parts(older)):
         assert sum(parts) == pytest.approx(100.0)
+
+
+def test_worker_time_shares_are_of_the_workers_wall_time():
+    wt = {"busy_s": 1.5, "waiting_s": 0.1, "barrier_s": 0.1, "other_s": 0.3}
+    assert common.worker_time_pcts(wt) == {"busy_pct": 75.0, "waiting_pct": 5.0, "barrier_pct": 5.0,
+                                           "other_pct": 15.0}
+    # a profile written before ``other_s``: the shares of the three it has
+    assert common.worker_time_pcts({"busy_s": 1.8, "waiting_s": 0.1, "barrier_s": 0.1}) == \
+        {"busy_pct": 90.0, "waiting_pct": 5.0, "barrier_pct": 5.0, "other_pct": 0.0}
 
 
 def test_busy_warning_looks_at_the_load_when_the_run_starts():
@@ -293,7 +303,8 @@ def test_table2_core_on_three_slices(phantom_folder, cfg, tmp_path):
         assert rows[key]["kernel_fps"] >= rows[key]["fps"]           # the kernel alone is part of the step
         assert rows[key]["mask_ms"] > 0
     eng = rows["engine_processes_niigz_2"]["engine"]
-    assert eng["busy_pct"] + eng["waiting_pct"] + eng["barrier_pct"] == pytest.approx(100.0, abs=0.5)
+    assert eng["busy_pct"] + eng["waiting_pct"] + eng["barrier_pct"] + eng["other_pct"] == \
+        pytest.approx(100.0, abs=0.5)
     assert len(eng["per_worker"]) == 2 and sum(w["slices"] for w in eng["per_worker"]) == 3
     assert rows["felzenszwalb_serial"]["paper_fps"] == common.PAPER["felzenszwalb"]
     names = {t["target"] for t in res["targets"]}

@@ -424,6 +424,49 @@ def test_profile_splits_off_core_time_into_core_wait_and_the_rest():
     assert "of it on a core, the rest waiting for the GIL or a core" in summary_lines(d)[1]
 
 
+def test_profile_counts_the_rest_of_the_workers_wall_time_as_other():
+    from engine.profile import Profiler, summary_lines
+
+    prof = Profiler(2, "processes")
+    prof.add_work(0, {"superpixels": 6.0}, cpu=6.0)
+    prof.add_idle(0, 0.0, 2.0, prof.barrier_clock.value(0.0))        # 2 s waiting, no barrier
+    prof.add_work(1, {"superpixels": 9.0}, cpu=9.0)
+    prof.stop()
+    prof.t0, prof.t_end = 100.0, 110.0                                 # a 10 s run
+    d = prof.to_dict(2)
+    assert [w["other_s"] for w in d["per_worker"]] == [2.0, 1.0]
+    assert d["worker_time"]["other_s"] == pytest.approx(3.0)
+    # the summary's shares are of the workers' wall time (2 x 10 s), not of the time accounted for
+    assert "busy 75% (" in summary_lines(d)[1]
+    assert "waiting for input 10%, barrier 0%, other 15% (handing results over, the run's end)" in summary_lines(d)[1]
+    # more accounted than the wall (clock skew between the parts): other is never negative
+    prof.t_end = 105.0
+    assert prof.to_dict(2)["per_worker"][1]["other_s"] == 0.0
+    # a profile from before ``other_s``: the shares of the three it has
+    old = prof.to_dict(2)
+    del old["worker_time"]["other_s"]
+    assert "other 0%" in summary_lines(old)[1]
+
+
+def test_dispatcher_ends_the_idle_time_of_workers_when_the_work_is_done():
+    """Worker processes idle at the end are counted as waiting / barrier up to the dispatcher's end, as worker
+    threads are up to their release; a worker still holding a job (a failed run) is left alone."""
+    from engine.process_backend import _Dispatch
+    from engine.profile import Profiler
+
+    prof = Profiler(2, "processes")
+    st = _Dispatch(2, prof)
+    st.outstanding[1].append("a job")
+    t_idle = st.idle_since[0]
+    time.sleep(0.05)
+    st.close()
+    idle = (lambda: prof.workers[0].waiting + prof.workers[0].barrier)
+    assert idle() >= 0.05 and idle() == pytest.approx(st.idle_since[0] - t_idle)
+    assert prof.workers[1].waiting == prof.workers[1].barrier == 0.0
+    st.close()                                   # a second close adds only the time since the first
+    assert idle() == pytest.approx(st.idle_since[0] - t_idle)
+
+
 @pytest.mark.parametrize("backend, workers, noun", [("threads", 1, "worker thread"), ("threads", 2, "worker threads"),
                                                      ("processes", 1, "worker process"),
                                                      ("processes", 4, "worker processes")])
