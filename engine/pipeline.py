@@ -636,8 +636,9 @@ class _Run(ProcessBackend):
         method = self.cfg.superpixels.method
         params = ", ".join(f"{k}={v}" for k, v in to_dict(getattr(self.cfg.superpixels, method)).items())
         state = "complete" if complete else "INCOMPLETE"
-        print(f"preprocess: {self.store} {state}: {writer.n_committed} slices from "
-              f"{len({r['ref'] for s in writer.shards for r in s.volumes})} volumes; {method} ({params})", file=out)
+        n_volumes = len({r['ref'] for s in writer.shards for r in s.volumes})
+        print(f"preprocess: {self.store} {state}: {writer.n_committed} slices from {n_volumes} "
+              f"volume{'' if n_volumes == 1 else 's'}; {method} ({params})", file=out)
         for line in summary_lines(prof):
             print(f"  {line}", file=out)
         if self.notes:

@@ -498,7 +498,9 @@ def test_files_the_folder_source_ignores_are_named_on_stderr(tmp_path, capsys):
     (src / "image_2.nii.gz").rename(src / "scan_2.nii.gz")          # misnamed: its label is left alone too
     out = tmp_path / "s.h5"
     assert pipeline.preprocess(make_cfg(src, out), progress=False) == 0
-    err = capsys.readouterr().err.splitlines()
+    captured = capsys.readouterr()
+    err = captured.err.splitlines()
+    assert "slices from 1 volume; slic" in captured.out                 # one volume, in the singular
     assert f"preprocess: warning: {src / 'label_2.nii.gz'}: label without an image_2 file (ignored)" in err
     assert (f"preprocess: warning: {src / 'scan_2.nii.gz'}: a NIfTI file not named image_<id> or label_<id> "
             "(ignored)") in err
@@ -512,8 +514,9 @@ def test_profile_runinfo_and_summary(folder, tmp_path, capsys):
     prof = json.loads(out.with_name("s.h5.profile.json").read_text())
     assert prof["slices"] == 19 and prof["workers"] == 2 and prof["slices_per_s"] > 0
     assert len(prof["per_worker"]) == 2 and sum(w["slices"] for w in prof["per_worker"]) == 19
-    for key in ("busy_s", "busy_cpu_s", "waiting_s", "barrier_s"):
+    for key in ("busy_s", "busy_cpu_s", "waiting_s", "barrier_s", "other_s"):
         assert key in prof["per_worker"][0]
+    assert all(0 <= w["other_s"] <= prof["wall_s"] for w in prof["per_worker"])
     for w in prof["per_worker"]:                             # CPU time while busy never exceeds busy time
         assert 0 <= w["busy_cpu_s"] <= w["busy_s"] * 1.05 + 0.01
     assert 0 < prof["worker_time"]["busy_cpu_s"] and 0 < prof["worker_time"]["busy_on_cpu_pct"] <= 105

@@ -197,7 +197,7 @@ def test_killed_worker_process_fails_cleanly_and_rerun_completes(src, clean, tmp
 def test_failing_slice_in_a_worker_process_is_named_behind_held_answers(src, tmp_path, monkeypatch, capsys):
     """With batches of 64 a worker process holds the answers of the slices before the failing one; it sends
     them before the error, so the parent pairs the error with the right slice."""
-    img, _ = synthetic_volume(3, N_SLICES + 0)
+    img, _ = synthetic_volume(3, N_SLICES)
     target = np.ascontiguousarray(img[:, :, 5], dtype=np.float32)
     real = slice_worker.pseudolabels_u16
 
@@ -216,7 +216,7 @@ def test_failing_slice_in_a_worker_process_is_named_behind_held_answers(src, tmp
 
 def test_dead_worker_message_names_the_slice(src, tmp_path, monkeypatch, capsys):
     """A worker process that dies inside the kernel on one known slice: the message names that slice."""
-    img, _ = synthetic_volume(3, N_SLICES + 0)       # volume id 3 is the third one written (k = 2)
+    img, _ = synthetic_volume(3, N_SLICES)       # volume id 3 is the third one written (k = 2)
     target = np.ascontiguousarray(img[:, :, 5], dtype=np.float32)
     real = slice_worker.pseudolabels_u16
 
