@@ -19,9 +19,9 @@ files) into a fresh temporary store. Throughput is the engine's own figure from 
 (``STORE.profile.json``: slices / time from the first read to the run's end: the last commit, the
 engine's threads joined and, for processes, its workers stopped); the time around the whole
 call (store creation and worker start included) is kept as ``end_to_end_fps``. From the same profile: per
-worker busy / waiting-for-input / barrier / other time (% of the workers' wall time), CPU utilisation (psutil, the process and its children) and
-peak memory. Worker counts go from 1 to the number of cores and beyond it (to 2 x cores by default) to show
-what oversubscription does. Each configuration is warmed up once, then repeats are interleaved round-robin
+worker busy / waiting-for-input / barrier / other time (% of the workers' wall time), CPU utilisation
+(psutil, the process and its children) and peak memory. Worker counts go from 1 to the number of cores
+and beyond it (to 2 x cores by default) to show what oversubscription does. Each configuration is warmed up once, then repeats are interleaved round-robin
 (``benchmarks/common.py``); points are medians with the min-max range.
 
 Two series per backend. **Per worker**: every run may use all cores; efficiency ``X(n) / (n X(1))``. A

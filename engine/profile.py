@@ -384,8 +384,9 @@ def summary_lines(p: dict) -> list[str]:
              f"{p['workers']} {one if p['workers'] == 1 else many}",
              f"workers: busy {frac(wt['busy_s'])} ({on_core:.0f}% of it on a core, {off_core}), waiting for input "
              f"{frac(wt['waiting_s'])}, "
-             f"barrier {frac(wt['barrier_s'])}, other {frac(other)} (handing results over, the run's end); CPU {p['cpu']['utilisation_pct']:.0f}% "
-             f"({p['cpu']['cores']} cores){cpu_per_slice}; peak RSS {p['memory']['peak_rss_mb']:.0f} MB"]
+             f"barrier {frac(wt['barrier_s'])}, other {frac(other)} (handing results over, the run's end); "
+             f"CPU {p['cpu']['utilisation_pct']:.0f}% ({p['cpu']['cores']} cores){cpu_per_slice}; "
+             f"peak RSS {p['memory']['peak_rss_mb']:.0f} MB"]
     ps = p["per_slice_ms"]
     if ps:
         part = (lambda keys: ", ".join(f"{k} {ps[k]:.2f}" for k in keys if k in ps))
