@@ -404,12 +404,14 @@ def test_engine_command_line_times_the_kernel_beside_the_engine(phantom_folder, 
     assert set(data["engine"]) >= {"threads-1", "threads-2", "processes-1", "processes-2"}
     kernel2 = data["kernel_slices_per_s"]["2"]
     ratio = data["ratios"]["threads: engine / bare kernel at 2 worker(s)"]
-    assert ratio == pytest.approx(data["engine"]["threads-2"]["engine_slices_per_s"] / kernel2, rel=1e-2)
+    assert ratio == pytest.approx(data["engine"]["threads-2"]["engine_slices_per_s"] / kernel2, rel=1e-2, abs=1e-3)
     # round by round: each engine round against the kernel round timed just before it
     key = "threads: engine / bare kernel at 2 worker(s)"
     engine_rounds = data["engine"]["threads-2"]["engine_slices_per_s_all"]
+    # the file keeps 3 decimals: a quick run's first round (a cold engine on 3 slices) can be near 0.01, where the
+    # rounding alone is 5% of the value
     assert data["ratio_rounds"][key] == pytest.approx(
-        [e / k for e, k in zip(engine_rounds, data["kernel_slices_per_s_rounds"]["2"])], rel=1e-2)
+        [e / k for e, k in zip(engine_rounds, data["kernel_slices_per_s_rounds"]["2"])], rel=1e-2, abs=1e-3)
     verdict = data["targets"][key]["rounds"]
     assert verdict["rounds"] == 2 and verdict["met"] == sum(v >= 0.5 for v in data["ratio_rounds"][key])
     assert data["targets"]["peak RSS CHAOS (MB)"].get("rounds") is None
