@@ -355,19 +355,20 @@ class _Run(ProcessBackend):
         except Exception as exc:  # a reader bug or an exotic file: one line for this volume, the run goes on
             return Failure(ref, ref, f"unexpected {type(exc).__name__} while reading: {exc}"), 0.0, 0.0
         raw = np.ascontiguousarray(np.moveaxis(prep.raw, 2, 0), dtype=np.float32)
-        image = np.ascontiguousarray(np.moveaxis(prep.image, 2, 0), dtype=np.float32)
+        image = None if prep.image is None else np.ascontiguousarray(np.moveaxis(prep.image, 2, 0), dtype=np.float32)
         label = None if prep.label is None else np.ascontiguousarray(np.moveaxis(prep.label, 2, 0), dtype=np.uint8)
         v = prep.volume
         new_row = volume_row(prep.id, ref, raw.shape[0], v.spacing, v.orientation, v.affine, v.path, v.checksum,
                              label is not None, prep.notes)
         organs = organ_bits(label, raw.shape[0])
+        zstats = prep.zstats
         del prep, vol, v
         t2 = time.perf_counter()
         if row is not None and (row["checksum"] != new_row["checksum"] or row["n_slices"] != new_row["n_slices"]):
             raise SourceChanged(f"{new_row['path']}: changed since part of it was committed to {self.store} "
                                  f"(checksum or slice count differs); use --overwrite to start again")
         return Loaded(ref, new_row["id"], new_row["path"], raw, image, label, new_row, set(done), new_row["notes"],
-                       organs), t1 - t0, t2 - t1
+                       organs, zstats=zstats), t1 - t0, t2 - t1
 
     def _load_job(self, i: int, item: tuple) -> None:
         try:

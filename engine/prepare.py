@@ -29,8 +29,9 @@ class PreparedVolume:
     ----------
     id : str
         Scan id (``Volume.id``).
-    image : ndarray, shape (size, size, Z), float32
-        ``raw`` z-scored over the whole volume: ``(raw - mean) / std`` (method.md 1.5).
+    image : ndarray, shape (size, size, Z), float32, or None
+        ``raw`` z-scored over the whole volume: ``(raw - mean) / std`` (method.md 1.5). None when the caller's
+        buffers had no room for it: ``zscore_slice`` then makes each slice from ``raw`` and ``zstats``.
     raw : ndarray, shape (size, size, Z), float32
         Source intensities with NaN/Inf replaced and the in-plane centre crop/pad applied.
     label : ndarray, shape (size, size, Z), uint8, or None
@@ -40,13 +41,16 @@ class PreparedVolume:
         The source record (provenance: path, checksum, spacing, orientation).
     notes : list of str
         Warnings about what was repaired (one line each, without the path).
+    zstats : (float32, float32)
+        The ``(mean, std)`` of the z-score.
     """
     id: str
-    image: np.ndarray
+    image: np.ndarray | None
     raw: np.ndarray
     label: np.ndarray | None
     volume: Volume
     notes: list[str] = dataclasses.field(default_factory=list)
+    zstats: tuple = (np.float32(0.0), np.float32(1.0))
 
     @property
     def n_slices(self) -> int:
@@ -113,8 +117,8 @@ def prepare_volume(vol: Volume, cfg, buffers=None) -> PreparedVolume:
         ``cfg.fg_threshold``).
     buffers : callable, optional
         ``buffers(n_slices, has_label)`` returns the (Z, size, size) arrays to fill: raw and image float32,
-        label uint8 or None. Default: new arrays. (The engine's worker processes prepare straight into
-        shared memory.)
+        label uint8 or None; image None leaves the z-score to ``zscore_slice``, slice by slice. Default: new
+        arrays. (The engine's worker processes prepare raw and label straight into shared memory.)
 
     Returns
     -------
@@ -174,9 +178,21 @@ def prepare_volume(vol: Volume, cfg, buffers=None) -> PreparedVolume:
         std = float(np.sqrt(sq / flat.size))
     if not std > 0:
         raise VolumeError(vol.path, f"constant after the centre crop to {size}x{size}: cannot be z-scored")
-    # float32 arithmetic, as the original ``(x - x.mean()) / x.std()`` on a float32 array
-    zscore(flat, np.float32(mean), np.float32(std), image)
-    return PreparedVolume(id=vol.id, image=image.transpose(1, 2, 0), raw=raw, label=label, volume=vol, notes=notes)
+    zstats = (np.float32(mean), np.float32(std))
+    if image is not None:
+        # float32 arithmetic, as the original ``(x - x.mean()) / x.std()`` on a float32 array
+        zscore(flat, *zstats, image)
+    return PreparedVolume(id=vol.id, image=None if image is None else image.transpose(1, 2, 0), raw=raw, label=label,
+                          volume=vol, notes=notes, zstats=zstats)
+
+
+def zscore_slice(raw_slice: np.ndarray, zstats: tuple, out: np.ndarray) -> np.ndarray:
+    """One slice of ``PreparedVolume.image`` from its ``raw`` slice: (H, W) float32 into ``out`` (H, W) float32.
+
+    The same kernel and arithmetic as the whole-volume z-score, so the slice is bit-identical to it.
+    """
+    zscore(raw_slice[None], zstats[0], zstats[1], out[None])
+    return out
 
 
 def _place_volume(src: np.ndarray, size: int, new_buffers, path: str) -> tuple[tuple, float, int, float,

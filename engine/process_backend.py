@@ -225,7 +225,8 @@ class ProcessBackend:
                     socket.send_fds(self.socks[w], [b"v"], [fd])
                 except OSError:
                     pass                             # a dead worker: ``_send`` below reports it
-            msg = ("volume", vol.key, (vol.row["n_slices"],) + self.shape, vol.row["has_label"], vol.arena)
+            msg = ("volume", vol.key, (vol.row["n_slices"],) + self.shape, vol.row["has_label"], vol.arena,
+                   vol.zstats)
             if not self._send(w, msg, outstanding):
                 return False
             self.volume_of_worker[w] = vol.key
@@ -271,11 +272,12 @@ class ProcessBackend:
 
     def _received_volume(self, meta: tuple, key: int, w: int) -> Loaded:
         """A volume worker ``w`` loaded (``send_volume``): its arena slot, or the memfd it passed."""
-        ref, vid, path, shape, has_label, row, skip, notes, organs, home = meta
+        ref, vid, path, shape, has_label, row, skip, notes, organs, zstats, home = meta
         if home[0] == "arena":
-            return Loaded(ref, vid, path, None, None, None, row, skip, notes, organs, key=key, arena=home[1])
+            return Loaded(ref, vid, path, None, None, None, row, skip, notes, organs, key=key, arena=home[1],
+                          zstats=zstats)
         fd = receive_fd(self.socks[w])
-        return Loaded(ref, vid, path, None, None, None, row, skip, notes, organs, key=key, fd=fd)
+        return Loaded(ref, vid, path, None, None, None, row, skip, notes, organs, key=key, fd=fd, zstats=zstats)
 
     def _slice_result(self, w: int, task: Task, msg: tuple) -> None:
         _, slot, seq, lens, nsp, stages, cpu = msg

@@ -31,7 +31,8 @@ class SourceChanged(Exception):
 
 @dataclasses.dataclass
 class Loaded:
-    """A prepared volume, slices first: ``raw[z]``, ``image[z]``, ``label[z]`` are contiguous (H, W)."""
+    """A prepared volume, slices first: ``raw[z]``, ``image[z]``, ``label[z]`` are contiguous (H, W). The processes
+    backend's volumes have no ``image``: its workers z-score each slice with ``zstats`` (``prepare.zscore_slice``)."""
     ref: str
     id: str
     path: str
@@ -43,8 +44,9 @@ class Loaded:
     notes: list
     organs: np.ndarray
     key: int = -1          # processes backend: the load job's index, by which workers know the volume
-    fd: int = -1           # processes backend: the memfd holding raw, image, label (the arrays are then None)
+    fd: int = -1           # processes backend: the memfd holding raw and label (the arrays are then None)
     arena: int = -1        # processes backend: or the slot of the volume arena holding them
+    zstats: tuple = ()     # (mean, std) of the z-score
 
 
 @dataclasses.dataclass

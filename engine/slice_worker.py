@@ -13,7 +13,7 @@ import time
 import numpy as np
 
 from engine._mask_kernels import organ_bits_kernel
-from engine.prepare import body_mask
+from engine.prepare import body_mask, zscore_slice
 from engine.schedule import Failure, SourceChanged
 from engine.shm import Ring, VolumeBuffers, map_volume, send_volume
 from engine.store import DATASETS, MAX_SUPERPIXEL_ID, Codec
@@ -105,7 +105,8 @@ def process_worker(w: int, task_conn, result_conn, all_conns, lock_fd, shm, slot
         if c is not sock:
             c.close()
     ring = Ring(shm.buf, slots, shape)
-    volumes: dict[int, tuple] = {}                   # key -> (raw, image, label) in the arena or a memfd
+    n_image = int(shape[0]) * int(shape[1]) * 4      # bytes of a float32 image slice, first in a ring slot
+    volumes: dict[int, tuple] = {}                   # key -> (raw, z-score stats, label) in the arena or a memfd
     held: list[tuple] = []                           # answers of computed slices not sent yet
     parent = os.getppid()
     while True:
@@ -129,12 +130,13 @@ def process_worker(w: int, task_conn, result_conn, all_conns, lock_fd, shm, slot
         if msg[0] == "volume":
             # Slices come in sequence order, so no later task needs a volume before this one: unmapping them
             # here bounds a worker's mappings to the volumes it is working on.
-            _, key, vshape, has_label, slot = msg
+            _, key, vshape, has_label, slot, zstats = msg
             for old in [k for k in volumes if k < key]:
                 del volumes[old]
             try:
-                volumes[key] = (arena.views(slot, vshape[0], has_label) if slot >= 0 else
-                                map_volume(sock, vshape, has_label))
+                raw, _, label = (arena.views(slot, vshape[0], has_label) if slot >= 0 else
+                                 map_volume(sock, vshape, has_label))
+                volumes[key] = (raw, zstats, label)
             except OSError as exc:
                 held = _answer(result_conn, held)    # answers first: the parent pairs them with its jobs in order
                 result_conn.send(("error", -1, -1, f"cannot map volume {key}: {exc}"))
@@ -144,15 +146,22 @@ def process_worker(w: int, task_conn, result_conn, all_conns, lock_fd, shm, slot
         computing[w] = seq                           # read by the parent if this process dies
         c0 = time.thread_time()
         try:
-            raw, image, label = volumes[key]
-            chunks, nsp, stages = compute_slice(raw[z], image[z], None if label is None else label[z], threshold,
-                                                sp_cfg, codec, zero_label)
-            lens, off = [], 0
+            raw, zstats, label = volumes[key]
             out = ring.out[slot]
+            # The image is z-scored where its chunk goes (an encoding that compresses images is copied over it
+            # below); its time counts as encoding, the making of the chunks.
+            t_z = time.perf_counter()
+            image = zscore_slice(raw[z], zstats, out[:n_image].view(np.float32).reshape(raw.shape[1:]))
+            t_z = time.perf_counter() - t_z
+            chunks, nsp, stages = compute_slice(raw[z], image, None if label is None else label[z], threshold,
+                                                sp_cfg, codec, zero_label)
+            stages["encode"] += t_z
+            lens, off = [], 0
             for name in DATASETS:
                 b = np.frombuffer(chunks[name], dtype=np.uint8) if isinstance(chunks[name], bytes) \
                     else np.asarray(chunks[name]).reshape(-1).view(np.uint8)
-                out[off:off + b.size] = b
+                if off != 0 or b.ctypes.data != out.ctypes.data:     # not the image already in its place
+                    out[off:off + b.size] = b
                 lens.append(int(b.size))
                 off += b.size
             held.append(("ok", slot, seq, lens, nsp, stages, time.thread_time() - c0))

@@ -12,7 +12,7 @@ from scipy import ndimage
 from engine._mask_kernels import body_mask_kernel
 from engine.config import PrepareConfig
 from engine.prepare import (body_mask, body_mask_reference, center_crop_pad, crop_offset,
-                            prepare_volume)
+                            prepare_volume, zscore_slice)
 from engine.volume import Volume, VolumeError
 
 THR = 50.0 + 1e-4
@@ -182,6 +182,26 @@ def test_prepare_z_scores_per_volume():
     # slice-major storage: each slice is one C-contiguous block (no copy for the kernels and the store)
     for arr in (p.image, p.raw, p.label):
         assert arr[:, :, 4].flags.c_contiguous
+
+
+@pytest.mark.parametrize("zscore", ["volume", "robust"])
+def test_buffers_without_an_image_leave_the_z_score_to_each_slice_bit_for_bit(zscore):
+    """The processes backend shares raw and label only; its workers z-score each slice with the volume's stats."""
+    rng = np.random.default_rng(7)
+    img = rng.normal(300, 80, (64, 64, 5))
+    img[10:50, 10:50] += 200
+    lab = (rng.random((64, 64, 5)) < 0.1).astype(np.uint8)
+    cfg = dataclasses.replace(CFG, size=64, zscore=zscore)
+    whole = prepare_volume(_vol(img, lab), cfg)
+    flat, label = np.empty((5, 64, 64), np.float32), np.empty((5, 64, 64), np.uint8)
+    per_slice = prepare_volume(_vol(img, lab), cfg, buffers=lambda n, has_label: (flat, None, label))
+    assert per_slice.image is None and per_slice.zstats == whole.zstats
+    assert all(isinstance(v, np.float32) for v in per_slice.zstats)
+    assert np.array_equal(per_slice.raw, whole.raw) and np.array_equal(per_slice.label, whole.label)
+    out = np.empty((64, 64), np.float32)
+    for z in range(5):
+        assert zscore_slice(flat[z], per_slice.zstats, out) is out
+        assert np.array_equal(out, whole.image[:, :, z])             # the same bits as the whole-volume pass
 
 
 def test_prepare_robust_z_score_uses_body_median_and_iqr():

@@ -15,12 +15,12 @@ SHAPE = (8, 6)
 
 def fill(bufs: VolumeBuffers, n: int, labelled: bool) -> types.SimpleNamespace:
     raw, image, label = bufs(n, labelled)
+    assert image is None                                            # workers z-score each slice themselves
     raw[...] = np.arange(raw.size, dtype=np.float32).reshape(raw.shape)
-    image[...] = -raw
     if labelled:
         label[...] = np.arange(label.size).reshape(label.shape) % 5
-    return types.SimpleNamespace(ref="r", id="1", path="p", raw=raw, image=image, label=label, row={}, skip=set(),
-                                 notes=[], organs=np.zeros(n, np.uint64))
+    return types.SimpleNamespace(ref="r", id="1", path="p", raw=raw, image=None, label=label, row={}, skip=set(),
+                                 notes=[], organs=np.zeros(n, np.uint64), zstats=(np.float32(2), np.float32(4)))
 
 
 def test_a_volume_that_fits_stays_in_its_arena_slot():
@@ -30,9 +30,11 @@ def test_a_volume_that_fits_stays_in_its_arena_slot():
         bufs = VolumeBuffers(SHAPE, arena, slot=1)
         vol = fill(bufs, 3, True)
         meta = send_volume(vol, bufs, a)
-        assert meta[-1] == ("arena", 1) and bufs.fd == -1
+        assert meta[-1] == ("arena", 1) and bufs.fd == -1 and meta[-2] == (2, 4)
         raw, image, label = arena.views(1, 3, True)                 # what a worker that computes slices sees
-        assert np.array_equal(raw, vol.raw) and np.array_equal(image, -vol.raw) and np.array_equal(label, vol.label)
+        assert np.array_equal(raw, vol.raw) and image is None and np.array_equal(label, vol.label)
+        # raw and label only: 5 bytes a voxel, and the next slot starts right after them
+        assert arena.slot_bytes == 4 * SHAPE[0] * SHAPE[1] * 5
     finally:
         a.close()
         b.close()
@@ -57,7 +59,7 @@ def test_a_volume_without_a_slot_or_too_large_goes_through_a_memfd(slot, labelle
         finally:
             c.close()
             d.close()
-        assert np.array_equal(raw, vol.raw) and np.array_equal(image, -vol.raw)
+        assert np.array_equal(raw, vol.raw) and image is None and meta[-2] == (2, 4)
         assert (label is None) == (not labelled) and (label is None or np.array_equal(label, vol.label))
     finally:
         a.close()
