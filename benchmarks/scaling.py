@@ -21,8 +21,9 @@ engine's threads joined and, for processes, its workers stopped); the time aroun
 call (store creation and worker start included) is kept as ``end_to_end_fps``. From the same profile: per
 worker busy / waiting-for-input / barrier / other time (% of the workers' wall time), CPU utilisation
 (psutil, the process and its children) and peak memory. Worker counts go from 1 to the number of cores
-and beyond it (to 2 x cores by default) to show what oversubscription does. Each configuration is warmed up once, then repeats are interleaved round-robin
-(``benchmarks/common.py``); points are medians with the min-max range.
+and beyond it (to 2 x cores by default) to show what oversubscription does. Each configuration is warmed up
+once, then repeats are interleaved round-robin (``benchmarks/common.py``); points are medians with the min-max
+range.
 
 Two series per backend. **Per worker**: every run may use all cores; efficiency ``X(n) / (n X(1))``. A
 1-worker run then has the other cores for its reader, writer and dispatcher, which makes X(1) more than one

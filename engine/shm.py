@@ -6,7 +6,8 @@ slices read it there, and they put each slice's encoded chunks into a ring slot,
 writer writes them. A volume is shared as its raw intensities and labels only: the worker computing a slice
 z-scores it straight into the ring slot (``prepare.zscore_slice``), which replaces the copy a z-scored volume
 would need there, and takes 4 of the 9 bytes per voxel out of the shared memory (fewer first touches of
-fresh shared pages, and fewer pages to free at the end). Nothing here has a name in the file system, so no process that is killed can leak it.
+fresh shared pages, and fewer pages to free at the end). Nothing here has a name in the file system, so no
+process that is killed can leak it.
 """
 from __future__ import annotations
 
