@@ -623,15 +623,12 @@ def run_engine(cfg, spec: str, workers: int, backend: str, tmp_root: Path, reade
 
 
 def worker_time_pcts(wt: dict) -> dict:
-    """The workers' busy / waiting / barrier / other time (a profile's ``worker_time``) as % of their wall time.
+    """``busy_pct``, ``waiting_pct``, ``barrier_pct``, ``other_pct``: the engine profile's shares of the workers'
+    wall time (``engine.profile.worker_time_pcts``), to one decimal; 0 for a profile without worker time."""
+    from engine.profile import WORKER_TIME_PARTS, worker_time_pcts as shares
 
-    Profiles written before ``other_s`` was recorded give 0 for it, so their three shares are of their sum.
-    """
-    other = wt.get("other_s", 0.0)
-    total = wt["busy_s"] + wt["waiting_s"] + wt["barrier_s"] + other
-    pct = (lambda v: round(100.0 * v / total, 1) if total > 0 else 0.0)
-    return {"busy_pct": pct(wt["busy_s"]), "waiting_pct": pct(wt["waiting_s"]), "barrier_pct": pct(wt["barrier_s"]),
-            "other_pct": pct(other)}
+    pcts = shares(wt)
+    return {f"{k}_pct": round(pcts[k], 1) if pcts else 0.0 for k in WORKER_TIME_PARTS}
 
 
 def profile_summary(p: dict) -> dict:

@@ -39,18 +39,18 @@ class PreparedVolume:
         a pad nor a copy (uint8, slice by slice in memory, ``size`` x ``size``), and no buffers were given.
     volume : Volume
         The source record (provenance: path, checksum, spacing, orientation).
-    notes : list of str
-        Warnings about what was repaired (one line each, without the path).
     zstats : (float32, float32)
         The ``(mean, std)`` of the z-score.
+    notes : list of str
+        Warnings about what was repaired (one line each, without the path).
     """
     id: str
     image: np.ndarray | None
     raw: np.ndarray
     label: np.ndarray | None
     volume: Volume
+    zstats: tuple
     notes: list[str] = dataclasses.field(default_factory=list)
-    zstats: tuple = (np.float32(0.0), np.float32(1.0))
 
     @property
     def n_slices(self) -> int:

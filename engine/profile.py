@@ -366,12 +366,25 @@ def _peak_rss_self() -> int:
 _WORKER_NOUNS = {"threads": ("worker thread", "worker threads"), "processes": ("worker process", "worker processes")}
 
 
+WORKER_TIME_PARTS = ("busy", "waiting", "barrier", "other")
+
+
+def worker_time_pcts(wt: dict) -> dict[str, float] | None:
+    """The workers' busy / waiting / barrier / other time (a profile's ``worker_time``) as % of their wall time,
+    keyed by part; None when there is no time at all.
+
+    Profiles written before ``other_s`` was recorded count it as 0, so their three shares are of their sum.
+    """
+    secs = {k: wt.get(f"{k}_s", 0.0) for k in WORKER_TIME_PARTS}
+    total = sum(secs.values())
+    return {k: 100.0 * v / total for k, v in secs.items()} if total > 0 else None
+
+
 def summary_lines(p: dict) -> list[str]:
     """A few human lines from a profile dict (``Profiler.to_dict``)."""
     wt = p["worker_time"]
-    other = wt.get("other_s", 0.0)           # profiles written before it was recorded: 0
-    total = wt["busy_s"] + wt["waiting_s"] + wt["barrier_s"] + other      # the workers' wall time
-    frac = (lambda v: f"{100 * v / total:.0f}%" if total > 0 else "-")
+    pcts = worker_time_pcts(wt)
+    frac = (lambda k: f"{pcts[k]:.0f}%" if pcts else "-")
     cpu_per_slice = f", {1000 * p['cpu']['cpu_s'] / p['slices']:.2f} CPU ms per slice" if p["slices"] else ""
     on_core = wt.get("busy_on_cpu_pct", 0)
     if wt.get("busy_core_wait_pct") is None:
@@ -382,9 +395,9 @@ def summary_lines(p: dict) -> list[str]:
     one, many = _WORKER_NOUNS.get(p["backend"], ("worker", "workers"))
     lines = [f"{p['slices']} slices in {p['wall_s']:.2f} s = {p['slices_per_s']:.1f} slices/s with "
              f"{p['workers']} {one if p['workers'] == 1 else many}",
-             f"workers: busy {frac(wt['busy_s'])} ({on_core:.0f}% of it on a core, {off_core}), waiting for input "
-             f"{frac(wt['waiting_s'])}, "
-             f"barrier {frac(wt['barrier_s'])}, other {frac(other)} (handing results over, the run's end); "
+             f"workers: busy {frac('busy')} ({on_core:.0f}% of it on a core, {off_core}), waiting for input "
+             f"{frac('waiting')}, "
+             f"barrier {frac('barrier')}, other {frac('other')} (handing results over, the run's end); "
              f"CPU {p['cpu']['utilisation_pct']:.0f}% ({p['cpu']['cores']} cores){cpu_per_slice}; "
              f"peak RSS {p['memory']['peak_rss_mb']:.0f} MB"]
     ps = p["per_slice_ms"]
