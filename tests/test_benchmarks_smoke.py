@@ -473,3 +473,41 @@ def test_cpu_budget_command_line_errors(monkeypatch, capsys):
     monkeypatch.setattr(cpu_budget.shutil, "which", lambda name: None)
     assert cpu_budget.main(["--runs", "threads:1"]) == 2
     assert "'perf' tool is not installed" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------- ab_commits.sh
+def _ab_commits(*args, env_extra=None, cwd=ROOT):
+    import os
+    import subprocess
+
+    env = dict(os.environ, PYTHON=sys.executable, **(env_extra or {}))
+    return subprocess.run(["bash", str(ROOT / "benchmarks" / "ab_commits.sh"), *map(str, args)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_ab_commits_refuses_bad_arguments_in_one_line(phantom_folder, tmp_path):
+    for args, words in [((phantom_folder, tmp_path / "o"), "name at least one commit"),
+                        ((tmp_path / "nowhere", tmp_path / "o", "HEAD"), "no such folder"),
+                        ((phantom_folder, tmp_path / "o", "no-such-ref"), "no-such-ref: not a commit")]:
+        r = _ab_commits(*args)
+        assert r.returncode == 2, r.stderr
+        assert words in r.stderr and r.stderr.strip().count("\n") == 0, r.stderr
+
+
+@pytest.mark.slow
+def test_ab_commits_measures_each_commit_in_its_worktree(phantom_folder, tmp_path):
+    import subprocess
+    if subprocess.run(["git", "rev-parse", "--verify", "-q", "HEAD~1"], cwd=ROOT, capture_output=True).returncode:
+        pytest.skip("needs a checkout with at least two commits")
+    r = _ab_commits(phantom_folder, tmp_path / "o", "HEAD", "HEAD~1",
+                    env_extra={"WORKERS": "1", "ROUNDS": "2", "REPEATS": "1", "BACKENDS": "threads",
+                               "EXTRA": "--no-warmup"})
+    assert r.returncode == 0, r.stdout + r.stderr
+    heads = [subprocess.run(["git", "rev-parse", "--short", c], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+             for c in ("HEAD", "HEAD~1")]
+    for c in heads:
+        assert (tmp_path / "o" / f"scaling-ab-{c}-r1.json").is_file() and (tmp_path / "o" / f"scaling-ab-{c}-r2.json").is_file()
+        row = next(line for line in r.stdout.splitlines() if line.startswith(f"| {c} | threads | 1 |"))
+        assert len(row.split("|")[5].split(",")) == 2            # both rounds' figures
+    worktrees = subprocess.run(["git", "worktree", "list"], cwd=ROOT, capture_output=True, text=True).stdout
+    assert "ab-commits" not in worktrees                          # removed at the end
