@@ -11,7 +11,10 @@
 # STEPS (comma list, default env,preprocess,train,scaling,engine,evaluate; add probe for the CPU-target probe
 # and budget for the perf CPU budget),
 # REPEATS (scaling, default 2), QUICK=1 for a smoke run of the script itself (tiny iteration counts, --quick
-# benchmarks; any machine).
+# benchmarks; any machine), WHEELS (a folder of wheels to install first, into /tmp/device-site: the packages
+# that machine's image lacks), PACKED (a folder made by `benchmarks/device_data.py pack`: rebuilt into DATA_DIR
+# first, every file checked). Before any step the script checks that every module the project imports is
+# there and stops naming the missing ones (exit 3).
 set -u
 DATA=${1:?usage: benchmarks/device_run.sh DATA_DIR OUT_DIR [BUDGET_S]}
 OUT=${2:?usage: benchmarks/device_run.sh DATA_DIR OUT_DIR [BUDGET_S]}
@@ -25,6 +28,24 @@ mkdir -p "$W/results"
 export PYTHONUNBUFFERED=1 MPLBACKEND=Agg NUMBA_CACHE_DIR=${NUMBA_CACHE_DIR:-$PWD/.numba_cache}
 T0=$SECONDS
 NCPU=$(nproc)
+
+if [[ -n ${WHEELS:-} ]]; then
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/device-site \
+        "$WHEELS"/*.whl || { echo "== preflight: installing the wheels of $WHEELS failed" >&2; exit 3; }
+    export PYTHONPATH=/tmp/device-site${PYTHONPATH:+:$PYTHONPATH}
+fi
+if [[ -n ${PACKED:-} ]]; then
+    $PY benchmarks/device_data.py unpack "$PACKED" "$DATA" || exit 3
+fi
+$PY - <<'PREFLIGHT' || exit 3
+import importlib.util, sys
+need = "numpy scipy skimage numba h5py psutil yaml nibabel pydicom tqdm matplotlib PIL isal deflate torch torchvision"
+missing = [m for m in need.split() if importlib.util.find_spec(m) is None]
+if missing:
+    sys.exit("== preflight: modules missing on this machine: " + " ".join(missing)
+             + " (bring them as wheels: WHEELS=folder, see the README's Results section)")
+print("== preflight: every module the project imports is there")
+PREFLIGHT
 
 step() {   # step NAME CAP_S CMD...: run CMD, output in $W/NAME.log, limited to min(CAP_S, time left)
     local name=$1 cap=$2; shift 2

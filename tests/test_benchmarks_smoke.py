@@ -511,3 +511,35 @@ def test_ab_commits_measures_each_commit_in_its_worktree(phantom_folder, tmp_pat
         assert len(row.split("|")[5].split(",")) == 2            # both rounds' figures
     worktrees = subprocess.run(["git", "worktree", "list"], cwd=ROOT, capture_output=True, text=True).stdout
     assert "ab-commits" not in worktrees                          # removed at the end
+
+
+# --------------------------------------------------------------------------------------------- device_run.sh
+def _device_run(data, out, **env_extra):
+    import os
+    import subprocess
+
+    env = dict(os.environ, PYTHON=sys.executable, QUICK="1", TRAIN_DEVICE="cpu", STEPS="none", **env_extra)
+    return subprocess.run(["bash", str(ROOT / "benchmarks" / "device_run.sh"), str(data), str(out), "60"], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_device_run_rebuilds_packed_data_after_its_preflight(phantom_folder, tmp_path):
+    from benchmarks import device_data
+
+    device_data.pack(phantom_folder, tmp_path / "packed", jobs=1)
+    r = _device_run(tmp_path / "data", tmp_path / "out", PACKED=str(tmp_path / "packed"))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "every module the project imports is there" in r.stdout
+    for p in phantom_folder.iterdir():
+        assert (tmp_path / "data" / p.name).read_bytes() == p.read_bytes()
+    assert (tmp_path / "out" / "device_results.tar.gz").is_file()
+
+
+def test_device_run_stops_at_damaged_packed_data(phantom_folder, tmp_path):
+    from benchmarks import device_data
+
+    device_data.pack(phantom_folder, tmp_path / "packed", jobs=1)
+    (tmp_path / "packed" / device_data.MANIFEST).write_text("0" * 64 + "  label_1.nii.gz\n")
+    r = _device_run(tmp_path / "data", tmp_path / "out", PACKED=str(tmp_path / "packed"))
+    assert r.returncode == 3
+    assert "label_1.nii.gz" in r.stderr and not (tmp_path / "out" / "device_results.tar.gz").exists()
