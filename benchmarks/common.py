@@ -624,11 +624,18 @@ def run_engine(cfg, spec: str, workers: int, backend: str, tmp_root: Path, reade
 
 def worker_time_pcts(wt: dict) -> dict:
     """``busy_pct``, ``waiting_pct``, ``barrier_pct``, ``other_pct``: the engine profile's shares of the workers'
-    wall time (``engine.profile.worker_time_pcts``), to one decimal; 0 for a profile without worker time."""
+    wall time (``engine.profile.worker_time_pcts``), to one decimal; 0 for a profile without worker time. Also
+    ``waiting_volume_pct`` and ``waiting_room_pct``, the parts of waiting while the producer waited for a volume
+    to load / for room (None for a profile from before they were recorded)."""
     from engine.profile import WORKER_TIME_PARTS, worker_time_pcts as shares
 
     pcts = shares(wt)
-    return {f"{k}_pct": round(pcts[k], 1) if pcts else 0.0 for k in WORKER_TIME_PARTS}
+    out = {f"{k}_pct": round(pcts[k], 1) if pcts else 0.0 for k in WORKER_TIME_PARTS}
+    total = sum(wt.get(f"{k}_s", 0.0) for k in WORKER_TIME_PARTS)
+    for part in ("volume", "room"):
+        v = wt.get(f"waiting_{part}_s")
+        out[f"waiting_{part}_pct"] = None if v is None else round(100 * v / total, 1) if total > 0 else 0.0
+    return out
 
 
 def profile_summary(p: dict) -> dict:
@@ -643,7 +650,9 @@ def profile_summary(p: dict) -> dict:
             "cpu_pct": p["cpu"]["utilisation_pct"],
             "peak_rss_mb": p["memory"].get("peak_rss_sampled_total_mb", p["memory"]["peak_rss_mb"]),
             "per_slice_ms": p.get("per_slice_ms", {}),
-            "per_worker": [{k: w.get(k, 0.0) for k in ("slices", "busy_s", "waiting_s", "barrier_s", "other_s")}
+            "producer_wait_s": p.get("producer_wait_s"),
+            "per_worker": [{k: w.get(k, 0.0) for k in ("slices", "busy_s", "waiting_s", "waiting_volume_s",
+                                                       "waiting_room_s", "barrier_s", "other_s")}
                            for w in p.get("per_worker", [])]}
 
 

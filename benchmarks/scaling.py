@@ -381,6 +381,13 @@ def _efficiency_err(pts: list[dict], key: str) -> tuple:
                                                                           for v, r in zip(y, rounds)]]))
 
 
+def _waiting_parts(pr: dict) -> str:
+    """'volume / room' percentages of a point's profile, or '-' for results from before they were recorded."""
+    if pr.get("waiting_volume_pct") is None:
+        return "-"
+    return f"{fmt(pr['waiting_volume_pct'])} / {fmt(pr['waiting_room_pct'])}"
+
+
 def render_markdown(result: dict) -> str:
     """The sweep as a Markdown table plus the Amdahl fits and the 6-core projection."""
     host, ncores, paper = result.get("host", {}), result["ncores"], result["paper"]
@@ -399,7 +406,7 @@ def render_markdown(result: dict) -> str:
     head = ["backend", "workers", "CPUs", "frames/s", "range", "speed-up / worker", "eff./worker %",
             "speed-up / core", "eff./core %",
             "end-to-end frames/s", "busy %", "on a core, % of busy", "waiting for a core, % of busy", "waiting %",
-            "barrier %", "other %", "CPU %",
+            "of it: volume loading / ring or queue full %", "barrier %", "other %", "CPU %",
             "peak RSS MB"]
     rows = []
     pct = (lambda v: "-" if v is None else fmt(100 * v))
@@ -413,7 +420,7 @@ def render_markdown(result: dict) -> str:
                      fmt(p["end_to_end_fps"]), fmt(pr["busy_pct"]),
                      "-" if pr.get("busy_on_cpu_pct") is None else fmt(pr["busy_on_cpu_pct"]),
                      "-" if pr.get("busy_core_wait_pct") is None else fmt(pr["busy_core_wait_pct"]),
-                     fmt(pr["waiting_pct"]), fmt(pr["barrier_pct"]), fmt(pr.get("other_pct", 0.0)),
+                     fmt(pr["waiting_pct"]), _waiting_parts(pr), fmt(pr["barrier_pct"]), fmt(pr.get("other_pct", 0.0)),
                      fmt(p["cpu_pct_median"]), fmt(pr["peak_rss_mb"])])
     lines += [markdown_table(head, rows), ""]
     lines += target_lines(result["points"])

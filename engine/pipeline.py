@@ -283,14 +283,15 @@ class _Run(ProcessBackend):
         organ_bits(np.zeros((1, 2, 2), np.uint8), 1)
         self.source.warm_up()
 
+        self.prof = Profiler(self.n_workers, self.backend, queue_depth=self._queue_depth,
+                             child_pids=lambda: [p.pid for p in getattr(self, "procs", [])])
         self.loads = LoadPlan(self.plan, self.n_readers, threading.Condition(), self.stop,
-                               on_change=self._wake if self.backend == "processes" else None)
+                              on_change=self._wake if self.backend == "processes" else None,
+                              clock=self.prof.volume_clock)
         if self.backend == "processes":
             self.q: queue.SimpleQueue = queue.SimpleQueue()     # C-implemented: no Condition per put
         else:
-            self.q = WorkQueue(self.loads, cfg.engine.queue_slices, self.stop)
-        self.prof = Profiler(self.n_workers, self.backend, queue_depth=self._queue_depth,
-                             child_pids=lambda: [p.pid for p in getattr(self, "procs", [])])
+            self.q = WorkQueue(self.loads, cfg.engine.queue_slices, self.stop, clock=self.prof.room_clock)
         self.batches = Batches(len(writer.shards), writer.n_committed, self.batch_size, self.prof.barrier_clock,
                                 self.stop)
         if self.backend == "processes":
@@ -431,17 +432,28 @@ class _Run(ProcessBackend):
         if self.backend == "threads":
             self.q.put(task)
             return
-        while True:                                  # a free slot of the ring (bounds memory)
-            try:
-                slot = self.free_slots.get(timeout=0.1)
-                break
-            except queue.Empty:
-                if self.stop.is_set():
-                    raise Stopped
+        try:                                         # a free slot of the ring (bounds memory)
+            slot = self.free_slots.get_nowait()
+        except queue.Empty:
+            slot = self._wait_for_slot()
         task.slot = slot
         self.q.put(task)
         if self.dispatcher_hungry:
             self._wake()
+
+    def _wait_for_slot(self) -> int:
+        """Producer, processes backend: block until the writer gives a ring slot back (the profile's room
+        clock runs meanwhile)."""
+        self.prof.room_clock.start()
+        try:
+            while True:
+                try:
+                    return self.free_slots.get(timeout=0.1)
+                except queue.Empty:
+                    if self.stop.is_set():
+                        raise Stopped
+        finally:
+            self.prof.room_clock.stop()
 
     # -------------------------------------------------------------- thread workers
     def _thread_worker(self, w: int) -> None:
@@ -456,7 +468,7 @@ class _Run(ProcessBackend):
         prof, cfg = self.prof, self.cfg
         while True:
             t0 = time.perf_counter()
-            c0 = prof.barrier_clock.value(t0)
+            c0 = prof.clocks(t0)
             job = self.q.get()
             t1 = time.perf_counter()
             prof.add_idle(w, t0, t1, c0)

@@ -408,7 +408,7 @@ class _Dispatch:
         self.pending: collections.deque = collections.deque()
         self.outstanding = [collections.deque() for _ in range(n)]
         self.idle_since = [time.perf_counter()] * n
-        self.clock0 = [prof.barrier_clock.value(self.idle_since[0])] * n
+        self.clock0 = [prof.clocks(self.idle_since[0])] * n
 
     def take_queued(self, q: queue.SimpleQueue) -> None:
         while True:
@@ -440,10 +440,10 @@ class _Dispatch:
             if not jobs:
                 self.prof.add_idle(w, self.idle_since[w], now, self.clock0[w])
                 self.idle_since[w] = now
-                self.clock0[w] = self.prof.barrier_clock.value(now)
+                self.clock0[w] = self.prof.clocks(now)
 
     def maybe_idle(self, w: int) -> None:
         """Worker ``w`` answered a job: with none left it is idle from now."""
         if not self.outstanding[w]:
             self.idle_since[w] = time.perf_counter()
-            self.clock0[w] = self.prof.barrier_clock.value(self.idle_since[w])
+            self.clock0[w] = self.prof.clocks(self.idle_since[w])

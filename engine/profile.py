@@ -5,10 +5,13 @@ inside the stage: on an idle machine close to its CPU time, on a busy one inflat
 the GIL); ``cpu.cpu_s`` is the true CPU time of the process and its workers.
 
 A ``Profiler`` is shared by the engine's threads. Workers add their per-stage times and their idle intervals;
-idle time is split into *waiting* (no slice was ready: reading/preparing volumes is the bottleneck) and
-*barrier* (the producer was held back because two uncommitted batches were already in flight, i.e. the
-writer or a straggling slice of the older batch held the line). The split uses ``BlockClock``: the
-producer's cumulative blocked time, sampled at both ends of each idle interval. The rest of a worker's wall
+idle time is split into *waiting* (no slice was ready) and *barrier* (the producer was held back because
+the uncommitted batch was still in flight, i.e. the writer or a straggling slice of it held the line). The
+split uses ``BlockClock``: the producer's cumulative blocked time, sampled at both ends of each idle
+interval. Two more clocks tell why a worker waited: the producer was waiting for its next volume to be
+loaded (``waiting_volume``: loading is the bottleneck), or for room in the work queue or the ring
+(``waiting_room``: the slices ahead are computed but not yet written). Waiting with neither is the hand-over
+itself: the producer had a slice for the worker, which had not reached it yet. The rest of a worker's wall
 time is *other*: handing results over between slices (with worker processes, the parent's threads mostly run
 when an answer wakes them, so the time a worker loses to them falls here rather than in *busy*) and the
 run's end after the worker's last job (worker processes exiting, the shared memory freed). A sampler thread
@@ -66,12 +69,15 @@ class WorkerStats:
         self.busy_cpu = 0.0      # CPU time while busy; for the rest of ``busy`` it waited for the GIL or a core
         self.run_queue: float | None = None   # time runnable but without a core (Linux schedstat), if known
         self.waiting = 0.0
+        self.waiting_volume = 0.0   # parts of ``waiting``: the producer waited for a volume / for room
+        self.waiting_room = 0.0
         self.barrier = 0.0
         self.stages = {k: 0.0 for k in STAGES_WORK}
 
     def to_dict(self, wall: float) -> dict:
         return {"slices": self.slices, "busy_s": round(self.busy, 4), "busy_cpu_s": round(self.busy_cpu, 4),
-                "waiting_s": round(self.waiting, 4),
+                "waiting_s": round(self.waiting, 4), "waiting_volume_s": round(self.waiting_volume, 4),
+                "waiting_room_s": round(self.waiting_room, 4),
                 "barrier_s": round(self.barrier, 4),
                 "other_s": round(max(0.0, wall - self.busy - self.waiting - self.barrier), 4),
                 "run_queue_s": None if self.run_queue is None else round(self.run_queue, 4),
@@ -99,7 +105,9 @@ class Profiler:
                  interval: float = 0.25, child_pids: Callable[[], list] | None = None):
         self.backend = backend
         self.workers = [WorkerStats() for _ in range(n_workers)]
-        self.barrier_clock = BlockClock()
+        self.barrier_clock = BlockClock()   # the producer held at the batch barrier
+        self.volume_clock = BlockClock()    # ... waiting for its next volume to be loaded
+        self.room_clock = BlockClock()      # ... waiting for room in the work queue / the ring
         self.read = {k: 0.0 for k in STAGES_READ}
         self.write = {k: 0.0 for k in STAGES_WRITE}
         self.volumes_read = 0
@@ -123,13 +131,25 @@ class Profiler:
         self.minor_faults: int | None = None
 
     # ------------------------------------------------------------------ recording
-    def add_idle(self, w: int, t0: float, t1: float, clock0: float) -> None:
-        """Worker ``w`` was idle from ``t0`` to ``t1``; ``clock0`` = ``barrier_clock.value(t0)``."""
+    def clocks(self, t: float) -> tuple[float, float, float]:
+        """The producer's blocked-time clocks (barrier, volume, room) at time ``t``: taken when a worker goes
+        idle, for ``add_idle``."""
+        return self.barrier_clock.value(t), self.volume_clock.value(t), self.room_clock.value(t)
+
+    def add_idle(self, w: int, t0: float, t1: float, clocks0: tuple[float, float, float]) -> None:
+        """Worker ``w`` was idle from ``t0`` to ``t1``; ``clocks0`` = ``clocks(t0)``. The producer blocks in one
+        place at a time, so the three clocks' advances over the interval do not overlap."""
         idle = max(0.0, t1 - t0)
-        barrier = min(idle, max(0.0, self.barrier_clock.value(t1) - clock0))
+        b1, v1, r1 = self.clocks(t1)
+        barrier = min(idle, max(0.0, b1 - clocks0[0]))
+        waiting = idle - barrier
+        volume = min(waiting, max(0.0, v1 - clocks0[1]))
+        room = min(waiting - volume, max(0.0, r1 - clocks0[2]))
         st = self.workers[w]
         st.barrier += barrier
-        st.waiting += idle - barrier
+        st.waiting += waiting
+        st.waiting_volume += volume
+        st.waiting_room += room
 
     def add_work(self, w: int, stages: dict, cpu: float = 0.0) -> None:
         """Worker ``w`` computed a slice: wall seconds per stage, and ``cpu`` seconds of its own CPU time."""
@@ -264,6 +284,8 @@ class Profiler:
         busy = sum(w.busy for w in self.workers)
         busy_cpu = sum(w.busy_cpu for w in self.workers)
         waiting = sum(w.waiting for w in self.workers)
+        waiting_volume = sum(w.waiting_volume for w in self.workers)
+        waiting_room = sum(w.waiting_room for w in self.workers)
         barrier = sum(w.barrier for w in self.workers)
         core_wait = _core_wait(self.workers)
         per_slice = {}
@@ -290,10 +312,16 @@ class Profiler:
                             "busy_core_wait_pct": (None if core_wait is None else
                                                    round(100 * core_wait / busy, 1) if busy > 0 else 0.0),
                             "waiting_s": round(waiting, 4), "barrier_s": round(barrier, 4),
+                            # parts of waiting: the producer waited for a volume to load / for room
+                            "waiting_volume_s": round(waiting_volume, 4), "waiting_room_s": round(waiting_room, 4),
                             "other_s": round(max(0.0, wall * len(self.workers) - busy - waiting - barrier), 4),
                             "busy_frac": round(busy / (wall * len(self.workers)), 4) if wall > 0 and self.workers
                             else 0.0},
             "per_worker": [w.to_dict(wall) for w in self.workers],
+            # where the producer itself waited, in all (it runs alone: these add up to at most the wall time)
+            "producer_wait_s": {"volume": round(self.volume_clock.value(), 4),
+                                "room": round(self.room_clock.value(), 4),
+                                "barrier": round(self.barrier_clock.value(), 4)},
             "per_slice_ms": {k: round(v, 4) for k, v in per_slice.items()},
             "stage_totals_s": {**{k: round(v, 4) for k, v in self.read.items()},
                                **{k: round(sum(w.stages.get(k, 0.0) for w in self.workers), 4)
@@ -380,6 +408,19 @@ def worker_time_pcts(wt: dict) -> dict[str, float] | None:
     return {k: 100.0 * v / total for k, v in secs.items()} if total > 0 else None
 
 
+def _waiting_why(wt: dict, backend: str) -> str:
+    """What the producer was doing while the workers waited for input, as % of the workers' wall time: e.g.
+    ' (4% while a volume loaded, 1% with the ring full)'; empty when under 1% or not recorded."""
+    total = sum(wt.get(f"{k}_s", 0.0) for k in WORKER_TIME_PARTS)
+    if total <= 0 or "waiting_volume_s" not in wt or 100 * wt["waiting_s"] / total < 1:
+        return ""
+    parts = [f"{100 * wt['waiting_volume_s'] / total:.0f}% while a volume loaded"]
+    if 100 * wt["waiting_room_s"] / total >= 0.5:
+        room = "ring" if backend == "processes" else "queue"
+        parts.append(f"{100 * wt['waiting_room_s'] / total:.0f}% with the {room} full")
+    return f" ({', '.join(parts)})"
+
+
 def summary_lines(p: dict) -> list[str]:
     """A few human lines from a profile dict (``Profiler.to_dict``)."""
     wt = p["worker_time"]
@@ -396,7 +437,7 @@ def summary_lines(p: dict) -> list[str]:
     lines = [f"{p['slices']} slices in {p['wall_s']:.2f} s = {p['slices_per_s']:.1f} slices/s with "
              f"{p['workers']} {one if p['workers'] == 1 else many}",
              f"workers: busy {frac('busy')} ({on_core:.0f}% of it on a core, {off_core}), waiting for input "
-             f"{frac('waiting')}, "
+             f"{frac('waiting')}{_waiting_why(wt, p['backend'])}, "
              f"barrier {frac('barrier')}, other {frac('other')} (handing results over, the run's end); "
              f"CPU {p['cpu']['utilisation_pct']:.0f}% ({p['cpu']['cores']} cores){cpu_per_slice}; "
              f"peak RSS {p['memory']['peak_rss_mb']:.0f} MB"]

@@ -14,6 +14,7 @@ import threading
 
 import numpy as np
 
+from engine.profile import BlockClock
 from engine.store import SliceResult
 
 INFLIGHT_BATCHES = 1          # batch k+1 opens when batch k is committed: at most one batch lost to a kill
@@ -215,8 +216,9 @@ class LoadPlan:
     """
 
     def __init__(self, plan: list, lookahead: int, cond: threading.Condition, stop: threading.Event,
-                 on_change=None):
+                 on_change=None, clock: BlockClock | None = None):
         self.plan = plan
+        self.clock = clock or BlockClock()      # the producer's time waiting for its next volume
         self.lookahead = max(1, lookahead)
         self.cond = cond
         self.stop = stop
@@ -248,10 +250,15 @@ class LoadPlan:
             with self.cond:
                 if self.next_take >= len(self.plan):
                     return
-                while self.next_take not in self.results:
-                    if self.stop.is_set():
-                        raise Stopped
-                    self.cond.wait(0.1)
+                if self.next_take not in self.results:
+                    self.clock.start()
+                    try:
+                        while self.next_take not in self.results:
+                            if self.stop.is_set():
+                                raise Stopped
+                            self.cond.wait(0.1)
+                    finally:
+                        self.clock.stop()
                 result = self.results.pop(self.next_take)
                 self.next_take += 1
                 self.cond.notify_all()
@@ -271,8 +278,9 @@ class WorkQueue:
     (taking loads earlier, whenever fewer than 2 slices per worker waited, left about 3x more barrier time).
     """
 
-    def __init__(self, loads: LoadPlan, max_slices: int, stop: threading.Event):
+    def __init__(self, loads: LoadPlan, max_slices: int, stop: threading.Event, clock: BlockClock | None = None):
         self.loads = loads
+        self.clock = clock or BlockClock()      # the producer's time waiting for room in the queue
         self.cond = loads.cond
         self.slices: collections.deque = collections.deque()
         self.max_slices = max(1, max_slices)
@@ -302,14 +310,19 @@ class WorkQueue:
 
     def put(self, task: "Task") -> None:
         with self.cond:
-            while len(self.slices) >= self.max_slices:
-                if self.stop.is_set():
-                    raise Stopped
-                self.putters += 1
+            if len(self.slices) >= self.max_slices:
+                self.clock.start()
                 try:
-                    self.cond.wait(0.1)
+                    while len(self.slices) >= self.max_slices:
+                        if self.stop.is_set():
+                            raise Stopped
+                        self.putters += 1
+                        try:
+                            self.cond.wait(0.1)
+                        finally:
+                            self.putters -= 1
                 finally:
-                    self.putters -= 1
+                    self.clock.stop()
             self.slices.append(task)
             self.cond.notify_all()
 

@@ -232,12 +232,16 @@ def test_scaling_plot_splits_busy_time_when_the_profile_does():
 
 
 def test_worker_time_shares_are_of_the_workers_wall_time():
-    wt = {"busy_s": 1.5, "waiting_s": 0.1, "barrier_s": 0.1, "other_s": 0.3}
+    wt = {"busy_s": 1.5, "waiting_s": 0.1, "barrier_s": 0.1, "other_s": 0.3, "waiting_volume_s": 0.06,
+          "waiting_room_s": 0.02}
     assert common.worker_time_pcts(wt) == {"busy_pct": 75.0, "waiting_pct": 5.0, "barrier_pct": 5.0,
-                                           "other_pct": 15.0}
-    # a profile written before ``other_s``: the shares of the three it has
+                                           "other_pct": 15.0, "waiting_volume_pct": 3.0, "waiting_room_pct": 1.0}
+    # a profile written before ``other_s`` and the waiting split: the shares of the three it has
     assert common.worker_time_pcts({"busy_s": 1.8, "waiting_s": 0.1, "barrier_s": 0.1}) == \
-        {"busy_pct": 90.0, "waiting_pct": 5.0, "barrier_pct": 5.0, "other_pct": 0.0}
+        {"busy_pct": 90.0, "waiting_pct": 5.0, "barrier_pct": 5.0, "other_pct": 0.0, "waiting_volume_pct": None,
+         "waiting_room_pct": None}
+    assert scaling._waiting_parts({"waiting_volume_pct": 3.0, "waiting_room_pct": 1.0}) == "3.0 / 1.0"
+    assert scaling._waiting_parts({"waiting_volume_pct": None}) == "-"
 
 
 def test_busy_warning_looks_at_the_load_when_the_run_starts():

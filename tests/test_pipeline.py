@@ -429,7 +429,7 @@ def test_profile_counts_the_rest_of_the_workers_wall_time_as_other():
 
     prof = Profiler(2, "processes")
     prof.add_work(0, {"superpixels": 6.0}, cpu=6.0)
-    prof.add_idle(0, 0.0, 2.0, prof.barrier_clock.value(0.0))        # 2 s waiting, no barrier
+    prof.add_idle(0, 0.0, 2.0, prof.clocks(0.0))                      # 2 s waiting, no barrier
     prof.add_work(1, {"superpixels": 9.0}, cpu=9.0)
     prof.stop()
     prof.t0, prof.t_end = 100.0, 110.0                                 # a 10 s run
@@ -438,7 +438,8 @@ def test_profile_counts_the_rest_of_the_workers_wall_time_as_other():
     assert d["worker_time"]["other_s"] == pytest.approx(3.0)
     # the summary's shares are of the workers' wall time (2 x 10 s), not of the time accounted for
     assert "busy 75% (" in summary_lines(d)[1]
-    assert "waiting for input 10%, barrier 0%, other 15% (handing results over, the run's end)" in summary_lines(d)[1]
+    assert ("waiting for input 10% (0% while a volume loaded), barrier 0%, other 15% (handing results over, the "
+            "run's end)") in summary_lines(d)[1]
     # more accounted than the wall (clock skew between the parts): other is never negative
     prof.t_end = 105.0
     assert prof.to_dict(2)["per_worker"][1]["other_s"] == 0.0
@@ -446,6 +447,65 @@ def test_profile_counts_the_rest_of_the_workers_wall_time_as_other():
     old = prof.to_dict(2)
     del old["worker_time"]["other_s"]
     assert "other 0%" in summary_lines(old)[1]
+
+
+def test_idle_time_is_split_by_what_the_producer_was_waiting_for():
+    from engine.profile import Profiler, summary_lines
+
+    prof = Profiler(2, "processes")
+    c0 = prof.clocks(0.0)
+    # over worker 0's 2 s idle interval the producer spent 0.5 s at the barrier, 1.0 s waiting for a volume
+    # and 0.3 s for a ring slot; the last 0.2 s is the hand-over
+    prof.barrier_clock._total, prof.volume_clock._total, prof.room_clock._total = 0.5, 1.0, 0.3
+    prof.add_idle(0, 0.0, 2.0, c0)
+    w = prof.workers[0]
+    assert (w.barrier, w.waiting, w.waiting_volume, w.waiting_room) == pytest.approx((0.5, 1.5, 1.0, 0.3))
+    # a clock that ran longer than the interval is capped: the parts never exceed the idle time
+    c1 = prof.clocks(0.0)
+    prof.volume_clock._total += 5.0
+    prof.add_idle(1, 0.0, 1.0, c1)
+    assert (prof.workers[1].waiting, prof.workers[1].waiting_volume, prof.workers[1].waiting_room) == (1.0, 1.0, 0.0)
+    prof.add_work(0, {"superpixels": 1.0}, cpu=1.0)
+    prof.stop()
+    prof.t0, prof.t_end = 100.0, 105.0                                 # a 5 s run: 10 s of workers' time
+    d = prof.to_dict(1)
+    wt = d["worker_time"]
+    assert (wt["waiting_s"], wt["waiting_volume_s"], wt["waiting_room_s"]) == pytest.approx((2.5, 2.0, 0.3))
+    assert d["per_worker"][0]["waiting_volume_s"] == 1.0 and d["per_worker"][0]["waiting_room_s"] == 0.3
+    assert d["producer_wait_s"] == {"volume": 6.0, "room": 0.3, "barrier": 0.5}
+    assert "waiting for input 25% (20% while a volume loaded, 3% with the ring full), barrier 5%" in summary_lines(d)[1]
+    # the threads backend's room is its work queue; under 0.5% it is left out, under 1% waiting has no split
+    wt.update(waiting_room_s=0.04)
+    assert "(20% while a volume loaded), barrier" in summary_lines(d)[1]
+    d["backend"] = "threads"
+    wt.update(waiting_room_s=0.3)
+    assert "3% with the queue full" in summary_lines(d)[1]
+    wt.update(waiting_s=0.05, waiting_volume_s=0.05, waiting_room_s=0.0)    # 0.7% of the workers' time
+    assert "waiting for input 1%, barrier" in summary_lines(d)[1]
+
+
+def test_producer_clocks_run_while_it_waits_for_a_volume_and_for_room():
+    import threading
+    import time
+
+    from engine.profile import BlockClock
+    from engine.schedule import LoadPlan, Task, WorkQueue
+
+    stop = threading.Event()
+    vclock, rclock = BlockClock(), BlockClock()
+    plan = LoadPlan([("a",)], 1, threading.Condition(), stop, clock=vclock)
+    i, _ = plan.start()
+    threading.Timer(0.3, plan.finish, args=(i, "volume a")).start()
+    assert list(plan) == ["volume a"]
+    assert vclock.value() >= 0.2                                        # it waited ~0.3 s for the load
+    q = WorkQueue(plan, 1, stop, clock=rclock)
+    q.put(Task(0, None, 0))
+    assert rclock.value() == 0.0                                        # room: no wait
+    threading.Timer(0.3, q.get).start()
+    q.put(Task(1, None, 0))                                             # full until the get
+    assert rclock.value() >= 0.2
+    t = time.perf_counter()
+    assert vclock.value(t) == vclock.value(t + 1.0)                     # stopped: no longer advancing
 
 
 def test_dispatcher_ends_the_idle_time_of_workers_when_the_work_is_done():
@@ -508,18 +568,26 @@ def test_files_the_folder_source_ignores_are_named_on_stderr(tmp_path, capsys):
         assert [v["ref"] for v in r.volumes] == ["1"]
 
 
-def test_profile_runinfo_and_summary(folder, tmp_path, capsys):
+@pytest.mark.parametrize("backend", ["threads", "processes"])
+def test_profile_runinfo_and_summary(folder, tmp_path, capsys, backend):
     out = tmp_path / "s.h5"
-    assert pipeline.preprocess(make_cfg(folder, out), progress=False) == 0
+    assert pipeline.preprocess(make_cfg(folder, out, backend=backend), progress=False) == 0
     prof = json.loads(out.with_name("s.h5.profile.json").read_text())
     assert prof["slices"] == 19 and prof["workers"] == 2 and prof["slices_per_s"] > 0
     assert len(prof["per_worker"]) == 2 and sum(w["slices"] for w in prof["per_worker"]) == 19
     for key in ("busy_s", "busy_cpu_s", "waiting_s", "barrier_s", "other_s"):
         assert key in prof["per_worker"][0]
     assert all(0 <= w["other_s"] <= prof["wall_s"] for w in prof["per_worker"])
+    for w in prof["per_worker"] + [prof["worker_time"]]:     # why they waited: parts of their waiting time
+        assert 0 <= w["waiting_volume_s"] + w["waiting_room_s"] <= w["waiting_s"] + 1e-4
+    # the producer blocks in one place at a time: its waits add up to at most the run
+    assert set(prof["producer_wait_s"]) == {"volume", "room", "barrier"}
+    assert prof["producer_wait_s"]["volume"] > 0                 # it waits for the first volume at least
+    assert sum(prof["producer_wait_s"].values()) <= prof["wall_s"] + 0.01
     for w in prof["per_worker"]:                             # CPU time while busy never exceeds busy time
         assert 0 <= w["busy_cpu_s"] <= w["busy_s"] * 1.05 + 0.01
-    assert 0 < prof["worker_time"]["busy_cpu_s"] and 0 < prof["worker_time"]["busy_on_cpu_pct"] <= 105
+    wt = prof["worker_time"]      # a worker process's CPU clock and its wall clock differ a little on tiny runs
+    assert 0 < wt["busy_cpu_s"] <= wt["busy_s"] * 1.05 + 0.01 and wt["busy_on_cpu_pct"] > 0
     assert set(prof["per_slice_ms"]) >= {"load", "prepare", "mask", "superpixels", "encode", "write", "index"}
     assert prof["memory"]["peak_rss_mb"] > 10 and "utilisation_pct" in prof["cpu"]
     assert prof["memory"]["minor_page_faults_main"] >= 0
