@@ -627,14 +627,12 @@ def worker_time_pcts(wt: dict) -> dict:
     wall time (``engine.profile.worker_time_pcts``), to one decimal; 0 for a profile without worker time. Also
     ``waiting_volume_pct`` and ``waiting_room_pct``, the parts of waiting while the producer waited for a volume
     to load / for room (None for a profile from before they were recorded)."""
-    from engine.profile import WORKER_TIME_PARTS, worker_time_pcts as shares
+    from engine.profile import WAITING_PARTS, WORKER_TIME_PARTS, worker_time_pcts as shares
 
     pcts = shares(wt)
     out = {f"{k}_pct": round(pcts[k], 1) if pcts else 0.0 for k in WORKER_TIME_PARTS}
-    total = sum(wt.get(f"{k}_s", 0.0) for k in WORKER_TIME_PARTS)
-    for part in ("volume", "room"):
-        v = wt.get(f"waiting_{part}_s")
-        out[f"waiting_{part}_pct"] = None if v is None else round(100 * v / total, 1) if total > 0 else 0.0
+    for k in WAITING_PARTS:
+        out[f"{k}_pct"] = None if f"{k}_s" not in wt else round(pcts[k], 1) if pcts else 0.0
     return out
 
 

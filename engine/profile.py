@@ -395,29 +395,32 @@ _WORKER_NOUNS = {"threads": ("worker thread", "worker threads"), "processes": ("
 
 
 WORKER_TIME_PARTS = ("busy", "waiting", "barrier", "other")
+WAITING_PARTS = ("waiting_volume", "waiting_room")     # parts of "waiting", in profiles since stop 27
 
 
 def worker_time_pcts(wt: dict) -> dict[str, float] | None:
     """The workers' busy / waiting / barrier / other time (a profile's ``worker_time``) as % of their wall time,
-    keyed by part; None when there is no time at all.
+    keyed by part, with the parts of waiting (``WAITING_PARTS``) where the profile has them; None when there is
+    no time at all.
 
     Profiles written before ``other_s`` was recorded count it as 0, so their three shares are of their sum.
     """
-    secs = {k: wt.get(f"{k}_s", 0.0) for k in WORKER_TIME_PARTS}
-    total = sum(secs.values())
-    return {k: 100.0 * v / total for k, v in secs.items()} if total > 0 else None
-
-
-def _waiting_why(wt: dict, backend: str) -> str:
-    """What the producer was doing while the workers waited for input, as % of the workers' wall time: e.g.
-    ' (4% while a volume loaded, 1% with the ring full)'; empty when under 1% or not recorded."""
     total = sum(wt.get(f"{k}_s", 0.0) for k in WORKER_TIME_PARTS)
-    if total <= 0 or "waiting_volume_s" not in wt or 100 * wt["waiting_s"] / total < 1:
+    if total <= 0:
+        return None
+    return {k: 100.0 * wt.get(f"{k}_s", 0.0) / total for k in WORKER_TIME_PARTS} | \
+        {k: 100.0 * wt[f"{k}_s"] / total for k in WAITING_PARTS if f"{k}_s" in wt}
+
+
+def _waiting_why(pcts: dict[str, float] | None, backend: str) -> str:
+    """What the producer was doing while the workers waited for input (``worker_time_pcts``' shares): e.g.
+    ' (4% while a volume loaded, 1% with the ring full)'; empty when under 1% or not recorded."""
+    if not pcts or "waiting_volume" not in pcts or pcts["waiting"] < 1:
         return ""
-    parts = [f"{100 * wt['waiting_volume_s'] / total:.0f}% while a volume loaded"]
-    if 100 * wt["waiting_room_s"] / total >= 0.5:
+    parts = [f"{pcts['waiting_volume']:.0f}% while a volume loaded"]
+    if pcts["waiting_room"] >= 0.5:
         room = "ring" if backend == "processes" else "queue"
-        parts.append(f"{100 * wt['waiting_room_s'] / total:.0f}% with the {room} full")
+        parts.append(f"{pcts['waiting_room']:.0f}% with the {room} full")
     return f" ({', '.join(parts)})"
 
 
@@ -437,7 +440,7 @@ def summary_lines(p: dict) -> list[str]:
     lines = [f"{p['slices']} slices in {p['wall_s']:.2f} s = {p['slices_per_s']:.1f} slices/s with "
              f"{p['workers']} {one if p['workers'] == 1 else many}",
              f"workers: busy {frac('busy')} ({on_core:.0f}% of it on a core, {off_core}), waiting for input "
-             f"{frac('waiting')}{_waiting_why(wt, p['backend'])}, "
+             f"{frac('waiting')}{_waiting_why(pcts, p['backend'])}, "
              f"barrier {frac('barrier')}, other {frac('other')} (handing results over, the run's end); "
              f"CPU {p['cpu']['utilisation_pct']:.0f}% ({p['cpu']['cores']} cores){cpu_per_slice}; "
              f"peak RSS {p['memory']['peak_rss_mb']:.0f} MB"]

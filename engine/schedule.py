@@ -311,17 +311,16 @@ class WorkQueue:
     def put(self, task: "Task") -> None:
         with self.cond:
             if len(self.slices) >= self.max_slices:
+                # ``putters`` changes under the lock, which ``wait`` releases: workers see it only while we wait
                 self.clock.start()
+                self.putters += 1
                 try:
                     while len(self.slices) >= self.max_slices:
                         if self.stop.is_set():
                             raise Stopped
-                        self.putters += 1
-                        try:
-                            self.cond.wait(0.1)
-                        finally:
-                            self.putters -= 1
+                        self.cond.wait(0.1)
                 finally:
+                    self.putters -= 1
                     self.clock.stop()
             self.slices.append(task)
             self.cond.notify_all()
