@@ -479,14 +479,19 @@ def test_cpu_budget_command_line_errors(monkeypatch, capsys):
     assert "'perf' tool is not installed" in capsys.readouterr().err
 
 
-# --------------------------------------------------------------------------------------------- ab_commits.sh
-def _ab_commits(*args, env_extra=None, cwd=ROOT):
+# --------------------------------------------------------------------------------------------- shell scripts
+def _script(name: str, *args, **env_extra):
+    """Run ``benchmarks/<name>`` with bash from the repository root, this interpreter as its PYTHON."""
     import os
     import subprocess
 
-    env = dict(os.environ, PYTHON=sys.executable, **(env_extra or {}))
-    return subprocess.run(["bash", str(ROOT / "benchmarks" / "ab_commits.sh"), *map(str, args)], cwd=cwd, env=env,
+    env = dict(os.environ, PYTHON=sys.executable, **env_extra)
+    return subprocess.run(["bash", str(ROOT / "benchmarks" / name), *map(str, args)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
+
+
+def _ab_commits(*args, **env_extra):
+    return _script("ab_commits.sh", *args, **env_extra)
 
 
 def test_ab_commits_refuses_bad_arguments_in_one_line(phantom_folder, tmp_path):
@@ -504,27 +509,20 @@ def test_ab_commits_measures_each_commit_in_its_worktree(phantom_folder, tmp_pat
     if subprocess.run(["git", "rev-parse", "--verify", "-q", "HEAD~1"], cwd=ROOT, capture_output=True).returncode:
         pytest.skip("needs a checkout with at least two commits")
     r = _ab_commits(phantom_folder, tmp_path / "o", "HEAD", "HEAD~1",
-                    env_extra={"WORKERS": "1", "ROUNDS": "2", "REPEATS": "1", "BACKENDS": "threads",
-                               "EXTRA": "--no-warmup"})
+                    WORKERS="1", ROUNDS="2", REPEATS="1", BACKENDS="threads", EXTRA="--no-warmup")
     assert r.returncode == 0, r.stdout + r.stderr
     heads = [subprocess.run(["git", "rev-parse", "--short", c], cwd=ROOT, capture_output=True, text=True).stdout.strip()
              for c in ("HEAD", "HEAD~1")]
     for c in heads:
-        assert (tmp_path / "o" / f"scaling-ab-{c}-r1.json").is_file() and (tmp_path / "o" / f"scaling-ab-{c}-r2.json").is_file()
+        assert all((tmp_path / "o" / f"scaling-ab-{c}-r{r}.json").is_file() for r in (1, 2))
         row = next(line for line in r.stdout.splitlines() if line.startswith(f"| {c} | threads | 1 |"))
         assert len(row.split("|")[5].split(",")) == 2            # both rounds' figures
     worktrees = subprocess.run(["git", "worktree", "list"], cwd=ROOT, capture_output=True, text=True).stdout
     assert "ab-commits" not in worktrees                          # removed at the end
 
 
-# --------------------------------------------------------------------------------------------- device_run.sh
 def _device_run(data, out, **env_extra):
-    import os
-    import subprocess
-
-    env = dict(os.environ, PYTHON=sys.executable, QUICK="1", TRAIN_DEVICE="cpu", STEPS="none", **env_extra)
-    return subprocess.run(["bash", str(ROOT / "benchmarks" / "device_run.sh"), str(data), str(out), "60"], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=300)
+    return _script("device_run.sh", data, out, "60", QUICK="1", TRAIN_DEVICE="cpu", STEPS="none", **env_extra)
 
 
 def test_device_run_rebuilds_packed_data_after_its_preflight(phantom_folder, tmp_path):
