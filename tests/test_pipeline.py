@@ -527,6 +527,72 @@ def test_dispatcher_ends_the_idle_time_of_workers_when_the_work_is_done():
     assert idle() == pytest.approx(st.idle_since[0] - t_idle)
 
 
+class _HandOut(process_backend.ProcessBackend):
+    """Just enough of a processes run for ``_hand_out``: the jobs it sends are recorded, not sent."""
+
+    def __init__(self, n_workers: int, n_volumes: int, lookahead: int):
+        import threading
+        self.n_workers = n_workers
+        self.loads = schedule.LoadPlan([(f"v{i}",) for i in range(n_volumes)], lookahead, threading.Condition(),
+                                       threading.Event())
+        self._lock = threading.Lock()
+        self.free_arena = list(range(lookahead))
+        self.sent: list[tuple[int, str]] = []
+
+    def _send_slice(self, w, task, outstanding):
+        self.sent.append((w, "slice"))
+        return True
+
+    def _send(self, w, msg, outstanding):
+        self.sent.append((w, msg[0]))
+        return True
+
+
+def _jobs(st, w):
+    return ["load" if isinstance(j, schedule.LoadMark) else "slice" for j in st.outstanding[w]]
+
+
+def test_dispatcher_starts_loads_before_the_workers_run_dry():
+    """A load goes out as soon as the plan allows, to a worker that still has slices queued; while slices wait,
+    at most half the workers load, and no slice is ever queued behind a load (it would wait for the volume)."""
+    from engine.process_backend import PREFETCH_PER_WORKER, _Dispatch
+    from engine.profile import Profiler
+
+    run = _HandOut(n_workers=4, n_volumes=6, lookahead=3)
+    st = _Dispatch(4, Profiler(4, "processes"))
+    st.pending.extend(schedule.Task(seq, None, 0) for seq in range(PREFETCH_PER_WORKER + 2))
+    assert run._hand_out(st)
+    assert [_jobs(st, w) for w in range(4)] == [["slice"] * PREFETCH_PER_WORKER, ["slice", "slice"], ["load"],
+                                                ["load"]]              # two loads: half of 4 workers
+    st.pending.extend(schedule.Task(seq, None, 0) for seq in range(10, 13))
+    run.sent.clear()
+    assert run._hand_out(st)
+    assert run.sent == [(1, "slice")] * 2                               # not to 2 and 3: they are loading
+    assert [t.seq for t in st.pending] == [12]                          # it waits for a worker
+    st.outstanding[2].popleft()                                         # worker 2's volume is loaded ...
+    st.loading[2] = False
+    run.loads.next_take += 1                                            # ... and taken by the producer
+    run.sent.clear()
+    assert run._hand_out(st)
+    assert run.sent == [(2, "slice"), (2, "load")]                      # a load behind a slice, not before
+    assert _jobs(st, 2) == ["slice", "load"] and _jobs(st, 3) == ["load"]
+
+
+def test_dispatcher_starts_as_many_loads_as_the_plan_allows_when_no_slice_is_anywhere():
+    from engine.process_backend import _Dispatch
+    from engine.profile import Profiler
+
+    run = _HandOut(n_workers=4, n_volumes=6, lookahead=3)
+    st = _Dispatch(4, Profiler(4, "processes"))
+    assert run._hand_out(st)
+    assert [_jobs(st, w) for w in range(4)] == [["load"], ["load"], ["load"], []]   # the look-ahead's 3
+    st.outstanding[0].clear()
+    st.loading[0] = False
+    run.loads.next_take += 1                                            # the producer took the first volume
+    assert run._hand_out(st)
+    assert sorted(_jobs(st, 0) + _jobs(st, 3)) == ["load"] and sum(st.loading) == 3   # one of the idle two
+
+
 @pytest.mark.parametrize("backend, workers, noun", [("threads", 1, "worker thread"), ("threads", 2, "worker threads"),
                                                      ("processes", 1, "worker process"),
                                                      ("processes", 4, "worker processes")])
