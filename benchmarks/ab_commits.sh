@@ -6,11 +6,14 @@
 #
 #   benchmarks/ab_commits.sh DATA_DIR OUT_DIR COMMIT [COMMIT ...]
 #
+# A COMMIT may also be a folder holding a checkout (e.g. `git archive COMMIT | tar -x -C DIR`): it runs there, named
+# by the folder's name, and needs no git repository (for a machine that gets the files without .git).
 # Environment: PYTHON (default python3), WORKERS (default 6,16), BACKENDS (default processes), ROUNDS (default
 # 3), REPEATS (runs per point and round, default 2), LIMIT_S (no round starts after this many seconds, default
-# 400), EXTRA (more scaling.py arguments, e.g. "--copies 3"). Per round and commit the scaling.py log and its
-# JSON go to OUT_DIR; the closing table gives each commit's median frames/s per backend and worker count, with
-# every round's figure. Needs the repository's .git (the device tool sends it).
+# 400), EXTRA (more scaling.py arguments, e.g. "--copies 3"), WARM (0: no compile of every commit's kernels, all at
+# once, before round 1). Per round and commit the scaling.py log and its JSON go to OUT_DIR; the closing table
+# gives each commit's median frames/s per backend and worker count, with every round's figure, and the medians
+# of the workers' waiting and barrier shares.
 set -u
 DATA=${1:?usage: benchmarks/ab_commits.sh DATA_DIR OUT_DIR COMMIT [COMMIT ...]}
 OUT=${2:?usage: benchmarks/ab_commits.sh DATA_DIR OUT_DIR COMMIT [COMMIT ...]}
@@ -18,26 +21,51 @@ shift 2
 (( $# >= 1 )) || { echo "ab_commits: name at least one commit" >&2; exit 2; }
 PY=${PYTHON:-python3}
 T0=$SECONDS
-ROOT=$(git rev-parse --show-toplevel) || exit 2
 OUT=$(mkdir -p "$OUT" && cd "$OUT" && pwd)
 DATA=$(cd "$DATA" 2>/dev/null && pwd) || { echo "ab_commits: $DATA: no such folder" >&2; exit 2; }
 WT=$(mktemp -d /tmp/ab-commits.XXXXXX)
-trap 'for d in "$WT"/*/; do git -C "$ROOT" worktree remove --force "$d" >/dev/null 2>&1; done; rm -rf "$WT"' EXIT
+ROOT=
+trap '[[ -n $ROOT ]] && for d in "$WT"/*/; do git -C "$ROOT" worktree remove --force "$d" >/dev/null 2>&1; done
+      rm -rf "$WT"' EXIT
 export PYTHONUNBUFFERED=1 MPLBACKEND=Agg
 
-names=()
+names=()                                     # what the table calls each one
+trees=()                                     # where each one runs
 for c in "$@"; do
+    if [[ -d $c ]]; then                     # a checkout already made, e.g. by git archive
+        [[ -f $c/benchmarks/scaling.py ]] \
+            || { echo "ab_commits: $c: a folder without benchmarks/scaling.py, not a checkout of this project" >&2; exit 2; }
+        names+=("$(basename "$(cd "$c" && pwd)")")
+        trees+=("$(cd "$c" && pwd)")
+        continue
+    fi
+    [[ -n $ROOT ]] || ROOT=$(git rev-parse --show-toplevel 2>/dev/null) \
+        || { echo "ab_commits: $c: no such folder, and no git repository here to find it as a commit in" >&2; exit 2; }
     short=$(git -C "$ROOT" rev-parse --verify -q --short "$c^{commit}") || { echo "ab_commits: $c: not a commit" >&2; exit 2; }
     git -C "$ROOT" worktree add --detach --force "$WT/$short" "$short" >/dev/null 2>&1 \
         || { echo "ab_commits: cannot check out $c" >&2; exit 2; }
     names+=("$short")
+    trees+=("$WT/$short")
 done
 
+# Compile each commit's kernels into its own cache now, all commits at once, so that round 1 does not time
+# the compiles one after another (about 20 s each). WARM=0 skips it.
+if [[ ${WARM:-1} != 0 ]]; then
+    for i in "${!names[@]}"; do
+        ( cd "${trees[$i]}" && NUMBA_CACHE_DIR="${trees[$i]}/.numba_cache" $PY benchmarks/scaling.py --input "$DATA" \
+            --max-volumes 1 --backends "${BACKENDS:-processes}" --workers 1 --pinned none --repeats 1 --no-warmup \
+            --tag warm --out-dir "$WT/warm-$i" ) > "$OUT/log-${names[$i]}-warm.txt" 2>&1 &
+    done
+    wait
+    echo "== kernels compiled at $(( SECONDS - T0 )) s"
+fi
+
 for (( r = 1; r <= ${ROUNDS:-3}; r++ )); do
-    for c in "${names[@]}"; do
+    for i in "${!names[@]}"; do
+        c=${names[$i]}
         if (( SECONDS - T0 > ${LIMIT_S:-400} )); then echo "== time limit: stopping before round $r"; break 2; fi
         # each commit keeps its own numba cache: kernels differ between commits
-        ( cd "$WT/$c" && NUMBA_CACHE_DIR="$WT/$c/.numba_cache" $PY benchmarks/scaling.py --input "$DATA" \
+        ( cd "${trees[$i]}" && NUMBA_CACHE_DIR="${trees[$i]}/.numba_cache" $PY benchmarks/scaling.py --input "$DATA" \
             --backends "${BACKENDS:-processes}" --workers "${WORKERS:-6,16}" --pinned none \
             --repeats "${REPEATS:-2}" ${EXTRA:-} --tag "ab-$c-r$r" --out-dir "$OUT" ) > "$OUT/log-$c-r$r.txt" 2>&1
         echo "== round $r $c: exit $? at $(( SECONDS - T0 )) s"
@@ -47,14 +75,24 @@ done
 $PY - "$OUT" "${names[@]}" <<'EOF'
 import glob, json, statistics, sys
 out, names = sys.argv[1], sys.argv[2:]
-print("| commit | backend | workers | frames/s (median) | rounds |")
-print("|---|---|---:|---:|---|")
+def med(values):
+    values = [x for x in values if x is not None]
+    return f"{statistics.median(values):.1f}" if values else "-"
+
+print("| commit | backend | workers | frames/s (median) | rounds | workers waiting % (of it: volume / room) "
+      "| barrier % |")
+print("|---|---|---:|---:|---|---|---:|")
 for c in names:
-    fps = {}
+    points = {}
     for f in sorted(glob.glob(f"{out}/scaling-ab-{c}-r*.json")):
         for p in json.load(open(f))["points"]:
-            fps.setdefault((p["backend"], p["workers"]), []).append(p["fps"])
-    for (b, w), v in sorted(fps.items()):
-        print(f"| {c} | {b} | {w} | {statistics.median(v):,.0f} | {', '.join(f'{x:,.0f}' for x in v)} |")
+            points.setdefault((p["backend"], p["workers"]), []).append(p)
+    for (b, w), ps in sorted(points.items()):
+        fps = [p["fps"] for p in ps]
+        pr = [p.get("profile") or {} for p in ps]
+        waiting = f"{med(x.get('waiting_pct') for x in pr)} ({med(x.get('waiting_volume_pct') for x in pr)} / " \
+                  f"{med(x.get('waiting_room_pct') for x in pr)})"
+        print(f"| {c} | {b} | {w} | {statistics.median(fps):,.0f} | {', '.join(f'{x:,.0f}' for x in fps)} "
+              f"| {waiting} | {med(x.get('barrier_pct') for x in pr)} |")
 EOF
 echo "== total $(( SECONDS - T0 )) s"

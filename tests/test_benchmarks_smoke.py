@@ -7,6 +7,7 @@ speed: timings on three slices mean nothing.
 from __future__ import annotations
 
 import json
+import re
 import math
 import sys
 from pathlib import Path
@@ -497,7 +498,8 @@ def _ab_commits(*args, **env_extra):
 def test_ab_commits_refuses_bad_arguments_in_one_line(phantom_folder, tmp_path):
     for args, words in [((phantom_folder, tmp_path / "o"), "name at least one commit"),
                         ((tmp_path / "nowhere", tmp_path / "o", "HEAD"), "no such folder"),
-                        ((phantom_folder, tmp_path / "o", "no-such-ref"), "no-such-ref: not a commit")]:
+                        ((phantom_folder, tmp_path / "o", "no-such-ref"), "no-such-ref: not a commit"),
+                        ((phantom_folder, tmp_path / "o", phantom_folder), "not a checkout of this project")]:
         r = _ab_commits(*args)
         assert r.returncode == 2, r.stderr
         assert words in r.stderr and r.stderr.strip().count("\n") == 0, r.stderr
@@ -508,15 +510,24 @@ def test_ab_commits_measures_each_commit_in_its_worktree(phantom_folder, tmp_pat
     import subprocess
     if subprocess.run(["git", "rev-parse", "--verify", "-q", "HEAD~1"], cwd=ROOT, capture_output=True).returncode:
         pytest.skip("needs a checkout with at least two commits")
-    r = _ab_commits(phantom_folder, tmp_path / "o", "HEAD", "HEAD~1",
+    # HEAD~1 comes as a folder made by git archive, as for a machine that gets no .git
+    tree = tmp_path / "before"
+    tree.mkdir()
+    archive = subprocess.run(["git", "archive", "HEAD~1", "--", ".", ":!benchmarks/results"],
+                             cwd=ROOT, capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", tree], input=archive, check=True)
+    r = _ab_commits(phantom_folder, tmp_path / "o", "HEAD", tree,
                     WORKERS="1", ROUNDS="2", REPEATS="1", BACKENDS="threads", EXTRA="--no-warmup")
     assert r.returncode == 0, r.stdout + r.stderr
-    heads = [subprocess.run(["git", "rev-parse", "--short", c], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-             for c in ("HEAD", "HEAD~1")]
-    for c in heads:
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
+    for c in (head.strip(), "before"):
         assert all((tmp_path / "o" / f"scaling-ab-{c}-r{r}.json").is_file() for r in (1, 2))
         row = next(line for line in r.stdout.splitlines() if line.startswith(f"| {c} | threads | 1 |"))
         assert len(row.split("|")[5].split(",")) == 2            # both rounds' figures
+        waiting, barrier = row.split("|")[6:8]                   # the medians of the profile's shares
+        assert re.fullmatch(r" [\d.]+ \([\d.]+ / [\d.]+\) ", waiting) and float(barrier) >= 0, row
+        assert (tmp_path / "o" / f"log-{c}-warm.txt").is_file()  # its kernels compiled before round 1
+    assert "== kernels compiled at" in r.stdout
     worktrees = subprocess.run(["git", "worktree", "list"], cwd=ROOT, capture_output=True, text=True).stdout
     assert "ab-commits" not in worktrees                          # removed at the end
 
