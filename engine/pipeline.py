@@ -3,7 +3,8 @@
 ::
 
     load plan: volumes in source order, at most ``engine.readers`` loading or loaded ahead (``LoadPlan``)
-        -> N workers take a load job (read + prepare one volume) whenever no slice is waiting
+        -> N workers take a load job (read + prepare one volume): threads when no slice is waiting; processes
+           as soon as the look-ahead allows, at most half of them while slices wait
         -> producer: takes loaded volumes in source order, numbers their slices, opens / closes batches
         -> work queue (threads) | shared-memory ring + per-worker pipes (processes)
         -> the same N workers: body mask, pseudo-labels, chunk encoding (zlib releases the GIL)
@@ -12,7 +13,9 @@
 
 N workers are N cores of work: reading a CHAOS .nii.gz pair costs about as much CPU as its superpixels, so
 reader threads next to the workers (the design before) made one worker use 1.3-1.4 cores and left a second
-worker little to gain on 2 cores (1.10x). Loads fill the gaps where a worker would otherwise wait.
+worker little to gain on 2 cores (1.10x). With threads, loads fill the gaps where a worker would otherwise
+wait; the processes backend starts them earlier, because its workers hold several queued slices and at 16 of
+them a load begun only when one ran dry left them all without input (``ProcessBackend._hand_out``).
 
 At most one batch is uncommitted at any time: the producer opens batch k+1 once batch k's shard is renamed
 (its commit point), so a ``kill -9`` loses at most one batch of computed slices (design.md, Store,

@@ -455,11 +455,13 @@ class _Dispatch:
         for w, jobs in enumerate(self.outstanding):
             if not jobs:
                 self.prof.add_idle(w, self.idle_since[w], now, self.clock0[w])
-                self.idle_since[w] = now
-                self.clock0[w] = self.prof.clocks(now)
+                self._idle_from(w, now)
 
     def maybe_idle(self, w: int) -> None:
         """Worker ``w`` answered a job: with none left it is idle from now."""
         if not self.outstanding[w]:
-            self.idle_since[w] = time.perf_counter()
-            self.clock0[w] = self.prof.clocks(self.idle_since[w])
+            self._idle_from(w, time.perf_counter())
+
+    def _idle_from(self, w: int, t: float) -> None:
+        self.idle_since[w] = t
+        self.clock0[w] = self.prof.clocks(t)
