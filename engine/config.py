@@ -151,7 +151,8 @@ class EngineConfig:
     # maps-gzip-1 = image raw float32, superpixels/fg/label deflate level 1
     compression: str = "maps-gzip-1"
     # volumes loaded ahead: read + prepared by the workers themselves, at most this many at a time (memory:
-    # one prepared volume each); 0 = as many as workers, 2..8.
+    # one prepared volume each); 0 = as many as workers, 2..8. At 16 workers 12 and 16 ran slower than 8 and
+    # used 140-400 MB more (benchmarks/results/device-h200-2026-11-27-s28/README.md).
     readers: int = 0
 
     def __post_init__(self) -> None:
