@@ -430,10 +430,11 @@ BUSY_SAMPLE_S = 0.5          # how long host_info watches the CPUs before a run
 
 
 def host_info() -> dict:
-    """What the numbers depend on: CPU, cores, memory, load, library versions, code revision."""
+    """What the numbers depend on: CPU, cores, memory, load, library versions, code revision and source digest
+    (``engine.runinfo.source_digest``: the code itself, where a copied checkout's git metadata may be stale)."""
     import psutil
 
-    from engine.runinfo import git_revision, versions
+    from engine.runinfo import git_revision, source_digest, versions
 
     try:
         load = [round(v, 2) for v in os.getloadavg()]
@@ -447,7 +448,8 @@ def host_info() -> dict:
             "physical_cores": psutil.cpu_count(logical=False), "usable_cpus": n_cores(),
             "memory_gb": round(psutil.virtual_memory().total / 2 ** 30, 1), "load_average_start": load,
             "cores_busy_start": busy,
-            "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "git": git_revision(), "versions": versions(),
+            "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "git": git_revision(), "sources": source_digest(),
+            "versions": versions(),
             "command": " ".join([".venv/bin/python", os.path.relpath(sys.argv[0], REPO)] + sys.argv[1:])
             if sys.argv and sys.argv[0].endswith(".py") else None}
 

@@ -445,7 +445,7 @@ def render_markdown(result: dict) -> str:
         lines += [f"Host: `{host.get('host')}`, {host.get('cpu')}, {host.get('physical_cores')} physical / "
                   f"{host.get('logical_cpus')} logical CPUs, {host.get('memory_gb')} GB; load average "
                   f"{host.get('load_average_start')} at start, {host.get('load_average_end')} at end; code "
-                  f"{host.get('git')}.", f"Command: `{host.get('command')}`", ""]
+                  f"{host.get('git')} (sources {host.get('sources', '?')}).", f"Command: `{host.get('command')}`", ""]
     return "\n".join(lines)
 
 

@@ -433,7 +433,7 @@ def render_markdown(result: dict) -> str:
                   f"{host.get('logical_cpus')} logical CPUs ({nproc} usable), {host.get('memory_gb')} GB; "
                   f"load average {host.get('load_average_start')} at start, {host.get('load_average_end')} at "
                   f"end; python {v.get('python')}, numpy {v.get('numpy')}, numba {v.get('numba')}, scikit-image "
-                  f"{v.get('scikit-image')}; code {host.get('git')}.",
+                  f"{v.get('scikit-image')}; code {host.get('git')} (sources {host.get('sources', '?')}).",
                   f"Command: `{host.get('command')}`", ""]
     return "\n".join(lines)
 

@@ -1,6 +1,7 @@
 """Provenance written next to every output: resolved config, command line, git revision, versions."""
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import json
 import os
@@ -28,6 +29,29 @@ def git_revision() -> str:
     return (rev or "unknown") + ("+dirty" if dirty else "")
 
 
+# The code a result depends on, fingerprinted without git (a copied checkout may carry an older .git, or none).
+SOURCE_GLOBS = ("cli.py", "engine/**/*.py", "alpnet/**/*.py", "benchmarks/*.py")
+
+
+def source_digest(root: str | Path | None = None) -> str:
+    """First 12 hex digits of a SHA-256 over the project's Python sources under ``root`` (default: this
+    checkout): each file's relative path and bytes, in path order.
+
+    Two checkouts with the same digest ran the same code, whatever their git metadata says; to find the
+    commit of a result, compare with ``python -m engine.runinfo DIR`` on ``git archive COMMIT`` extracted
+    into DIR.
+    """
+    root = Path(root) if root is not None else Path(__file__).resolve().parent.parent
+    if not (root / "engine").is_dir():
+        raise FileNotFoundError(f"{root}: no engine/ folder here, not a checkout of this project")
+    files = sorted({p.relative_to(root).as_posix() for g in SOURCE_GLOBS for p in root.glob(g)
+                    if p.is_file() and "__pycache__" not in p.parts})
+    h = hashlib.sha256()
+    for rel in files:
+        h.update(rel.encode() + b"\0" + (root / rel).read_bytes() + b"\0")
+    return h.hexdigest()[:12]
+
+
 def versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
     for name in _PACKAGES:
@@ -40,7 +64,7 @@ def versions() -> dict[str, str]:
 
 def run_info(config: dict[str, Any] | None = None) -> dict[str, Any]:
     return {"command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]), "git": git_revision(),
-            "host": platform.node(), "versions": versions(), "config": config or {}}
+            "sources": source_digest(), "host": platform.node(), "versions": versions(), "config": config or {}}
 
 
 def write_run_info(out_dir: str | Path, config: dict[str, Any], name: str = "run") -> Path:
@@ -65,3 +89,11 @@ def write_text_atomic(path: str | Path, text: str) -> None:
         tmp.unlink(missing_ok=True)
         # a failed write() names no file: name the one meant
         raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from None
+
+
+if __name__ == "__main__":
+    # python -m engine.runinfo [DIR]: the source digest of a checkout (default: this one)
+    try:
+        print(source_digest(sys.argv[1] if len(sys.argv) > 1 else None))
+    except FileNotFoundError as exc:
+        sys.exit(f"runinfo: {exc}")

@@ -1,6 +1,8 @@
 """Config loading: YAML + overrides onto typed dataclasses, errors name the dotted key."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -127,3 +129,47 @@ def test_text_files_are_replaced_whole_and_a_failure_names_the_file(tmp_path, mo
     assert err.value.errno == 28 and err.value.filename == str(path)
     monkeypatch.setattr(runinfo.os, "replace", real)
     assert path.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["results.md"]
+
+
+def _checkout(root):
+    """A minimal copy of this project's source layout: what the digest reads, and things it must not read."""
+    for rel, text in {"cli.py": "main()\n", "engine/a.py": "A = 1\n", "engine/sub/b.py": "B = 2\n",
+                      "alpnet/m.py": "M = 3\n", "benchmarks/t.py": "T = 4\n", "README.md": "words\n",
+                      "benchmarks/results/r.json": "{}\n", "engine/__pycache__/a.cpython-311.pyc": "x"}.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text)
+    return root
+
+
+def test_source_digest_follows_the_code_and_nothing_else(tmp_path):
+    from engine.runinfo import source_digest
+
+    root = _checkout(tmp_path / "c")
+    d0 = source_digest(root)
+    assert len(d0) == 12 and source_digest(root) == d0
+    assert source_digest(_checkout(tmp_path / "copy")) == d0          # a copy elsewhere: the same code
+    for rel in ("README.md", "benchmarks/results/r.json", "engine/__pycache__/a.cpython-311.pyc"):
+        (root / rel).write_text("changed")
+    assert source_digest(root) == d0                                    # docs, results, caches: not code
+    (root / "engine/sub/b.py").write_text("B = 3\n")
+    assert source_digest(root) != d0
+    (root / "engine/sub/b.py").write_text("B = 2\n")
+    (root / "engine/sub/b.py").rename(root / "engine/sub/c.py")
+    assert source_digest(root) != d0                                    # a renamed module is another code
+
+
+def test_source_digest_command_prints_it_and_refuses_a_folder_without_engine(tmp_path):
+    import subprocess
+    import sys
+
+    from engine.runinfo import source_digest
+
+    root = _checkout(tmp_path / "c")
+    repo = Path(__file__).resolve().parent.parent
+    r = subprocess.run([sys.executable, "-m", "engine.runinfo", str(root)], cwd=repo, capture_output=True,
+                       text=True)
+    assert r.returncode == 0 and r.stdout.strip() == source_digest(root)
+    r = subprocess.run([sys.executable, "-m", "engine.runinfo", str(tmp_path)], cwd=repo, capture_output=True,
+                       text=True)
+    assert r.returncode == 1 and "not a checkout of this project" in r.stderr
+    assert r.stderr.strip().count("\n") == 0

@@ -659,6 +659,8 @@ def test_profile_runinfo_and_summary(folder, tmp_path, capsys, backend):
     assert prof["memory"]["minor_page_faults_main"] >= 0
     assert isinstance(prof["timeline"], list) and prof["timeline"]
     assert (tmp_path / "s.h5.config.yaml").is_file() and (tmp_path / "s.h5.info.json").is_file()
+    from engine.runinfo import source_digest
+    assert json.loads((tmp_path / "s.h5.info.json").read_text())["sources"] == source_digest()
     captured = capsys.readouterr()
     assert "complete: 19 slices from 3 volumes" in captured.out
     assert "slices/s" in captured.out and "profile:" in captured.out and "of it on a core" in captured.out
