@@ -46,6 +46,8 @@ if missing:
              + " (bring them as wheels: WHEELS=folder, see the README's Results section)")
 print("== preflight: every module the project imports is there")
 PREFLIGHT
+# Which code runs: the .git that reaches that machine can be older than its files (stop 28), the digest cannot.
+echo "== code: git $(git rev-parse --short HEAD 2>/dev/null || echo none), sources $($PY -m engine.runinfo)"
 
 step() {   # step NAME CAP_S CMD...: run CMD, output in $W/NAME.log, limited to min(CAP_S, time left)
     local name=$1 cap=$2; shift 2

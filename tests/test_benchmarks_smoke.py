@@ -543,6 +543,8 @@ def test_device_run_rebuilds_packed_data_after_its_preflight(phantom_folder, tmp
     r = _device_run(tmp_path / "data", tmp_path / "out", PACKED=str(tmp_path / "packed"))
     assert r.returncode == 0, r.stdout + r.stderr
     assert "every module the project imports is there" in r.stdout
+    from engine.runinfo import source_digest
+    assert f"sources {source_digest()}" in r.stdout                     # which code ran, without git
     for p in phantom_folder.iterdir():
         assert (tmp_path / "data" / p.name).read_bytes() == p.read_bytes()
     assert (tmp_path / "out" / "device_results.tar.gz").is_file()
