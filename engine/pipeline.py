@@ -447,16 +447,13 @@ class _Run(ProcessBackend):
     def _wait_for_slot(self) -> int:
         """Producer, processes backend: block until the writer gives a ring slot back (the profile's room
         clock runs meanwhile)."""
-        self.prof.room_clock.start()
-        try:
+        with self.prof.room_clock:
             while True:
                 try:
                     return self.free_slots.get(timeout=0.1)
                 except queue.Empty:
                     if self.stop.is_set():
                         raise Stopped
-        finally:
-            self.prof.room_clock.stop()
 
     # -------------------------------------------------------------- thread workers
     def _thread_worker(self, w: int) -> None:

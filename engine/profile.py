@@ -59,6 +59,14 @@ class BlockClock:
             t = time.perf_counter() if t is None else t
             return self._total + (max(0.0, t - self._since) if self._since is not None else 0.0)
 
+    def __enter__(self) -> "BlockClock":
+        """``with clock:`` counts the block's time, however it ends (``Stopped`` included)."""
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
 
 class WorkerStats:
     """Times of one compute worker, in seconds."""

@@ -118,13 +118,10 @@ class Batches:
 
     def begin(self, index: int, first_slice: int) -> BatchState:
         """Open a batch; blocks (the barrier) while INFLIGHT_BATCHES batches are uncommitted."""
-        self.clock.start()
-        try:
+        with self.clock:
             while not self.sem.acquire(timeout=0.1):
                 if self.stop.is_set():
                     raise Stopped
-        finally:
-            self.clock.stop()
         st = BatchState(index, first_slice)
         with self.cond:
             self.open[index] = st
@@ -251,14 +248,11 @@ class LoadPlan:
                 if self.next_take >= len(self.plan):
                     return
                 if self.next_take not in self.results:
-                    self.clock.start()
-                    try:
+                    with self.clock:
                         while self.next_take not in self.results:
                             if self.stop.is_set():
                                 raise Stopped
                             self.cond.wait(0.1)
-                    finally:
-                        self.clock.stop()
                 result = self.results.pop(self.next_take)
                 self.next_take += 1
                 self.cond.notify_all()
@@ -312,16 +306,15 @@ class WorkQueue:
         with self.cond:
             if len(self.slices) >= self.max_slices:
                 # ``putters`` changes under the lock, which ``wait`` releases: workers see it only while we wait
-                self.clock.start()
-                self.putters += 1
-                try:
-                    while len(self.slices) >= self.max_slices:
-                        if self.stop.is_set():
-                            raise Stopped
-                        self.cond.wait(0.1)
-                finally:
-                    self.putters -= 1
-                    self.clock.stop()
+                with self.clock:
+                    self.putters += 1
+                    try:
+                        while len(self.slices) >= self.max_slices:
+                            if self.stop.is_set():
+                                raise Stopped
+                            self.cond.wait(0.1)
+                    finally:
+                        self.putters -= 1
             self.slices.append(task)
             self.cond.notify_all()
 

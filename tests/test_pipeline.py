@@ -484,6 +484,18 @@ def test_idle_time_is_split_by_what_the_producer_was_waiting_for():
     assert "waiting for input 1%, barrier" in summary_lines(d)[1]
 
 
+def test_block_clock_counts_a_with_block_also_when_it_raises():
+    from engine.profile import BlockClock
+
+    clock = BlockClock()
+    with pytest.raises(schedule.Stopped):
+        with clock:
+            time.sleep(0.05)
+            raise schedule.Stopped
+    t = time.perf_counter()
+    assert clock.value(t) >= 0.05 and clock.value(t + 1.0) == clock.value(t)   # stopped at the block's end
+
+
 def test_producer_clocks_run_while_it_waits_for_a_volume_and_for_room():
     import threading
     import time
