@@ -35,8 +35,9 @@ for c in "$@"; do
     if [[ -d $c ]]; then                     # a checkout already made, e.g. by git archive
         [[ -f $c/benchmarks/scaling.py ]] \
             || { echo "ab_commits: $c: a folder without benchmarks/scaling.py, not a checkout of this project" >&2; exit 2; }
-        names+=("$(basename "$(cd "$c" && pwd)")")
-        trees+=("$(cd "$c" && pwd)")
+        tree=$(cd "$c" && pwd)
+        names+=("$(basename "$tree")")
+        trees+=("$tree")
         continue
     fi
     [[ -n $ROOT ]] || ROOT=$(git rev-parse --show-toplevel 2>/dev/null) \
@@ -47,14 +48,21 @@ for c in "$@"; do
     names+=("$short")
     trees+=("$WT/$short")
 done
+dup=$(printf '%s\n' "${names[@]}" | sort | uniq -d | head -n 1)
+[[ -z $dup ]] || { echo "ab_commits: $dup named twice: its results would overwrite each other" >&2; exit 2; }
+
+scaling_in() {   # scaling_in I ARGS...: scaling.py of the I-th commit, in its tree, with its own numba cache
+    local i=$1; shift
+    ( cd "${trees[$i]}" && NUMBA_CACHE_DIR="${trees[$i]}/.numba_cache" $PY benchmarks/scaling.py --input "$DATA" \
+        --backends "${BACKENDS:-processes}" --pinned none "$@" )
+}
 
 # Compile each commit's kernels into its own cache now, all commits at once, so that round 1 does not time
 # the compiles one after another (about 20 s each). WARM=0 skips it.
 if [[ ${WARM:-1} != 0 ]]; then
     for i in "${!names[@]}"; do
-        ( cd "${trees[$i]}" && NUMBA_CACHE_DIR="${trees[$i]}/.numba_cache" $PY benchmarks/scaling.py --input "$DATA" \
-            --max-volumes 1 --backends "${BACKENDS:-processes}" --workers 1 --pinned none --repeats 1 --no-warmup \
-            --tag warm --out-dir "$WT/warm-$i" ) > "$OUT/log-${names[$i]}-warm.txt" 2>&1 &
+        scaling_in "$i" --max-volumes 1 --workers 1 --repeats 1 --no-warmup --tag warm --out-dir "$WT/warm-$i" \
+            > "$OUT/log-${names[$i]}-warm.txt" 2>&1 &
     done
     wait
     echo "== kernels compiled at $(( SECONDS - T0 )) s"
@@ -65,9 +73,8 @@ for (( r = 1; r <= ${ROUNDS:-3}; r++ )); do
         c=${names[$i]}
         if (( SECONDS - T0 > ${LIMIT_S:-400} )); then echo "== time limit: stopping before round $r"; break 2; fi
         # each commit keeps its own numba cache: kernels differ between commits
-        ( cd "${trees[$i]}" && NUMBA_CACHE_DIR="${trees[$i]}/.numba_cache" $PY benchmarks/scaling.py --input "$DATA" \
-            --backends "${BACKENDS:-processes}" --workers "${WORKERS:-6,16}" --pinned none \
-            --repeats "${REPEATS:-2}" ${EXTRA:-} --tag "ab-$c-r$r" --out-dir "$OUT" ) > "$OUT/log-$c-r$r.txt" 2>&1
+        scaling_in "$i" --workers "${WORKERS:-6,16}" --repeats "${REPEATS:-2}" ${EXTRA:-} --tag "ab-$c-r$r" \
+            --out-dir "$OUT" > "$OUT/log-$c-r$r.txt" 2>&1
         echo "== round $r $c: exit $? at $(( SECONDS - T0 )) s"
     done
 done

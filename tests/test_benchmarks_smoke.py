@@ -496,10 +496,15 @@ def _ab_commits(*args, **env_extra):
 
 
 def test_ab_commits_refuses_bad_arguments_in_one_line(phantom_folder, tmp_path):
+    twins = [tmp_path / side / "same" for side in ("a", "b")]          # two checkouts with one folder name
+    for t in twins:
+        (t / "benchmarks").mkdir(parents=True)
+        (t / "benchmarks" / "scaling.py").write_text("")
     for args, words in [((phantom_folder, tmp_path / "o"), "name at least one commit"),
                         ((tmp_path / "nowhere", tmp_path / "o", "HEAD"), "no such folder"),
                         ((phantom_folder, tmp_path / "o", "no-such-ref"), "no-such-ref: not a commit"),
-                        ((phantom_folder, tmp_path / "o", phantom_folder), "not a checkout of this project")]:
+                        ((phantom_folder, tmp_path / "o", phantom_folder), "not a checkout of this project"),
+                        ((phantom_folder, tmp_path / "o", *twins), "same named twice")]:
         r = _ab_commits(*args)
         assert r.returncode == 2, r.stderr
         assert words in r.stderr and r.stderr.strip().count("\n") == 0, r.stderr
