@@ -379,6 +379,37 @@ def test_profile_counts_the_page_faults_of_fresh_memory():
     assert pages <= faults < pages + 5000
 
 
+def test_profile_memory_reads_pss_only_while_a_worker_process_runs(monkeypatch):
+    import subprocess
+    import sys
+
+    import psutil
+
+    from engine.profile import Profiler
+
+    walked = []
+    real = psutil.Process.memory_full_info
+    monkeypatch.setattr(psutil.Process, "memory_full_info", lambda self: walked.append(self.pid) or real(self))
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    done = subprocess.Popen([sys.executable, "-c", "pass"])
+    try:
+        deadline = time.time() + 20                      # exited, not reaped: a zombie, as a worker before join
+        while psutil.Process(done.pid).status() != psutil.STATUS_ZOMBIE and time.time() < deadline:
+            time.sleep(0.01)
+        pids = [live.pid, done.pid]
+        prof = Profiler(2, "processes", child_pids=lambda: pids)
+        assert prof._rss_total(full=True) > 0
+        assert sorted(walked) == sorted([os.getpid(), live.pid])     # the running worker and the parent
+        walked.clear()
+        pids.remove(live.pid)
+        assert prof._rss_total(full=True) > 0
+        assert walked == []                              # no worker running: the parent's RSS, no page walk
+    finally:
+        live.kill()
+        live.wait()
+        done.wait()
+
+
 def test_run_queue_seconds_reads_linux_schedstat(tmp_path):
     import subprocess
     import sys
