@@ -528,6 +528,7 @@ class _Run(ProcessBackend):
                         builder.prepare(st.volumes, st.failures, st.count)
                     if done:
                         nbytes = builder.nbytes
+                        t_commit = time.perf_counter()
                         self.writer.end_shard(builder, st.volumes, st.failures)
                         builder = None
                 except (OSError, RuntimeError, StoreError) as exc:   # RuntimeError: h5py's for some HDF5 I/O failures
@@ -541,6 +542,7 @@ class _Run(ProcessBackend):
                     self.committed_this_run += st.count
                 self.batches.committed()
                 t1 = time.perf_counter()
+                prof.add_commit(t1 - t_commit, None if st.t_computed is None else t1 - st.t_computed)
                 try:
                     self._maybe_publish()
                 except (OSError, RuntimeError, StoreError) as exc:

@@ -120,6 +120,8 @@ class Profiler:
         self.write = {k: 0.0 for k in STAGES_WRITE}
         self.volumes_read = 0
         self.batches_written = 0
+        self.commits: list[float] = []           # seconds of each batch's commit (tables, fsync, rename)
+        self.commit_tails: list[float] = []      # seconds from a batch's last slice computed to its commit point
         self.bytes_written = 0
         self.samples: list[dict] = []
         self._queue_depth = queue_depth or (lambda: 0)
@@ -192,6 +194,15 @@ class Profiler:
             self.write["index"] += index
             self.batches_written += 1
             self.bytes_written += nbytes
+
+    def add_commit(self, commit: float, tail: float | None) -> None:
+        """A batch was committed: ``commit`` seconds for its tables, fsync and rename, ``tail`` seconds from
+        its last slice computed to the commit point (writing what was left of it, then the commit): the part
+        of the barrier that the writer holds (None when not known)."""
+        with self._lock:
+            self.commits.append(commit)
+            if tail is not None:
+                self.commit_tails.append(tail)
 
     # ------------------------------------------------------------------ sampling
     def _children_now(self) -> list:
@@ -348,6 +359,10 @@ class Profiler:
                        # whole working set, a second run in the same process reuses it
                        "minor_page_faults_main": (self.minor_faults if self.minor_faults is not None
                                                   else _minor_faults() - self._faults0)},
+            # the writer's side of the batch barrier: per batch, the commit and the time from its last slice
+            # computed to the commit point (the workers wait at least that long for the next batch)
+            "commits": {"n": len(self.commits), "commit_ms": _ms_summary(self.commits),
+                        "last_slice_to_commit_ms": _ms_summary(self.commit_tails)},
             "timeline": [{k: s[k] for k in ("t", "queue", "cpu_pct", "rss_mb")} for s in self.samples],
             "n_processed_by_workers": n_work,
         }
@@ -358,6 +373,14 @@ class Profiler:
         data = self.to_dict(slices, extra)
         write_text_atomic(path, json.dumps(data, indent=1))
         return data
+
+
+def _ms_summary(seconds: list[float]) -> dict | None:
+    """Median and largest of some durations, in milliseconds; None for none."""
+    if not seconds:
+        return None
+    ordered = sorted(seconds)
+    return {"median": round(1000 * ordered[len(ordered) // 2], 2), "max": round(1000 * ordered[-1], 2)}
 
 
 def _running(proc: psutil.Process) -> bool:
@@ -467,4 +490,10 @@ def summary_lines(p: dict) -> list[str]:
         part = (lambda keys: ", ".join(f"{k} {ps[k]:.2f}" for k in keys if k in ps))
         lines.append(f"ms per slice in each stage: read [{part(STAGES_READ)}] | workers [{part(STAGES_WORK)}] | "
                      f"writer [{part(STAGES_WRITE)}]")
+    commits = p.get("commits") or {}
+    tail, commit = commits.get("last_slice_to_commit_ms"), commits.get("commit_ms")
+    if tail and commit:
+        lines.append(f"batches: {commits['n']} committed; from a batch's last slice computed to its commit "
+                     f"{tail['median']:.1f} ms (median; max {tail['max']:.1f}), of it the commit itself "
+                     f"{commit['median']:.1f} ms")
     return lines

@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import threading
+import time
 
 import numpy as np
 
@@ -96,6 +97,7 @@ class BatchState:
         self.written = first_slice                     # next sequence number the writer takes
         self.volumes: dict[str, dict] = {}
         self.failures: list[dict] = []
+        self.t_computed: float | None = None          # when its last slice was computed (closed batches)
 
 
 class Batches:
@@ -130,6 +132,8 @@ class Batches:
     def close(self, st: BatchState) -> None:
         with self.cond:
             st.closed = True
+            if self._uncomputed(st) == 0:
+                st.t_computed = time.perf_counter()
             self.cond.notify_all()
 
     def finish(self) -> None:
@@ -149,6 +153,8 @@ class Batches:
         with self.cond:
             st = self.open[index]
             st.results[seq] = result
+            if st.closed and self._uncomputed(st) == 0:
+                st.t_computed = time.perf_counter()
             if st.written not in st.results:
                 return
             # Wake the writer for a run of ``write_run`` slices, not for each one: every wake-up costs both

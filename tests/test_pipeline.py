@@ -701,12 +701,20 @@ def test_profile_runinfo_and_summary(folder, tmp_path, capsys, backend):
     assert prof["memory"]["peak_rss_mb"] > 10 and "utilisation_pct" in prof["cpu"]
     assert prof["memory"]["minor_page_faults_main"] >= 0
     assert isinstance(prof["timeline"], list) and prof["timeline"]
+    # the writer's side of the barrier, per batch: the time from its last slice computed to its commit point
+    # holds the commit itself, so each order statistic of the first is at least that of the second
+    commits = prof["commits"]
+    assert commits["n"] == prof["batches_written"] >= 2
+    tail, commit = commits["last_slice_to_commit_ms"], commits["commit_ms"]
+    assert 0 < commit["median"] <= commit["max"] and commit["median"] <= tail["median"] <= tail["max"]
+    assert commit["max"] <= tail["max"]
     assert (tmp_path / "s.h5.config.yaml").is_file() and (tmp_path / "s.h5.info.json").is_file()
     from engine.runinfo import source_digest
     assert json.loads((tmp_path / "s.h5.info.json").read_text())["sources"] == source_digest()
     captured = capsys.readouterr()
     assert "complete: 19 slices from 3 volumes" in captured.out
     assert "slices/s" in captured.out and "profile:" in captured.out and "of it on a core" in captured.out
+    assert f"batches: {commits['n']} committed; from a batch's last slice computed to its commit" in captured.out
     # plain log lines (no tty): committed counts and a rate
     assert "slices committed" in captured.err
 
@@ -1113,6 +1121,33 @@ def test_writer_stops_waiting_once_the_producer_is_done():
     t0 = time.perf_counter()
     assert batches.writable(timeout=60) is None
     assert time.perf_counter() - t0 < 30
+
+
+def test_a_batch_records_when_its_last_slice_was_computed():
+    # the profile's last_slice_to_commit_ms starts there: at the last result of a closed batch, or at the close
+    # when every slice was computed before it
+    import threading
+
+    from engine.profile import Profiler
+    from engine.schedule import Batches
+    batches = Batches(0, 0, 3, Profiler(1, "threads").barrier_clock, threading.Event())
+    st = batches.begin(0, 0)
+    st.count = 3
+    batches.add_result(2, "slice 2")
+    batches.close(st)
+    batches.add_result(0, "slice 0")
+    assert st.t_computed is None                     # slice 1 is still out
+    t0 = time.perf_counter()
+    batches.add_result(1, "slice 1")
+    assert st.t_computed is not None and t0 <= st.t_computed <= time.perf_counter()
+    b2 = Batches(1, 3, 3, Profiler(1, "threads").barrier_clock, threading.Event())
+    st2 = b2.begin(1, 3)
+    st2.count = 1
+    b2.add_result(3, "slice 3")
+    assert st2.t_computed is None                    # not closed yet: more slices could come
+    t0 = time.perf_counter()
+    b2.close(st2)
+    assert st2.t_computed is not None and t0 <= st2.t_computed
 
 
 def batches_counting_wakeups(monkeypatch, write_run: int):
