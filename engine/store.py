@@ -166,7 +166,8 @@ def _drop_cached(fd: int) -> None:
     The engine writes a store once and does not read it back. Without this, every stored byte stays in the page
     cache and the writer keeps filling freshly allocated pages; dropped pages are reused by the next writes
     instead. On a VM that returns free memory to its host a fresh page costs a host fault: there, writing
-    1 GB in 4 MB synced steps took 1.1-1.2 s of CPU keeping the pages and 0.22 s dropping them. Readers lose
+    1 GB in 4 MB synced steps took 1.1-1.2 s of CPU keeping the pages and 0.22 s dropping them. Each shard's
+    pages are dropped once it is committed, so the cache holds about one batch of the store. Readers lose
     nothing but warm cache.
     """
     if hasattr(os, "posix_fadvise"):
@@ -382,19 +383,27 @@ _syncer: ThreadPoolExecutor | None = None
 _syncer_lock = threading.Lock()
 
 
-def _background_sync(fd: int) -> Future:
-    """``fdatasync`` + drop the cached pages of ``fd`` in the store's sync thread (one per process, started on
-    first use): the writer thread goes on writing chunks meanwhile instead of waiting for the disk."""
+def _in_sync_thread(fn: Callable, fd: int) -> Future:
+    """Run ``fn(fd)`` in the store's sync thread (one per process, started on first use), in order with the
+    other jobs there: the writer thread goes on writing chunks meanwhile instead of waiting for the disk."""
     global _syncer
     with _syncer_lock:
         if _syncer is None:
             _syncer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine-syncer")
-    return _syncer.submit(_sync_and_drop, fd)
+    return _syncer.submit(fn, fd)
 
 
-def _sync_and_drop(fd: int) -> None:
-    getattr(os, "fdatasync", os.fsync)(fd)          # macOS has no fdatasync
-    _drop_cached(fd)
+def _background_sync(fd: int) -> Future:
+    """``fdatasync`` of ``fd`` in the sync thread."""
+    return _in_sync_thread(getattr(os, "fdatasync", os.fsync), fd)      # macOS has no fdatasync
+
+
+def _drop_and_close(fd: int) -> None:
+    """Drop a committed shard's cached pages, then close ``fd`` (the sync thread owns it from then on)."""
+    try:
+        _drop_cached(fd)
+    finally:
+        os.close(fd)
 
 
 class ShardBuilder:
@@ -445,7 +454,8 @@ class ShardBuilder:
             # Send the chunks to the disk while the batch is still being computed: the fsync of the commit,
             # which the workers wait for at the batch barrier, then has little left to write (8 ms -> ~1 ms
             # for a 64-slice CHAOS shard here). In another thread: these syncs and the page drops took 1.7 s
-            # of the writer's 3.7 s on 10x CHAOS here, and one writer is the ceiling on many cores.
+            # of the writer's 3.7 s on 10x CHAOS here, and one writer is the ceiling on many cores. The pages
+            # are dropped after the commit (``commit``).
             self._wait_sync()
             self.sync_job = _background_sync(self.sync_fd)
             self.unsynced = 0
@@ -480,7 +490,12 @@ class ShardBuilder:
             f.close()
             self._wait_sync()
             os.fsync(self.sync_fd)
-            self._close_sync_fd()
+            # The pages leave the page cache only now, in the sync thread, not after each early sync: HDF5
+            # rewrites its metadata (chunk index, object headers) in place at close, and each partial page of
+            # it that had been dropped was read back from the disk first, ~100 kB of synchronous reads per
+            # 128-slice CHAOS batch here, inside the commit that the workers wait for.
+            fd, self.sync_fd = self.sync_fd, -1
+            _in_sync_thread(_drop_and_close, fd)
             os.replace(self.tmp, self.final)
         except BaseException:
             self.discard()

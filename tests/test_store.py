@@ -437,3 +437,33 @@ def test_error_text_is_one_line_in_the_systems_words():
         == "No space left on device (errno 28)"
     assert error_text(KeyError("volumes")) == "'volumes'"
     assert error_text(OSError()) == "OSError"
+
+
+def test_a_shard_leaves_the_page_cache_after_its_commit_not_before(tmp_path, monkeypatch):
+    # Dropping pages after each early sync made HDF5's close read back every partial page of metadata it
+    # rewrote (inside the commit the workers wait for); the drop now follows the commit's fsync, in the sync
+    # thread, which then closes the descriptor.
+    import threading
+
+    from engine import store as store_mod
+    monkeypatch.setattr(store_mod, "EARLY_SYNC_BYTES", 1)
+    events = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append("fsync"), real_fsync(fd))[1])
+    monkeypatch.setattr(store_mod, "_drop_cached", lambda fd: events.append(
+        ("drop", threading.current_thread().name, os.path.basename(os.readlink(f"/proc/self/fd/{fd}")), fd)))
+    codec = Codec.parse("maps-gzip-1")
+    w = StoreWriter.open(tmp_path / "s.h5", SETTINGS, codec, SHAPE, "rev1")
+    builder = w.begin_shard(0, 0, capacity=2)
+    for z in range(2):
+        builder.add(make_slice(codec, "1", z)[0])
+    assert not [e for e in events if e != "fsync"]            # early syncs (one per slice here) drop nothing
+    w.end_shard(builder, {"ref1": row("1", 2)}, [])
+    store_mod._in_sync_thread(lambda fd: None, -1).result()    # the sync thread's jobs run in order
+    drops = [e for e in events if e != "fsync"]
+    assert len(drops) == 1 and drops[0][1].startswith("engine-syncer")
+    # the tmp file's descriptor, renamed by now: the committed shard's pages; fsync came first
+    assert drops[0][2] in (shard_name(0), builder.tmp.name) and events.index(drops[0]) > events.index("fsync")
+    with pytest.raises(OSError):
+        os.fstat(drops[0][3])                                  # closed by the sync thread
+    w.finish(complete=True)
