@@ -12,8 +12,8 @@
 # 3), REPEATS (runs per point and round, default 2), LIMIT_S (no round starts after this many seconds, default
 # 400), EXTRA (more scaling.py arguments, e.g. "--copies 3"), WARM (0: no compile of every commit's kernels, all at
 # once, before round 1). Per round and commit the scaling.py log and its JSON go to OUT_DIR; the closing table
-# gives each commit's median frames/s per backend and worker count, with every round's figure, and the medians
-# of the workers' waiting and barrier shares.
+# gives each commit's median frames/s per backend and worker count, with every round's figure, the medians
+# of the workers' waiting and barrier shares, and of the time from a batch's last slice to its commit.
 set -u
 DATA=${1:?usage: benchmarks/ab_commits.sh DATA_DIR OUT_DIR COMMIT [COMMIT ...]}
 OUT=${2:?usage: benchmarks/ab_commits.sh DATA_DIR OUT_DIR COMMIT [COMMIT ...]}
@@ -86,9 +86,13 @@ def med(values):
     values = [x for x in values if x is not None]
     return f"{statistics.median(values):.1f}" if values else "-"
 
+def tail_ms(x):
+    c = (x.get("commits") or {}).get("last_slice_to_commit_ms")
+    return c["median"] if c else None
+
 print("| commit | backend | workers | frames/s (median) | rounds | workers waiting % (of it: volume / room) "
-      "| barrier % |")
-print("|---|---|---:|---:|---|---|---:|")
+      "| barrier % | last slice to commit, ms |")
+print("|---|---|---:|---:|---|---|---:|---:|")
 for c in names:
     points = {}
     for f in sorted(glob.glob(f"{out}/scaling-ab-{c}-r*.json")):
@@ -100,6 +104,6 @@ for c in names:
         waiting = f"{med(x.get('waiting_pct') for x in pr)} ({med(x.get('waiting_volume_pct') for x in pr)} / " \
                   f"{med(x.get('waiting_room_pct') for x in pr)})"
         print(f"| {c} | {b} | {w} | {statistics.median(fps):,.0f} | {', '.join(f'{x:,.0f}' for x in fps)} "
-              f"| {waiting} | {med(x.get('barrier_pct') for x in pr)} |")
+              f"| {waiting} | {med(x.get('barrier_pct') for x in pr)} | {med(tail_ms(x) for x in pr)} |")
 EOF
 echo "== total $(( SECONDS - T0 )) s"

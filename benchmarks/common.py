@@ -651,6 +651,8 @@ def profile_summary(p: dict) -> dict:
             "peak_rss_mb": p["memory"].get("peak_rss_sampled_total_mb", p["memory"]["peak_rss_mb"]),
             "per_slice_ms": p.get("per_slice_ms", {}),
             "producer_wait_s": p.get("producer_wait_s"),
+            # per batch: the commit and the time from its last slice computed to the commit point (ms)
+            "commits": p.get("commits"),
             "per_worker": [{k: w.get(k, 0.0) for k in ("slices", "busy_s", "waiting_s", "waiting_volume_s",
                                                        "waiting_room_s", "barrier_s", "other_s")}
                            for w in p.get("per_worker", [])]}

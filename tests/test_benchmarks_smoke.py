@@ -529,8 +529,10 @@ def test_ab_commits_measures_each_commit_in_its_worktree(phantom_folder, tmp_pat
         assert all((tmp_path / "o" / f"scaling-ab-{c}-r{r}.json").is_file() for r in (1, 2))
         row = next(line for line in r.stdout.splitlines() if line.startswith(f"| {c} | threads | 1 |"))
         assert len(row.split("|")[5].split(",")) == 2            # both rounds' figures
-        waiting, barrier = row.split("|")[6:8]                   # the medians of the profile's shares
+        waiting, barrier, tail = row.split("|")[6:9]             # the medians of the profile's shares
         assert re.fullmatch(r" [\d.]+ \([\d.]+ / [\d.]+\) ", waiting) and float(barrier) >= 0, row
+        if c != "before":                                        # a batch's last slice to its commit (ms)
+            assert float(tail) > 0, row
         assert (tmp_path / "o" / f"log-{c}-warm.txt").is_file()  # its kernels compiled before round 1
     assert "== kernels compiled at" in r.stdout
     worktrees = subprocess.run(["git", "worktree", "list"], cwd=ROOT, capture_output=True, text=True).stdout
