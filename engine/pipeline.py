@@ -8,7 +8,7 @@
         -> producer: takes loaded volumes in source order, numbers their slices, opens / closes batches
         -> work queue (threads) | shared-memory ring + per-worker pipes (processes)
         -> the same N workers: body mask, pseudo-labels, chunk encoding (zlib releases the GIL)
-        -> one writer thread: writes each slice into the open shard as soon as it and all before it are done,
+        -> one writer thread: writes each slice into the open shard as soon as it is done (in any order),
            and commits the shard (tables, fsync, rename) when the batch is complete
 
 N workers are N cores of work: reading a CHAOS .nii.gz pair costs about as much CPU as its superpixels, so
@@ -501,7 +501,7 @@ class _Run(ProcessBackend):
 
     # -------------------------------------------------------------- writer
     def _writer(self) -> None:
-        """Writes each batch's slices as they complete in sequence order; commits the shard at the batch's end."""
+        """Writes each batch's slices as they are computed, in any order; commits the shard at the batch's end."""
         prof = self.prof
         builder, t_batch = None, 0.0
         try:
@@ -516,11 +516,11 @@ class _Run(ProcessBackend):
                 try:
                     if builder is None:
                         builder = self.writer.begin_shard(st.index, st.first_slice, self.batch_size)
-                    for r in results:
-                        builder.add(r)
+                    for pos, r in results:
+                        builder.add(r, pos)
                     # The run's ring slots go back together: the producer, waiting for a free slot, then wakes
                     # once per run instead of once per slice (each wake-up pushed a worker off its core).
-                    for r in results:
+                    for _, r in results:
                         if r.release is not None:
                             r.release()
                     if not done and st.closed and builder.prepared is None:

@@ -94,7 +94,7 @@ class BatchState:
         self.count = 0
         self.closed = False
         self.results: dict[int, SliceResult] = {}     # computed, not yet handed to the writer
-        self.written = first_slice                     # next sequence number the writer takes
+        self.n_written = 0                             # slices handed to the writer
         self.volumes: dict[str, dict] = {}
         self.failures: list[dict] = []
         self.t_computed: float | None = None          # when its last slice was computed (closed batches)
@@ -155,48 +155,47 @@ class Batches:
             st.results[seq] = result
             if st.closed and self._uncomputed(st) == 0:
                 st.t_computed = time.perf_counter()
-            if st.written not in st.results:
-                return
-            # Wake the writer for a run of ``write_run`` slices, not for each one: every wake-up costs both
-            # threads a futex call and a context switch. Near the end of a closed batch it is woken for
-            # every slice instead, so that when the last one is computed only that slice's write and the
-            # commit stand between the waiting workers and the next batch.
+            # Wake the writer for ``write_run`` slices, not for each one: every wake-up costs both threads a
+            # futex call and a context switch. Near the end of a closed batch it is woken for every slice
+            # instead, so that when the last one is computed only that slice's write and the commit stand
+            # between the waiting workers and the next batch.
             run = self.write_run
-            n = 0
-            while st.written + n in st.results and n < run:
-                n += 1
-            if n >= run or (st.closed and self._uncomputed(st) < run):
+            if len(st.results) >= run or (st.closed and self._uncomputed(st) < run):
                 self.cond.notify_all()
 
     def writable(self, timeout: float) -> tuple[BatchState, list, bool] | None:
-        """The batch to commit next, its results that can be written now (in sequence order, handed over), and
-        whether it is complete after them; None when there is nothing to do within ``timeout``."""
+        """The batch to commit next, its computed results not yet written as (position in the batch, result)
+        pairs in sequence order (handed over), and whether it is complete after them; None when there is
+        nothing to do within ``timeout``.
+
+        Results go to the writer as they are computed, not in sequence: a slice that is late (a slow one, or
+        one whose worker holds its answer) no longer holds back the writes of the slices after it, which then
+        piled up and were all written between the batch's last slice and its commit, while the workers
+        waited at the barrier.
+        """
         with self.cond:
             st = self.open.get(self.next_commit)
             # Once the producer is done, an absent batch means the work is over: waiting would only add
             # ``timeout`` to every run's end.
-            if (st is None and not self.finished) or (st is not None and not (st.written in st.results
-                                                                               or self._complete(st))):
+            if (st is None and not self.finished) or (st is not None and not (st.results or self._complete(st))):
                 self.cond.wait(timeout)
                 st = self.open.get(self.next_commit)
             if st is None:
                 return None
-            out = []
-            while st.written in st.results:
-                out.append(st.results.pop(st.written))
-                st.written += 1
+            out = [(seq - st.first_slice, st.results.pop(seq)) for seq in sorted(st.results)]
+            st.n_written += len(out)
             done = self._complete(st)
             return (st, out, done) if out or done else None
 
     @staticmethod
     def _complete(st: BatchState) -> bool:
         """Every slice of the closed batch has been handed to the writer."""
-        return st.closed and st.written - st.first_slice == st.count
+        return st.closed and st.n_written == st.count
 
     @staticmethod
     def _uncomputed(st: BatchState) -> int:
         """Slices of the batch not computed yet (neither handed to the writer nor waiting for it)."""
-        return st.count - (st.written - st.first_slice) - len(st.results)
+        return st.count - st.n_written - len(st.results)
 
     def committed(self) -> None:
         with self.cond:

@@ -409,7 +409,7 @@ def _drop_and_close(fd: int) -> None:
 class ShardBuilder:
     """One shard being written: chunks go to a temporary file as slices arrive; :meth:`commit` renames it.
 
-    The engine adds each slice as soon as it (and every slice before it) is computed, so that closing a batch
+    The engine adds each slice as soon as it is computed, in any order, so that closing a batch
     costs only its tables, an fsync and the rename: workers wait at the batch barrier for that, not for the
     whole batch's writes. Nothing is visible under the shard's final name before :meth:`commit`.
     """
@@ -421,7 +421,7 @@ class ShardBuilder:
         self.final = self.parts / shard_name(index)
         self.tmp = self.parts / f".{shard_name(index)}.tmp-{os.getpid()}"
         self.created = _now()
-        self.rows: list[SliceResult] = []            # the slices' table rows (chunks dropped once written)
+        self.rows: dict[int, SliceResult] = {}       # position -> the slice's table row (chunks dropped once written)
         self.nbytes = 0                              # bytes of the chunks written
         self.capacity = max(capacity, 0)
         self.prepared: int | None = None             # slice count written by ``prepare``
@@ -439,9 +439,13 @@ class ShardBuilder:
             self.discard()
             raise
 
-    def add(self, s: SliceResult) -> None:
-        """Write the next slice's chunks (slices are added in sequence order)."""
-        i = len(self.rows)
+    def add(self, s: SliceResult, pos: int | None = None) -> None:
+        """Write the chunks of the slice at position ``pos`` of the shard (default: the next one). Slices may
+        come in any order: each chunk goes to its slice's index, and the slice table is written in position
+        order at :meth:`commit`."""
+        i = len(self.rows) if pos is None else int(pos)
+        if i in self.rows or i < 0:
+            raise StoreError(f"{self.tmp}: internal error: slice position {i} written twice or negative")
         if i >= self.capacity:                       # h5py's ``shape`` costs GIL time: track it here
             self._size_to(i + 1)
         for name in DATASETS:
@@ -449,7 +453,7 @@ class ShardBuilder:
             n = len(memoryview(s.chunks[name]).cast("B"))
             self.unsynced += n
             self.nbytes += n
-        self.rows.append(dataclasses.replace(s, chunks=None, release=None))
+        self.rows[i] = dataclasses.replace(s, chunks=None, release=None)
         if self.unsynced >= EARLY_SYNC_BYTES and (self.sync_job is None or self.sync_job.done()):
             # Send the chunks to the disk while the batch is still being computed: the fsync of the commit,
             # which the workers wait for at the batch barrier, then has little left to write (8 ms -> ~1 ms
@@ -474,8 +478,13 @@ class ShardBuilder:
 
     def commit(self, volumes: dict, failures: list) -> ShardInfo:
         """Tables and metadata, flush, fsync, atomic rename, fsync of the folder: the commit point."""
-        sl, n = self.rows, len(self.rows)
+        n = len(self.rows)
         try:
+            missing = [i for i in range(n) if i not in self.rows]
+            if missing:
+                raise StoreError(f"{self.final}: internal error: {len(missing)} slice position(s) not written, "
+                                 f"the first {missing[0]}, while {n} slices were added")
+            sl = [self.rows[i] for i in range(n)]
             f = self.file
             if self.prepared is not None and self.prepared != n:
                 raise StoreError(f"{self.final}: internal error: batch prepared for {self.prepared} slices, "
@@ -897,7 +906,7 @@ class StoreWriter:
     def end_shard(self, builder: ShardBuilder, volumes: dict, failures: list) -> ShardInfo:
         """Commit a shard started with :meth:`begin_shard` (its rename is the commit point)."""
         self._check_next(builder.index, builder.first_slice)
-        self._check_ids(builder.rows)
+        self._check_ids(builder.rows.values())
         info = builder.commit(volumes, failures)
         self.shards.append(info)
         return info

@@ -168,9 +168,9 @@ def test_processes_ring_slot_is_reused_only_after_its_chunks_are_written(folder,
     from engine.store import ShardBuilder
     real = ShardBuilder.add
 
-    def slow(self, s):
+    def slow(self, s, pos=None):
         time.sleep(0.01)
-        return real(self, s)
+        return real(self, s, pos)
 
     monkeypatch.setattr(ShardBuilder, "add", slow)
     out = tmp_path / "s.h5"
@@ -188,9 +188,9 @@ def test_processes_writer_hands_back_a_runs_ring_slots_after_writing_all_of_them
     events = []
     real_add, real_writable, real_result = ShardBuilder.add, schedule.Batches.writable, pipeline._Run._result
 
-    def add(self, s):
+    def add(self, s, pos=None):
         events.append("add")
-        return real_add(self, s)
+        return real_add(self, s, pos)
 
     def writable(self, timeout):
         got = real_writable(self, timeout)
@@ -926,13 +926,13 @@ def test_a_failed_commit_stops_the_run_and_keeps_earlier_batches(folder, referen
     from engine.store import ShardBuilder
     real = ShardBuilder.add
 
-    def disk_full(self, s):
+    def disk_full(self, s, pos=None):
         if self.index == 2 and self.rows:          # the second slice of batch 2 does not fit on the disk
             # as h5py raises it: HDF5's report of the failed write, over two lines
             raise OSError(errno.ENOSPC, "Can't write unprocessed chunk data (file write failed: time = Fri Nov 27 "
                                         "00:18:14 2026\n, filename = 'x.h5', errno = 28, error message = 'No space "
                                         "left on device', buf = 0x5638f93ed97f, total write size = 153649)")
-        return real(self, s)
+        return real(self, s, pos)
 
     monkeypatch.setattr(ShardBuilder, "add", disk_full)
     out = tmp_path / "s.h5"
@@ -1116,7 +1116,7 @@ def test_writer_stops_waiting_once_the_producer_is_done():
     batches.add_result(0, "slice 0")
     batches.finish()
     got = batches.writable(timeout=60)               # the closed batch is still handed over after finish()
-    assert got is not None and got[1] == ["slice 0"] and got[2] is True
+    assert got is not None and got[1] == [(0, "slice 0")] and got[2] is True
     batches.committed()
     t0 = time.perf_counter()
     assert batches.writable(timeout=60) is None
@@ -1166,36 +1166,57 @@ def batches_counting_wakeups(monkeypatch, write_run: int):
 
 def test_writer_is_woken_for_runs_of_slices_and_for_each_slice_at_a_batch_end(monkeypatch):
     # Each wake-up costs the worker and the writer a futex call and a context switch: the writer is woken
-    # once WRITE_RUN slices in sequence are ready, not for every slice; but once fewer than WRITE_RUN slices
+    # once WRITE_RUN computed slices wait for it, not for every slice; but once fewer than WRITE_RUN slices
     # of a closed batch are left to compute it keeps up slice by slice, so the commit can follow the last one.
     batches, wakes = batches_counting_wakeups(monkeypatch, write_run=4)
     st = batches.begin(0, 0)
     st.count = 10
-    for seq in (1, 2, 0):                          # slice 0 last: a run of 3 from the writer's position
+    for seq in (2, 1, 3):
         batches.add_result(seq, f"slice {seq}")
     assert wakes == []
-    batches.add_result(3, "slice 3")               # 4 in sequence
+    batches.add_result(5, "slice 5")               # 4 waiting, though slice 0 is not computed yet
     assert len(wakes) == 1
-    got = batches.writable(timeout=0)
-    assert got[1] == [f"slice {i}" for i in range(4)] and got[2] is False
+    got = batches.writable(timeout=0)              # in sequence order, with their positions in the batch
+    assert got[1] == [(1, "slice 1"), (2, "slice 2"), (3, "slice 3"), (5, "slice 5")] and got[2] is False
     batches.close(st)                              # closing wakes the writer (the producer's side)
     n = len(wakes)
-    batches.add_result(5, "slice 5")               # slice 4 missing: nothing to write
-    batches.add_result(6, "slice 6")
+    batches.add_result(6, "slice 6")               # 5 of 10 left to compute: no wake for one slice
     assert len(wakes) == n
-    batches.add_result(4, "slice 4")               # a run of 3 only, but 3 < 4 slices left to compute
+    batches.add_result(0, "slice 0")               # 4 left, 2 waiting: still no wake
+    assert len(wakes) == n
+    batches.add_result(4, "slice 4")               # 3 < 4 left to compute: every slice wakes the writer now
     assert len(wakes) == n + 1
     got = batches.writable(timeout=0)
-    assert got[1] == ["slice 4", "slice 5", "slice 6"] and got[2] is False
-    batches.add_result(7, "slice 7")               # near the end: every slice wakes the writer
-    assert len(wakes) == n + 2
-    assert batches.writable(timeout=0)[1] == ["slice 7"]
-    batches.add_result(9, "slice 9")               # slice 8 missing: no wake
-    assert len(wakes) == n + 2
-    batches.add_result(8, "slice 8")               # the batch is complete
+    assert got[1] == [(0, "slice 0"), (4, "slice 4"), (6, "slice 6")] and got[2] is False
+    batches.add_result(9, "slice 9")
+    batches.add_result(7, "slice 7")
     assert len(wakes) == n + 3
+    assert batches.writable(timeout=0)[1] == [(7, "slice 7"), (9, "slice 9")]
+    batches.add_result(8, "slice 8")               # the batch is complete
+    assert len(wakes) == n + 4
     got = batches.writable(timeout=0)
-    assert got[1] == ["slice 8", "slice 9"] and got[2] is True
+    assert got[1] == [(8, "slice 8")] and got[2] is True
+
+
+def test_a_late_slice_does_not_hold_back_the_writes_of_the_slices_after_it():
+    # A slice computed late (a slow one, or one whose worker process holds its answer) used to keep every
+    # slice after it from being written; they were then all written between the batch's last slice and its
+    # commit, while the workers waited at the barrier.
+    import threading
+
+    from engine.profile import Profiler
+    from engine.schedule import Batches
+    batches = Batches(0, 0, 8, Profiler(1, "threads").barrier_clock, threading.Event())
+    st = batches.begin(0, 0)
+    st.count = 8
+    batches.close(st)
+    for seq in range(1, 8):
+        batches.add_result(seq, f"slice {seq}")
+    got = batches.writable(timeout=0)
+    assert [pos for pos, _ in got[1]] == list(range(1, 8)) and got[2] is False
+    batches.add_result(0, "slice 0")               # the late one: only it is left to write
+    got = batches.writable(timeout=0)
+    assert got[1] == [(0, "slice 0")] and got[2] is True
 
 
 def test_an_open_batch_wakes_the_writer_only_for_runs(monkeypatch):

@@ -467,3 +467,37 @@ def test_a_shard_leaves_the_page_cache_after_its_commit_not_before(tmp_path, mon
     with pytest.raises(OSError):
         os.fstat(drops[0][3])                                  # closed by the sync thread
     w.finish(complete=True)
+
+
+def test_a_shard_written_in_any_order_holds_what_one_written_in_order_holds(tmp_path):
+    # The engine writes each slice as soon as it is computed: each chunk goes to its slice's index and the
+    # slice table is written in position order at the commit.
+    codec = Codec.parse("maps-gzip-1")
+    shards = []
+    for name, order in (("a.h5", [0, 1, 2, 3]), ("b.h5", [2, 0, 3, 1])):
+        w = StoreWriter.open(tmp_path / name, SETTINGS, codec, SHAPE, "rev1")
+        builder = w.begin_shard(0, 0, capacity=4)
+        for z in order:
+            builder.add(make_slice(codec, "1", z)[0], z)
+        w.end_shard(builder, {"ref1": row("1", 4)}, [])
+        w.finish(complete=True)
+        shards.append(_shard_contents(parts_dir(tmp_path / name) / shard_name(0)))
+    a, b = shards
+    assert a.keys() == b.keys() and "slices/z" in a
+    for key in a:
+        assert np.array_equal(np.asarray(a[key]), np.asarray(b[key])), key
+    assert list(a["slices/z"]) == [0, 1, 2, 3]
+
+
+def test_a_shard_refuses_a_slice_position_twice_and_a_gap_at_its_commit(tmp_path):
+    codec = Codec.parse("maps-gzip-1")
+    w = StoreWriter.open(tmp_path / "s.h5", SETTINGS, codec, SHAPE, "rev1")
+    builder = w.begin_shard(0, 0, capacity=4)
+    builder.add(make_slice(codec, "1", 0)[0], 0)
+    with pytest.raises(StoreError, match="slice position 0 written twice"):
+        builder.add(make_slice(codec, "1", 0)[0], 0)
+    builder.add(make_slice(codec, "1", 2)[0], 2)          # two slices added, position 1 never written
+    with pytest.raises(StoreError, match="1 slice position.s. not written, the first 1"):
+        w.end_shard(builder, {"ref1": row("1", 3)}, [])
+    assert not builder.tmp.exists() and not (parts_dir(tmp_path / "s.h5") / shard_name(0)).exists()
+    w.abort()
