@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import statistics
 import threading
 import time
 from pathlib import Path
@@ -379,8 +380,7 @@ def _ms_summary(seconds: list[float]) -> dict | None:
     """Median and largest of some durations, in milliseconds; None for none."""
     if not seconds:
         return None
-    ordered = sorted(seconds)
-    return {"median": round(1000 * ordered[len(ordered) // 2], 2), "max": round(1000 * ordered[-1], 2)}
+    return {"median": round(1000 * statistics.median(seconds), 2), "max": round(1000 * max(seconds), 2)}
 
 
 def _running(proc: psutil.Process) -> bool:

@@ -1123,6 +1123,19 @@ def test_writer_stops_waiting_once_the_producer_is_done():
     assert time.perf_counter() - t0 < 30
 
 
+def test_profile_summarises_commit_times_in_ms():
+    from engine.profile import Profiler, _ms_summary, summary_lines
+    assert _ms_summary([]) is None
+    assert _ms_summary([0.001, 0.004]) == {"median": 2.5, "max": 4.0}          # the median of an even count
+    prof = Profiler(1, "threads")
+    prof.add_commit(0.002, 0.005)
+    prof.add_commit(0.004, None)                      # a tail not known: the commit still counts
+    c = prof.to_dict(0)["commits"]
+    assert c == {"n": 2, "commit_ms": {"median": 3.0, "max": 4.0}, "last_slice_to_commit_ms": {"median": 5.0, "max": 5.0}}
+    old_profile = {k: v for k, v in prof.to_dict(1).items() if k != "commits"}      # written before stop 29
+    assert not any(line.startswith("batches:") for line in summary_lines(old_profile))
+
+
 def test_a_batch_records_when_its_last_slice_was_computed():
     # the profile's last_slice_to_commit_ms starts there: at the last result of a closed batch, or at the close
     # when every slice was computed before it
