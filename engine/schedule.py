@@ -19,7 +19,7 @@ from engine.profile import BlockClock
 from engine.store import SliceResult
 
 INFLIGHT_BATCHES = 1          # batch k+1 opens when batch k is committed: at most one batch lost to a kill
-WRITE_RUN = 8                 # slices ready in sequence that wake the writer (Batches.add_result)
+WRITE_RUN = 8                 # computed slices waiting for the writer that wake it (Batches.add_result)
 
 
 class Stopped(Exception):
@@ -114,8 +114,8 @@ class Batches:
         self.clock = clock
         self.stop = stop
         self.finished = False    # no batch will be opened any more
-        # slices ready in sequence that wake the writer; the processes backend lowers it when its ring has too
-        # few slots for such a run (a slot is freed only once the writer has written it)
+        # computed slices waiting for the writer that wake it; the processes backend lowers it when its ring
+        # has too few slots for such a run (a slot is freed only once the writer has written it)
         self.write_run = WRITE_RUN
 
     def begin(self, index: int, first_slice: int) -> BatchState:
