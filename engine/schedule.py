@@ -153,14 +153,15 @@ class Batches:
         with self.cond:
             st = self.open[index]
             st.results[seq] = result
-            if st.closed and self._uncomputed(st) == 0:
+            left = self._uncomputed(st) if st.closed else None      # an open batch's size is not known yet
+            if left == 0:
                 st.t_computed = time.perf_counter()
             # Wake the writer for ``write_run`` slices, not for each one: every wake-up costs both threads a
             # futex call and a context switch. Near the end of a closed batch it is woken for every slice
             # instead, so that when the last one is computed only that slice's write and the commit stand
             # between the waiting workers and the next batch.
             run = self.write_run
-            if len(st.results) >= run or (st.closed and self._uncomputed(st) < run):
+            if len(st.results) >= run or (left is not None and left < run):
                 self.cond.notify_all()
 
     def writable(self, timeout: float) -> tuple[BatchState, list, bool] | None:
