@@ -208,7 +208,10 @@ class _Run(ProcessBackend):
         self.warm = warm = warm_slice(self.size, cfg.prepare.fg_threshold)
         self.zero_label = self.codec.encode("label", np.zeros(self.shape, np.uint8))
         try:
-            compute_slice(warm, warm, None, cfg.prepare.fg_threshold, cfg.superpixels, self.codec, self.zero_label)
+            # with a label: the general path's chunk encoder is compiled per number of maps, and most
+            # volumes have labels
+            compute_slice(warm, warm, np.zeros(self.shape, np.uint8), cfg.prepare.fg_threshold, cfg.superpixels,
+                          self.codec, self.zero_label)
         except ValueError as exc:
             print(f"preprocess: the superpixel settings are not usable: {exc}", file=sys.stderr)
             return 2

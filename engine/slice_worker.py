@@ -16,8 +16,11 @@ from engine._mask_kernels import organ_bits_kernel
 from engine.prepare import body_mask, zscore_slice
 from engine.schedule import Failure, SourceChanged
 from engine.shm import Ring, VolumeBuffers, map_volume, send_volume
-from engine.store import DATASETS, MAX_SUPERPIXEL_ID, Codec
-from engine.superpixels import pseudolabels_u16
+from engine import _slice_kernels
+from engine._slice_kernels import mask_slic_deflate
+from engine.map_deflate import layout, scratch, streams
+from engine.store import DATASETS, MAP_DATASETS, MAX_SUPERPIXEL_ID, Codec
+from engine.superpixels import check_slic_status, engine_slic_args, pseudolabels_u16
 
 # A worker process answers up to RESULT_RUN slices in one message (``("many", [answer, ...])``): each message
 # wakes the parent's dispatcher, and each wake-up takes a core from a worker. It never waits for a new job
@@ -27,7 +30,11 @@ RESULT_RUN = 3
 
 def compute_slice(raw: np.ndarray, image: np.ndarray, label: np.ndarray | None, threshold: float, sp_cfg,
                   codec: Codec, zero_label: bytes | np.ndarray) -> tuple[dict, int, dict]:
-    """Everything a worker does for one slice.
+    """Everything a worker does for one slice: body mask, pseudo-labels, the chunks to store.
+
+    With the default settings (maskSLIC without smoothing, label maps deflated at level 1) it is one GIL-free
+    call (``_slice_kernels.mask_slic_deflate``), so that a worker thread waits for the GIL once per slice;
+    otherwise one call per step. Both give the same chunks.
 
     Parameters
     ----------
@@ -47,7 +54,12 @@ def compute_slice(raw: np.ndarray, image: np.ndarray, label: np.ndarray | None, 
     chunks : dict name -> encoded chunk
     n_superpixels : int
     stages : dict stage -> seconds
+        ``mask``, ``superpixels``, ``encode``: wall time. A thread's wait to take the GIL back after a call
+        counts in the step of that call; in the one call that is the last step, ``encode``.
     """
+    args = _one_call_args(raw, label, sp_cfg, codec)
+    if args is not None:
+        return _compute_in_one_call(raw, image, label, threshold, args, codec, zero_label)
     t0 = time.perf_counter()
     fg = body_mask(raw, threshold)
     t1 = time.perf_counter()
@@ -55,11 +67,57 @@ def compute_slice(raw: np.ndarray, image: np.ndarray, label: np.ndarray | None, 
     t2 = time.perf_counter()
     if nsp > MAX_SUPERPIXEL_ID:
         raise ValueError(f"{nsp} superpixels in one slice; the store's uint16 ids allow {MAX_SUPERPIXEL_ID}")
-    chunks = {"image": codec.encode("image", image), "superpixels": codec.encode("superpixels", sp),
-              "fg": codec.encode("fg", fg.view(np.uint8)),
-              "label": codec.encode("label", label) if label is not None else zero_label}
+    maps = {"superpixels": sp, "fg": fg.view(np.uint8)}
+    if label is not None:
+        maps["label"] = label
+    chunks = {"image": codec.encode("image", image), **codec.encode_maps(maps)}
+    if label is None:
+        chunks["label"] = zero_label
     t3 = time.perf_counter()
     return chunks, nsp, {"mask": t1 - t0, "superpixels": t2 - t1, "encode": t3 - t2}
+
+
+def _one_call_args(raw, label, sp_cfg, codec: Codec) -> tuple | None:
+    """``masked_slic_u16``'s settings arguments when ``compute_slice`` can run in one GIL-free call
+    (``_slice_kernels.mask_slic_deflate``): maskSLIC without smoothing on a float32 slice, the label maps
+    deflated at level 1, a uint8 label or none, a platform whose clock the compiled code reads."""
+    if not (_slice_kernels.AVAILABLE and all(codec.map_fast(name) for name in MAP_DATASETS)):
+        return None
+    if label is not None and not (isinstance(label, np.ndarray) and label.dtype == np.uint8
+                                  and label.shape == getattr(raw, "shape", None) and label.flags.c_contiguous):
+        return None
+    return engine_slic_args(raw, sp_cfg)
+
+
+_NO_LABEL = np.zeros((0, 0), np.uint8)
+
+
+def _compute_in_one_call(raw, image, label, threshold, args, codec: Codec, zero_label) -> tuple[dict, int, dict]:
+    """``compute_slice`` as one GIL-free call for the body mask, SLIC and the label maps' streams (the image's
+    chunk is the z-scored slice itself, or deflated here for ``gzip-N``). Stage times: the kernel's own clock
+    for the mask and SLIC; ``encode`` is the rest, the streams, the image chunk and the return to Python."""
+    t0 = time.perf_counter()
+    h, w = raw.shape
+    fg = np.empty((h, w), np.bool_)
+    sp16 = np.empty(h * w, np.uint16)
+    _, _, caps, starts = layout((((h, w), 2), ((h, w), 1), ((h, w), 1)))
+    out = scratch(int(starts[-1] + caps[-1]))
+    lens = np.empty(3, np.int64)
+    times = np.zeros(3, np.int64)
+    n, status = mask_slic_deflate(raw, np.float32(threshold), *args, _NO_LABEL if label is None else label, fg,
+                                  np.empty(h * w, np.int32), sp16, out, caps, lens, times)
+    check_slic_status(status)
+    if n > MAX_SUPERPIXEL_ID:
+        raise ValueError(f"{n} superpixels in one slice; the store's uint16 ids allow {MAX_SUPERPIXEL_ID}")
+    chunks = {"image": codec.encode("image", image)}
+    for name, arr, stream in zip(MAP_DATASETS, (sp16.reshape(h, w), fg.view(np.uint8), label),
+                                 streams(out, starts, lens)):
+        if arr is None:
+            chunks[name] = zero_label
+        else:    # None: a map that did not compress below its size (noise), deflated the general way
+            chunks[name] = stream if stream is not None else codec.encode(name, arr)
+    mask_s, sp_s = float(times[0]) * 1e-9, float(times[1]) * 1e-9
+    return chunks, int(n), {"mask": mask_s, "superpixels": sp_s, "encode": time.perf_counter() - t0 - mask_s - sp_s}
 
 
 def organ_bits(label: np.ndarray | None, n_slices: int) -> np.ndarray:

@@ -332,29 +332,45 @@ def pseudolabels_u16(raw_slice: np.ndarray, fg: np.ndarray, cfg: Any) -> tuple[n
     ValueError
         As ``pseudolabels``.
     """
-    s = cfg.slic
-    raw = raw_slice
-    fast = (cfg.method == "slic" and s.mask and s.sigma == 0 and isinstance(raw, np.ndarray) and raw.ndim == 2
-            and raw.dtype == np.float32 and raw.flags.c_contiguous and isinstance(fg, np.ndarray)
-            and fg.dtype == np.bool_ and fg.shape == raw.shape and fg.flags.c_contiguous and raw.size > 0)
+    args = engine_slic_args(raw_slice, cfg)
+    fast = (args is not None and isinstance(fg, np.ndarray) and fg.dtype == np.bool_ and fg.shape == raw_slice.shape
+            and fg.flags.c_contiguous)
     if not fast:
         labels = pseudolabels(raw_slice, fg, cfg)
         n = int(labels.max()) if labels.size else 0
         return (labels.astype(np.uint16) if n <= 0xFFFF else labels), n
-    h, w = raw.shape
-    table = _slic_plan(h, w, s.n_segments, s.compactness, s.max_num_iter, s.min_size_factor, s.max_size_factor,
-                       s.search_radius, s.spread_iter)
+    h, w = raw_slice.shape
     out = np.empty(h * w, dtype=np.int32)
     out16 = np.empty((h, w), dtype=np.uint16)
-    n, status = K.masked_slic_u16(raw, fg.view(np.uint8), int(s.n_segments), 1.0 / float(s.compactness), table,
-                                  -1.0 if s.search_radius is None else float(s.search_radius),
-                                  int(s.max_num_iter), int(s.max_num_iter if s.spread_iter is None else s.spread_iter),
-                                  float(s.min_size_factor), float(s.max_size_factor), out, out16.reshape(-1))
+    n, status = K.masked_slic_u16(raw_slice, fg.view(np.uint8), *args, out, out16.reshape(-1))
+    check_slic_status(status)
+    return (out16 if n <= 0xFFFF else out.reshape(h, w)), int(n)
+
+
+def engine_slic_args(raw_slice: Any, cfg: Any) -> tuple | None:
+    """The settings arguments of ``_kernels.masked_slic_u16`` (from ``n_segments`` to ``max_size_factor``) for
+    ``raw_slice``, or None when the engine's one-call path does not apply: another method, smoothing, SLIC
+    without the mask, or a slice that is not a non-empty C-contiguous 2D float32 array."""
+    s = cfg.slic
+    if not (cfg.method == "slic" and s.mask and s.sigma == 0 and isinstance(raw_slice, np.ndarray)
+            and raw_slice.ndim == 2 and raw_slice.dtype == np.float32 and raw_slice.flags.c_contiguous
+            and raw_slice.size > 0):
+        return None
+    h, w = raw_slice.shape
+    table = _slic_plan(h, w, s.n_segments, s.compactness, s.max_num_iter, s.min_size_factor, s.max_size_factor,
+                       s.search_radius, s.spread_iter)
+    return (int(s.n_segments), 1.0 / float(s.compactness), table,
+            -1.0 if s.search_radius is None else float(s.search_radius), int(s.max_num_iter),
+            int(s.max_num_iter if s.spread_iter is None else s.spread_iter), float(s.min_size_factor),
+            float(s.max_size_factor))
+
+
+def check_slic_status(status: int) -> None:
+    """Raise the ``slic`` error for a ``masked_slic_u16`` status other than OK."""
     if status == K.STATUS_NAN:
         raise ValueError("slic: image contains NaN values inside the mask")
     if status == K.STATUS_INF:
         raise ValueError("slic: image contains infinite values inside the mask")
-    return (out16 if n <= 0xFFFF else out.reshape(h, w)), int(n)
 
 
 @functools.lru_cache(maxsize=64)

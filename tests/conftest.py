@@ -40,3 +40,31 @@ def episode_samples():
         return [{"support_image": image(), "query_image": image(), "support_mask": mask(), "query_mask": mask(),
                  "meta": {"episode": i, "volume": str(i)}} for i in range(n)]
     return make
+
+
+@pytest.fixture
+def before_each_slice(monkeypatch):
+    """``before_each_slice(fn)`` runs ``fn(raw)`` before every slice's pseudo-labels, in both of the engine's
+    paths (the one-call kernel and ``pseudolabels_u16``), forked worker processes included; ``fn`` may raise,
+    sleep or kill. Calling it with None restores both."""
+    from engine import slice_worker
+
+    real_general, real_one_call = slice_worker.pseudolabels_u16, slice_worker.mask_slic_deflate
+
+    def install(fn):
+        if fn is None:
+            monkeypatch.setattr(slice_worker, "pseudolabels_u16", real_general)
+            monkeypatch.setattr(slice_worker, "mask_slic_deflate", real_one_call)
+            return
+
+        def general(raw, *args, **kwargs):
+            fn(raw)
+            return real_general(raw, *args, **kwargs)
+
+        def one_call(raw, *args, **kwargs):
+            fn(raw)
+            return real_one_call(raw, *args, **kwargs)
+
+        monkeypatch.setattr(slice_worker, "pseudolabels_u16", general)
+        monkeypatch.setattr(slice_worker, "mask_slic_deflate", one_call)
+    return install

@@ -323,24 +323,21 @@ def test_a_kill_can_lose_at_most_one_batch(folder, reference, tmp_path, monkeypa
 
 
 @pytest.mark.parametrize("backend", ["threads", "processes"])
-def test_writer_prepares_closed_batches_before_their_last_slice(folder, reference, tmp_path, monkeypatch, backend):
+def test_writer_prepares_closed_batches_before_their_last_slice(folder, reference, tmp_path, monkeypatch, backend,
+                                                               before_each_slice):
     # The tables of a closed batch are written while its last slices are computed (``ShardBuilder.prepare``),
     # so that the barrier waits only for the slice table and the rename. Slow slices keep every batch open
     # long enough for the writer to see it closed before it is complete.
     from engine.store import ShardBuilder
-    real_prepare, real_pseudo = ShardBuilder.prepare, slice_worker.pseudolabels_u16
+    real_prepare = ShardBuilder.prepare
     prepared = []
 
     def recording(self, volumes, failures, n):
         prepared.append((self.index, n, len(self.rows)))
         return real_prepare(self, volumes, failures, n)
 
-    def slow(*a, **kw):
-        time.sleep(0.02)
-        return real_pseudo(*a, **kw)
-
     monkeypatch.setattr(ShardBuilder, "prepare", recording)
-    monkeypatch.setattr(slice_worker, "pseudolabels_u16", slow)
+    before_each_slice(lambda raw: time.sleep(0.02))
     out = tmp_path / "s.h5"
     assert pipeline.preprocess(make_cfg(folder, out, batch=6, backend=backend, threads=1), progress=False) == 0
     assert_same_store(reference, out)
@@ -760,27 +757,26 @@ def test_settings_mismatch_is_refused_and_overwrite_restarts(folder, tmp_path, c
 
 
 @pytest.mark.parametrize("rerun_batch", [4, 8])
-def test_resume_after_a_failed_run_is_identical(folder, reference, tmp_path, monkeypatch, capsys, rerun_batch):
+def test_resume_after_a_failed_run_is_identical(folder, reference, tmp_path, capsys, rerun_batch,
+                                                before_each_slice):
     """A run stopped mid-way (a slice raises) keeps whole batches; the rerun computes only the rest, also
     with another batch size (a store begun under the old default of 64 resumes under 128)."""
-    real = slice_worker.pseudolabels_u16
     calls = {"n": 0}
 
-    def flaky(raw, fg, cfg):
+    def flaky(raw):
         calls["n"] += 1
         if calls["n"] == 13:                                  # warm-up is call 1: slice 12 fails
             raise RuntimeError("simulated kernel failure")
-        return real(raw, fg, cfg)
 
     out = tmp_path / "s.h5"
-    monkeypatch.setattr(slice_worker, "pseudolabels_u16", flaky)
+    before_each_slice(flaky)
     rc = pipeline.preprocess(make_cfg(folder, out, threads=1, batch=4), progress=False)
     err = capsys.readouterr().err
     assert rc == 1 and "simulated kernel failure" in err and "slice z=" in err
     with StoreReader(out) as r:
         committed = r.n_slices
         assert r.meta["complete"] is False and committed % 4 == 0 and 0 < committed <= 12
-    monkeypatch.setattr(slice_worker, "pseudolabels_u16", real)
+    before_each_slice(None)
     assert pipeline.preprocess(make_cfg(folder, out, threads=2, batch=rerun_batch), progress=False) == 0
     assert "resuming" in capsys.readouterr().err
     runs = [json.loads(line) for line in (parts_dir(out) / "runs.jsonl").read_text().splitlines()]
@@ -790,22 +786,20 @@ def test_resume_after_a_failed_run_is_identical(folder, reference, tmp_path, mon
 
 
 @pytest.mark.parametrize("backend", ["threads", "processes"])
-def test_a_partly_committed_volume_whose_file_changed_is_refused(tmp_path, monkeypatch, capsys, backend):
+def test_a_partly_committed_volume_whose_file_changed_is_refused(tmp_path, capsys, backend, before_each_slice):
     """Resuming must not mix two versions of one file: the worker that reloads it notices the new checksum."""
     src = write_folder(tmp_path / "in", n=3, n_slices=6)
-    real = slice_worker.pseudolabels_u16
     calls = {"n": 0}
 
-    def flaky(raw, fg, cfg):
+    def flaky(raw):
         calls["n"] += 1
         if calls["n"] == 11:                                  # warm-up is call 1: slice 10 (volume 2) fails
             raise RuntimeError("simulated kernel failure")
-        return real(raw, fg, cfg)
 
     out = tmp_path / "s.h5"
-    monkeypatch.setattr(slice_worker, "pseudolabels_u16", flaky)
+    before_each_slice(flaky)
     assert pipeline.preprocess(make_cfg(src, out, threads=1, batch=4), progress=False) == 1
-    monkeypatch.setattr(slice_worker, "pseudolabels_u16", real)
+    before_each_slice(None)
     with StoreReader(out) as r:
         assert r.n_slices == 8 and r.slices["volume"].tolist().count("2") == 2     # volume 2 is cut
     img, _ = synthetic_volume(99, 7)

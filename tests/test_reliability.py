@@ -194,19 +194,17 @@ def test_killed_worker_process_fails_cleanly_and_rerun_completes(src, clean, tmp
     assert_same_store(clean, out)
 
 
-def test_failing_slice_in_a_worker_process_is_named_behind_held_answers(src, tmp_path, monkeypatch, capsys):
+def test_failing_slice_in_a_worker_process_is_named_behind_held_answers(src, tmp_path, capsys, before_each_slice):
     """With batches of 64 a worker process holds the answers of the slices before the failing one; it sends
     them before the error, so the parent pairs the error with the right slice."""
     img, _ = synthetic_volume(3, N_SLICES)
     target = np.ascontiguousarray(img[:, :, 5], dtype=np.float32)
-    real = slice_worker.pseudolabels_u16
 
-    def fails_on_target(raw, fg, cfg):
+    def fails_on_target(raw):
         if raw.shape == target.shape and np.array_equal(raw, target):
             raise RuntimeError("simulated kernel failure")
-        return real(raw, fg, cfg)
 
-    monkeypatch.setattr(slice_worker, "pseudolabels_u16", fails_on_target)
+    before_each_slice(fails_on_target)
     out = tmp_path / "store.h5"
     rc = pipeline.preprocess(make_cfg(src, out, batch=64, backend="processes"), progress=False)
     err = capsys.readouterr().err
@@ -214,18 +212,16 @@ def test_failing_slice_in_a_worker_process_is_named_behind_held_answers(src, tmp
     assert "volume 3 slice z=5" in err and "simulated kernel failure" in err
 
 
-def test_dead_worker_message_names_the_slice(src, tmp_path, monkeypatch, capsys):
+def test_dead_worker_message_names_the_slice(src, tmp_path, capsys, before_each_slice):
     """A worker process that dies inside the kernel on one known slice: the message names that slice."""
     img, _ = synthetic_volume(3, N_SLICES)       # volume id 3 is the third one written (k = 2)
     target = np.ascontiguousarray(img[:, :, 5], dtype=np.float32)
-    real = slice_worker.pseudolabels_u16
 
-    def dies_on_target(raw, fg, cfg):
+    def dies_on_target(raw):
         if raw.shape == target.shape and np.array_equal(raw, target):
             os.kill(os.getpid(), signal.SIGKILL)
-        return real(raw, fg, cfg)
 
-    monkeypatch.setattr(slice_worker, "pseudolabels_u16", dies_on_target)
+    before_each_slice(dies_on_target)
     out = tmp_path / "store.h5"
     t0 = time.time()
     rc = pipeline.preprocess(make_cfg(src, out, batch=BATCH, backend="processes"), progress=False)

@@ -1,0 +1,75 @@
+"""The engine's one GIL-free call per slice: body mask, maskSLIC and the deflate of the three label-like maps.
+
+A worker thread that leaves the GIL must take it back, and with many threads that wait outlasts a short call:
+on 16 threads the body mask and the three ISA-L deflates around SLIC took ~17% of a worker's time
+(``benchmarks/results/device-h200-2026-11-26d/profiles.md``). Here all of it is one call, which times its
+own stages with the monotonic clock (``clock_gettime``, called from the compiled code), so the profile still
+shows where a slice's time goes.
+"""
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, types
+from numba.extending import intrinsic
+
+from engine._deflate_kernels import deflate_map_kernel
+from engine._kernels import STATUS_OK, masked_slic_u16
+from engine._mask_kernels import body_mask_kernel
+
+# Where the compiled code can read the monotonic clock (the clock of ``time.perf_counter`` there).
+AVAILABLE = sys.platform.startswith("linux") or sys.platform == "darwin"
+_CLOCK_MONOTONIC = 6 if sys.platform == "darwin" else 1
+
+
+@intrinsic
+def _monotonic_ns(typingctx):
+    """Nanoseconds of the monotonic clock (``clock_gettime``; 64-bit ``struct timespec``)."""
+    sig = types.int64()
+
+    def codegen(context, builder, signature, args):
+        i64, i32 = ir.IntType(64), ir.IntType(32)
+        timespec = ir.LiteralStructType([i64, i64])
+        fn = builder.module.globals.get("clock_gettime")
+        if fn is None:
+            fn = ir.Function(builder.module, ir.FunctionType(i32, [i32, timespec.as_pointer()]), "clock_gettime")
+        ts = builder.alloca(timespec)
+        builder.call(fn, [ir.Constant(i32, _CLOCK_MONOTONIC), ts])
+        zero = ir.Constant(i32, 0)
+        sec = builder.load(builder.gep(ts, [zero, zero]))
+        nsec = builder.load(builder.gep(ts, [zero, ir.Constant(i32, 1)]))
+        return builder.add(builder.mul(sec, ir.Constant(i64, 1_000_000_000)), nsec)
+    return sig, codegen
+
+
+@njit(nogil=True, cache=True)
+def mask_slic_deflate(raw, thr, n_segments, ratio, grid, search_radius, n_iter, n_spread, min_size_factor,
+                      max_size_factor, label, fg, scratch, sp16, out, caps, lens, times):
+    """Body mask of ``raw`` into ``fg`` (``body_mask_kernel``), maskSLIC into ``sp16``
+    (``masked_slic_u16``, ``scratch`` its int32 work array), then the zlib streams of the superpixels, the
+    mask and ``label`` (when it has pixels) into ``out``: stream i from ``sum(caps[:i])``, its length in
+    ``lens[i]`` (-1: not written, when it did not fit or the slice failed). ``times`` gets the nanoseconds of
+    the three steps. Returns ``masked_slic_u16``'s (n, status); nothing is encoded unless status is OK and
+    n fits in uint16.
+    """
+    t0 = _monotonic_ns()
+    body_mask_kernel(raw, thr, fg)
+    t1 = _monotonic_ns()
+    fg8 = fg.view(np.uint8)
+    n, status = masked_slic_u16(raw, fg8, n_segments, ratio, grid, search_radius, n_iter, n_spread,
+                                min_size_factor, max_size_factor, scratch, sp16)
+    t2 = _monotonic_ns()
+    lens[:] = -1
+    if status == STATUS_OK and n <= 0xFFFF:
+        w = raw.shape[1]
+        lens[0] = deflate_map_kernel(sp16.view(np.uint8), 2, 2 * w, out[0:caps[0]])
+        lens[1] = deflate_map_kernel(fg8.reshape(-1), 1, w, out[caps[0]:caps[0] + caps[1]])
+        if label.size:
+            lens[2] = deflate_map_kernel(label.reshape(-1), 1, w, out[caps[0] + caps[1]:caps[0] + caps[1] + caps[2]])
+    t3 = _monotonic_ns()
+    times[0] = t1 - t0
+    times[1] = t2 - t1
+    times[2] = t3 - t2
+    return n, status

@@ -1,0 +1,133 @@
+"""compute_slice: the one GIL-free call per slice (body mask, SLIC, the label maps' streams) against the general
+path of separate calls, which it must match chunk for chunk."""
+import time
+import zlib
+
+import numpy as np
+import pytest
+from numba import njit
+
+from engine import _slice_kernels, slice_worker
+from engine.config import PrepareConfig, SuperpixelConfig
+from engine.phantom import make_volume
+from engine.prepare import prepare_volume
+from engine.store import Codec
+
+THR = PrepareConfig().fg_threshold
+CODEC = Codec.parse("maps-gzip-1")
+ZERO_LABEL = CODEC.encode("label", np.zeros((256, 256), np.uint8))
+
+
+@pytest.fixture
+def general_path(monkeypatch):
+    """Switch compute_slice to its general path (one call per step)."""
+    def use():
+        monkeypatch.setattr(slice_worker, "_one_call_args", lambda *a: None)
+    return use
+
+
+def phantom_slices(n=6):
+    prep = prepare_volume(make_volume(0, n_slices=24), PrepareConfig())
+    for z in np.linspace(0, prep.raw.shape[2] - 1, n).astype(int):
+        yield (np.ascontiguousarray(prep.raw[:, :, z]), np.ascontiguousarray(prep.image[:, :, z]),
+               np.ascontiguousarray(prep.label[:, :, z]))
+
+
+def decoded(chunks):
+    return {k: (zlib.decompress(bytes(v)) if k != "image" else np.asarray(v).tobytes()) for k, v in chunks.items()}
+
+
+def both_paths(raw, image, label, general_path, cfg=None, codec=CODEC):
+    cfg = cfg or SuperpixelConfig()
+    one = slice_worker.compute_slice(raw, image, label, THR, cfg, codec, ZERO_LABEL)
+    general_path()
+    general = slice_worker.compute_slice(raw, image, label, THR, cfg, codec, ZERO_LABEL)
+    return one, general
+
+
+@pytest.mark.parametrize("with_label", [True, False])
+def test_one_call_gives_the_chunks_of_the_general_path(general_path, monkeypatch, with_label):
+    assert _slice_kernels.AVAILABLE
+    for raw, image, label in phantom_slices():
+        (c1, n1, s1), (c2, n2, s2) = both_paths(raw, image, label if with_label else None, general_path)
+        monkeypatch.undo()
+        assert n1 == n2 > 0
+        assert decoded(c1) == decoded(c2)
+        assert set(s1) == set(s2) == {"mask", "superpixels", "encode"}
+        if not with_label:
+            assert c1["label"] is ZERO_LABEL
+
+
+def test_one_call_on_chaos_slices(chaos_dir, general_path, monkeypatch):
+    from engine.sources import open_source
+    src = open_source(str(chaos_dir))
+    ref = src.refs()[0]
+    prep = prepare_volume(src.load(ref), PrepareConfig())
+    for z in range(0, prep.raw.shape[2], 7):
+        raw, image = np.ascontiguousarray(prep.raw[:, :, z]), np.ascontiguousarray(prep.image[:, :, z])
+        label = np.ascontiguousarray(prep.label[:, :, z])
+        (c1, n1, _), (c2, n2, _) = both_paths(raw, image, label, general_path)
+        monkeypatch.undo()
+        assert n1 == n2 and decoded(c1) == decoded(c2)
+
+
+def test_the_general_path_takes_other_settings_and_inputs():
+    raw, image, label = next(phantom_slices(1))
+    assert slice_worker._one_call_args(raw, label, SuperpixelConfig(), CODEC) is not None
+    smoothed = SuperpixelConfig()
+    smoothed.slic.sigma = 1.0
+    assert slice_worker._one_call_args(raw, label, smoothed, CODEC) is None
+    assert slice_worker._one_call_args(raw, label, SuperpixelConfig(method="felzenszwalb"), CODEC) is None
+    assert slice_worker._one_call_args(raw, label, SuperpixelConfig(), Codec.parse("gzip-3")) is None
+    assert slice_worker._one_call_args(raw.astype(np.float64), label, SuperpixelConfig(), CODEC) is None
+    assert slice_worker._one_call_args(raw, label.astype(np.int32), SuperpixelConfig(), CODEC) is None
+    # gzip-1 deflates the image too: the one call still makes the maps, the image goes through ISA-L / zlib
+    gz = Codec.parse("gzip-1")
+    assert slice_worker._one_call_args(raw, label, SuperpixelConfig(), gz) is not None
+    chunks, n, _ = slice_worker.compute_slice(raw, image, label, THR, SuperpixelConfig(), gz, ZERO_LABEL)
+    assert np.frombuffer(zlib.decompress(bytes(chunks["image"])), np.float32).reshape(256, 256).tolist() == \
+        image.tolist()
+
+
+def test_a_label_that_does_not_compress_falls_back_to_the_general_deflate():
+    raw, image, _ = next(phantom_slices(1))
+    noise = np.random.default_rng(0).integers(0, 256, raw.shape).astype(np.uint8)
+    chunks, _, _ = slice_worker.compute_slice(raw, image, noise, THR, SuperpixelConfig(), CODEC, ZERO_LABEL)
+    assert zlib.decompress(bytes(chunks["label"])) == noise.tobytes()
+
+
+def test_one_call_errors_are_the_general_paths(general_path, monkeypatch):
+    raw, image, label = next(phantom_slices(1))
+    for value, words in ((np.nan, "NaN values"), (np.inf, "infinite values")):
+        bad = raw.copy()
+        bad[128, 128] = value                  # inside the body (a NaN pixel there is a hole, filled)
+        for path in ("one call", "general"):
+            if path == "general":
+                general_path()
+            with pytest.raises(ValueError, match=f"slic: image contains {words} inside the mask"):
+                slice_worker.compute_slice(bad, image, label, THR, SuperpixelConfig(), CODEC, ZERO_LABEL)
+        monkeypatch.undo()
+    monkeypatch.setattr(slice_worker, "MAX_SUPERPIXEL_ID", 5)  # a real slice then has too many for the store
+    for path in ("one call", "general"):
+        if path == "general":
+            general_path()
+        with pytest.raises(ValueError, match=r"\d+ superpixels in one slice; the store's uint16 ids allow 5"):
+            slice_worker.compute_slice(raw, image, label, THR, SuperpixelConfig(), CODEC, ZERO_LABEL)
+
+
+def test_stage_times_come_from_the_monotonic_clock():
+    @njit
+    def clock():
+        return _slice_kernels._monotonic_ns()
+
+    clock()
+    t0 = time.perf_counter_ns()
+    t = clock()
+    t1 = time.perf_counter_ns()
+    assert t0 <= t <= t1                       # the clock of time.perf_counter
+    raw, image, label = next(phantom_slices(1))
+    t0 = time.perf_counter()
+    _, _, stages = slice_worker.compute_slice(raw, image, label, THR, SuperpixelConfig(), CODEC, ZERO_LABEL)
+    wall = time.perf_counter() - t0
+    assert stages["mask"] > 0 and stages["superpixels"] > 0 and stages["encode"] > 0
+    assert sum(stages.values()) <= wall
