@@ -15,7 +15,7 @@ import numpy as np
 import psutil
 import pytest
 
-from engine import pipeline, slice_worker
+from engine import pipeline
 from engine.inspect import check_integrity
 from engine.store import StoreReader, lock_path, parts_dir
 from test_pipeline import SIZE, assert_same_store, make_cfg, synthetic_volume, write_folder
