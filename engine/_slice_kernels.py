@@ -36,6 +36,7 @@ def _monotonic_ns(typingctx):
         if fn is None:
             fn = ir.Function(builder.module, ir.FunctionType(i32, [i32, timespec.as_pointer()]), "clock_gettime")
         ts = builder.alloca(timespec)
+        builder.store(ir.Constant(timespec, [0, 0]), ts)     # a failed call then reads as 0, not as garbage
         builder.call(fn, [ir.Constant(i32, _CLOCK_MONOTONIC), ts])
         zero = ir.Constant(i32, 0)
         sec = builder.load(builder.gep(ts, [zero, zero]))
