@@ -150,9 +150,11 @@ def adler32(x):
 def deflate_map_kernel(x, e, row, out):
     """Write the zlib stream of the bytes ``x`` into ``out``; its length, or -1 when ``out`` is too small.
 
-    ``e`` (the element size, 1..8 bytes) and ``row`` (the bytes of one row; 0: none) are the two match
-    distances tried, each at most ``MAX_DISTANCE``.
+    ``e`` (the element size, 1..8 bytes) and ``row`` (the bytes of one row) are the two match distances
+    tried; a row longer than deflate's window (``MAX_DISTANCE``), or 0, is not tried.
     """
+    if row > MAX_DISTANCE:
+        row = 0
     n = x.size
     if out.size < 16:
         return -1

@@ -126,3 +126,13 @@ def test_codec_maps_level_1_uses_it_and_falls_back_for_noise(tmp_path):
         d.id.write_direct_chunk((1, 0, 0), bytes(noisy))
     with h5py.File(tmp_path / "m.h5", "r") as f:
         assert np.array_equal(f["sp"][0], sp) and np.array_equal(f["sp"][1], noise)
+
+
+def test_rows_wider_than_the_window_are_encoded_without_row_matches():
+    # the kernel itself never writes a distance beyond deflate's 32 kB window (the one-call path passes rows of
+    # any width); the public function refuses such maps outright
+    from engine._deflate_kernels import deflate_map_kernel
+    arr = blocks((3, MAX_DISTANCE // 2 + 8), 4, np.uint16)
+    out = np.empty(arr.nbytes + 64, np.uint8)
+    n = deflate_map_kernel(arr.reshape(-1).view(np.uint8), 2, arr.shape[1] * 2, out)
+    assert n > 0 and zlib.decompress(out[:n].tobytes()) == arr.tobytes()
