@@ -44,13 +44,14 @@ def deflate_map(arr: np.ndarray, out: np.ndarray | None = None) -> np.ndarray | 
         only the size depends on it.
     out : ndarray, uint8, optional
         Where to write the stream (at least ``stream_capacity(arr.nbytes)`` bytes are used when given);
-        default: a new buffer.
+        default: this thread's scratch buffer, and the stream is returned as a new array of its own size.
 
     Returns
     -------
     ndarray of uint8 or None
-        A view of ``out`` holding the stream (``zlib.decompress`` of it gives ``arr.tobytes()``); None when the
-        map does not compress below ``stream_capacity`` (noise-like content): the caller deflates it otherwise.
+        The stream (a view of ``out`` when given; ``zlib.decompress`` of it gives ``arr.tobytes()``); None when
+        the map does not compress below ``stream_capacity`` (noise-like content): the caller deflates it
+        otherwise.
 
     Raises
     ------
@@ -63,13 +64,19 @@ def deflate_map(arr: np.ndarray, out: np.ndarray | None = None) -> np.ndarray | 
                          f"{getattr(arr, 'dtype', type(arr).__name__)} {getattr(arr, 'shape', '')}")
     cap = stream_capacity(arr.nbytes)
     if out is None:
-        out = np.empty(cap, np.uint8)
+        out = scratch(cap)
+        fresh = True
     elif not (isinstance(out, np.ndarray) and out.dtype == np.uint8 and out.ndim == 1 and out.flags.c_contiguous
               and out.flags.writeable):
         raise ValueError("deflate_map: out must be a writable contiguous 1D uint8 array")
+    else:
+        fresh = False
     x = arr.reshape(-1).view(np.uint8)
     n = deflate_map_kernel(x, arr.dtype.itemsize, arr.shape[1] * arr.dtype.itemsize, out[:cap])
-    return None if n < 0 else out[:n]
+    if n < 0:
+        return None
+    # without ``out``, a compact copy: the stream is a few kB of a buffer the size of the map
+    return out[:n].copy() if fresh else out[:n]
 
 
 def deflate_maps(maps: Sequence[np.ndarray]) -> list[bytes | None]:

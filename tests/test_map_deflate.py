@@ -106,6 +106,8 @@ def test_out_buffer_is_used_and_too_small_means_none():
     stream = deflate_map(arr, out)
     assert stream.base is out or np.shares_memory(stream, out)
     assert deflate_map(arr, np.empty(12, np.uint8)) is None
+    own = deflate_map(arr)                     # without ``out``: an array of the stream's own size
+    assert own.base is None and own.tobytes() == stream.tobytes()
 
 
 def test_codec_maps_level_1_uses_it_and_falls_back_for_noise(tmp_path):
