@@ -8,13 +8,17 @@ shows where a slice's time goes.
 """
 from __future__ import annotations
 
+import hashlib
 import sys
+import warnings
+from pathlib import Path
 
 import numpy as np
 from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic
 
+from engine import _deflate_kernels, _kernels, _mask_kernels
 from engine._deflate_kernels import deflate_map_kernel
 from engine._kernels import STATUS_OK, masked_slic_u16
 from engine._mask_kernels import body_mask_kernel
@@ -74,3 +78,30 @@ def mask_slic_deflate(raw, thr, n_segments, ratio, grid, search_radius, n_iter, 
     times[1] = t2 - t1
     times[2] = t3 - t2
     return n, status
+
+
+def _follow_callees(dispatcher, modules) -> bool:
+    """Make ``dispatcher``'s numba cache stale when a file it calls into changes, not only its own.
+
+    numba keys a cached function on its own source file, and the machine code it caches has the functions it
+    calls compiled in: after an edit of ``_kernels.py`` (say), the cached one-call kernel would go on running
+    the old SLIC. The cache's source stamp is extended with a digest of the callees' files. False when this
+    numba keeps its cache differently (a test fails then, so that a numba upgrade cannot pass unnoticed).
+    """
+    try:
+        cache_file = dispatcher._cache._cache_file
+        own = cache_file._source_stamp
+    except AttributeError:
+        return False
+    digest = hashlib.sha256()
+    for module in modules:
+        digest.update(Path(module.__file__).read_bytes())
+    cache_file._source_stamp = (own, digest.hexdigest())
+    return True
+
+
+CACHE_FOLLOWS_CALLEES = _follow_callees(mask_slic_deflate, (_deflate_kernels, _kernels, _mask_kernels))
+if not CACHE_FOLLOWS_CALLEES:
+    warnings.warn("engine._slice_kernels: this numba's cache does not follow the kernels the one-call kernel "
+                  "calls; after editing engine/_kernels.py, _mask_kernels.py or _deflate_kernels.py, clear the "
+                  "numba cache (NUMBA_CACHE_DIR)", RuntimeWarning, stacklevel=1)

@@ -131,3 +131,59 @@ def test_stage_times_come_from_the_monotonic_clock():
     wall = time.perf_counter() - t0
     assert stages["mask"] > 0 and stages["superpixels"] > 0 and stages["encode"] > 0
     assert sum(stages.values()) <= wall
+
+
+def test_one_call_kernel_cache_follows_the_files_it_calls():
+    # numba keys a cached function on its own file; the one-call kernel has SLIC, the body mask and the encoder
+    # compiled in, so its cache must also go stale when one of their files changes
+    import hashlib
+    from pathlib import Path
+
+    from engine import _deflate_kernels, _kernels, _mask_kernels
+    assert _slice_kernels.CACHE_FOLLOWS_CALLEES
+    digest = hashlib.sha256(b"".join(Path(m.__file__).read_bytes() for m in (_deflate_kernels, _kernels, _mask_kernels)))
+    assert _slice_kernels.mask_slic_deflate._cache._cache_file._source_stamp[1] == digest.hexdigest()
+
+
+PROBE = """
+import sys
+import numpy as np
+from engine._slice_kernels import mask_slic_deflate
+from engine.config import SuperpixelConfig
+from engine.map_deflate import layout
+from engine.slice_worker import warm_slice
+from engine.superpixels import engine_slic_args
+raw = warm_slice(32, 50.0001)
+h, w = raw.shape
+_, _, caps, starts = layout((((h, w), 2), ((h, w), 1), ((h, w), 1)))
+out = np.zeros(int(starts[-1] + caps[-1]), np.uint8)
+mask_slic_deflate(raw, np.float32(50.0001), *engine_slic_args(raw, SuperpixelConfig()), np.zeros((0, 0), np.uint8),
+                  np.empty((h, w), np.bool_), np.empty(h * w, np.int32), np.empty(h * w, np.uint16), out, caps,
+                  np.empty(3, np.int64), np.zeros(3, np.int64))
+print(out[:2].tobytes().hex())
+"""
+
+
+@pytest.mark.slow
+def test_an_edit_of_a_called_kernel_reaches_the_cached_one_call_kernel(tmp_path):
+    """In a copy of the engine with its own numba cache: the one-call kernel, cached, runs the edited encoder."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(slice_worker.__file__).resolve().parent.parent
+    shutil.copytree(root / "engine", tmp_path / "engine", ignore=shutil.ignore_patterns("__pycache__"))
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "cache"), PYTHONPATH=str(tmp_path))
+
+    def header():
+        return subprocess.run([sys.executable, "-c", PROBE], cwd=tmp_path, env=env, capture_output=True, text=True,
+                              check=True).stdout.strip()
+
+    assert header() == "7801" and header() == "7801"       # compiled, then from the cache
+    src = tmp_path / "engine" / "_deflate_kernels.py"
+    text = src.read_text()
+    assert "    out[1] = 0x01 " in text
+    src.write_text(text.replace("    out[1] = 0x01 ", "    out[1] = 0x9C "))   # another valid zlib header
+    assert header() == "789c"
