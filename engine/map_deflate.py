@@ -29,6 +29,13 @@ def supported(arr: np.ndarray) -> bool:
             and arr.shape[1] * arr.dtype.itemsize <= MAX_DISTANCE)
 
 
+def _require_supported(arr) -> None:
+    if not supported(arr):
+        raise ValueError(f"deflate_map: expected a C-contiguous 2D integer map with rows of at most "
+                         f"{MAX_DISTANCE} bytes on a little-endian machine, got "
+                         f"{getattr(arr, 'dtype', type(arr).__name__)} {getattr(arr, 'shape', '')}")
+
+
 def stream_capacity(nbytes: int) -> int:
     """Bytes of output room ``deflate_map`` is given for a map of ``nbytes`` bytes."""
     return int(nbytes) + MARGIN_BYTES
@@ -58,10 +65,7 @@ def deflate_map(arr: np.ndarray, out: np.ndarray | None = None) -> np.ndarray | 
     ValueError
         ``arr`` is not ``supported``, or ``out`` is not a writable contiguous uint8 array.
     """
-    if not supported(arr):
-        raise ValueError(f"deflate_map: expected a C-contiguous 2D integer map with rows of at most "
-                         f"{MAX_DISTANCE} bytes on a little-endian machine, got "
-                         f"{getattr(arr, 'dtype', type(arr).__name__)} {getattr(arr, 'shape', '')}")
+    _require_supported(arr)
     cap = stream_capacity(arr.nbytes)
     if out is None:
         out = scratch(cap)
@@ -98,8 +102,7 @@ def deflate_maps(maps: Sequence[np.ndarray]) -> list[bytes | None]:
         A map is not ``supported``.
     """
     for arr in maps:
-        if not supported(arr):
-            deflate_map(arr)                                 # words the error
+        _require_supported(arr)
     if not maps:
         return []
     elem, rows, caps, starts = layout(tuple((a.shape, a.dtype.itemsize) for a in maps))

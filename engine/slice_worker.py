@@ -115,7 +115,7 @@ def _compute_in_one_call(raw, image, label, threshold, args, codec: Codec, zero_
         if arr is None:
             chunks[name] = zero_label
         else:    # None: a map that did not compress below its size (noise), deflated the general way
-            chunks[name] = stream if stream is not None else codec.encode(name, arr)
+            chunks[name] = stream if stream is not None else codec.general_deflate(name, arr)
     mask_s, sp_s = float(times[0]) * 1e-9, float(times[1]) * 1e-9
     return chunks, int(n), {"mask": mask_s, "superpixels": sp_s, "encode": time.perf_counter() - t0 - mask_s - sp_s}
 

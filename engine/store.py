@@ -255,7 +255,12 @@ class Codec:
             stream = deflate_map(arr)
             if stream is not None:
                 return stream
-        return deflate(arr, level)
+        return self.general_deflate(name, arr)
+
+    def general_deflate(self, name: str, arr: np.ndarray) -> bytes:
+        """Dataset ``name``'s chunk deflated at its level by ISA-L or zlib (``deflate``): the image, levels
+        above 1, and the maps that ``map_deflate`` could not shrink below their size."""
+        return deflate(np.ascontiguousarray(arr, dtype=DTYPES[name]), self.levels[name])
 
     def encode_maps(self, maps: dict) -> dict:
         """``encode`` of several datasets' chunks (``name -> (H, W) array``); the maps that ``map_deflate``
@@ -266,7 +271,7 @@ class Codec:
         if fast:
             from engine.map_deflate import deflate_maps    # numba: not imported by the store's readers
             for (name, arr), stream in zip(fast.items(), deflate_maps(list(fast.values()))):
-                out[name] = stream if stream is not None else deflate(arr, self.levels[name])
+                out[name] = stream if stream is not None else self.general_deflate(name, arr)
         for name, arr in maps.items():
             if name not in out:
                 out[name] = self.encode(name, arr)
