@@ -488,8 +488,12 @@ def summary_lines(p: dict) -> list[str]:
     ps = p["per_slice_ms"]
     if ps:
         part = (lambda keys: ", ".join(f"{k} {ps[k]:.2f}" for k in keys if k in ps))
+        # Worker threads take the GIL back after each compiled call; at the default settings a slice is one
+        # call whose last step is encode, so with other threads about, that wait reads as encoding time.
+        gil = (" (threads: a step's time includes taking the GIL back after it; at the default settings all of "
+               "it falls in encode)" if p["backend"] == "threads" and p["workers"] > 1 else "")
         lines.append(f"ms per slice in each stage: read [{part(STAGES_READ)}] | workers [{part(STAGES_WORK)}] | "
-                     f"writer [{part(STAGES_WRITE)}]")
+                     f"writer [{part(STAGES_WRITE)}]{gil}")
     commits = p.get("commits") or {}
     tail, commit = commits.get("last_slice_to_commit_ms"), commits.get("commit_ms")
     if tail and commit:

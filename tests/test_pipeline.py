@@ -477,6 +477,22 @@ def test_profile_counts_the_rest_of_the_workers_wall_time_as_other():
     assert "other 0%" in summary_lines(old)[1]
 
 
+def test_stage_line_says_where_worker_threads_wait_for_the_gil():
+    from engine.profile import Profiler, summary_lines
+
+    def stage_line(backend: str, workers: int) -> str:
+        prof = Profiler(workers, backend)
+        for w in range(workers):
+            prof.add_work(w, {"mask": 0.1, "superpixels": 1.0, "encode": 0.2}, cpu=1.2)
+        prof.stop()
+        return summary_lines(prof.to_dict(4))[2]
+
+    note = "at the default settings all of it falls in encode"
+    assert stage_line("threads", 2).startswith("ms per slice in each stage:") and note in stage_line("threads", 2)
+    # one worker thread, or worker processes (one thread each): no other thread to wait behind
+    assert note not in stage_line("threads", 1) and note not in stage_line("processes", 2)
+
+
 def test_idle_time_is_split_by_what_the_producer_was_waiting_for():
     from engine.profile import Profiler, summary_lines
 
