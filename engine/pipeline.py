@@ -325,7 +325,6 @@ class _Run(ProcessBackend):
         finally:
             self._join()
             self._release_ring()
-        self.prof.stop()
         return self._finish(settings)
 
     def _spawn(self, fn, name: str, *args) -> None:
@@ -640,6 +639,9 @@ class _Run(ProcessBackend):
                 self.error, complete = str(exc), False
         else:
             writer.abort(run_record=record)
+        # The engine's clock ends here, once the store is as complete as this run leaves it (final index
+        # written, workers gone, shared memory freed): its slices/s is the rate at which a user gets a store.
+        self.prof.stop()
         log = [f for s in writer.shards for f in s.failures]
         profile_path = self.store.with_name(self.store.name + ".profile.json")
         extra = {"store": str(self.store), "settings_hash": settings_hash(settings), "batch": self.batch_size,

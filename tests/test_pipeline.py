@@ -1092,6 +1092,22 @@ def test_a_profile_that_cannot_be_written_does_not_fail_the_run(folder, tmp_path
     assert f"{out} complete: 19 slices" in captured.out and "slices/s" in captured.out
 
 
+@pytest.mark.parametrize("backend", ["threads", "processes"])
+def test_the_engine_clock_ends_after_the_final_index(folder, tmp_path, monkeypatch, backend):
+    # slices/s is the rate at which a user gets a complete store: the final index is inside the clock
+    from engine.store import StoreWriter
+    real = StoreWriter.finish
+
+    def slow_finish(self, *args, **kwargs):
+        time.sleep(0.5)
+        return real(self, *args, **kwargs)
+    monkeypatch.setattr(StoreWriter, "finish", slow_finish)
+    out = tmp_path / "s.h5"
+    assert pipeline.preprocess(make_cfg(folder, out, backend=backend, threads=2), progress=False) == 0
+    prof = json.loads(out.with_name(out.name + ".profile.json").read_text())
+    assert prof["wall_s"] >= 0.5 and prof["slices_per_s"] <= 19 / 0.5
+
+
 @pytest.mark.parametrize("interval,share,expected", [(0.0, 0, 5), (1e9, 10, 1)])
 def test_index_is_republished_at_most_every_interval(folder, reference, tmp_path, monkeypatch, interval, share,
                                                      expected):
