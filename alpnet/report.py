@@ -4,6 +4,8 @@ of several ``results.json`` into one table.
 ``python -m alpnet.report A/results.json B/results.json --labels SLIC Felzenszwalb --out table.md``
 merges runs: results given the same label become one row (e.g. the kidney and the liver/spleen models of
 setting 2, or one method evaluated fold by fold); the mean over scans is recomputed from the per-scan Dice.
+Each row after the first is then compared with the first on the scans both scored (mean difference with a
+bootstrap interval over scans, and how often each is higher).
 """
 from __future__ import annotations
 
@@ -136,7 +138,70 @@ def _row_of(results_list: Sequence[Mapping], label: str, source: str) -> dict:
     setting = "/".join(str(x) for x in sorted(settings, key=str)) if settings != {None} else None
     return {"label": label, "source": source, "setting": setting, "folds": _folds_text(folds, n_folds),
             "organs": s["organs"], "mean": s["mean"], "partial": len(evaluated) < len(all_cols),
-            "n_scans": s["n_scans"]}
+            "n_scans": s["n_scans"], "pooled": pooled}
+
+
+BOOTSTRAP_SAMPLES = 10_000
+
+
+def paired_difference(a: Mapping[str, Mapping[str, float]], b: Mapping[str, Mapping[str, float]],
+                      samples: int = BOOTSTRAP_SAMPLES, seed: int = 0) -> dict | None:
+    """Dice of ``a`` minus Dice of ``b`` on the (organ, fold:scan) pairs both scored.
+
+    Scans are the unit of the interval: the organs of one scan share its support, its acquisition and its
+    preparation, so their differences are not independent. Each scan's difference is the mean over the organs
+    both scored on it; the interval resamples scans (percentile bootstrap, ``samples`` draws, fixed ``seed``:
+    the same files always give the same text).
+
+    Parameters
+    ----------
+    a, b : mapping organ -> {"<fold>:<scan>": Dice in [0, 1]}
+        Pooled per-scan Dice of two rows (``per_scan_dice``, pooled over their results).
+
+    Returns
+    -------
+    dict or None
+        ``pairs``, ``scans`` (counts), ``mean`` (mean over scans of the per-scan difference, in Dice points),
+        ``ci95`` (low, high) in Dice points, ``higher`` / ``lower`` ((organ, scan) pairs where ``a`` is above /
+        below ``b``), ``scans_higher`` / ``scans_lower``; None when the two share no finite pair.
+    """
+    per_scan: dict[str, list[float]] = {}
+    pairs = higher = lower = 0
+    for organ, scans in a.items():
+        for key, da in scans.items():
+            db = b.get(organ, {}).get(key)
+            if db is None or not (math.isfinite(da) and math.isfinite(db)):
+                continue
+            per_scan.setdefault(key, []).append(100.0 * (da - db))
+            pairs += 1
+            higher += da > db
+            lower += da < db
+    if not per_scan:
+        return None
+    d = np.array([np.mean(v) for _, v in sorted(per_scan.items())])
+    rng = np.random.default_rng(seed)
+    boot = d[rng.integers(0, d.size, size=(samples, d.size))].mean(axis=1)
+    lo, hi = np.percentile(boot, [2.5, 97.5])
+    return {"pairs": pairs, "scans": int(d.size),
+            "mean": float(d.mean()), "ci95": (float(lo), float(hi)), "higher": higher, "lower": lower,
+            "scans_higher": int((d > 0).sum()), "scans_lower": int((d < 0).sum())}
+
+
+def _comparison_lines(rows: Sequence[dict]) -> list[str]:
+    """A line per row after the first: its paired difference from the first row (``paired_difference``)."""
+    lines = []
+    ref = rows[0]
+    for r in rows[1:]:
+        c = paired_difference(r["pooled"], ref["pooled"])
+        if c is None:
+            lines.append(f"- {r['label']} and {ref['label']}: no (organ, scan) scored by both")
+            continue
+        lo, hi = c["ci95"]
+        lines.append(f"- {r['label']} minus {ref['label']}: {c['mean']:+.2f} Dice points (95% bootstrap interval "
+                     f"over {c['scans']} scans: {lo:+.2f} to {hi:+.2f}); higher on {c['higher']} and lower on "
+                     f"{c['lower']} of {c['pairs']} (organ, scan) pairs, on {c['scans_higher']} and "
+                     f"{c['scans_lower']} of the {c['scans']} scans")
+    return lines
 
 
 def _data_name(results: Mapping) -> str:
@@ -171,7 +236,8 @@ def merge_results(paths: Sequence[str | Path], labels: Sequence[str] | None = No
     Returns
     -------
     str
-        Markdown: the table, then a line per row saying which files it came from.
+        Markdown: the table, a line per row saying which files it came from, and with two rows or more each
+        row's paired difference from the first (``paired_difference``).
     """
     if not paths:
         raise ReportError("merge_results: no results.json given")
@@ -191,6 +257,9 @@ def merge_results(paths: Sequence[str | Path], labels: Sequence[str] | None = No
         lines.append("\\* mean over the organs this row evaluates (a setting-2 model covers one label group).")
     for name, idx in groups.items():
         lines.append(f"- {name}: " + "; ".join(_describe_run(loaded[i], str(paths[i])) for i in idx))
+    if len(rows) > 1:
+        lines += ["", f"Paired against the first row ({rows[0]['label']}), on the (organ, scan) pairs both scored:"]
+        lines += _comparison_lines(rows)
     return "\n".join(lines) + "\n"
 
 

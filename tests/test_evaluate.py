@@ -262,6 +262,45 @@ def test_merge_rejects_duplicates_and_bad_files(tmp_path):
         report.merge_results([tmp_path / "none.json"])
 
 
+def test_paired_difference_counts_pairs_and_uses_scans_as_the_unit():
+    a = {"LIVER": {"0:1": 0.8, "0:2": 0.6, "1:8": 0.5}, "RK": {"0:1": 0.4, "0:2": 0.4}}
+    b = {"LIVER": {"0:1": 0.6, "0:2": 0.6, "1:8": 0.7}, "RK": {"0:1": 0.2, "0:2": 0.5, "1:8": 0.9},
+         "SPLEEN": {"0:1": 0.1}}
+    c = report.paired_difference(a, b)
+    # pairs: LIVER 0:1 +20, 0:2 0, 1:8 -20; RK 0:1 +20, 0:2 -10 (RK 1:8 and SPLEEN only in b)
+    assert (c["pairs"], c["higher"], c["lower"]) == (5, 2, 2)
+    # per scan: 0:1 (+20 +20)/2 = +20, 0:2 (0 - 10)/2 = -5, 1:8 -20 -> mean -5/3
+    assert c["scans"] == 3 and c["mean"] == pytest.approx(-5 / 3)
+    assert (c["scans_higher"], c["scans_lower"]) == (1, 2)
+    lo, hi = c["ci95"]
+    assert -20 - 1e-9 <= lo < c["mean"] < hi <= 20 + 1e-9
+    assert report.paired_difference(a, b) == c                      # fixed seed: the same text every time
+    # identical rows: no difference, an empty interval at 0
+    same = report.paired_difference(a, a)
+    assert same["mean"] == 0 and same["ci95"] == (0.0, 0.0) and same["higher"] == same["lower"] == 0
+    # a missing Dice (NaN) is not a pair; nothing in common: None
+    assert report.paired_difference({"RK": {"0:1": float("nan")}}, {"RK": {"0:1": 0.5}}) is None
+    assert report.paired_difference({"RK": {"0:1": 0.5}}, {"LK": {"0:1": 0.5}}) is None
+
+
+def test_merge_compares_each_row_with_the_first(tmp_path):
+    ours = _fake_results("ours", [0], {"RK": {0: {"1": 0.6, "2": 0.8}}, "LK": {0: {"1": 0.5, "2": 0.5}}})
+    copy = _fake_results("copy", [0], {"RK": {0: {"1": 0.4, "2": 0.8}}, "LK": {0: {"1": 0.3}}}, setting=None)
+    other = _fake_results("other", [1], {"RK": {1: {"8": 0.4}}})
+    paths = []
+    for name, r in [("a", ours), ("b", copy), ("c", other)]:
+        paths.append(tmp_path / f"{name}.json")
+        paths[-1].write_text(json.dumps(r))
+    text = report.merge_results(paths)
+    assert "Paired against the first row (ours), on the (organ, scan) pairs both scored:" in text
+    # copy - ours per scan: scan 1 (-20 - 20) / 2 = -20, scan 2: 0 -> -10
+    assert ("- copy minus ours: -10.00 Dice points (95% bootstrap interval over 2 scans: -20.00 to +0.00); "
+            "higher on 0 and lower on 2 of 3 (organ, scan) pairs, on 0 and 1 of the 2 scans") in text
+    assert "- other and ours: no (organ, scan) scored by both" in text
+    # one row: no comparison
+    assert "Paired against" not in report.merge_results(paths[:1])
+
+
 def test_report_cli(tmp_path, capsys):
     r = _fake_results("x", [0, 1], {"RK": {0: {"1": 0.5}, 1: {"8": 0.25}}})
     p = tmp_path / "r.json"
