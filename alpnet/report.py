@@ -151,7 +151,9 @@ def paired_difference(a: Mapping[str, Mapping[str, float]], b: Mapping[str, Mapp
     Scans are the unit of the interval: the organs of one scan share its support, its acquisition and its
     preparation, so their differences are not independent. Each scan's difference is the mean over the organs
     both scored on it; the interval resamples scans (percentile bootstrap, ``samples`` draws, fixed ``seed``:
-    the same files always give the same text).
+    the same files always give the same text). The scans of one fold also share a trained model (one per fold
+    and method), so the interval does not cover the spread between trainings; the count of folds on each
+    side is the coarser check of that.
 
     Parameters
     ----------
@@ -163,7 +165,8 @@ def paired_difference(a: Mapping[str, Mapping[str, float]], b: Mapping[str, Mapp
     dict or None
         ``pairs``, ``scans`` (counts), ``mean`` (mean over scans of the per-scan difference, in Dice points),
         ``ci95`` (low, high) in Dice points, ``higher`` / ``lower`` ((organ, scan) pairs where ``a`` is above /
-        below ``b``), ``scans_higher`` / ``scans_lower``; None when the two share no finite pair.
+        below ``b``), ``scans_higher`` / ``scans_lower``, ``folds`` and ``folds_higher`` / ``folds_lower``
+        (each fold's difference: the mean of its scans'); None when the two share no finite pair.
     """
     per_scan: dict[str, list[float]] = {}
     pairs = higher = lower = 0
@@ -179,12 +182,17 @@ def paired_difference(a: Mapping[str, Mapping[str, float]], b: Mapping[str, Mapp
     if not per_scan:
         return None
     d = np.array([np.mean(v) for _, v in sorted(per_scan.items())])
+    per_fold: dict[str, list[float]] = {}
+    for key, v in per_scan.items():
+        per_fold.setdefault(key.split(":")[0], []).append(float(np.mean(v)))
+    f = np.array([np.mean(v) for v in per_fold.values()])
     rng = np.random.default_rng(seed)
     boot = d[rng.integers(0, d.size, size=(samples, d.size))].mean(axis=1)
     lo, hi = np.percentile(boot, [2.5, 97.5])
     return {"pairs": pairs, "scans": int(d.size),
             "mean": float(d.mean()), "ci95": (float(lo), float(hi)), "higher": higher, "lower": lower,
-            "scans_higher": int((d > 0).sum()), "scans_lower": int((d < 0).sum())}
+            "scans_higher": int((d > 0).sum()), "scans_lower": int((d < 0).sum()), "folds": int(f.size),
+            "folds_higher": int((f > 0).sum()), "folds_lower": int((f < 0).sum())}
 
 
 def _comparison_lines(rows: Sequence[dict]) -> list[str]:
@@ -200,7 +208,8 @@ def _comparison_lines(rows: Sequence[dict]) -> list[str]:
         lines.append(f"- {r['label']} minus {ref['label']}: {c['mean']:+.2f} Dice points (95% bootstrap interval "
                      f"over {c['scans']} scans: {lo:+.2f} to {hi:+.2f}); higher on {c['higher']} and lower on "
                      f"{c['lower']} of {c['pairs']} (organ, scan) pairs, on {c['scans_higher']} and "
-                     f"{c['scans_lower']} of the {c['scans']} scans")
+                     f"{c['scans_lower']} of the {c['scans']} scans, on {c['folds_higher']} and "
+                     f"{c['folds_lower']} of the {c['folds']} folds")
     return lines
 
 

@@ -272,6 +272,8 @@ def test_paired_difference_counts_pairs_and_uses_scans_as_the_unit():
     # per scan: 0:1 (+20 +20)/2 = +20, 0:2 (0 - 10)/2 = -5, 1:8 -20 -> mean -5/3
     assert c["scans"] == 3 and c["mean"] == pytest.approx(-5 / 3)
     assert (c["scans_higher"], c["scans_lower"]) == (1, 2)
+    # per fold: fold 0 (+20 - 5) / 2 = +7.5, fold 1 -20
+    assert (c["folds"], c["folds_higher"], c["folds_lower"]) == (2, 1, 1)
     lo, hi = c["ci95"]
     assert -20 - 1e-9 <= lo < c["mean"] < hi <= 20 + 1e-9
     assert report.paired_difference(a, b) == c                      # fixed seed: the same text every time
@@ -295,7 +297,8 @@ def test_merge_compares_each_row_with_the_first(tmp_path):
     assert "Paired against the first row (ours), on the (organ, scan) pairs both scored:" in text
     # copy - ours per scan: scan 1 (-20 - 20) / 2 = -20, scan 2: 0 -> -10
     assert ("- copy minus ours: -10.00 Dice points (95% bootstrap interval over 2 scans: -20.00 to +0.00); "
-            "higher on 0 and lower on 2 of 3 (organ, scan) pairs, on 0 and 1 of the 2 scans") in text
+            "higher on 0 and lower on 2 of 3 (organ, scan) pairs, on 0 and 1 of the 2 scans, on 0 and 1 of the 1 "
+            "folds") in text
     assert "- other and ours: no (organ, scan) scored by both" in text
     # one row: no comparison
     assert "Paired against" not in report.merge_results(paths[:1])
