@@ -76,6 +76,16 @@ def make_cfg(input_spec, out, *overrides: str, **engine):
     return cfg
 
 
+def slow_down(monkeypatch, cls, name: str, seconds: float) -> None:
+    """Make ``cls.name`` sleep ``seconds`` before doing its work (a slow disk, a slow index)."""
+    real = getattr(cls, name)
+
+    def slow(self, *args, **kwargs):
+        time.sleep(seconds)
+        return real(self, *args, **kwargs)
+    monkeypatch.setattr(cls, name, slow)
+
+
 def store_content(path) -> dict:
     """Everything a store holds that must not depend on how it was computed (for identity checks)."""
     with StoreReader(path) as r:
@@ -306,13 +316,7 @@ def test_a_kill_can_lose_at_most_one_batch(folder, reference, tmp_path, monkeypa
     # design.md, Store, requirement 2: whenever the run could be killed, at most one batch of computed slices is
     # uncommitted. A slow disk (every shard write takes 50 ms) would let workers run ahead if they could.
     from engine.store import ShardBuilder
-    real = ShardBuilder.commit
-
-    def slow(self, *a, **kw):
-        time.sleep(0.05)
-        return real(self, *a, **kw)
-
-    monkeypatch.setattr(ShardBuilder, "commit", slow)
+    slow_down(monkeypatch, ShardBuilder, "commit", 0.05)
     out = tmp_path / "s.h5"
     assert pipeline.preprocess(make_cfg(folder, out, batch=3, backend=backend), progress=False) == 0
     assert_same_store(reference, out)
@@ -1096,12 +1100,7 @@ def test_a_profile_that_cannot_be_written_does_not_fail_the_run(folder, tmp_path
 def test_the_engine_clock_ends_after_the_final_index(folder, tmp_path, monkeypatch, backend):
     # slices/s is the rate at which a user gets a complete store: the final index is inside the clock
     from engine.store import StoreWriter
-    real = StoreWriter.finish
-
-    def slow_finish(self, *args, **kwargs):
-        time.sleep(0.5)
-        return real(self, *args, **kwargs)
-    monkeypatch.setattr(StoreWriter, "finish", slow_finish)
+    slow_down(monkeypatch, StoreWriter, "finish", 0.5)
     out = tmp_path / "s.h5"
     assert pipeline.preprocess(make_cfg(folder, out, backend=backend, threads=2), progress=False) == 0
     prof = json.loads(out.with_name(out.name + ".profile.json").read_text())
