@@ -16,7 +16,8 @@ One run measures, on the same 20 CHAOS-T2 volumes (718 slices) and with the conf
    commit, threads and worker processes gone, final index written) and the whole process wall time
    (interpreter start, imports and kernel loading included). Counts below all cores also run pinned to as
    many CPUs as workers (``<backend>-<n>-pinned``): with all cores free, one worker has the other cores for
-   the engine's writer and dispatcher, so "2 workers / 1 worker" is given both ways (per worker, and per core: 2 workers on 2 CPUs / 1 worker on 1 CPU).
+   the engine's writer and dispatcher, so "2 workers / 1 worker" is given both ways (per worker, and per
+   core: 2 workers on 2 CPUs / 1 worker on 1 CPU).
 5. **memory**: peak RSS of the CHAOS run and of a run ten times larger (the 20 volumes linked 10 times:
    7180 slices), both backends.
 
