@@ -181,10 +181,11 @@ def paired_difference(a: Mapping[str, Mapping[str, float]], b: Mapping[str, Mapp
             lower += da < db
     if not per_scan:
         return None
-    d = np.array([np.mean(v) for _, v in sorted(per_scan.items())])
+    scan_mean = {key: float(np.mean(v)) for key, v in sorted(per_scan.items())}
+    d = np.array(list(scan_mean.values()))
     per_fold: dict[str, list[float]] = {}
-    for key, v in per_scan.items():
-        per_fold.setdefault(key.split(":")[0], []).append(float(np.mean(v)))
+    for key, m in scan_mean.items():
+        per_fold.setdefault(key.split(":")[0], []).append(m)
     f = np.array([np.mean(v) for v in per_fold.values()])
     rng = np.random.default_rng(seed)
     boot = d[rng.integers(0, d.size, size=(samples, d.size))].mean(axis=1)

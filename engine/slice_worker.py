@@ -65,8 +65,7 @@ def compute_slice(raw: np.ndarray, image: np.ndarray, label: np.ndarray | None, 
     t1 = time.perf_counter()
     sp, nsp = pseudolabels_u16(raw, fg, sp_cfg)
     t2 = time.perf_counter()
-    if nsp > MAX_SUPERPIXEL_ID:
-        raise ValueError(f"{nsp} superpixels in one slice; the store's uint16 ids allow {MAX_SUPERPIXEL_ID}")
+    _check_superpixel_count(nsp)
     maps = {"superpixels": sp, "fg": fg.view(np.uint8)}
     if label is not None:
         maps["label"] = label
@@ -75,6 +74,12 @@ def compute_slice(raw: np.ndarray, image: np.ndarray, label: np.ndarray | None, 
         chunks["label"] = zero_label
     t3 = time.perf_counter()
     return chunks, nsp, {"mask": t1 - t0, "superpixels": t2 - t1, "encode": t3 - t2}
+
+
+def _check_superpixel_count(n: int) -> None:
+    """Both paths of ``compute_slice``: the store's superpixel ids are uint16."""
+    if n > MAX_SUPERPIXEL_ID:
+        raise ValueError(f"{n} superpixels in one slice; the store's uint16 ids allow {MAX_SUPERPIXEL_ID}")
 
 
 def _one_call_args(raw, label, sp_cfg, codec: Codec) -> tuple | None:
@@ -107,8 +112,7 @@ def _compute_in_one_call(raw, image, label, threshold, args, codec: Codec, zero_
     n, status = mask_slic_deflate(raw, np.float32(threshold), *args, _NO_LABEL if label is None else label, fg,
                                   np.empty(h * w, np.int32), sp16, out, caps, lens, times)
     check_slic_status(status)
-    if n > MAX_SUPERPIXEL_ID:
-        raise ValueError(f"{n} superpixels in one slice; the store's uint16 ids allow {MAX_SUPERPIXEL_ID}")
+    _check_superpixel_count(n)
     chunks = {"image": codec.encode("image", image)}
     for name, arr, stream in zip(MAP_DATASETS, (sp16.reshape(h, w), fg.view(np.uint8), label),
                                  streams(out, starts, lens)):

@@ -57,14 +57,12 @@ def before_each_slice(monkeypatch):
             monkeypatch.setattr(slice_worker, "mask_slic_deflate", real_one_call)
             return
 
-        def general(raw, *args, **kwargs):
-            fn(raw)
-            return real_general(raw, *args, **kwargs)
+        def hooked(real):
+            def call(raw, *args, **kwargs):
+                fn(raw)
+                return real(raw, *args, **kwargs)
+            return call
 
-        def one_call(raw, *args, **kwargs):
-            fn(raw)
-            return real_one_call(raw, *args, **kwargs)
-
-        monkeypatch.setattr(slice_worker, "pseudolabels_u16", general)
-        monkeypatch.setattr(slice_worker, "mask_slic_deflate", one_call)
+        monkeypatch.setattr(slice_worker, "pseudolabels_u16", hooked(real_general))
+        monkeypatch.setattr(slice_worker, "mask_slic_deflate", hooked(real_one_call))
     return install
