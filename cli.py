@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except OSError as exc:
         # The machine rather than the input (a read-only or full disk, a path under a file): one line too.
-        from engine.store import error_text
+        from engine.store_format import error_text
         print(f"{args.command}: {error_text(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as exc:                 # Ctrl-C, or SIGTERM during a preprocess run

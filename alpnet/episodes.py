@@ -71,7 +71,7 @@ class StoreReaderFactory:
         self.path = str(path)
 
     def __call__(self):
-        from engine.store import StoreReader
+        from engine.store_reader import StoreReader
         return StoreReader(self.path)
 
 
@@ -162,7 +162,7 @@ def organ_bits(reader, rows: np.ndarray) -> np.ndarray:
     """
     if "organs" in reader.slices:
         return np.asarray(reader.slices["organs"], dtype=np.uint64)[rows]
-    from engine.store import slice_organ_bits    # the rule that fills the store's column
+    from engine.store_format import slice_organ_bits    # the rule that fills the store's column
 
     present = np.asarray(reader.slices.get("labels_present", np.ones(reader.n_slices, bool)), bool)
     out = np.zeros(len(rows), dtype=np.uint64)

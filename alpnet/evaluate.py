@@ -323,7 +323,7 @@ def training_volumes(ckpt_cfg: Mapping, meta: Mapping) -> tuple[list[dict] | Non
     if not path or not Path(path).exists():
         return None, f"training store {path!r} not found"
     try:
-        from engine.store import StoreReader
+        from engine.store_reader import StoreReader
         with StoreReader(path) as reader:
             vols = [{"id": str(v["id"]), "checksum": str(v.get("checksum", ""))} for v in reader.volumes]
     except Exception as exc:  # any unreadable store: fall back to the config rule, say why

@@ -34,7 +34,7 @@ from alpnet.model import ALPNet, COUNTERS
 from engine.config import to_dict
 from engine.figures import save_figure
 from engine.runinfo import write_run_info
-from engine.store import StoreError, error_text
+from engine.store_format import StoreError, error_text
 
 CHECKPOINT_NAME = "checkpoint.pt"
 REDRAWS = ("empty_redraws", "vanishing_redraws", "slice_redraws")
@@ -311,7 +311,8 @@ def _last_line(exc: BaseException) -> str:
     worker's traceback in its message, whose last line is the original ``Type: message``."""
     lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
     last = lines[-1] if lines else type(exc).__name__
-    return last.split(": ", 1)[1] if last.startswith(("engine.store.StoreError: ", "StoreError: ")) else last
+    prefixes = (f"{StoreError.__module__}.StoreError: ", "StoreError: ")    # how a traceback names the class
+    return last.split(": ", 1)[1] if last.startswith(prefixes) else last
 
 
 def _main(cfg, resume: bool) -> int:

@@ -150,7 +150,7 @@ def bench_compression(raw, image, label, fg, sp_cfg, tmp: Path, repeats: int) ->
                            "raw_kb_per_slice": round(arr[0].nbytes / 1e3, 1)})
             say(f"  worker {lib}-{level} {name:12s} {1e3 * sec / n:6.3f} CPU ms/slice {total / n / 1e3:6.1f} kB/slice")
 
-    from engine.store import Codec
+    from engine.store_codec import Codec
     direct = []
     for spec in ("none", "maps-gzip-1", "gzip-1"):
         codec = Codec.parse(spec)

@@ -10,8 +10,9 @@ import h5py
 import numpy as np
 
 from engine.figures import save_figure
-from engine.store import (DATASETS, StoreError, StoreReader, describe_holder, error_text, lock_path, parts_dir,
-                          shard_name)
+from engine.store_format import DATASETS, StoreError, error_text, lock_path, parts_dir, shard_name
+from engine.store_lock import describe_holder
+from engine.store_reader import StoreReader
 
 
 def _disk_size(path: Path) -> int:

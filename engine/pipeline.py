@@ -63,8 +63,10 @@ from engine.runinfo import git_revision, write_run_info
 from engine.sources import open_source
 from engine.schedule import Batches, BatchState, Failure, Loaded, LoadPlan, SourceChanged, Stopped, Task, WorkQueue
 from engine.slice_worker import compute_slice, organ_bits, warm_slice
-from engine.store import (SCHEMA_VERSION, Codec, RunRecordError, SettingsMismatch, SliceResult, StoreError,
-                          StoreLocked, StoreWriter, error_text, settings_hash, volume_row)
+from engine.store import StoreWriter
+from engine.store_codec import Codec
+from engine.store_format import (SCHEMA_VERSION, RunRecordError, SettingsMismatch, SliceResult, StoreError, StoreLocked,
+                                 error_text, settings_hash, volume_row)
 from engine.stops import raise_terminated, stop_status
 from engine.volume import Volume, VolumeError
 

@@ -25,7 +25,7 @@ from engine.profile import run_queue_seconds
 from engine.schedule import WRITE_RUN, Failure, Loaded, LoadMark, SourceChanged, Task
 from engine.shm import Ring, VolumeArena, receive_fd
 from engine.slice_worker import RESULT_RUN, process_worker, signal_name
-from engine.store import DATASETS, error_text
+from engine.store_format import DATASETS, error_text
 
 # Arena slots for prepared volumes (the load look-ahead plus the volumes being computed), each for up to
 # ARENA_SLOT_SLICES slices; larger volumes get their own memfd.

@@ -16,7 +16,7 @@ import time
 import numpy as np
 
 from engine.profile import BlockClock
-from engine.store import SliceResult
+from engine.store_format import SliceResult
 
 INFLIGHT_BATCHES = 1          # batch k+1 opens when batch k is committed: at most one batch lost to a kill
 WRITE_RUN = 8                 # computed slices waiting for the writer that wake it (Batches.add_result)

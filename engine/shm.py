@@ -17,7 +17,7 @@ import socket
 
 import numpy as np
 
-from engine.store import DATASETS, DTYPES
+from engine.store_format import DATASETS, DTYPES
 
 
 def out_capacity(shape: tuple[int, int]) -> int:

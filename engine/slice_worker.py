@@ -19,7 +19,8 @@ from engine.shm import Ring, VolumeBuffers, map_volume, send_volume
 from engine import _slice_kernels
 from engine._slice_kernels import mask_slic_deflate
 from engine.map_deflate import layout, scratch, streams
-from engine.store import DATASETS, MAP_DATASETS, MAX_SUPERPIXEL_ID, Codec
+from engine.store_codec import Codec
+from engine.store_format import DATASETS, MAP_DATASETS, MAX_SUPERPIXEL_ID
 from engine.superpixels import check_slic_status, engine_slic_args, pseudolabels_u16
 
 # A worker process answers up to RESULT_RUN slices in one message (``("many", [answer, ...])``): each message

@@ -53,7 +53,9 @@ def synthetic_volumes(n: int = 6, depth: int = 4, size: int = SIZE, seed: int = 
 
 def write_store(path: Path, volumes: list, method: str = "test") -> Path:
     """Write ``volumes`` as a real store with engine.store's writer (one committed batch)."""
-    from engine.store import Batch, Codec, SliceResult, StoreWriter, volume_row
+    from engine.store import StoreWriter
+    from engine.store_codec import Codec
+    from engine.store_format import Batch, SliceResult, volume_row
     size = volumes[0]["image"].shape[0]
     codec = Codec.parse("maps-gzip-1")
     settings = {"method": method, "params": {"n": 1}, "prepare": {"size": size}, "source": {"test": True}}

@@ -444,12 +444,12 @@ def test_support_copy_on_chaos_fold0_matches_the_datasets_classmap(chaos_dir, tm
 
 
 def test_training_overlap_from_store_volumes(tmp_path, monkeypatch):
-    import engine.store
+    import engine.store_reader
     from alpnet.evaluate import training_overlap, training_volumes
 
     store_vols = [{"id": i, "checksum": f"sum{i}"} for i in ["1", "2", "3", "4", "5", "6"]]
 
-    class FakeReader:                          # stands in for engine.store.StoreReader (volumes table only)
+    class FakeReader:                   # stands in for engine.store_reader.StoreReader (volumes table only)
         def __init__(self, path):
             self.volumes = store_vols
 
@@ -459,7 +459,7 @@ def test_training_overlap_from_store_volumes(tmp_path, monkeypatch):
         def __exit__(self, *exc):
             return False
 
-    monkeypatch.setattr(engine.store, "StoreReader", FakeReader)
+    monkeypatch.setattr(engine.store_reader, "StoreReader", FakeReader)
     (tmp_path / "s.h5").write_bytes(b"")
     ckpt_cfg = {"episodes": {"fold": 0, "holdout": True}, "evaluate": {"n_folds": 3}}
     vols, basis = training_volumes(ckpt_cfg, {"store": {"path": str(tmp_path / "s.h5")}})

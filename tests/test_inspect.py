@@ -8,7 +8,7 @@ import pytest
 import cli
 from engine import pipeline
 from engine.inspect import inspect_store
-from engine.store import parts_dir, shard_name
+from engine.store_format import parts_dir, shard_name
 from test_pipeline import make_cfg, write_folder
 
 
@@ -80,7 +80,7 @@ def test_summary_tells_how_the_store_was_built(store, tmp_path, capsys):
 
 
 def test_quick_checks_tables_and_mapping_without_reading_pixels(store, tmp_path, capsys, monkeypatch):
-    from engine.store import StoreReader
+    from engine.store_reader import StoreReader
     read = []
     monkeypatch.setattr(StoreReader, "read", lambda self, i: read.append(i))
     assert cli.main(["inspect", str(store), "--quick"]) == 0

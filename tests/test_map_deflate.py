@@ -7,7 +7,7 @@ import pytest
 
 from engine._deflate_kernels import MAX_DISTANCE, adler32
 from engine.map_deflate import deflate_map, deflate_maps, stream_capacity
-from engine.store import Codec
+from engine.store_codec import Codec
 
 
 def roundtrip(arr):

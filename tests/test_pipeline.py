@@ -19,7 +19,8 @@ import pytest
 from alpnet.config import load as load_config
 from engine import pipeline, process_backend, schedule, slice_worker
 from engine.config import ConfigError
-from engine.store import StoreReader, lock_path, parts_dir
+from engine.store_format import lock_path, parts_dir
+from engine.store_reader import StoreReader
 
 SIZE = 64
 
@@ -175,7 +176,7 @@ def test_processes_ring_slot_is_reused_only_after_its_chunks_are_written(folder,
     # more than the tasks queued at the workers), one batch for the whole run (no barrier holds the workers
     # back) and a slow writer, the workers run ahead of it: a slot handed out again before its chunks were
     # written would put another slice's pixels into the store (this test failed on such a version).
-    from engine.store import ShardBuilder
+    from engine.store_shards import ShardBuilder
     real = ShardBuilder.add
 
     def slow(self, s, pos=None):
@@ -194,7 +195,7 @@ def test_processes_writer_hands_back_a_runs_ring_slots_after_writing_all_of_them
     # The producer waits for a free ring slot before each slice it dispatches. Slots handed back one by one,
     # each right after its slice's write, woke it once per slice (each wake-up preempting a worker); handed
     # back after the whole run is written, once per run.
-    from engine.store import ShardBuilder
+    from engine.store_shards import ShardBuilder
     events = []
     real_add, real_writable, real_result = ShardBuilder.add, schedule.Batches.writable, pipeline._Run._result
 
@@ -315,7 +316,7 @@ def test_processes_memfd_volumes_loaded_ahead_are_closed_when_a_run_stops(folder
 def test_a_kill_can_lose_at_most_one_batch(folder, reference, tmp_path, monkeypatch, backend):
     # design.md, Store, requirement 2: whenever the run could be killed, at most one batch of computed slices is
     # uncommitted. A slow disk (every shard write takes 50 ms) would let workers run ahead if they could.
-    from engine.store import ShardBuilder
+    from engine.store_shards import ShardBuilder
     slow_down(monkeypatch, ShardBuilder, "commit", 0.05)
     out = tmp_path / "s.h5"
     assert pipeline.preprocess(make_cfg(folder, out, batch=3, backend=backend), progress=False) == 0
@@ -332,7 +333,7 @@ def test_writer_prepares_closed_batches_before_their_last_slice(folder, referenc
     # The tables of a closed batch are written while its last slices are computed (``ShardBuilder.prepare``),
     # so that the barrier waits only for the slice table and the rename. Slow slices keep every batch open
     # long enough for the writer to see it closed before it is complete.
-    from engine.store import ShardBuilder
+    from engine.store_shards import ShardBuilder
     real_prepare = ShardBuilder.prepare
     prepared = []
 
@@ -937,7 +938,7 @@ def test_progress_bar_on_a_terminal(folder, tmp_path, monkeypatch):
 
 
 def test_a_failed_commit_stops_the_run_and_keeps_earlier_batches(folder, reference, tmp_path, monkeypatch, capsys):
-    from engine.store import ShardBuilder
+    from engine.store_shards import ShardBuilder
     real = ShardBuilder.add
 
     def disk_full(self, s, pos=None):
@@ -979,7 +980,7 @@ def _one_line_error(err: str, start: str) -> str:
 def test_a_full_disk_when_the_store_is_created_is_one_line(folder, tmp_path, monkeypatch, capsys, raised):
     # h5py raises HDF5's failures as OSError or RuntimeError: either way one line, status 2, the lock released
     # and no empty store folder left behind
-    from engine import store as store_mod
+    from engine import store as store_mod           # StoreWriter calls write_index by its name in engine.store
 
     def full(*args, **kwargs):
         raise raised
@@ -1011,7 +1012,7 @@ def test_a_small_dev_shm_is_one_line_before_any_work(folder, tmp_path, monkeypat
 
 
 def test_a_read_only_folder_is_one_line(folder, tmp_path, monkeypatch, capsys):
-    from engine.store import StoreLock
+    from engine.store_lock import StoreLock
 
     def read_only(self, command=""):
         raise OSError(errno.EROFS, "Read-only file system", str(self.path))
@@ -1047,7 +1048,7 @@ def test_a_full_disk_after_the_last_commit_keeps_the_store_resumable(folder, ref
                                                                     capsys):
     # every batch is committed, then the final index cannot be written: the run says so in one line, exits 1,
     # and the same command finishes the store (its shards are all there)
-    from engine import store as store_mod
+    from engine import store as store_mod           # StoreWriter calls write_index by its name in engine.store
     real = store_mod.write_index
 
     def full_at_the_end(store, shards, settings, complete, extra_attrs=None):

@@ -17,7 +17,8 @@ import pytest
 
 from engine import pipeline
 from engine.inspect import check_integrity
-from engine.store import StoreReader, lock_path, parts_dir
+from engine.store_format import lock_path, parts_dir
+from engine.store_reader import StoreReader
 from test_pipeline import SIZE, assert_same_store, make_cfg, synthetic_volume, write_folder
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -11,7 +11,7 @@ from engine import _slice_kernels, slice_worker
 from engine.config import PrepareConfig, SuperpixelConfig
 from engine.phantom import make_volume
 from engine.prepare import prepare_volume
-from engine.store import Codec
+from engine.store_codec import Codec
 
 THR = PrepareConfig().fg_threshold
 CODEC = Codec.parse("maps-gzip-1")

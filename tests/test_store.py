@@ -275,22 +275,22 @@ def test_reader_errors_are_one_line(tmp_path):
 def test_reader_cleanup_survives_interpreter_exit(tmp_path, monkeypatch):
     # At interpreter exit a module's globals may be None before a reader left open is collected; its
     # ``__del__`` then used to fail with "'NoneType' object is not callable" (printed as "Exception ignored").
-    from engine import store as store_mod
+    from engine import store_reader
     path = tmp_path / "s.h5"
     write_store(path)
     reader = StoreReader(path)
     reader.read(0)
     assert reader._files
-    monkeypatch.setattr(store_mod, "os", None)
+    monkeypatch.setattr(store_reader, "os", None)
     reader.__del__()
     assert reader._files == {}
 
 
 def test_zlib_and_isal_encodings_decode_the_same(tmp_path, monkeypatch):
     """ISA-L is an optional accelerator: without it zlib writes an equivalent store, and either reads both."""
-    from engine import store as store_mod
+    from engine import store_codec
     expected = write_store(tmp_path / "a.h5", "gzip-1")
-    monkeypatch.setattr(store_mod, "_fast_zlib", None)
+    monkeypatch.setattr(store_codec, "_fast_zlib", None)
     write_store(tmp_path / "b.h5", "gzip-1")
     with StoreReader(tmp_path / "a.h5") as a, StoreReader(tmp_path / "b.h5") as b:
         for i, px in enumerate(expected):
@@ -304,8 +304,8 @@ def test_shard_builder_streams_slices_and_shows_nothing_before_its_commit(tmp_pa
     # The engine adds slices as they complete; until ``end_shard`` the shard exists only under a temporary name,
     # the datasets grow past the announced capacity and shrink to the real count on commit. Chunks sent to the
     # disk early (after every slice, or never before the commit) change nothing in the content.
-    from engine import store as store_mod
-    monkeypatch.setattr(store_mod, "EARLY_SYNC_BYTES", early_sync_bytes)
+    from engine import store_shards
+    monkeypatch.setattr(store_shards, "EARLY_SYNC_BYTES", early_sync_bytes)
     codec = Codec.parse("maps-gzip-1")
     w = StoreWriter.open(tmp_path / "s.h5", SETTINGS, codec, SHAPE, "rev1")
     builder = w.begin_shard(0, 0, capacity=2)
@@ -372,8 +372,8 @@ def test_early_syncs_run_beside_the_writer_and_their_errors_reach_the_commit(tmp
     # sync (a failing disk) is raised by the commit, which then leaves no temporary shard behind.
     import threading
 
-    from engine import store as store_mod
-    monkeypatch.setattr(store_mod, "EARLY_SYNC_BYTES", 1)
+    from engine import store_shards
+    monkeypatch.setattr(store_shards, "EARLY_SYNC_BYTES", 1)
     synced_in = []
     real = os.fdatasync
 
@@ -445,12 +445,12 @@ def test_a_shard_leaves_the_page_cache_after_its_commit_not_before(tmp_path, mon
     # thread, which then closes the descriptor.
     import threading
 
-    from engine import store as store_mod
-    monkeypatch.setattr(store_mod, "EARLY_SYNC_BYTES", 1)
+    from engine import store_shards
+    monkeypatch.setattr(store_shards, "EARLY_SYNC_BYTES", 1)
     events = []
     real_fsync = os.fsync
     monkeypatch.setattr(os, "fsync", lambda fd: (events.append("fsync"), real_fsync(fd))[1])
-    monkeypatch.setattr(store_mod, "_drop_cached", lambda fd: events.append(
+    monkeypatch.setattr(store_shards, "_drop_cached", lambda fd: events.append(
         ("drop", threading.current_thread().name, os.path.basename(os.readlink(f"/proc/self/fd/{fd}")), fd)))
     codec = Codec.parse("maps-gzip-1")
     w = StoreWriter.open(tmp_path / "s.h5", SETTINGS, codec, SHAPE, "rev1")
@@ -459,7 +459,7 @@ def test_a_shard_leaves_the_page_cache_after_its_commit_not_before(tmp_path, mon
         builder.add(make_slice(codec, "1", z)[0])
     assert not [e for e in events if e != "fsync"]            # early syncs (one per slice here) drop nothing
     w.end_shard(builder, {"ref1": row("1", 2)}, [])
-    store_mod._in_sync_thread(lambda fd: None, -1).result()    # the sync thread's jobs run in order
+    store_shards._in_sync_thread(lambda fd: None, -1).result()    # the sync thread's jobs run in order
     drops = [e for e in events if e != "fsync"]
     assert len(drops) == 1 and drops[0][1].startswith("engine-syncer")
     # the tmp file's descriptor, renamed by now: the committed shard's pages; fsync came first

@@ -168,7 +168,7 @@ def test_a_shard_damaged_under_training_is_one_line(tmp_path, capsys):
     # a shard truncated after the store was written (a copy cut short, a failing disk): the trainer stops with
     # exit 1 and one line naming the shard and the remedy
     import os
-    from engine.store import parts_dir
+    from engine.store_format import parts_dir
     damaged = write_store(tmp_path / "store.h5", synthetic_volumes(n=6))
     shard = sorted(parts_dir(damaged).glob("0*.h5"))[0]
     os.truncate(shard, shard.stat().st_size // 2)
@@ -200,10 +200,14 @@ def test_a_stream_that_ends_early_is_an_error_not_a_finished_run(store, tmp_path
 
 
 def test_a_data_loader_workers_error_is_told_in_its_last_line():
+    import traceback
+
     from alpnet.train import _last_line
-    from engine.store import StoreError
+    from engine.store_format import StoreError
+    # the worker's traceback ends with the line Python writes for the error (its class named with its module)
+    original = "".join(traceback.format_exception_only(StoreError, StoreError("s.h5: shard bad")))
     relayed = StoreError("Caught StoreError in DataLoader worker process 0.\nOriginal Traceback (most recent call "
-                         "last):\n  File \"x.py\", line 1, in read\nengine.store.StoreError: s.h5: shard bad\n")
+                         "last):\n  File \"x.py\", line 1, in read\n" + original)
     assert _last_line(relayed) == "s.h5: shard bad"
     assert _last_line(StoreError("s.h5: no such store")) == "s.h5: no such store"
 
