@@ -2,7 +2,7 @@
 
 One run measures, on the same 20 CHAOS-T2 volumes (718 slices) and with the configured SLIC defaults:
 
-1. **compression**: what the store's encoding costs (the table in ``engine/store.py``'s docstring): a single
+1. **compression**: what the store's encoding costs (the table in ``engine/store_codec.py``'s docstring): a single
    writer applying HDF5 filters (none / lzf / gzip-1..4, with and without shuffle) and worker-side zlib per
    dataset, on the first volumes' real slices; writer MB/s (uncompressed bytes), slices/s, kB per slice.
 2. **kernel**: the bare SLIC kernel (``engine.superpixels.pseudolabels_u16``, the engine's own call, on in-memory

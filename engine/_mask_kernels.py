@@ -184,7 +184,7 @@ def body_mask_kernel(img, thr, out):
 def organ_bits_kernel(label, out):
     """Per slice of a (Z, H, W) uint8 label volume, bit v of ``out[z]`` (uint64) set when value v (1..63) occurs.
 
-    The rule of ``engine.store.slice_organ_bits``, for a whole volume in one call without the GIL.
+    The rule of ``engine.store_format.slice_organ_bits``, for a whole volume in one call without the GIL.
     """
     for z in range(label.shape[0]):
         seen = np.zeros(64, np.bool_)

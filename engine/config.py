@@ -147,7 +147,7 @@ class EngineConfig:
     batch: int = 0
     queue_slices: int = 256              # bound of the work queue (slices in flight)
     out: str = "data/store.h5"
-    # none | gzip-N | maps-gzip-N, encoded in the workers (engine.store docstring has the measurements):
+    # none | gzip-N | maps-gzip-N, encoded in the workers (engine.store_codec docstring: the measurements):
     # maps-gzip-1 = image raw float32, superpixels/fg/label deflate level 1
     compression: str = "maps-gzip-1"
     # volumes loaded ahead: read + prepared by the workers themselves, at most this many at a time (memory:

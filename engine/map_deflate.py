@@ -2,7 +2,7 @@
 
 ``deflate_map`` encodes one piecewise-constant (H, W) map as a standard zlib stream, which HDF5's deflate
 filter and every zlib inflater read. On CHAOS-T2 maps it is faster than ISA-L at level 1 and about 10% smaller
-(measured in ``engine.store``'s notes), and since it is a numba kernel the engine also calls it from inside
+(measured in ``engine.store_codec``'s notes), and since it is a numba kernel the engine also calls it from inside
 its one GIL-free call per slice (``engine._slice_kernels``). How it works: ``engine._deflate_kernels``.
 """
 from __future__ import annotations

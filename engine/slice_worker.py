@@ -129,7 +129,7 @@ def organ_bits(label: np.ndarray | None, n_slices: int) -> np.ndarray:
     """Per slice, bit v set when label value v (1..63) occurs: (Z,) uint64 from a (Z, H, W) label volume.
 
     Computed once per volume by whoever loads it, in a numba kernel that releases the GIL (the rule of
-    ``engine.store.slice_organ_bits``).
+    ``engine.store_format.slice_organ_bits``).
     """
     bits = np.zeros(n_slices, dtype=np.uint64)
     if label is not None:
