@@ -4,6 +4,8 @@ of several ``results.json`` into one table.
 ``python -m alpnet.report A/results.json B/results.json --labels SLIC Felzenszwalb --out table.md``
 merges runs: results given the same label become one row (e.g. the kidney and the liver/spleen models of
 setting 2, or one method evaluated fold by fold); the mean over scans is recomputed from the per-scan Dice.
+With ``--average-repeats``, results of one label that score the same scans (trainings with other seeds) are
+averaged per scan first.
 Each row after the first is then compared with the first on the scans both scored (mean difference with a
 bootstrap interval over scans, and how often each is higher).
 """
@@ -116,19 +118,37 @@ def table(rows: Sequence[dict], columns: Sequence[str], with_paper: bool) -> str
     return "\n".join(lines)
 
 
-def _row_of(results_list: Sequence[Mapping], label: str, source: str) -> dict:
+def _pool(results_list: Sequence[Mapping], label: str, average_repeats: bool) -> tuple[dict, int]:
+    """Per-scan Dice of results given one label: ``({organ: {"<fold>:<scan>": Dice}}, repeats)``.
+
+    Without ``average_repeats`` an (organ, fold:scan) given twice is an error; with it, each is the mean over
+    the results that scored it (repeated trainings, e.g. seeds), and every one must be scored equally often,
+    so that no scan weighs more than another in the row's mean.
+    """
+    values: dict[str, dict[str, list[float]]] = {}
+    for res in results_list:
+        for organ, scans in per_scan_dice(res).items():
+            dst = values.setdefault(organ, {})
+            for key, d in scans.items():
+                if key in dst and not average_repeats:
+                    raise ReportError(f"{label}: organ {organ} of (fold:scan) {key} appears in two results given "
+                                      "the same label (pass --average-repeats if they are repeated trainings)")
+                dst.setdefault(key, []).append(d)
+    counts = {len(v) for scans in values.values() for v in scans.values()}
+    if len(counts) > 1:
+        organ, key = next((o, k) for o, scans in values.items() for k, v in scans.items() if len(v) == min(counts))
+        raise ReportError(f"{label}: uneven repeats: organ {organ} of (fold:scan) {key} is scored {min(counts)} "
+                          f"times, others {max(counts)}")
+    pooled = {organ: {key: float(np.mean(v)) for key, v in scans.items()} for organ, scans in values.items()}
+    return pooled, max(counts, default=1)
+
+
+def _row_of(results_list: Sequence[Mapping], label: str, source: str, average_repeats: bool = False) -> dict:
     """One table row from one or more results (same label): per-scan Dice pooled, then summarised."""
-    pooled: dict[str, dict[str, float]] = {}
+    pooled, repeats = _pool(results_list, label, average_repeats)
     folds: list[int] = []
     settings = set()
     for res in results_list:
-        for organ, scans in per_scan_dice(res).items():
-            dst = pooled.setdefault(organ, {})
-            dup = set(dst) & set(scans)
-            if dup:
-                raise ReportError(f"{label}: organ {organ} of (fold:scan) {sorted(dup)[0]} appears in two "
-                                  "results given the same label")
-            dst.update(scans)
         folds += list(res["folds_evaluated"])
         settings.add(res.get("setting"))
     all_cols = column_order([c for r in results_list for c in r["all_classes"]])
@@ -136,6 +156,8 @@ def _row_of(results_list: Sequence[Mapping], label: str, source: str) -> dict:
     s = summarise(pooled, evaluated)
     n_folds = int(results_list[0]["n_folds"])
     setting = "/".join(str(x) for x in sorted(settings, key=str)) if settings != {None} else None
+    if repeats > 1:
+        source += f", mean of {repeats} trainings per scan"
     return {"label": label, "source": source, "setting": setting, "folds": _folds_text(folds, n_folds),
             "organs": s["organs"], "mean": s["mean"], "partial": len(evaluated) < len(all_cols),
             "n_scans": s["n_scans"], "pooled": pooled}
@@ -231,7 +253,8 @@ def results_table(results: Mapping) -> str:
     return table([row], columns, with_paper=_is_chaos(columns))
 
 
-def merge_results(paths: Sequence[str | Path], labels: Sequence[str] | None = None) -> str:
+def merge_results(paths: Sequence[str | Path], labels: Sequence[str] | None = None,
+                  average_repeats: bool = False) -> str:
     """Merge several ``results.json`` into one Markdown table (Table I layout).
 
     Parameters
@@ -242,6 +265,10 @@ def merge_results(paths: Sequence[str | Path], labels: Sequence[str] | None = No
         Row name for each path (default: each run's own label). Paths sharing a label are pooled into one
         row: their per-scan Dice values are combined (an (organ, fold, scan) given twice is an error), so the
         two label-group models of setting 2, or runs of single folds, make one row.
+    average_repeats : bool
+        Results of one label that score the same (organ, fold, scan) are repeated trainings (other seeds):
+        each scan's Dice is their mean, for the table and the paired differences alike. Every scan must then be
+        scored equally often.
 
     Returns
     -------
@@ -259,7 +286,8 @@ def merge_results(paths: Sequence[str | Path], labels: Sequence[str] | None = No
     for i, name in enumerate(names):
         groups.setdefault(name, []).append(i)
     rows = [_row_of([loaded[i] for i in idx], name,
-                    "this project, data: " + ", ".join(dict.fromkeys(_data_name(loaded[i]) for i in idx)))
+                    "this project, data: " + ", ".join(dict.fromkeys(_data_name(loaded[i]) for i in idx)),
+                    average_repeats)
             for name, idx in groups.items()]
     columns = column_order([c for r in loaded for c in r["all_classes"]])
     lines = [table(rows, columns, with_paper=_is_chaos(columns)), ""]
@@ -404,10 +432,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                                             "(Table I layout).")
     p.add_argument("results", nargs="+", help="results.json files")
     p.add_argument("--labels", nargs="+", help="row name per file (same name = one pooled row)")
+    p.add_argument("--average-repeats", action="store_true",
+                   help="results of one label that score the same scans are repeated trainings (seeds): "
+                        "average each scan's Dice over them")
     p.add_argument("--out", help="write the Markdown table here (default: print it)")
     args = p.parse_args(argv)
     try:
-        text = merge_results(args.results, args.labels)
+        text = merge_results(args.results, args.labels, args.average_repeats)
     except ReportError as exc:
         print(f"report: {exc}", file=sys.stderr)
         return 2

@@ -262,6 +262,43 @@ def test_merge_rejects_duplicates_and_bad_files(tmp_path):
         report.merge_results([tmp_path / "none.json"])
 
 
+def test_merge_averages_repeated_trainings_per_scan(tmp_path):
+    # two seeds of one method and one seed of another, on fold 0 scans 1 and 2 (LIVER only)
+    runs = {"a1": {"1": 0.2, "2": 0.6}, "a2": {"1": 0.4, "2": 0.8}, "b": {"1": 0.1, "2": 0.5}}
+    paths = []
+    for name, scans in runs.items():
+        p = tmp_path / f"{name}.json"
+        p.write_text(json.dumps(_fake_results(name, [0], {"LIVER": {0: scans}})))
+        paths.append(p)
+    with pytest.raises(report.ReportError, match="--average-repeats"):
+        report.merge_results(paths, ["A", "A", "B"])
+    text = report.merge_results(paths, ["A", "A", "B"], average_repeats=True)
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in text.splitlines() if line.startswith("| ")}
+    # A: scan 1 (0.2 + 0.4) / 2 = 0.3, scan 2 0.7 -> liver 50.00; B: 30.00
+    assert rows["**A**"][-2:] == ["50.00", "50.00*"]
+    assert rows["**A**"][0].endswith("mean of 2 trainings per scan")
+    assert rows["**B**"][-2] == "30.00" and "trainings" not in rows["**B**"][0]
+    # B minus A on the averaged scans: 0.1 - 0.3 and 0.5 - 0.7 -> -20 points, lower on both
+    assert "B minus A: -20.00 Dice points" in text
+    assert "higher on 0 and lower on 2 of 2 (organ, scan) pairs" in text
+
+
+def test_merge_refuses_uneven_repeats(tmp_path, capsys):
+    a = _fake_results("a", [0], {"LIVER": {0: {"1": 0.2, "2": 0.6}}})
+    b = _fake_results("b", [0], {"LIVER": {0: {"1": 0.4}}})
+    paths = []
+    for name, r in [("a", a), ("b", b)]:
+        p = tmp_path / f"{name}.json"
+        p.write_text(json.dumps(r))
+        paths.append(p)
+    with pytest.raises(report.ReportError, match=r"uneven repeats: organ LIVER of \(fold:scan\) 0:2 is scored 1 "
+                                                 r"times, others 2"):
+        report.merge_results(paths, ["A", "A"], average_repeats=True)
+    assert report.main([str(p) for p in paths] + ["--labels", "A", "A", "--average-repeats"]) == 2
+    assert "uneven repeats" in capsys.readouterr().err
+
+
 def test_paired_difference_counts_pairs_and_uses_scans_as_the_unit():
     a = {"LIVER": {"0:1": 0.8, "0:2": 0.6, "1:8": 0.5}, "RK": {"0:1": 0.4, "0:2": 0.4}}
     b = {"LIVER": {"0:1": 0.6, "0:2": 0.6, "1:8": 0.7}, "RK": {"0:1": 0.2, "0:2": 0.5, "1:8": 0.9},
