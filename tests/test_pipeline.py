@@ -177,13 +177,7 @@ def test_processes_ring_slot_is_reused_only_after_its_chunks_are_written(folder,
     # back) and a slow writer, the workers run ahead of it: a slot handed out again before its chunks were
     # written would put another slice's pixels into the store (this test failed on such a version).
     from engine.store_shards import ShardBuilder
-    real = ShardBuilder.add
-
-    def slow(self, s, pos=None):
-        time.sleep(0.01)
-        return real(self, s, pos)
-
-    monkeypatch.setattr(ShardBuilder, "add", slow)
+    slow_down(monkeypatch, ShardBuilder, "add", 0.01)
     out = tmp_path / "s.h5"
     assert pipeline.preprocess(make_cfg(folder, out, backend="processes", batch=64, queue_slices=1),
                                progress=False) == 0
