@@ -653,6 +653,8 @@ def profile_summary(p: dict) -> dict:
             "producer_wait_s": p.get("producer_wait_s"),
             # per batch: the commit and the time from its last slice computed to the commit point (ms)
             "commits": p.get("commits"),
+            # the run's two ends: first slice result, after the last one (ms), and slices/s between them
+            "ends": p.get("ends"),
             "per_worker": [{k: w.get(k, 0.0) for k in ("slices", "busy_s", "waiting_s", "waiting_volume_s",
                                                        "waiting_room_s", "barrier_s", "other_s")}
                            for w in p.get("per_worker", [])]}

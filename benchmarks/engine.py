@@ -258,7 +258,19 @@ def summarise_engine(runs: list[dict]) -> dict:
             "cpu_ms_per_slice": round(statistics.median(1e3 * r["profile"]["cpu"]["cpu_s"] / r["profile"]["slices"]
                                                         for r in runs), 3),
             "per_slice_ms": p["per_slice_ms"], "store_mb": round(mid["store_bytes"] / 1e6, 1),
-            "minor_page_faults_main": p["memory"].get("minor_page_faults_main")}
+            "minor_page_faults_main": p["memory"].get("minor_page_faults_main"),
+            **_ends_medians(runs)}
+
+
+def _ends_medians(runs: list[dict]) -> dict:
+    """Medians over the runs of the profile's ``ends`` (first result, after the last, the rate between them);
+    profiles without them (before stop 33) give nothing."""
+    out = {}
+    for key in ("first_result_ms", "after_last_result_ms", "between_slices_per_s"):
+        vals = [r["profile"].get("ends", {}).get(key) for r in runs]
+        if vals and all(v is not None for v in vals):
+            out[key] = round(statistics.median(vals), 1)
+    return out
 
 
 # --------------------------------------------------------------------------------------------- main
@@ -427,6 +439,11 @@ def main(argv=None) -> int:
                         if kernel.get(w) and run:
                             ratio(key, run["engine_slices_per_s"], kernel[w], run["engine_slices_per_s_all"],
                                   kernel_by_round[w])
+                    run = engine.get((b, w))
+                    if kernel.get(w) and run and run.get("between_slices_per_s"):
+                        # not a target: how far the run's two ends pull the end-to-end rate down
+                        ratios[f"{b}: engine between its first and last result / kernel at {w} worker(s)"] = \
+                            run["between_slices_per_s"] / kernel[w]
                 big = result.get("memory_10x", {}).get(b)
                 if big and kernel_10x.get(workers_all):   # the same rate on 10x the slices: start-up costs spread out
                     ratios[f"{b}: engine on 10x CHAOS / bare kernel at {workers_all} worker(s)"] = \
@@ -514,12 +531,16 @@ def render(r: dict) -> str:
                      common.fmt(e["cpu_pct"]),
                      common.fmt(e["peak_rss_mb"], 0),
                      "-" if e.get("minor_page_faults_main") is None else f"{e['minor_page_faults_main']:,}",
+                     "-" if e.get("first_result_ms") is None else
+                     f"{e['first_result_ms']:.0f} / {e['after_last_result_ms']:.0f} / "
+                     f"{common.fmt(e.get('between_slices_per_s'))}",
                      " ".join(f"{k} {v:.2f}" for k, v in ps.items())])
     if rows:
         lines += [common.markdown_table(["engine", "slices/s (engine)", "slices/s (process)", "CPU ms/slice",
                                          "busy/wait/barrier/other % of the workers' time", "busy on a core %",
                                          "busy waiting for a core %",
                                          "CPU %", "peak RSS MB", "page faults (main process)",
+                                         "ends: first result ms / ms after the last / slices/s between",
                                          "ms per slice in each stage (wall time)"], rows), ""]
     if "kernel_slices_per_s" in r:
         cpu = r.get("kernel_cpu_ms_per_slice")
@@ -530,6 +551,11 @@ def render(r: dict) -> str:
         if r.get("kernel_slices_per_s_before_10x"):
             lines.append("bare kernel just before the 10x CHAOS runs: " + ", ".join(
                 f"{w} thread(s) {v} slices/s" for w, v in r["kernel_slices_per_s_before_10x"].items()))
+    between = {k: v for k, v in r.get("ratios", {}).items() if "between its first and last result" in k}
+    if between:
+        lines.append("between the run's first and last slice result, against the bare kernel (not a target: the "
+                     "end-to-end figure without the run's two ends): " +
+                     ", ".join(f"{k.split(':')[0]} {k.rsplit(' at ', 1)[1]} {100 * v:.1f}%" for k, v in between.items()))
     if "machine_check_kernel_scaling" in r:
         lines.append(f"machine check: the bare kernel ran {r['machine_check_kernel_scaling']}x faster on all cores "
                      f"than on one during this run (scaling targets are only meaningful when this is near the core "

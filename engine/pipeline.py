@@ -500,7 +500,9 @@ class _Run(ProcessBackend):
         vol = task.vol
         self.batches.add_result(task.seq, SliceResult(vol.id, vol.ref, task.z, chunks, nsp, vol.row["has_label"],
                                                       int(vol.organs[task.z]), release))
+        t = time.perf_counter()
         with self._lock:
+            self.prof.add_result(t)
             self.computed += 1
             self.max_uncommitted = max(self.max_uncommitted, self.computed - self.committed_this_run)
 

@@ -123,6 +123,9 @@ class Profiler:
         self.batches_written = 0
         self.commits: list[float] = []           # seconds of each batch's commit (tables, fsync, rename)
         self.commit_tails: list[float] = []      # seconds from a batch's last slice computed to its commit point
+        self.n_results = 0                       # slice results handed to the writer, and the first and last times
+        self.t_first_result: float | None = None
+        self.t_last_result: float | None = None
         self.bytes_written = 0
         self.samples: list[dict] = []
         self._queue_depth = queue_depth or (lambda: 0)
@@ -204,6 +207,28 @@ class Profiler:
             self.commits.append(commit)
             if tail is not None:
                 self.commit_tails.append(tail)
+
+    def add_result(self, t: float) -> None:
+        """A slice's result reached the writer's side at ``t`` (``time.perf_counter``). The first and the last
+        mark the run's two ends: before the first, volumes load and workers start; after the last, the final
+        commit, the index and the workers' exit. Called under the run's lock."""
+        if self.t_first_result is None:
+            self.t_first_result = t
+        self.t_last_result = t
+        self.n_results += 1
+
+    def ends(self) -> dict:
+        """The run's two ends and its rate between them (``add_result``): milliseconds from the start of the
+        clock to the first result, from the last result to the end of the clock, and slices/s from the first
+        result to the last (None with fewer than 2 results). A short run on many workers spends a larger share
+        of its time at its ends, where most workers have nothing to compute."""
+        if self.t_first_result is None:
+            return {"first_result_ms": None, "after_last_result_ms": None, "between_slices_per_s": None}
+        span = self.t_last_result - self.t_first_result
+        return {"first_result_ms": round(1000 * (self.t_first_result - self.t0), 2),
+                "after_last_result_ms": round(1000 * max(0.0, self.t0 + self.wall - self.t_last_result), 2),
+                "between_slices_per_s": round((self.n_results - 1) / span, 1)
+                if self.n_results > 1 and span > 0 else None}
 
     # ------------------------------------------------------------------ sampling
     def _children_now(self) -> list:
@@ -364,6 +389,7 @@ class Profiler:
             # computed to the commit point (the workers wait at least that long for the next batch)
             "commits": {"n": len(self.commits), "commit_ms": _ms_summary(self.commits),
                         "last_slice_to_commit_ms": _ms_summary(self.commit_tails)},
+            "ends": self.ends(),
             "timeline": [{k: s[k] for k in ("t", "queue", "cpu_pct", "rss_mb")} for s in self.samples],
             "n_processed_by_workers": n_work,
         }
@@ -494,6 +520,12 @@ def summary_lines(p: dict) -> list[str]:
                "it falls in encode)" if p["backend"] == "threads" and p["workers"] > 1 else "")
         lines.append(f"ms per slice in each stage: read [{part(STAGES_READ)}] | workers [{part(STAGES_WORK)}] | "
                      f"writer [{part(STAGES_WRITE)}]{gil}")
+    ends = p.get("ends") or {}
+    if ends.get("first_result_ms") is not None:
+        between = ends.get("between_slices_per_s")
+        lines.append(f"ends: first slice result {ends['first_result_ms']:.0f} ms after the start, the last "
+                     f"{ends['after_last_result_ms']:.0f} ms before the end"
+                     + (f"; {between:.1f} slices/s between them" if between else ""))
     commits = p.get("commits") or {}
     tail, commit = commits.get("last_slice_to_commit_ms"), commits.get("commit_ms")
     if tail and commit:

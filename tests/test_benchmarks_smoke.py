@@ -76,6 +76,14 @@ def test_engine_summary_takes_the_median_rate_of_an_even_number_of_runs():
     assert e["engine_slices_per_s"] == 190.0 and e["engine_slices_per_s_all"] == [200.0, 180.0]
     e = engine_bench.summarise_engine([run(200.0, 0.05), run(100.0, 0.1), run(150.0, 0.0667)])
     assert e["engine_slices_per_s"] == 150.0
+    assert "first_result_ms" not in e                    # profiles from before stop 33: no ends
+    runs = [run(200.0, 0.05), run(100.0, 0.1), run(150.0, 0.0667)]
+    for r, (first, after, between) in zip(runs, ((10.0, 2.0, 250.0), (30.0, 6.0, 120.0), (20.0, 4.0, 180.0))):
+        r["profile"]["ends"] = {"first_result_ms": first, "after_last_result_ms": after,
+                                "between_slices_per_s": between}
+    e = engine_bench.summarise_engine(runs)
+    # each part's own median over the runs
+    assert (e["first_result_ms"], e["after_last_result_ms"], e["between_slices_per_s"]) == (20.0, 4.0, 180.0)
 
 
 def test_round_robin_warms_up_then_interleaves():
@@ -427,7 +435,16 @@ def test_engine_command_line_times_the_kernel_beside_the_engine(phantom_folder, 
         if key in data["engine"]:
             t = data["targets"][f"threads x{key[8:]}: kernel CPU / engine CPU per slice"]
             assert t["value"] == pytest.approx(kcpu[w] / data["engine"][key]["cpu_ms_per_slice"], rel=1e-3)
-    assert (tmp_path / "engine-smoke-quick.md").read_text().startswith("## Engine benchmark: 3 slices")
+    md = (tmp_path / "engine-smoke-quick.md").read_text()
+    assert md.startswith("## Engine benchmark: 3 slices")
+    # the run's two ends: in the table, and the rate between them against the kernel, which is no target
+    ends = data["engine"]["threads-2"]
+    assert ends["first_result_ms"] > 0 and ends["between_slices_per_s"] > 0
+    key = "threads: engine between its first and last result / kernel at 2 worker(s)"
+    assert data["ratios"][key] == pytest.approx(ends["between_slices_per_s"] / kernel2, rel=1e-2, abs=1e-3)
+    assert key not in data["targets"]
+    assert f"| {ends['first_result_ms']:.0f} / {ends['after_last_result_ms']:.0f} / " in md
+    assert f"threads 2 worker(s) {100 * data['ratios'][key]:.1f}%" in md
 
 
 # --------------------------------------------------------------------------------------------- cpu_budget.py

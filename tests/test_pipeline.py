@@ -710,6 +710,10 @@ def test_profile_runinfo_and_summary(folder, tmp_path, capsys, backend):
     wt = prof["worker_time"]      # a worker process's CPU clock and its wall clock differ a little on tiny runs
     assert 0 < wt["busy_cpu_s"] <= wt["busy_s"] * 1.05 + 0.01 and wt["busy_on_cpu_pct"] > 0
     assert set(prof["per_slice_ms"]) >= {"load", "prepare", "mask", "superpixels", "encode", "write", "index"}
+    ends = prof["ends"]         # every slice result falls inside the clock
+    assert 0 < ends["first_result_ms"] and 0 <= ends["after_last_result_ms"]
+    assert ends["first_result_ms"] + ends["after_last_result_ms"] <= 1000 * prof["wall_s"] + 0.1
+    assert ends["between_slices_per_s"] > 0
     assert prof["memory"]["peak_rss_mb"] > 10 and "utilisation_pct" in prof["cpu"]
     assert prof["memory"]["minor_page_faults_main"] >= 0
     assert isinstance(prof["timeline"], list) and prof["timeline"]
@@ -1100,6 +1104,34 @@ def test_the_engine_clock_ends_after_the_final_index(folder, tmp_path, monkeypat
     assert pipeline.preprocess(make_cfg(folder, out, backend=backend, threads=2), progress=False) == 0
     prof = json.loads(out.with_name(out.name + ".profile.json").read_text())
     assert prof["wall_s"] >= 0.5 and prof["slices_per_s"] <= 19 / 0.5
+    # the slowed final index falls after the last slice result: in the run's end, not between its ends
+    ends = prof["ends"]
+    assert ends["after_last_result_ms"] >= 500
+    assert 0 < ends["first_result_ms"] <= 1000 * prof["wall_s"] - ends["after_last_result_ms"]
+    assert ends["between_slices_per_s"] > prof["slices_per_s"]
+
+
+def test_profile_ends_are_the_first_and_last_results_and_the_rate_between_them():
+    from engine.profile import Profiler, summary_lines
+
+    prof = Profiler(2, "threads")
+    assert prof.ends() == {"first_result_ms": None, "after_last_result_ms": None, "between_slices_per_s": None}
+    prof.add_work(0, {"superpixels": 1.0}, cpu=1.0)
+    prof.stop()
+    prof.t0, prof.t_end = 100.0, 101.0                                 # a 1 s run
+    prof.add_result(100.25)
+    d = prof.to_dict(1)
+    # one result: its two ends, no rate between them
+    assert d["ends"] == {"first_result_ms": 250.0, "after_last_result_ms": 750.0, "between_slices_per_s": None}
+    assert "ends: first slice result 250 ms after the start, the last 750 ms before the end" == summary_lines(d)[3]
+    for t in (100.35, 100.45, 100.55, 100.65, 100.85):                # 5 more: 5 intervals over 0.6 s
+        prof.add_result(t)
+    d = prof.to_dict(6)
+    assert d["ends"] == {"first_result_ms": 250.0, "after_last_result_ms": 150.0, "between_slices_per_s": 8.3}
+    assert summary_lines(d)[3].endswith("the last 150 ms before the end; 8.3 slices/s between them")
+    # a profile from before stop 33 has no ends: no line
+    del d["ends"]
+    assert not any(line.startswith("ends:") for line in summary_lines(d))
 
 
 @pytest.mark.parametrize("interval,share,expected", [(0.0, 0, 5), (1e9, 10, 1)])
