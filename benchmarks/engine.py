@@ -17,7 +17,9 @@ One run measures, on the same 20 CHAOS-T2 volumes (718 slices) and with the conf
    (interpreter start, imports and kernel loading included). Counts below all cores also run pinned to as
    many CPUs as workers (``<backend>-<n>-pinned``): with all cores free, one worker has the other cores for
    the engine's writer and dispatcher, so "2 workers / 1 worker" is given both ways (per worker, and per
-   core: 2 workers on 2 CPUs / 1 worker on 1 CPU).
+   core: 2 workers on 2 CPUs / 1 worker on 1 CPU). The profile's ``ends`` (first slice result, time after
+   the last, the rate between them) show how much of each run its two ends take; the rate between them is
+   also given against the kernel, as a diagnosis only (the targets are end to end).
 5. **memory**: peak RSS of the CHAOS run and of a run ten times larger (the 20 volumes linked 10 times:
    7180 slices), both backends.
 
