@@ -381,6 +381,13 @@ def _efficiency_err(pts: list[dict], key: str) -> tuple:
                                                                           for v, r in zip(y, rounds)]]))
 
 
+def _ends_text(ends: dict | None) -> str:
+    """The run's two ends (the profile's ``ends``) for a table cell; '-' for profiles without them."""
+    if not ends or ends.get("first_result_ms") is None:
+        return "-"
+    return f"{ends['first_result_ms']:.0f} / {ends['after_last_result_ms']:.0f}"
+
+
 def _waiting_parts(pr: dict) -> str:
     """'volume / room' percentages of a point's profile, or '-' for results from before they were recorded."""
     if pr.get("waiting_volume_pct") is None:
@@ -406,8 +413,8 @@ def render_markdown(result: dict) -> str:
     head = ["backend", "workers", "CPUs", "frames/s", "range", "speed-up / worker", "eff./worker %",
             "speed-up / core", "eff./core %",
             "end-to-end frames/s", "busy %", "on a core, % of busy", "waiting for a core, % of busy", "waiting %",
-            "of it: volume loading / ring or queue full %", "barrier %", "other %", "CPU %",
-            "peak RSS MB"]
+            "of it: volume loading / ring or queue full %", "barrier %", "other %",
+            "ends: first result ms / ms after the last", "CPU %", "peak RSS MB"]
     rows = []
     pct = (lambda v: "-" if v is None else fmt(100 * v))
     for p in result["points"]:
@@ -421,7 +428,7 @@ def render_markdown(result: dict) -> str:
                      "-" if pr.get("busy_on_cpu_pct") is None else fmt(pr["busy_on_cpu_pct"]),
                      "-" if pr.get("busy_core_wait_pct") is None else fmt(pr["busy_core_wait_pct"]),
                      fmt(pr["waiting_pct"]), _waiting_parts(pr), fmt(pr["barrier_pct"]), fmt(pr.get("other_pct", 0.0)),
-                     fmt(p["cpu_pct_median"]), fmt(pr["peak_rss_mb"])])
+                     _ends_text(pr.get("ends")), fmt(p["cpu_pct_median"]), fmt(pr["peak_rss_mb"])])
     lines += [markdown_table(head, rows), ""]
     lines += target_lines(result["points"])
     lines += [f"Paper (Table II, {paper['machine']}): SLIC {paper['slic']:.0f} frames/s serial, SLIC-parallel "

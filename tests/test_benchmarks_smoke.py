@@ -366,7 +366,14 @@ def test_scaling_core_on_three_slices(phantom_folder, cfg, tmp_path):
     res.update(slices_label="3 phantom slices", host=common.host_info())
     png = scaling.plot_scaling(res, tmp_path / "s.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "Amdahl fit" in scaling.render_markdown(res)
+    md = scaling.render_markdown(res)
+    assert "Amdahl fit" in md
+    # each point's two ends, from its median run's profile; a point from an older file has none: '-'
+    ends = res["points"][0]["profile"]["ends"]
+    assert ends["first_result_ms"] > 0
+    assert f"| {ends['first_result_ms']:.0f} / {ends['after_last_result_ms']:.0f} |" in md
+    res["points"][0]["profile"].pop("ends")
+    assert scaling.render_markdown(res).count("| - |") > md.count("| - |")
 
 
 def test_scaling_pinned_counts_can_be_chosen(phantom_folder, cfg, tmp_path):
