@@ -80,6 +80,27 @@ def mask_slic_deflate(raw, thr, n_segments, ratio, grid, search_radius, n_iter, 
     return n, status
 
 
+@njit(nogil=True, cache=True)
+def mask_slic_deflate_run(raw3, zs, thr, n_segments, ratio, grid, search_radius, n_iter, n_spread, min_size_factor,
+                          max_size_factor, label3, no_label, fg, scratch, sp16, out, caps, lens, times, ns, statuses):
+    """``mask_slic_deflate`` on the slices ``raw3[zs[i]]`` of one volume one after the other, in one GIL-free
+    call: a worker thread then takes the GIL back once per run of slices instead of once per slice. Slice i
+    uses ``label3[zs[i]]`` (``no_label`` when ``label3`` has no slices) and writes ``fg[i]``, ``sp16[i]``,
+    ``out[i]``, ``lens[i]``, ``times[i]``, and its (n, status) into ``ns[i]``, ``statuses[i]``; the run stops
+    after a slice whose status is not OK (the later ones keep status -1).
+    """
+    statuses[:] = -1
+    for i in range(zs.shape[0]):
+        lab = label3[zs[i]] if label3.shape[0] > 0 else no_label
+        n, status = mask_slic_deflate(raw3[zs[i]], thr, n_segments, ratio, grid, search_radius, n_iter, n_spread,
+                                      min_size_factor, max_size_factor, lab, fg[i], scratch, sp16[i], out[i], caps,
+                                      lens[i], times[i])
+        ns[i] = n
+        statuses[i] = status
+        if status != STATUS_OK:
+            break
+
+
 def _follow_callees(dispatcher, modules) -> bool:
     """Make ``dispatcher``'s numba cache stale when a file it calls into changes, not only its own.
 
@@ -100,7 +121,8 @@ def _follow_callees(dispatcher, modules) -> bool:
     return True
 
 
-CACHE_FOLLOWS_CALLEES = _follow_callees(mask_slic_deflate, (_deflate_kernels, _kernels, _mask_kernels))
+CACHE_FOLLOWS_CALLEES = all(_follow_callees(kernel, (_deflate_kernels, _kernels, _mask_kernels))
+                            for kernel in (mask_slic_deflate, mask_slic_deflate_run))
 if not CACHE_FOLLOWS_CALLEES:
     warnings.warn("engine._slice_kernels: this numba's cache does not follow the kernels the one-call kernel "
                   "calls; after editing engine/_kernels.py, _mask_kernels.py or _deflate_kernels.py, clear the "

@@ -154,6 +154,11 @@ class EngineConfig:
     # one prepared volume each); 0 = as many as workers, 2..8. At 16 workers 12 and 16 ran slower than 8 and
     # used 140-400 MB more (benchmarks/results/device-h200-2026-11-27-s28/README.md).
     readers: int = 0
+    # threads backend: slices of one volume a worker takes at once and computes in one GIL-free call, while
+    # the queue holds that many for every worker (engine.schedule.WorkQueue.get); 1 = one slice per call.
+    # Each call ends in a wait for the GIL, which grows with the threads: on the 2-core VM, 8 threads waited
+    # 3.1 ms per slice one at a time and 1.8 ms with runs of 4 (stop 33)
+    run_slices: int = 4
 
     def __post_init__(self) -> None:
         import re
@@ -162,7 +167,8 @@ class EngineConfig:
         for name in ("threads", "readers", "batch"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"engine.{name}: must be >= 0 (0: automatic), got {getattr(self, name)!r}")
-        _check_ranges("engine", self, {"queue_slices": ranges.Range(1, integer=True)})
+        _check_ranges("engine", self, {"queue_slices": ranges.Range(1, integer=True),
+                                       "run_slices": ranges.Range(1, maximum=64, integer=True)})
         if not re.fullmatch(r"none|(maps-)?gzip-[1-9]", self.compression):
             raise ConfigError(f"engine.compression: {self.compression!r} is not one of none, gzip-1..9, "
                               f"maps-gzip-1..9")

@@ -62,7 +62,7 @@ from engine.profile import Profiler, run_queue_seconds, summary_lines
 from engine.runinfo import git_revision, write_run_info
 from engine.sources import open_source
 from engine.schedule import Batches, BatchState, Failure, Loaded, LoadPlan, SourceChanged, Stopped, Task, WorkQueue
-from engine.slice_worker import compute_slice, organ_bits, warm_slice
+from engine.slice_worker import RunSliceError, compute_run, compute_slice, organ_bits, warm_slice
 from engine.store import StoreWriter
 from engine.store_codec import Codec
 from engine.store_format import (SCHEMA_VERSION, RunRecordError, SettingsMismatch, SliceResult, StoreError, StoreLocked,
@@ -214,6 +214,10 @@ class _Run(ProcessBackend):
             # volumes have labels
             compute_slice(warm, warm, np.zeros(self.shape, np.uint8), cfg.prepare.fg_threshold, cfg.superpixels,
                           self.codec, self.zero_label)
+            if self.backend == "threads" and cfg.engine.run_slices > 1:     # worker threads' runs of slices
+                stack = np.stack([warm, warm])
+                compute_run(stack, stack, np.zeros((2,) + self.shape, np.uint8), [0, 1], cfg.prepare.fg_threshold,
+                            cfg.superpixels, self.codec, self.zero_label)
         except ValueError as exc:
             print(f"preprocess: the superpixel settings are not usable: {exc}", file=sys.stderr)
             return 2
@@ -300,7 +304,8 @@ class _Run(ProcessBackend):
         if self.backend == "processes":
             self.q: queue.SimpleQueue = queue.SimpleQueue()     # C-implemented: no Condition per put
         else:
-            self.q = WorkQueue(self.loads, cfg.engine.queue_slices, self.stop, clock=self.prof.room_clock)
+            self.q = WorkQueue(self.loads, cfg.engine.queue_slices, self.stop, clock=self.prof.room_clock,
+                               workers=self.n_workers, run_max=cfg.engine.run_slices)
         self.batches = Batches(len(writer.shards), writer.n_committed, self.batch_size, self.prof.barrier_clock,
                                 self.stop)
         if self.backend == "processes":
@@ -484,17 +489,50 @@ class _Run(ProcessBackend):
                 self._load_job(job[1], job[2])
                 prof.add_busy(w, time.perf_counter() - t1, time.thread_time() - c1)
                 continue
-            task = job[1]
-            vol, z = task.vol, task.z
-            try:
-                chunks, nsp, stages = compute_slice(
-                    vol.raw[z], vol.image[z], None if vol.label is None else vol.label[z],
-                    cfg.prepare.fg_threshold, cfg.superpixels, self.codec, self.zero_label)
-            except Exception as exc:
-                self.fail(f"{task.describe()} failed in worker {w}: {type(exc).__name__}: {exc}")
-                return
-            prof.add_work(w, stages, time.thread_time() - c1)
+            tasks = [job[1]] if job[0] == "slice" else job[1]
+            if len(tasks) > 1:
+                done = self._compute_run(w, tasks, c1)
+                if done < 0:
+                    return
+                tasks = tasks[done:]
+            for task in tasks:
+                c1 = time.thread_time()
+                vol, z = task.vol, task.z
+                try:
+                    chunks, nsp, stages = compute_slice(
+                        vol.raw[z], vol.image[z], None if vol.label is None else vol.label[z],
+                        cfg.prepare.fg_threshold, cfg.superpixels, self.codec, self.zero_label)
+                except Exception as exc:
+                    self.fail(f"{task.describe()} failed in worker {w}: {type(exc).__name__}: {exc}")
+                    return
+                prof.add_work(w, stages, time.thread_time() - c1)
+                self._result(task, chunks, nsp)
+
+    def _compute_run(self, w: int, tasks: list[Task], c1: float) -> int:
+        """Worker thread ``w``: a run of slices of one volume in one GIL-free call (``compute_run``). Returns how
+        many of ``tasks`` it computed (0 where that call does not apply), or -1 after a failure (reported)."""
+        vol, cfg = tasks[0].vol, self.cfg
+        failed = None
+        try:
+            out = compute_run(vol.raw, vol.image, vol.label, [t.z for t in tasks], cfg.prepare.fg_threshold,
+                              cfg.superpixels, self.codec, self.zero_label)
+        except RunSliceError as exc:
+            out, failed = exc.done, (tasks[exc.index], exc.error)
+        except Exception as exc:
+            self.fail(f"{tasks[0].describe()} (and the {len(tasks) - 1} slice(s) after it) failed in worker {w}: "
+                      f"{type(exc).__name__}: {exc}")
+            return -1
+        if out is None:
+            return 0
+        cpu = (time.thread_time() - c1) / max(1, len(out) + (failed is not None))
+        for task, (chunks, nsp, stages) in zip(tasks, out):
+            self.prof.add_work(w, stages, cpu)
             self._result(task, chunks, nsp)
+        if failed is not None:
+            task, exc = failed
+            self.fail(f"{task.describe()} failed in worker {w}: {type(exc).__name__}: {exc}")
+            return -1
+        return len(out)
 
     def _result(self, task: Task, chunks: dict, nsp: int, release: Callable[[], None] | None = None) -> None:
         vol = task.vol

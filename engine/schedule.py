@@ -278,8 +278,11 @@ class WorkQueue:
     (taking loads earlier, whenever fewer than 2 slices per worker waited, left about 3x more barrier time).
     """
 
-    def __init__(self, loads: LoadPlan, max_slices: int, stop: threading.Event, clock: BlockClock | None = None):
+    def __init__(self, loads: LoadPlan, max_slices: int, stop: threading.Event, clock: BlockClock | None = None,
+                 workers: int = 1, run_max: int = 1):
         self.loads = loads
+        self.workers = max(1, workers)
+        self.run_max = max(1, run_max)      # slices of one volume a worker may take at once (``get``)
         self.clock = clock or BlockClock()      # the producer's time waiting for room in the queue
         self.cond = loads.cond
         self.slices: collections.deque = collections.deque()
@@ -289,13 +292,27 @@ class WorkQueue:
         self.putters = 0                  # producers waiting in ``put`` for room
 
     def get(self):
-        """Next job for a worker: ``("slice", task)``, ``("load", i, item)``, or None when the run is over."""
+        """Next job for a worker: ``("slice", task)``, ``("slices", [task, ...])`` (a run of slices of one volume,
+        in queue order), ``("load", i, item)``, or None when the run is over.
+
+        A run is taken only while every worker could have one as long: near the end of a batch or of the
+        input the slices go out one at a time, so that the workers run out of them together.
+        """
         with self.cond:
             while True:
                 if self.stop.is_set():
                     return None
                 if self.slices:
                     task = self.slices.popleft()
+                    more = min(self.run_max - 1, len(self.slices) // self.workers)
+                    if more > 0:
+                        run = [task]
+                        while len(run) <= more and self.slices and self.slices[0].vol is task.vol:
+                            run.append(self.slices.popleft())
+                        if len(run) > 1:
+                            if self.putters:
+                                self.cond.notify_all()
+                            return ("slices", run)
                     # Only a producer waiting for room needs this slice's departure. The producer also waits
                     # on this condition for its next volume, so notifying on every slice woke it ~1.4 times
                     # per slice for nothing, each time pushing a worker off its core.

@@ -17,7 +17,7 @@ from engine.prepare import body_mask, zscore_slice
 from engine.schedule import Failure, SourceChanged
 from engine.shm import Ring, VolumeBuffers, map_volume, send_volume
 from engine import _slice_kernels
-from engine._slice_kernels import mask_slic_deflate
+from engine._slice_kernels import mask_slic_deflate, mask_slic_deflate_run
 from engine.map_deflate import layout, scratch, streams
 from engine.store_codec import Codec
 from engine.store_format import DATASETS, MAP_DATASETS, MAX_SUPERPIXEL_ID
@@ -123,6 +123,89 @@ def _compute_in_one_call(raw, image, label, threshold, args, codec: Codec, zero_
             chunks[name] = stream if stream is not None else codec.general_deflate(name, arr)
     mask_s, sp_s = float(times[0]) * 1e-9, float(times[1]) * 1e-9
     return chunks, int(n), {"mask": mask_s, "superpixels": sp_s, "encode": time.perf_counter() - t0 - mask_s - sp_s}
+
+
+class RunSliceError(Exception):
+    """Slice ``index`` of a run (``compute_run``) failed with ``error``; the slices before it are done."""
+
+    def __init__(self, index: int, error: Exception, done: list):
+        super().__init__(str(error))
+        self.index, self.error, self.done = index, error, done
+
+
+def compute_run(raw3: np.ndarray, image3: np.ndarray, label3: np.ndarray | None, zs: list[int], threshold: float,
+                sp_cfg, codec: Codec, zero_label) -> list[tuple[dict, int, dict]] | None:
+    """``compute_slice`` for the slices ``zs`` of one volume in one GIL-free call, or None where that call does
+    not apply (then each slice goes through ``compute_slice``).
+
+    A worker thread takes the GIL back once per call: on many threads that wait is the largest cost after the
+    slice itself (``_slice_kernels.mask_slic_deflate_run``).
+
+    Parameters
+    ----------
+    raw3, image3 : (Z, H, W) float32, C-contiguous
+        The volume's source intensities and its z-scored image.
+    label3 : (Z, H, W) uint8, C-contiguous, or None
+    zs : the slices, in the order their results are wanted
+    threshold, sp_cfg, codec, zero_label : as for ``compute_slice``
+
+    Returns
+    -------
+    list of (chunks, n_superpixels, stages), one per slice of ``zs``, as ``compute_slice`` returns them; each
+    slice's ``encode`` holds its own deflates and an equal share of the rest of the call.
+
+    Raises
+    ------
+    RunSliceError
+        A slice failed; it names its position in ``zs`` and carries the results of the slices before it.
+    """
+    if not (isinstance(raw3, np.ndarray) and raw3.ndim == 3 and raw3.dtype == np.float32
+            and raw3.flags.c_contiguous):
+        return None
+    if label3 is not None and not (isinstance(label3, np.ndarray) and label3.dtype == np.uint8
+                                   and label3.shape == raw3.shape and label3.flags.c_contiguous):
+        return None
+    args = _one_call_args(raw3[zs[0]], None if label3 is None else label3[zs[0]], sp_cfg, codec)
+    if args is None:
+        return None
+    t0 = time.perf_counter()
+    r, (h, w) = len(zs), raw3.shape[1:]
+    fg = np.empty((r, h, w), np.bool_)
+    sp16 = np.empty((r, h * w), np.uint16)
+    _, _, caps, starts = layout((((h, w), 2), ((h, w), 1), ((h, w), 1)))
+    size = int(starts[-1] + caps[-1])
+    out = scratch(r * size)[:r * size].reshape(r, size)
+    lens = np.empty((r, 3), np.int64)
+    times = np.zeros((r, 3), np.int64)
+    ns = np.zeros(r, np.int64)
+    statuses = np.empty(r, np.int64)
+    mask_slic_deflate_run(raw3, np.asarray(zs, np.int64), np.float32(threshold), *args,
+                          _NO_LABEL3 if label3 is None else label3, _NO_LABEL, fg, np.empty(h * w, np.int32),
+                          sp16, out, caps, lens, times, ns, statuses)
+    results = []
+    for i, z in enumerate(zs):
+        try:
+            check_slic_status(int(statuses[i]))
+            _check_superpixel_count(int(ns[i]))
+        except ValueError as exc:
+            raise RunSliceError(i, exc, results) from None
+        chunks = {"image": codec.encode("image", image3[z])}
+        label = None if label3 is None else label3[z]
+        for name, arr, stream in zip(MAP_DATASETS, (sp16[i].reshape(h, w), fg[i].view(np.uint8), label),
+                                     streams(out[i], starts, lens[i])):
+            if arr is None:
+                chunks[name] = zero_label
+            else:
+                chunks[name] = stream if stream is not None else codec.general_deflate(name, arr)
+        results.append((chunks, int(ns[i]), times[i]))
+    # the kernel's own clock for each slice's steps; the rest of the call (the GIL taken back, the chunks
+    # made) is shared out evenly
+    rest = (time.perf_counter() - t0 - float(times.sum()) * 1e-9) / r
+    return [(chunks, n, {"mask": float(t[0]) * 1e-9, "superpixels": float(t[1]) * 1e-9,
+                         "encode": float(t[2]) * 1e-9 + rest}) for chunks, n, t in results]
+
+
+_NO_LABEL3 = np.zeros((0, 0, 0), np.uint8)
 
 
 def organ_bits(label: np.ndarray | None, n_slices: int) -> np.ndarray:

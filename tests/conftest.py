@@ -44,25 +44,34 @@ def episode_samples():
 
 @pytest.fixture
 def before_each_slice(monkeypatch):
-    """``before_each_slice(fn)`` runs ``fn(raw)`` before every slice's pseudo-labels, in both of the engine's
-    paths (the one-call kernel and ``pseudolabels_u16``), forked worker processes included; ``fn`` may raise,
-    sleep or kill. Calling it with None restores both."""
+    """``before_each_slice(fn)`` runs ``fn(raw)`` before every slice's pseudo-labels, in all of the engine's
+    paths (the one-call kernel, its runs of slices, and ``pseudolabels_u16``), forked worker processes
+    included; ``fn`` may raise, sleep or kill. Calling it with None restores them."""
     from engine import slice_worker
 
-    real_general, real_one_call = slice_worker.pseudolabels_u16, slice_worker.mask_slic_deflate
+    real = {name: getattr(slice_worker, name) for name in ("pseudolabels_u16", "mask_slic_deflate",
+                                                           "mask_slic_deflate_run")}
 
     def install(fn):
         if fn is None:
-            monkeypatch.setattr(slice_worker, "pseudolabels_u16", real_general)
-            monkeypatch.setattr(slice_worker, "mask_slic_deflate", real_one_call)
+            for name, f in real.items():
+                monkeypatch.setattr(slice_worker, name, f)
             return
 
-        def hooked(real):
+        def hooked(f):
             def call(raw, *args, **kwargs):
                 fn(raw)
-                return real(raw, *args, **kwargs)
+                return f(raw, *args, **kwargs)
             return call
 
-        monkeypatch.setattr(slice_worker, "pseudolabels_u16", hooked(real_general))
-        monkeypatch.setattr(slice_worker, "mask_slic_deflate", hooked(real_one_call))
+        def hooked_run(f):
+            def call(raw3, zs, *args, **kwargs):
+                for z in zs:                     # every slice of the run, before the run's one call
+                    fn(raw3[z])
+                return f(raw3, zs, *args, **kwargs)
+            return call
+
+        monkeypatch.setattr(slice_worker, "pseudolabels_u16", hooked(real["pseudolabels_u16"]))
+        monkeypatch.setattr(slice_worker, "mask_slic_deflate", hooked(real["mask_slic_deflate"]))
+        monkeypatch.setattr(slice_worker, "mask_slic_deflate_run", hooked_run(real["mask_slic_deflate_run"]))
     return install

@@ -51,6 +51,8 @@ def test_int_promotes_to_float_but_not_reverse():
     ("engine.batch=-1", r"^engine\.batch: must be >= 0 \(0: automatic\), got -1$"),
     ("engine.threads=-2", r"^engine\.threads: must be >= 0 \(0: automatic\), got -2$"),
     ("engine.queue_slices=0", r"^engine\.queue_slices: must be >= 1, got 0$"),
+    ("engine.run_slices=0", r"^engine\.run_slices: must be >= 1 and <= 64, got 0$"),
+    ("engine.run_slices=65", r"^engine\.run_slices: must be >= 1 and <= 64, got 65$"),
     ("train.iterations", r"expected KEY=VALUE"),
     ("train.iterations.x=1", r"^train\.iterations: expected an integer, got dict"),
     # the ranges of the methods' parameters: refused before any work (and before --overwrite discards a store)

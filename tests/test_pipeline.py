@@ -18,7 +18,7 @@ import pytest
 
 from alpnet.config import load as load_config
 from engine import pipeline, process_backend, schedule, slice_worker
-from engine.config import ConfigError
+from engine.config import ConfigError, PrepareConfig
 from engine.store_format import lock_path, parts_dir
 from engine.store_reader import StoreReader
 
@@ -75,6 +75,18 @@ def make_cfg(input_spec, out, *overrides: str, **engine):
         setattr(cfg.engine, k, v)
     cfg.engine.__post_init__()
     return cfg
+
+
+def input_slices_only(fn):
+    """``fn(raw)`` for the input's slices only: the engine's warm-up slices (``warm_slice``, which it runs
+    through each of its compiled paths before the run) are left out, so a test can count the input's slices."""
+    from engine.slice_worker import warm_slice
+    warm = warm_slice(SIZE, PrepareConfig().fg_threshold)
+
+    def call(raw):
+        if not (raw.shape == warm.shape and np.array_equal(raw, warm)):
+            fn(raw)
+    return call
 
 
 def slow_down(monkeypatch, cls, name: str, seconds: float) -> None:
@@ -784,11 +796,11 @@ def test_resume_after_a_failed_run_is_identical(folder, reference, tmp_path, cap
 
     def flaky(raw):
         calls["n"] += 1
-        if calls["n"] == 13:                                  # warm-up is call 1: slice 12 fails
+        if calls["n"] == 12:                                  # slice 12 (counting from 1) fails
             raise RuntimeError("simulated kernel failure")
 
     out = tmp_path / "s.h5"
-    before_each_slice(flaky)
+    before_each_slice(input_slices_only(flaky))
     rc = pipeline.preprocess(make_cfg(folder, out, threads=1, batch=4), progress=False)
     err = capsys.readouterr().err
     assert rc == 1 and "simulated kernel failure" in err and "slice z=" in err
@@ -812,11 +824,11 @@ def test_a_partly_committed_volume_whose_file_changed_is_refused(tmp_path, capsy
 
     def flaky(raw):
         calls["n"] += 1
-        if calls["n"] == 11:                                  # warm-up is call 1: slice 10 (volume 2) fails
+        if calls["n"] == 10:                                  # slice 10 (counting from 1, volume 2) fails
             raise RuntimeError("simulated kernel failure")
 
     out = tmp_path / "s.h5"
-    before_each_slice(flaky)
+    before_each_slice(input_slices_only(flaky))
     assert pipeline.preprocess(make_cfg(src, out, threads=1, batch=4), progress=False) == 1
     before_each_slice(None)
     with StoreReader(out) as r:
@@ -1323,6 +1335,62 @@ def test_work_queue_wakes_the_producer_only_when_it_waits_for_room(monkeypatch):
     putter.join(30)
     assert not putter.is_alive() and q.putters == 0
     assert [q.get(), q.get()] == [("slice", "c"), ("slice", "d")]
+
+
+def test_work_queue_hands_out_runs_of_one_volume_while_every_worker_can_have_one():
+    import threading
+    from types import SimpleNamespace
+
+    from engine.schedule import LoadPlan, WorkQueue
+    stop = threading.Event()
+    q = WorkQueue(LoadPlan([], 1, threading.Condition(), stop), 100, stop, workers=2, run_max=4)
+    a, b = object(), object()
+    tasks = [SimpleNamespace(vol=a, z=z) for z in range(9)] + [SimpleNamespace(vol=b, z=z) for z in range(3)]
+    for t in tasks:
+        q.put(t)
+
+    def zs(job):
+        return [(t.vol is b, t.z) for t in ([job[1]] if job[0] == "slice" else job[1])]
+
+    # 11 and then 7 more queued: runs of 4, while the 2 workers could each have one
+    assert zs(q.get()) == [(False, 0), (False, 1), (False, 2), (False, 3)]
+    assert zs(q.get()) == [(False, 4), (False, 5), (False, 6), (False, 7)]
+    job = q.get()                                        # a run never crosses into the next volume
+    assert job[0] == "slice" and zs(job) == [(False, 8)]
+    assert zs(q.get()) == [(True, 0), (True, 1)]         # 2 left after the first: 1 more each
+    assert zs(q.get()) == [(True, 2)]                    # the last goes alone
+    # one worker per slice, or runs of 1: never a run
+    q1 = WorkQueue(LoadPlan([], 1, threading.Condition(), stop), 100, stop, workers=2, run_max=1)
+    for t in tasks[:4]:
+        q1.put(t)
+    assert [q1.get()[0] for _ in range(4)] == ["slice"] * 4
+
+
+@pytest.mark.parametrize("run_slices", [1, 3])
+def test_runs_of_slices_leave_the_store_unchanged(folder, reference, tmp_path, run_slices):
+    out = tmp_path / "s.h5"
+    assert pipeline.preprocess(make_cfg(folder, out, threads=2, batch=8, run_slices=run_slices),
+                               progress=False) == 0
+    assert_same_store(out, reference)
+
+
+def test_a_slice_failing_inside_a_run_is_named(folder, tmp_path, capsys, monkeypatch):
+    from engine import slice_worker
+    real = slice_worker.compute_run
+    runs = []
+
+    def second_fails(raw3, image3, label3, zs, *args):
+        runs.append(list(zs))
+        if len(runs) == 1:                                   # the engine's warm-up, before the run
+            return real(raw3, image3, label3, zs, *args)
+        done = real(raw3, image3, label3, zs[:1], *args)
+        raise slice_worker.RunSliceError(1, ValueError("slic: image contains NaN values inside the mask"), done)
+    monkeypatch.setattr(pipeline, "compute_run", second_fails)
+    out = tmp_path / "s.h5"
+    assert pipeline.preprocess(make_cfg(folder, out, threads=1, batch=8, run_slices=4), progress=False) == 1
+    err = capsys.readouterr().err
+    z = runs[1][1]
+    assert f"slice z={z} " in err and "failed in worker 0: ValueError: slic: image contains NaN values" in err
 
 
 def test_default_zscore_leaves_the_settings_hash_of_older_stores_unchanged(folder, tmp_path):

@@ -133,6 +133,61 @@ def test_stage_times_come_from_the_monotonic_clock():
     assert sum(stages.values()) <= wall
 
 
+def phantom_volume(n=8):
+    """A prepared phantom volume as the engine's worker threads hold it: (Z, H, W) C-contiguous arrays."""
+    prep = prepare_volume(make_volume(0, n_slices=n), PrepareConfig())
+    return tuple(np.ascontiguousarray(np.moveaxis(a, 2, 0)) for a in (prep.raw, prep.image, prep.label))
+
+
+@pytest.mark.parametrize("with_label", [True, False])
+def test_a_run_of_slices_gives_each_slice_the_chunks_of_compute_slice(with_label):
+    raw3, image3, label3 = phantom_volume()
+    label3 = label3 if with_label else None
+    zs = [5, 0, 1, 2, 7]                               # any slices of the volume, in the order asked
+    t0 = time.perf_counter()
+    run = slice_worker.compute_run(raw3, image3, label3, zs, THR, SuperpixelConfig(), CODEC, ZERO_LABEL)
+    wall = time.perf_counter() - t0
+    assert len(run) == len(zs)
+    for z, (chunks, n, stages) in zip(zs, run):
+        one, n1, _ = slice_worker.compute_slice(raw3[z], image3[z], None if label3 is None else label3[z], THR,
+                                                SuperpixelConfig(), CODEC, ZERO_LABEL)
+        assert n == n1 and decoded(chunks) == decoded(one)
+        assert set(stages) == {"mask", "superpixels", "encode"} and min(stages.values()) > 0
+        if not with_label:
+            assert chunks["label"] is ZERO_LABEL
+    # each slice's steps from the kernel's clock, the rest of the call shared out: together the call's time
+    assert sum(sum(st.values()) for _, _, st in run) <= wall
+
+
+def test_a_failing_slice_of_a_run_is_named_with_the_slices_done_before_it():
+    raw3, image3, label3 = phantom_volume()
+    raw3 = raw3.copy()
+    raw3[3, 128, 128] = np.inf                         # inside the body of slice 3
+    with pytest.raises(slice_worker.RunSliceError) as err:
+        slice_worker.compute_run(raw3, image3, label3, [1, 2, 3, 4], THR, SuperpixelConfig(), CODEC, ZERO_LABEL)
+    assert err.value.index == 2 and str(err.value) == "slic: image contains infinite values inside the mask"
+    assert isinstance(err.value.error, ValueError)
+    done = err.value.done
+    assert len(done) == 2
+    for z, (chunks, n, _) in zip((1, 2), done):
+        one, n1, _ = slice_worker.compute_slice(raw3[z], image3[z], label3[z], THR, SuperpixelConfig(), CODEC,
+                                                ZERO_LABEL)
+        assert n == n1 and decoded(chunks) == decoded(one)
+
+
+def test_a_run_needs_what_the_one_call_needs_else_none():
+    raw3, image3, label3 = phantom_volume(4)
+    args = (THR, SuperpixelConfig(), CODEC, ZERO_LABEL)
+    assert slice_worker.compute_run(raw3, image3, label3, [0, 1], *args) is not None
+    strided = np.zeros((4, 256, 512), np.float32)[:, :, ::2]
+    assert slice_worker.compute_run(strided, image3, label3, [0, 1], *args) is None
+    assert slice_worker.compute_run(raw3.astype(np.float64), image3, label3, [0, 1], *args) is None
+    assert slice_worker.compute_run(raw3, image3, label3.astype(np.int32), [0, 1], *args) is None
+    smoothed = SuperpixelConfig()
+    smoothed.slic.sigma = 1.0
+    assert slice_worker.compute_run(raw3, image3, label3, [0, 1], THR, smoothed, CODEC, ZERO_LABEL) is None
+
+
 def test_one_call_kernel_cache_follows_the_files_it_calls():
     # numba keys a cached function on its own file; the one-call kernel has SLIC, the body mask and the encoder
     # compiled in, so its cache must also go stale when one of their files changes
@@ -142,7 +197,8 @@ def test_one_call_kernel_cache_follows_the_files_it_calls():
     from engine import _deflate_kernels, _kernels, _mask_kernels
     assert _slice_kernels.CACHE_FOLLOWS_CALLEES
     digest = hashlib.sha256(b"".join(Path(m.__file__).read_bytes() for m in (_deflate_kernels, _kernels, _mask_kernels)))
-    assert _slice_kernels.mask_slic_deflate._cache._cache_file._source_stamp[1] == digest.hexdigest()
+    for kernel in (_slice_kernels.mask_slic_deflate, _slice_kernels.mask_slic_deflate_run):
+        assert kernel._cache._cache_file._source_stamp[1] == digest.hexdigest()
 
 
 PROBE = """
