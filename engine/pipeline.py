@@ -423,7 +423,7 @@ class _Run(ProcessBackend):
                         index += 1
                     cur.volumes.setdefault(vol.ref, vol.row)
                     cur.count += 1
-                    self._dispatch(Task(seq, vol, z))
+                    self._dispatch(Task(seq, vol, z, batch=cur.index))
                     seq += 1
                     if cur.count == self.batch_size:
                         self.batches.close(cur)

@@ -81,6 +81,7 @@ class Task:
     vol: Loaded
     z: int
     slot: int = -1
+    batch: int = -1          # the index of its batch (the threads backend's runs stay within one)
 
     def describe(self) -> str:
         """The slice as error messages name it."""
@@ -295,8 +296,9 @@ class WorkQueue:
         """Next job for a worker: ``("slice", task)``, ``("slices", [task, ...])`` (a run of slices of one volume,
         in queue order), ``("load", i, item)``, or None when the run is over.
 
-        A run is taken only while every worker could have one as long: near the end of a batch or of the
-        input the slices go out one at a time, so that the workers run out of them together.
+        A run is taken only while the queue holds one as long of the same batch for every worker: near the end
+        of a batch or of the input the slices go out one at a time, so that the workers finish it together
+        and the batch's commit is not held up by a run that reaches into the next one.
         """
         with self.cond:
             while True:
@@ -305,9 +307,12 @@ class WorkQueue:
                 if self.slices:
                     task = self.slices.popleft()
                     more = min(self.run_max - 1, len(self.slices) // self.workers)
+                    # the queue is in batch order: its slice at ``more * workers - 1`` must still be this batch's
+                    while more > 0 and self.slices[more * self.workers - 1].batch != task.batch:
+                        more -= 1
                     if more > 0:
                         run = [task]
-                        while len(run) <= more and self.slices and self.slices[0].vol is task.vol:
+                        while len(run) <= more and self.slices[0].vol is task.vol:
                             run.append(self.slices.popleft())
                         if len(run) > 1:
                             if self.putters:

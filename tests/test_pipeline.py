@@ -1345,7 +1345,8 @@ def test_work_queue_hands_out_runs_of_one_volume_while_every_worker_can_have_one
     stop = threading.Event()
     q = WorkQueue(LoadPlan([], 1, threading.Condition(), stop), 100, stop, workers=2, run_max=4)
     a, b = object(), object()
-    tasks = [SimpleNamespace(vol=a, z=z) for z in range(9)] + [SimpleNamespace(vol=b, z=z) for z in range(3)]
+    tasks = [SimpleNamespace(vol=a, z=z, batch=0) for z in range(9)] + \
+        [SimpleNamespace(vol=b, z=z, batch=0) for z in range(3)]
     for t in tasks:
         q.put(t)
 
@@ -1364,6 +1365,11 @@ def test_work_queue_hands_out_runs_of_one_volume_while_every_worker_can_have_one
     for t in tasks[:4]:
         q1.put(t)
     assert [q1.get()[0] for _ in range(4)] == ["slice"] * 4
+    # a run stays in its batch, and near the batch's end the runs shrink as if the next batch were not queued
+    for z in range(12):
+        q.put(SimpleNamespace(vol=a, z=z, batch=z // 6))
+    assert [[t.z for t in ([j[1]] if j[0] == "slice" else j[1])] for j in (q.get() for _ in range(6))] == \
+        [[0, 1, 2], [3, 4], [5], [6, 7, 8], [9, 10], [11]]
 
 
 @pytest.mark.parametrize("run_slices", [1, 3])
