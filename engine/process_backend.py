@@ -110,6 +110,8 @@ class ProcessBackend:
                     break
                 if not self._hand_out(st):
                     return
+                if not st.let_go and self.producer_done and not st.pending and self.q.empty():
+                    self._let_go(st)
                 # The producer wakes this thread for a new slice only while it could take one: with every
                 # worker's queue full, a result comes first anyway, and a wake-up per slice cost both threads
                 # a pipe write, a read and a poll. The flag is set before the queue is looked at again, so a
@@ -122,8 +124,14 @@ class ProcessBackend:
                         self._drain_wake_pipe()
                     elif fd in sentinel_of:
                         w = sentinel_of[fd]
+                        if st.let_go and not st.outstanding[w]:
+                            ready.drop(fd, self.result_conns[w].fileno())    # it left as it was told to
+                            continue
                         self._worker_died(w, st.outstanding[w])
                         return
+                    elif st.let_go and not st.outstanding[result_of[fd][0]]:
+                        # no job left there, so nothing to read: the end of the pipe of a worker that left
+                        ready.drop(fd, self.procs[result_of[fd][0]].sentinel)
                     elif not self._receive(st, *result_of[fd]):
                         return
             st.close()
@@ -131,6 +139,17 @@ class ProcessBackend:
             for w, p in enumerate(self.procs):      # over the worker's life, read before it exits
                 self.prof.add_run_queue(w, run_queue_seconds(p.pid))
             self._stop_pool(graceful=not self.stop.is_set())
+
+    def _let_go(self, st: "_Dispatch") -> None:
+        """Nothing is left to hand out: every worker is told to stop once it has done the jobs it holds (its
+        pipe is in order), so that the workers exit while the last slices are computed and committed rather
+        than after. Their exits are then expected (the dispatcher's loop)."""
+        st.let_go = True
+        for c in self.task_conns:
+            try:
+                c.send(None)
+            except OSError:
+                pass                                 # it died: its sentinel, with jobs outstanding, says so
 
     def _hand_out(self, st: "_Dispatch") -> bool:
         """Queue slices at the workers (least loaded first, none behind a load), then start loads; False: the
@@ -402,6 +421,14 @@ class _Poller:
         for fd in fds:
             self.poll.register(fd, select.POLLIN)
 
+    def drop(self, *fds: int) -> None:
+        """Stop watching ``fds`` (a worker that exited as it was told to)."""
+        for fd in fds:
+            try:
+                self.poll.unregister(fd)
+            except KeyError:
+                pass
+
     def wait(self, timeout_s: float) -> list[int]:
         """The descriptors that are readable, at end of file or in error, in the order given at construction
         (the dispatcher takes a worker's last answer before it reports that worker's death)."""
@@ -418,6 +445,7 @@ class _Dispatch:
         self.pending: collections.deque = collections.deque()
         self.outstanding = [collections.deque() for _ in range(n)]
         self.loading = [False] * n                   # the worker holds a load job
+        self.let_go = False                          # the workers were told to stop after their jobs
         self.idle_since = [time.perf_counter()] * n
         self.clock0 = [prof.clocks(self.idle_since[0])] * n
 

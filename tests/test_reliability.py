@@ -235,6 +235,31 @@ def test_dead_worker_message_names_the_slice(src, tmp_path, capsys, before_each_
         assert ("3", 5) not in done
 
 
+def test_a_worker_that_dies_on_the_last_slice_after_being_let_go_is_named(src, tmp_path, capsys, before_each_slice):
+    """Once nothing is left to hand out the workers are told to stop after their jobs (and their exits are
+    expected): one that dies on the input's last slice, after that, is still a dead worker with a job."""
+    last = N_VOLUMES                              # the last volume has N_SLICES + 1 slices
+    img, _ = synthetic_volume(last, N_SLICES + (N_VOLUMES - 1) % 2)
+    z = img.shape[2] - 1
+    target = np.ascontiguousarray(img[:, :, z], dtype=np.float32)
+
+    def dies_on_target(raw):
+        if raw.shape == target.shape and np.array_equal(raw, target):
+            time.sleep(0.3)                       # every other slice is handed out and the workers let go
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    before_each_slice(dies_on_target)
+    out = tmp_path / "store.h5"
+    t0 = time.time()
+    rc = pipeline.preprocess(make_cfg(src, out, batch=BATCH, backend="processes"), progress=False)
+    err = capsys.readouterr().err
+    assert rc == 1 and time.time() - t0 < 60
+    assert f"died (killed by signal 9 (SIGKILL)) while computing volume {last} slice z={z}" in err
+    with StoreReader(out) as r:
+        assert check_integrity(r) == []
+        assert (str(last), z) not in set(zip(r.slices["volume"].tolist(), r.slices["z"].tolist()))
+
+
 def test_dead_worker_while_loading_names_the_volume(src, tmp_path, monkeypatch, capsys):
     """Worker processes also load volumes: one that dies while preparing volume 3 is named as such."""
     parent = os.getpid()
