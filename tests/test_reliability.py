@@ -213,51 +213,43 @@ def test_failing_slice_in_a_worker_process_is_named_behind_held_answers(src, tmp
     assert "volume 3 slice z=5" in err and "simulated kernel failure" in err
 
 
-def test_dead_worker_message_names_the_slice(src, tmp_path, capsys, before_each_slice):
-    """A worker process that dies inside the kernel on one known slice: the message names that slice."""
-    img, _ = synthetic_volume(3, N_SLICES)       # volume id 3 is the third one written (k = 2)
-    target = np.ascontiguousarray(img[:, :, 5], dtype=np.float32)
+def assert_worker_death_named(src, out, capsys, before_each_slice, vid: int, n_slices: int, z: int,
+                              pause: float = 0.0) -> None:
+    """A worker process killed (SIGKILL) inside the kernel on slice ``z`` of volume ``vid`` (``pause`` s into
+    it): the run stops within a minute, its message names that slice, and the store stays consistent without
+    it."""
+    img, _ = synthetic_volume(vid, n_slices)
+    target = np.ascontiguousarray(img[:, :, z], dtype=np.float32)
 
     def dies_on_target(raw):
         if raw.shape == target.shape and np.array_equal(raw, target):
+            time.sleep(pause)
             os.kill(os.getpid(), signal.SIGKILL)
 
     before_each_slice(dies_on_target)
-    out = tmp_path / "store.h5"
     t0 = time.time()
     rc = pipeline.preprocess(make_cfg(src, out, batch=BATCH, backend="processes"), progress=False)
     err = capsys.readouterr().err
     assert rc == 1 and time.time() - t0 < 60
-    assert "died (killed by signal 9 (SIGKILL)) while computing volume 3 slice z=5" in err
+    assert f"died (killed by signal 9 (SIGKILL)) while computing volume {vid} slice z={z}" in err
     with StoreReader(out) as r:
         assert check_integrity(r) == []
-        done = set(zip(r.slices["volume"].tolist(), r.slices["z"].tolist()))
-        assert ("3", 5) not in done
+        assert (str(vid), z) not in set(zip(r.slices["volume"].tolist(), r.slices["z"].tolist()))
+
+
+def test_dead_worker_message_names_the_slice(src, tmp_path, capsys, before_each_slice):
+    """A worker process that dies inside the kernel on one known slice: the message names that slice."""
+    # volume id 3 is the third one written (k = 2: N_SLICES slices)
+    assert_worker_death_named(src, tmp_path / "store.h5", capsys, before_each_slice, 3, N_SLICES, 5)
 
 
 def test_a_worker_that_dies_on_the_last_slice_after_being_let_go_is_named(src, tmp_path, capsys, before_each_slice):
     """Once nothing is left to hand out the workers are told to stop after their jobs (and their exits are
     expected): one that dies on the input's last slice, after that, is still a dead worker with a job."""
-    last = N_VOLUMES                              # the last volume has N_SLICES + 1 slices
-    img, _ = synthetic_volume(last, N_SLICES + (N_VOLUMES - 1) % 2)
-    z = img.shape[2] - 1
-    target = np.ascontiguousarray(img[:, :, z], dtype=np.float32)
-
-    def dies_on_target(raw):
-        if raw.shape == target.shape and np.array_equal(raw, target):
-            time.sleep(0.3)                       # every other slice is handed out and the workers let go
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    before_each_slice(dies_on_target)
-    out = tmp_path / "store.h5"
-    t0 = time.time()
-    rc = pipeline.preprocess(make_cfg(src, out, batch=BATCH, backend="processes"), progress=False)
-    err = capsys.readouterr().err
-    assert rc == 1 and time.time() - t0 < 60
-    assert f"died (killed by signal 9 (SIGKILL)) while computing volume {last} slice z={z}" in err
-    with StoreReader(out) as r:
-        assert check_integrity(r) == []
-        assert (str(last), z) not in set(zip(r.slices["volume"].tolist(), r.slices["z"].tolist()))
+    n_last = N_SLICES + (N_VOLUMES - 1) % 2          # the last volume's slices (write_folder)
+    # 0.3 s into the slice: every other slice is handed out by then, and the workers are let go
+    assert_worker_death_named(src, tmp_path / "store.h5", capsys, before_each_slice, N_VOLUMES, n_last,
+                              n_last - 1, pause=0.3)
 
 
 def test_dead_worker_while_loading_names_the_volume(src, tmp_path, monkeypatch, capsys):
