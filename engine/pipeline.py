@@ -214,10 +214,14 @@ class _Run(ProcessBackend):
             # volumes have labels
             compute_slice(warm, warm, np.zeros(self.shape, np.uint8), cfg.prepare.fg_threshold, cfg.superpixels,
                           self.codec, self.zero_label)
-            if self.backend == "threads" and cfg.engine.run_slices > 1:     # worker threads' runs of slices
+            # Worker threads take runs of slices only where one call computes a run: other methods and settings
+            # go slice by slice anyway, and a run would only make the work coarser.
+            self.run_max = 1
+            if self.backend == "threads" and cfg.engine.run_slices > 1:
                 stack = np.stack([warm, warm])
-                compute_run(stack, stack, np.zeros((2,) + self.shape, np.uint8), [0, 1], cfg.prepare.fg_threshold,
-                            cfg.superpixels, self.codec, self.zero_label)
+                if compute_run(stack, stack, np.zeros((2,) + self.shape, np.uint8), [0, 1],
+                               cfg.prepare.fg_threshold, cfg.superpixels, self.codec, self.zero_label) is not None:
+                    self.run_max = cfg.engine.run_slices
         except ValueError as exc:
             print(f"preprocess: the superpixel settings are not usable: {exc}", file=sys.stderr)
             return 2
@@ -305,7 +309,7 @@ class _Run(ProcessBackend):
             self.q: queue.SimpleQueue = queue.SimpleQueue()     # C-implemented: no Condition per put
         else:
             self.q = WorkQueue(self.loads, cfg.engine.queue_slices, self.stop, clock=self.prof.room_clock,
-                               workers=self.n_workers, run_max=cfg.engine.run_slices)
+                               workers=self.n_workers, run_max=self.run_max)
         self.batches = Batches(len(writer.shards), writer.n_committed, self.batch_size, self.prof.barrier_clock,
                                 self.stop)
         if self.backend == "processes":

@@ -1380,6 +1380,22 @@ def test_runs_of_slices_leave_the_store_unchanged(folder, reference, tmp_path, r
     assert_same_store(out, reference)
 
 
+@pytest.mark.parametrize("overrides,run_max", [((), 3), (("superpixels.method=felzenszwalb",), 1),
+                                                ((("superpixels.slic.sigma=1.0"),), 1)])
+def test_runs_of_slices_only_where_one_call_computes_a_run(folder, tmp_path, monkeypatch, overrides, run_max):
+    from engine import schedule
+    seen = []
+
+    class Spy(schedule.WorkQueue):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            seen.append(self.run_max)
+    monkeypatch.setattr(pipeline, "WorkQueue", Spy)
+    out = tmp_path / "s.h5"
+    assert pipeline.preprocess(make_cfg(folder, out, *overrides, threads=2, run_slices=3), progress=False) == 0
+    assert seen == [run_max]
+
+
 def test_a_slice_failing_inside_a_run_is_named(folder, tmp_path, capsys, monkeypatch):
     from engine import slice_worker
     real = slice_worker.compute_run
