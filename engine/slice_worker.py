@@ -188,7 +188,7 @@ def compute_run(raw3: np.ndarray, image3: np.ndarray, label3: np.ndarray | None,
             check_slic_status(int(statuses[i]))
             _check_superpixel_count(int(ns[i]))
         except ValueError as exc:
-            raise RunSliceError(i, exc, results) from None
+            raise RunSliceError(i, exc, _with_stages(results, times, t0, r)) from None
         chunks = {"image": codec.encode("image", image3[z])}
         label = None if label3 is None else label3[z]
         for name, arr, stream in zip(MAP_DATASETS, (sp16[i].reshape(h, w), fg[i].view(np.uint8), label),
@@ -198,9 +198,13 @@ def compute_run(raw3: np.ndarray, image3: np.ndarray, label3: np.ndarray | None,
             else:
                 chunks[name] = stream if stream is not None else codec.general_deflate(name, arr)
         results.append((chunks, int(ns[i]), times[i]))
-    # the kernel's own clock for each slice's steps; the rest of the call (the GIL taken back, the chunks
-    # made) is shared out evenly
-    rest = (time.perf_counter() - t0 - float(times.sum()) * 1e-9) / r
+    return _with_stages(results, times, t0, r)
+
+
+def _with_stages(results: list, times: np.ndarray, t0: float, r: int) -> list[tuple[dict, int, dict]]:
+    """(chunks, n, the kernel's nanoseconds) -> (chunks, n, stages): the kernel's own clock for each slice's
+    steps, and an equal share of the rest of the call (the GIL taken back, the chunks made) in ``encode``."""
+    rest = max(0.0, time.perf_counter() - t0 - float(times.sum()) * 1e-9) / r
     return [(chunks, n, {"mask": float(t[0]) * 1e-9, "superpixels": float(t[1]) * 1e-9,
                          "encode": float(t[2]) * 1e-9 + rest}) for chunks, n, t in results]
 

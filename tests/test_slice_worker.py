@@ -169,7 +169,8 @@ def test_a_failing_slice_of_a_run_is_named_with_the_slices_done_before_it():
     assert isinstance(err.value.error, ValueError)
     done = err.value.done
     assert len(done) == 2
-    for z, (chunks, n, _) in zip((1, 2), done):
+    for z, (chunks, n, stages) in zip((1, 2), done):
+        assert set(stages) == {"mask", "superpixels", "encode"} and min(stages.values()) > 0
         one, n1, _ = slice_worker.compute_slice(raw3[z], image3[z], label3[z], THR, SuperpixelConfig(), CODEC,
                                                 ZERO_LABEL)
         assert n == n1 and decoded(chunks) == decoded(one)
