@@ -106,23 +106,38 @@ def _compute_in_one_call(raw, image, label, threshold, args, codec: Codec, zero_
     h, w = raw.shape
     fg = np.empty((h, w), np.bool_)
     sp16 = np.empty(h * w, np.uint16)
-    _, _, caps, starts = layout((((h, w), 2), ((h, w), 1), ((h, w), 1)))
-    out = scratch(int(starts[-1] + caps[-1]))
+    caps, starts, size = _map_streams_layout(h, w)
+    out = scratch(size)
     lens = np.empty(3, np.int64)
     times = np.zeros(3, np.int64)
     n, status = mask_slic_deflate(raw, np.float32(threshold), *args, _NO_LABEL if label is None else label, fg,
                                   np.empty(h * w, np.int32), sp16, out, caps, lens, times)
     check_slic_status(status)
     _check_superpixel_count(n)
-    chunks = {"image": codec.encode("image", image)}
-    for name, arr, stream in zip(MAP_DATASETS, (sp16.reshape(h, w), fg.view(np.uint8), label),
-                                 streams(out, starts, lens)):
-        if arr is None:
-            chunks[name] = zero_label
-        else:    # None: a map that did not compress below its size (noise), deflated the general way
-            chunks[name] = stream if stream is not None else codec.general_deflate(name, arr)
+    chunks = _one_call_chunks(codec, zero_label, image, (sp16.reshape(h, w), fg.view(np.uint8), label),
+                              streams(out, starts, lens))
     mask_s, sp_s = float(times[0]) * 1e-9, float(times[1]) * 1e-9
     return chunks, int(n), {"mask": mask_s, "superpixels": sp_s, "encode": time.perf_counter() - t0 - mask_s - sp_s}
+
+
+def _map_streams_layout(h: int, w: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """Capacities and offsets of the one call's three streams (superpixels uint16, mask, label) for an h x w
+    slice, and the bytes they take together."""
+    _, _, caps, starts = layout((((h, w), 2), ((h, w), 1), ((h, w), 1)))
+    return caps, starts, int(starts[-1] + caps[-1])
+
+
+def _one_call_chunks(codec: Codec, zero_label, image, maps: tuple, map_streams: list) -> dict:
+    """A slice's chunks from the one call: the image's, and per map (superpixels, mask, label) its stream; no
+    label: the all-zero label's chunk; no stream (a map that did not compress below its size, noise): the map
+    deflated the general way."""
+    chunks = {"image": codec.encode("image", image)}
+    for name, arr, stream in zip(MAP_DATASETS, maps, map_streams):
+        if arr is None:
+            chunks[name] = zero_label
+        else:
+            chunks[name] = stream if stream is not None else codec.general_deflate(name, arr)
+    return chunks
 
 
 class RunSliceError(Exception):
@@ -172,8 +187,7 @@ def compute_run(raw3: np.ndarray, image3: np.ndarray, label3: np.ndarray | None,
     r, (h, w) = len(zs), raw3.shape[1:]
     fg = np.empty((r, h, w), np.bool_)
     sp16 = np.empty((r, h * w), np.uint16)
-    _, _, caps, starts = layout((((h, w), 2), ((h, w), 1), ((h, w), 1)))
-    size = int(starts[-1] + caps[-1])
+    caps, starts, size = _map_streams_layout(h, w)
     out = scratch(r * size)[:r * size].reshape(r, size)
     lens = np.empty((r, 3), np.int64)
     times = np.zeros((r, 3), np.int64)
@@ -189,14 +203,8 @@ def compute_run(raw3: np.ndarray, image3: np.ndarray, label3: np.ndarray | None,
             _check_superpixel_count(int(ns[i]))
         except ValueError as exc:
             raise RunSliceError(i, exc, _with_stages(results, times, t0, r)) from None
-        chunks = {"image": codec.encode("image", image3[z])}
-        label = None if label3 is None else label3[z]
-        for name, arr, stream in zip(MAP_DATASETS, (sp16[i].reshape(h, w), fg[i].view(np.uint8), label),
-                                     streams(out[i], starts, lens[i])):
-            if arr is None:
-                chunks[name] = zero_label
-            else:
-                chunks[name] = stream if stream is not None else codec.general_deflate(name, arr)
+        maps = (sp16[i].reshape(h, w), fg[i].view(np.uint8), None if label3 is None else label3[z])
+        chunks = _one_call_chunks(codec, zero_label, image3[z], maps, streams(out[i], starts, lens[i]))
         results.append((chunks, int(ns[i]), times[i]))
     return _with_stages(results, times, t0, r)
 
