@@ -10,13 +10,13 @@ import sys
 import time
 from pathlib import Path
 
+from alpnet import evaluate, train
+from alpnet.report import merge_results
+from engine.pipeline import preprocess
+
 
 def main(cfg, out: str = "runs/demo") -> int:
     """Run preprocess, train and evaluate on ``cfg.data.input`` (default: the phantom) into ``out``."""
-    from alpnet import evaluate, train
-    from alpnet.report import merge_results
-    from engine.pipeline import preprocess
-
     out_dir = Path(out)
     t0 = time.perf_counter()
     cfg = copy.deepcopy(cfg)

@@ -2,6 +2,7 @@
 the engine's commands start numpy with one OpenBLAS thread."""
 from __future__ import annotations
 
+import gc
 import os
 import subprocess
 import sys
@@ -46,3 +47,49 @@ def test_engine_commands_start_numpy_with_one_blas_thread(tmp_path, command, use
     assert value == str(expected), out.stdout + out.stderr
     if command[0] == "inspect":
         assert loaded == "True"                       # numpy came after the setting, in the same process
+
+
+def test_a_script_run_imports_its_command_without_the_collector_then_collects_the_rest(monkeypatch, tmp_path):
+    # cli.py run as a script sets the flag and turns the collector off; a command's module then imports with
+    # it off, and the command runs with it on and the imported objects frozen out of its collections
+    (tmp_path / "gc_probe_command.py").write_text(
+        "import gc\nSEEN = {'at_import': gc.isenabled()}\n"
+        "def run():\n    SEEN['at_run'] = gc.isenabled()\n    SEEN['frozen'] = gc.get_freeze_count()\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(cli, "_GC_OFF_FOR_IMPORTS", True)
+    frozen_before = gc.get_freeze_count()
+    gc.disable()
+    try:
+        assert cli._call("gc_probe_command", "run") == 0
+    finally:
+        gc.unfreeze()
+        gc.enable()
+    seen = sys.modules["gc_probe_command"].SEEN
+    assert seen["at_import"] is False and seen["at_run"] is True
+    assert seen["frozen"] > frozen_before
+    assert cli._GC_OFF_FOR_IMPORTS is False                  # once per process
+
+
+def test_calling_main_in_a_process_leaves_its_collector_alone(tmp_path):
+    assert gc.isenabled()
+    frozen = gc.get_freeze_count()
+    assert cli.main(["inspect", "--data", "phantom", "--json"]) == 0
+    assert gc.isenabled() and gc.get_freeze_count() == frozen
+
+
+def test_the_script_turns_the_collector_off_until_the_command_is_imported(tmp_path):
+    # cli.py as __main__ in a fresh interpreter, its command's module a stand-in that reports the collector
+    script = ("import gc, importlib, runpy, sys, types\n"
+              "def describe(*a, **k):\n"
+              "    print('run', gc.isenabled(), gc.get_freeze_count() > 0, flush=True)\n"
+              "def stand_in(name):\n"
+              "    print('import', gc.isenabled(), flush=True)\n"
+              "    return types.SimpleNamespace(describe=describe)\n"
+              "importlib.import_module = stand_in\n"
+              f"sys.argv = ['cli.py', 'inspect', '--data', 'phantom']\n"
+              f"runpy.run_path({str(ROOT / 'cli.py')!r}, run_name='__main__')\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    out = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0 and out.stdout.split("\n")[:2] == ["import False", "run True True"], \
+        out.stdout + out.stderr
