@@ -1,5 +1,6 @@
 """The command line's own behaviour: a stop from outside (Ctrl-C, SIGTERM) ends with its status and one word;
-the engine's commands start numpy with one OpenBLAS thread."""
+the engine's commands start numpy with one OpenBLAS thread; run as a script, a command imports its modules
+with the garbage collector off."""
 from __future__ import annotations
 
 import gc
@@ -86,7 +87,7 @@ def test_the_script_turns_the_collector_off_until_the_command_is_imported(tmp_pa
               "    print('import', gc.isenabled(), flush=True)\n"
               "    return types.SimpleNamespace(describe=describe)\n"
               "importlib.import_module = stand_in\n"
-              f"sys.argv = ['cli.py', 'inspect', '--data', 'phantom']\n"
+              "sys.argv = ['cli.py', 'inspect', '--data', 'phantom']\n"
               f"runpy.run_path({str(ROOT / 'cli.py')!r}, run_name='__main__')\n")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     out = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
