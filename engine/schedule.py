@@ -306,29 +306,30 @@ class WorkQueue:
                     return None
                 if self.slices:
                     task = self.slices.popleft()
-                    more = min(self.run_max - 1, len(self.slices) // self.workers)
-                    # the queue is in batch order: its slice at ``more * workers - 1`` must still be this batch's
-                    while more > 0 and self.slices[more * self.workers - 1].batch != task.batch:
-                        more -= 1
-                    if more > 0:
-                        run = [task]
-                        while len(run) <= more and self.slices[0].vol is task.vol:
-                            run.append(self.slices.popleft())
-                        if len(run) > 1:
-                            if self.putters:
-                                self.cond.notify_all()
-                            return ("slices", run)
-                    # Only a producer waiting for room needs this slice's departure. The producer also waits
+                    run = [task] + self._rest_of_run(task)
+                    # Only a producer waiting for room needs these slices' departure. The producer also waits
                     # on this condition for its next volume, so notifying on every slice woke it ~1.4 times
                     # per slice for nothing, each time pushing a worker off its core.
                     if self.putters:
                         self.cond.notify_all()
-                    return ("slice", task)
+                    return ("slices", run) if len(run) > 1 else ("slice", task)
                 if self.loads.startable():
                     return ("load",) + self.loads.start()
                 if self.closed:
                     return None
                 self.cond.wait(0.1)
+
+    def _rest_of_run(self, task: "Task") -> list:
+        """(Under ``cond``, ``task`` just taken.) The queued slices that follow ``task`` in its run: up to
+        ``run_max - 1`` of its volume, only while as many per worker of its batch remain queued."""
+        more = min(self.run_max - 1, len(self.slices) // self.workers)
+        # the queue is in batch order: its slice at ``more * workers - 1`` must still be this batch's
+        while more > 0 and self.slices[more * self.workers - 1].batch != task.batch:
+            more -= 1
+        rest = []
+        while len(rest) < more and self.slices[0].vol is task.vol:
+            rest.append(self.slices.popleft())
+        return rest
 
     def put(self, task: "Task") -> None:
         with self.cond:
