@@ -185,6 +185,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:
+        if isinstance(exc, BrokenPipeError) and output_closed():
+            return quiet_after_closed_output()
         # The machine rather than the input (a read-only or full disk, a path under a file): one line too.
         from engine.store_format import error_text
         print(f"{args.command}: {error_text(exc)}", file=sys.stderr)
@@ -194,6 +196,47 @@ def main(argv: list[str] | None = None) -> int:
         code, word = stop_status(exc)
         print(word, file=sys.stderr)
         return code
+
+
+# The exit status of a command whose reader went away (``| head``), as a shell reports a tool that SIGPIPE ended.
+EXIT_OUTPUT_CLOSED = 141
+
+
+def output_closed() -> bool:
+    """Whether nothing reads this process's stdout or stderr any more (a pipe whose reader has exited).
+
+    A broken pipe raised by other pipes (the processes backend's, say) keeps its error line: only a closed
+    stdout or stderr is taken as the user's ``| head``.
+    """
+    import select
+    if not hasattr(select, "poll"):
+        return True                                  # no way to tell: a broken pipe this far up is the output's
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            poller = select.poll()
+            poller.register(stream.fileno(), select.POLLOUT)
+            if any(events & select.POLLERR for _, events in poller.poll(0)):
+                return True
+        except (AttributeError, OSError, ValueError):   # replaced or closed streams (tests, embedding)
+            continue
+    return False
+
+
+def quiet_after_closed_output() -> int:
+    """End a command whose output is no longer read without a message, as tools that SIGPIPE ends do, and
+    without the interpreter's complaint when it flushes stdout at exit: both streams go to ``/dev/null``."""
+    import os
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                os.dup2(devnull, stream.fileno())
+            except (AttributeError, OSError, ValueError):
+                pass
+        os.close(devnull)
+    except OSError:
+        pass
+    return EXIT_OUTPUT_CLOSED
 
 
 # Commands that read and write only through ``engine`` (no torch): they end their process without the

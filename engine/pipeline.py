@@ -172,14 +172,26 @@ class _Run(ProcessBackend):
         self.producer_done = False
         self.threads: list[threading.Thread] = []
         self.bar = None
+        self.output_gone = False         # stderr no longer takes lines (a closed pipe): the run goes on without them
         self.t_start = time.time()       # reset when the workers start
 
     # -------------------------------------------------------------- messages
     def say(self, line: str) -> None:
         if self.bar is not None:
-            self.bar.write(line, file=sys.stderr)
+            self._to_stderr(self.bar.write, line, file=sys.stderr)
         else:
-            print(line, file=sys.stderr, flush=True)
+            self._to_stderr(print, line, file=sys.stderr, flush=True)
+
+    def _to_stderr(self, write, *args, **kwargs) -> None:
+        """Progress and log lines are for the user: once stderr cannot take them (its reader has gone, as in
+        ``2>&1 | head``), the run goes on without them. Letting the error through stopped the main thread's
+        wait after the work was done and before the store was marked complete."""
+        if self.output_gone:
+            return
+        try:
+            write(*args, **kwargs)
+        except OSError:
+            self.output_gone = True
 
     def fail(self, message: str) -> None:
         with self._lock:
@@ -627,8 +639,11 @@ class _Run(ProcessBackend):
         self.last_committed = -1
         if self.tty:
             from tqdm import tqdm
-            self.bar = tqdm(total=None, unit="slice", desc="preprocess", file=sys.stderr, dynamic_ncols=True,
-                            smoothing=0.1)
+            try:
+                self.bar = tqdm(total=None, unit="slice", desc="preprocess", file=sys.stderr, dynamic_ncols=True,
+                                smoothing=0.1)
+            except OSError:                         # the terminal is gone already: see _to_stderr
+                self.output_gone = True
 
     def _tick(self, final: bool = False) -> None:
         total = self._estimate_total()
@@ -637,8 +652,8 @@ class _Run(ProcessBackend):
         if self.bar is not None:
             if total and self.bar.total != max(total, done):
                 self.bar.total = max(total, done)
-            self.bar.update(done - self.bar.n)
             self.bar.set_postfix_str(f"committed {self.writer.n_committed}", refresh=False)
+            self._to_stderr(self.bar.update, done - self.bar.n)
             return
         now = time.time()
         if not final and (now - self.last_line < 2.0 or committed == self.last_committed):
@@ -647,8 +662,8 @@ class _Run(ProcessBackend):
         elapsed = max(now - self.t_start, 1e-9)
         rate = done / elapsed
         eta = f"{(total - done) / rate:.0f} s" if rate > 0 and total >= done else "?"
-        print(f"preprocess: {committed}/{total or '?'} slices committed ({self.writer.n_committed} in the store), "
-              f"{rate:.1f} slices/s, ETA {eta}", file=sys.stderr, flush=True)
+        self.say(f"preprocess: {committed}/{total or '?'} slices committed ({self.writer.n_committed} in the store), "
+                 f"{rate:.1f} slices/s, ETA {eta}")
 
     def _wait(self) -> None:
         while not self.done.wait(0.2):
@@ -659,7 +674,7 @@ class _Run(ProcessBackend):
         for t in self.threads:
             t.join(timeout=60)
         if self.bar is not None:
-            self.bar.close()
+            self._to_stderr(self.bar.close)
             self.bar = None
 
     # -------------------------------------------------------------- end

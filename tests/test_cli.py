@@ -1,6 +1,6 @@
 """The command line's own behaviour: a stop from outside (Ctrl-C, SIGTERM) ends with its status and one word;
 the engine's commands start numpy with one OpenBLAS thread; run as a script, a command imports its modules
-with the garbage collector off."""
+with the garbage collector off; a command whose output is no longer read ends quietly."""
 from __future__ import annotations
 
 import gc
@@ -94,3 +94,39 @@ def test_the_script_turns_the_collector_off_until_the_command_is_imported(tmp_pa
                          timeout=120)
     assert out.returncode == 0 and out.stdout.split("\n")[:2] == ["import False", "run True True"], \
         out.stdout + out.stderr
+
+
+def _script_env() -> dict:
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+
+
+@pytest.mark.parametrize("command", [["inspect", "--data", "phantom:2"],
+                                     ["inspect", "--data", "phantom:2", "--json"]])
+def test_a_closed_output_ends_the_command_quietly(tmp_path, command):
+    # `cli.py inspect ... | head`: the reader is gone before the command writes; no error line, no traceback,
+    # the status a shell gives a tool that SIGPIPE ended
+    proc = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), *command], cwd=tmp_path, env=_script_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == cli.EXIT_OUTPUT_CLOSED == 141
+    assert err == ""
+
+
+def test_a_broken_pipe_of_the_commands_own_keeps_its_error_line(monkeypatch, capsys, tmp_path):
+    # the output is still read (captured here): a broken pipe from the work itself is an error like any other
+    def broken(args):
+        raise BrokenPipeError(32, "Broken pipe")
+    monkeypatch.setitem(cli.HANDLERS, "inspect", broken)
+    assert cli.main(["inspect", str(tmp_path / "store.h5")]) == 1
+    assert capsys.readouterr().err == "inspect: Broken pipe (errno 32)\n"
+
+
+def test_output_closed_tells_a_pipe_without_reader_from_one_with(monkeypatch):
+    read_end, write_end = os.pipe()
+    with os.fdopen(write_end, "w") as out:
+        monkeypatch.setattr(sys, "stdout", out)
+        monkeypatch.setattr(sys, "stderr", out)
+        assert not cli.output_closed()
+        os.close(read_end)
+        assert cli.output_closed()

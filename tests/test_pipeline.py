@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import errno
 import gzip
+import io
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -868,6 +870,40 @@ def test_bad_volumes_are_reported_skipped_and_logged(tmp_path, capsys, backend):
         assert sorted(Path(f["path"]).name for f in log) == [f"image_{i}.nii.gz" for i in (3, 4, 5, 6)]
         assert all(f["reason"] for f in log)
     assert "4 volume(s) failed" in cap.out
+
+
+class _GoneOutput(io.TextIOBase):
+    """A stderr whose reader has gone (``2>&1 | head``): every write fails as a closed pipe does."""
+
+    def __init__(self, tty: bool):
+        self.tty, self.writes = tty, 0
+
+    def isatty(self) -> bool:
+        return self.tty
+
+    def write(self, text: str) -> int:
+        self.writes += 1
+        raise BrokenPipeError(errno.EPIPE, "Broken pipe")
+
+
+@pytest.mark.parametrize("backend", ["threads", "processes"])
+@pytest.mark.parametrize("tty", [False, True])          # plain log lines, or the progress bar
+def test_a_closed_stderr_does_not_stop_the_run(tmp_path, capsys, monkeypatch, backend, tty):
+    # the progress and "skipped" lines fail to write; the run still commits every slice, marks the store
+    # complete and records itself (the failed write used to end the main thread's wait before that)
+    src = write_folder(tmp_path / "in", n=3, n_slices=5)
+    (src / "image_9.nii.gz").write_bytes(b"not an image")                 # a "skipped" line from the producer
+    gone = _GoneOutput(tty)
+    monkeypatch.setattr(sys, "stderr", gone)
+    out = tmp_path / "s.h5"
+    rc = pipeline.preprocess(make_cfg(src, out, backend=backend), progress=True)
+    assert gone.writes >= 1
+    assert rc == 1                                                          # image_9 failed, the rest is in
+    with StoreReader(out) as r:
+        assert r.meta["complete"] is True and r.n_slices == 5 + 6 + 5
+    runs = [json.loads(line) for line in (parts_dir(out) / "runs.jsonl").read_text().splitlines()]
+    assert [(r["status"], r["slices_committed"]) for r in runs] == [("complete", 16)]
+    assert "complete: 16 slices" in capsys.readouterr().out
 
 
 def test_all_volumes_bad_still_leaves_a_readable_store(tmp_path, capsys):
