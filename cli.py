@@ -180,13 +180,17 @@ def main(argv: list[str] | None = None) -> int:
         quiet_blas_pools()
     from engine.config import ConfigError
     try:
-        return HANDLERS[args.command](args)
+        code = HANDLERS[args.command](args)
+        silence(closed_outputs())        # a command that went on without its console (train, preprocess)
+        return code
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:
-        if isinstance(exc, BrokenPipeError) and output_closed():
-            return quiet_after_closed_output()
+        closed = closed_outputs() if isinstance(exc, BrokenPipeError) else []
+        if closed:
+            silence(closed)
+            return EXIT_OUTPUT_CLOSED
         # The machine rather than the input (a read-only or full disk, a path under a file): one line too.
         from engine.store_format import error_text
         print(f"{args.command}: {error_text(exc)}", file=sys.stderr)
@@ -202,41 +206,43 @@ def main(argv: list[str] | None = None) -> int:
 EXIT_OUTPUT_CLOSED = 141
 
 
-def output_closed() -> bool:
-    """Whether nothing reads this process's stdout or stderr any more (a pipe whose reader has exited).
+def closed_outputs() -> list:
+    """Those of stdout and stderr that nothing reads any more (a pipe whose reader has exited); empty where
+    the system cannot tell (no ``poll``).
 
     A broken pipe raised by other pipes (the processes backend's, say) keeps its error line: only a closed
     stdout or stderr is taken as the user's ``| head``.
     """
     import select
     if not hasattr(select, "poll"):
-        return True                                  # no way to tell: a broken pipe this far up is the output's
+        return []
+    closed = []
     for stream in (sys.stdout, sys.stderr):
         try:
             poller = select.poll()
             poller.register(stream.fileno(), select.POLLOUT)
             if any(events & select.POLLERR for _, events in poller.poll(0)):
-                return True
+                closed.append(stream)
         except (AttributeError, OSError, ValueError):   # replaced or closed streams (tests, embedding)
             continue
-    return False
+    return closed
 
 
-def quiet_after_closed_output() -> int:
-    """End a command whose output is no longer read without a message, as tools that SIGPIPE ends do, and
-    without the interpreter's complaint when it flushes stdout at exit: both streams go to ``/dev/null``."""
+def silence(streams: list) -> None:
+    """Send ``streams`` (closed outputs) to ``/dev/null``: no message, as tools that SIGPIPE ends give none,
+    and no complaint from the interpreter when it flushes stdout at exit (which would also turn the exit
+    status into 120)."""
     import os
     try:
         devnull = os.open(os.devnull, os.O_WRONLY)
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                os.dup2(devnull, stream.fileno())
-            except (AttributeError, OSError, ValueError):
-                pass
-        os.close(devnull)
     except OSError:
-        pass
-    return EXIT_OUTPUT_CLOSED
+        return
+    for stream in streams:
+        try:
+            os.dup2(devnull, stream.fileno())
+        except (AttributeError, OSError, ValueError):
+            pass
+    os.close(devnull)
 
 
 # Commands that read and write only through ``engine`` (no torch): they end their process without the

@@ -104,9 +104,17 @@ class RunLog:
         elif keep_until is None:
             self.metrics_path.write_text("")
         self.log = open(out / "log.txt", "a")
+        self.console = True
 
     def line(self, text: str) -> None:
-        print(text, flush=True)
+        if self.console:
+            try:
+                print(text, flush=True)
+            except OSError:
+                # Nothing reads the console any more (``| head``, a closed terminal): training goes on and
+                # log.txt keeps every line; stopping here would throw away the iterations since the last
+                # checkpoint.
+                self.console = False
         self.log.write(text + "\n")
         self.log.flush()
 

@@ -695,7 +695,7 @@ class _Run(ProcessBackend):
             try:
                 writer.finish(complete=True, run_record=record)
             except RunRecordError as exc:            # history only: the store is complete
-                print(f"preprocess: warning: {exc}", file=sys.stderr)
+                self.say(f"preprocess: warning: {exc}")
             except StoreError as exc:                # e.g. the disk filled up after the last commit
                 self.error, complete = str(exc), False
         else:
@@ -712,31 +712,36 @@ class _Run(ProcessBackend):
         try:
             prof = self.prof.write_json(profile_path, self.committed_this_run, extra=extra)
         except OSError as exc:                       # error_text names the file
-            print(f"preprocess: cannot write the profile: {error_text(exc)}", file=sys.stderr)
+            self.say(f"preprocess: cannot write the profile: {error_text(exc)}")
             prof = self.prof.to_dict(self.committed_this_run, extra=extra)
-        out = sys.stdout
+        try:
+            print("\n".join(self._summary(complete, prof, log, profile_path)), flush=True)
+            if self.error:
+                print(f"preprocess: stopped: {self.error}", file=sys.stderr)
+        except OSError:
+            pass        # nobody reads the output any more (``| head``): the store is as this run leaves it anyway
+        if self.error:
+            return self.exit_code if self.interrupted else 1
+        return 1 if log else 0
+
+    def _summary(self, complete: bool, prof: dict, log: list, profile_path: Path) -> list[str]:
+        """The lines that end a run on stdout: the store's state, the profile's summary, repairs and failures."""
         method = self.cfg.superpixels.method
         params = ", ".join(f"{k}={v}" for k, v in to_dict(getattr(self.cfg.superpixels, method)).items())
         state = "complete" if complete else "INCOMPLETE"
-        n_volumes = len({r['ref'] for s in writer.shards for r in s.volumes})
-        print(f"preprocess: {self.store} {state}: {writer.n_committed} slices from {n_volumes} "
-              f"volume{'' if n_volumes == 1 else 's'}; {method} ({params})", file=out)
-        for line in summary_lines(prof):
-            print(f"  {line}", file=out)
+        n_volumes = len({r['ref'] for s in self.writer.shards for r in s.volumes})
+        lines = [f"preprocess: {self.store} {state}: {self.writer.n_committed} slices from {n_volumes} "
+                 f"volume{'' if n_volumes == 1 else 's'}; {method} ({params})"]
+        lines += [f"  {line}" for line in summary_lines(prof)]
         if self.notes:
-            print(f"  {len(self.notes)} repair note(s) (in the store's volumes table), e.g. {self.notes[0]}", file=out)
+            lines.append(f"  {len(self.notes)} repair note(s) (in the store's volumes table), e.g. {self.notes[0]}")
         if log:
-            print(f"  {len(log)} volume(s) failed (listed in the store's log):", file=out)
-            for f in log[:20]:
-                print(f"    {f['path']}: {f['reason']}", file=out)
+            lines.append(f"  {len(log)} volume(s) failed (listed in the store's log):")
+            lines += [f"    {f['path']}: {f['reason']}" for f in log[:20]]
             if len(log) > 20:
-                print(f"    ... and {len(log) - 20} more", file=out)
-        print(f"  profile: {profile_path}", file=out)
-        out.flush()
-        if self.error:
-            print(f"preprocess: stopped: {self.error}", file=sys.stderr)
-            return self.exit_code if self.interrupted else 1
-        return 1 if log else 0
+                lines.append(f"    ... and {len(log) - 20} more")
+        lines.append(f"  profile: {profile_path}")
+        return lines
 
 
 def tune_allocator() -> bool:

@@ -4,6 +4,7 @@ with the garbage collector off; a command whose output is no longer read ends qu
 from __future__ import annotations
 
 import gc
+import json
 import os
 import subprocess
 import sys
@@ -122,11 +123,30 @@ def test_a_broken_pipe_of_the_commands_own_keeps_its_error_line(monkeypatch, cap
     assert capsys.readouterr().err == "inspect: Broken pipe (errno 32)\n"
 
 
-def test_output_closed_tells_a_pipe_without_reader_from_one_with(monkeypatch):
+def test_closed_outputs_tells_a_pipe_without_reader_from_one_with(monkeypatch, tmp_path):
     read_end, write_end = os.pipe()
-    with os.fdopen(write_end, "w") as out:
+    with os.fdopen(write_end, "w") as out, open(tmp_path / "err.txt", "w") as err:
         monkeypatch.setattr(sys, "stdout", out)
-        monkeypatch.setattr(sys, "stderr", out)
-        assert not cli.output_closed()
+        monkeypatch.setattr(sys, "stderr", err)
+        assert cli.closed_outputs() == []
         os.close(read_end)
-        assert cli.output_closed()
+        assert cli.closed_outputs() == [out]
+
+
+def test_a_preprocess_whose_output_is_closed_completes_its_store(tmp_path):
+    # `cli.py preprocess ... 2>&1 | head`: the reader is gone from the start; the store is built and marked
+    # complete, and the command's own status (0) stands
+    store = tmp_path / "s.h5"
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        proc = subprocess.run([sys.executable, str(ROOT / "cli.py"), "preprocess", "--input", "phantom:2",
+                               "--threads", "2", "--out", str(store)], cwd=tmp_path, env=_script_env(),
+                              stdout=write_end, stderr=write_end, timeout=300)
+    finally:
+        os.close(write_end)
+    assert proc.returncode == 0
+    report = subprocess.run([sys.executable, str(ROOT / "cli.py"), "inspect", str(store), "--json", "--quick"],
+                            cwd=tmp_path, env=_script_env(), capture_output=True, text=True, timeout=120)
+    info = json.loads(report.stdout)
+    assert info["complete"] is True and info["slices"] == 78, report.stdout + report.stderr

@@ -10,7 +10,7 @@ import torch
 from alpnet.checkpoint import CheckpointError, load_checkpoint, read_checkpoint, save_checkpoint
 from alpnet.config import load
 from alpnet.episodes import collate_episodes
-from alpnet.train import batch_to_device, lr_step_of, main
+from alpnet.train import RunLog, batch_to_device, lr_step_of, main
 
 try:
     from test_episodes import synthetic_volumes, write_store
@@ -243,3 +243,24 @@ def test_batch_to_device_gives_dense_three_channel_inputs(episode_samples):
         assert torch.equal(img, torch.stack([s[key] for s in samples]))
     assert sup_fg.dtype == torch.float32 and qry_mask.dtype == torch.int64
     assert torch.equal(qry_mask, torch.stack([s["query_mask"] for s in samples]).long())
+
+
+def test_the_log_goes_on_in_its_file_when_the_console_is_gone(tmp_path, monkeypatch):
+    # `train ... | head`: printing fails once the reader has gone; training must not stop for it (the
+    # iterations since the last checkpoint would be lost) and log.txt keeps every line
+    class Gone:
+        writes = 0
+
+        def write(self, text):
+            Gone.writes += 1
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def flush(self):
+            raise BrokenPipeError(32, "Broken pipe")
+
+    log = RunLog(tmp_path, keep_until=None)
+    monkeypatch.setattr("sys.stdout", Gone())
+    for i in range(3):
+        log.line(f"it {i}")
+    assert Gone.writes == 1                       # tried once, then the console is left alone
+    assert (tmp_path / "log.txt").read_text() == "it 0\nit 1\nit 2\n"
