@@ -21,6 +21,8 @@ import torch
 import torch.nn as nn
 import torchvision
 
+from engine.volume import first_sentence
+
 
 class EncoderError(ValueError):
     """An encoder name or a weights file cannot be used; the message is one line."""
@@ -171,8 +173,7 @@ def load_pretrained(encoder: nn.Module, path: str | Path) -> dict[str, int]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a bad file; report one line
-        raise EncoderError(f"{path}: cannot read weights ({type(exc).__name__}: "
-                           f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+        raise EncoderError(f"{path}: cannot read weights ({type(exc).__name__}: {first_sentence(str(exc))})") from None
     source = map_resnet_keys(_extract_state_dict(obj, path))
     own = {k: v for k, v in encoder.state_dict().items() if k.startswith("backbone.")}
     usable = {k: v for k, v in source.items() if k in own and own[k].shape == v.shape}

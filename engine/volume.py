@@ -21,6 +21,15 @@ def one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
 
+def first_sentence(text: str, limit: int = 200) -> str:
+    """The first sentence of a message's first line, at most ``limit`` characters. Some libraries follow
+    their finding with sentences of advice (torch on a truncated file), which a cut at a fixed length left
+    half-said."""
+    lines = text.strip().splitlines()
+    first = lines[0].split(". ")[0].rstrip(".") if lines else ""
+    return first if len(first) <= limit else first[:limit - 3] + "..."
+
+
 @dataclasses.dataclass
 class Volume:
     """A 3D scan as read from its source, before normalisation.

@@ -82,6 +82,13 @@ def test_pretrained_file_errors_are_one_line(tmp_path):
     torch.save(torchvision.models.resnet18(weights=None).state_dict(), tmp_path / "r18.pth")
     counts = load_pretrained(build_encoder("resnet50", 256, quiet=True), tmp_path / "r18.pth")
     assert counts["mismatched"] > 0 and counts["missing"] > 0
+    # a truncated weights file: torch's finding only, not the sentences of advice it adds
+    (tmp_path / "cut.pth").write_bytes((tmp_path / "r18.pth").read_bytes()[:4096])
+    with pytest.raises(EncoderError) as err:
+        load_pretrained(enc, tmp_path / "cut.pth")
+    message = str(err.value)
+    assert message.startswith(f"{tmp_path / 'cut.pth'}: cannot read weights (") and message.endswith(")")
+    assert "\n" not in message and ". " not in message.split("(", 1)[1]
 
 
 def test_registry_lists_paper_and_cpu_encoders():

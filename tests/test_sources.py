@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from engine.sources import describe, iter_volumes, load_nifti, open_source
-from engine.volume import Volume, VolumeError
+from engine.volume import Volume, VolumeError, first_sentence
 
 LAS = np.diag([-1.25, 1.25, 7.7, 1.0])
 
@@ -349,3 +349,15 @@ def test_in_place_nifti_view_matches_nibabel_and_falls_back_when_it_must(tmp_pat
     (tmp_path / "image_4.nii").write_bytes(raw[: len(raw) - 100])
     with pytest.raises(VolumeError, match="image_4.nii"):
         load_nifti(tmp_path / "image_4.nii", None, "4")
+
+
+@pytest.mark.parametrize("text, limit, expected", [
+    ("reading failed: no central directory. This is an internal error. Retry.", 200,
+     "reading failed: no central directory"),
+    ("one sentence.\nsecond line", 200, "one sentence"),
+    ("version 2.6 changed the default", 200, "version 2.6 changed the default"),
+    ("x" * 50, 20, "x" * 17 + "..."),
+    ("", 200, ""),
+])
+def test_first_sentence_of_an_error_message(text, limit, expected):
+    assert first_sentence(text, limit) == expected

@@ -125,6 +125,13 @@ def test_checkpoint_files_are_validated(tmp_path):
     torch.save({"weights": torch.zeros(1)}, tmp_path / "foreign.pt")
     with pytest.raises(CheckpointError, match="not a checkpoint written by"):
         load_checkpoint(tmp_path / "foreign.pt")
+    # a truncated file: torch's finding, without the advice that follows it, and no sentence cut in half
+    (tmp_path / "cut.pt").write_bytes((tmp_path / "foreign.pt").read_bytes()[:300])
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(tmp_path / "cut.pt")
+    message = str(info.value)
+    assert message.startswith(f"{tmp_path / 'cut.pt'}: not a readable checkpoint (") and message.endswith(")")
+    assert len(message.splitlines()) == 1 and ". " not in message.split("(", 1)[1]
 
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
