@@ -223,7 +223,8 @@ def _print_summary(s: dict) -> None:
     with_label = sum(1 for v in s["volumes"] if v["has_label"])
     sp = s["superpixels_per_slice"]
     print(f"store        {s['store']}  ({state})")
-    print(f"written      schema {s['schema_version']}, code {s['code_version']}, created {s['created']}, "
+    code = s["code_version"] or "- (no batch committed yet)"       # the index names the first shard's
+    print(f"written      schema {s['schema_version']}, code {code}, created {s['created']}, "
           f"updated {s['updated']}")
     print(f"source       {src.get('input', '?')} ({src.get('n_refs', '?')} volumes listed)")
     print(f"volumes      {s['n_volumes']} ({with_label} with labels)   slices {s['slices']}   batches {s['shards']}")

@@ -199,3 +199,15 @@ def test_teardown_is_kept_while_an_hdf5_file_is_open_for_writing(tmp_path):
         f.close()
     with h5py.File(tmp_path / "w.h5", "r"):
         assert cli.can_skip_teardown()                    # reading loses nothing
+
+
+def test_a_store_before_its_first_commit_says_it_has_no_batch(tmp_path, capsys):
+    # the index a run writes when it opens a new store (and leaves behind when it is killed before a commit)
+    from engine.store_shards import write_index
+    store = tmp_path / "s.h5"
+    parts_dir(store).mkdir()
+    write_index(store, [], {"method": "slic", "params": {"n_segments": 30}, "prepare": {"size": 64}}, complete=False)
+    cli.main(["inspect", str(store)])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].endswith("(INCOMPLETE)")
+    assert lines[1].startswith("written      schema 1, code - (no batch committed yet), created ")
