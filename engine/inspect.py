@@ -115,15 +115,22 @@ def check_integrity(reader: StoreReader, read_pixels: bool = True) -> list[str]:
             if int(f.attrs.get("n_slices", -1)) != n:
                 # A run has published a newer index since this snapshot was taken; its mapping is not ours.
                 return problems + _check_volumes_and_pixels(reader, read_pixels)
+            unmapped: set[str] = set()
             for name in DATASETS:
                 d = f[name]
                 if d.shape[0] != n:
                     problems.append(f"index dataset {name} has {d.shape[0]} rows, the slice table {n}")
                 elif n and d.is_virtual:
-                    mapped = sum(int(np.prod([s.stop - s.start for s in _vslices(vs)][:1]))
-                                 for vs in d.virtual_sources())
+                    sources = d.virtual_sources()
+                    mapped = sum(int(np.prod([s.stop - s.start for s in _vslices(vs)][:1])) for vs in sources)
                     if mapped != n:
                         problems.append(f"index dataset {name}: virtual mapping covers {mapped} of {n} slices")
+                    unmapped |= {vs.file_name for vs in sources if not (reader.path.parent / vs.file_name).is_file()}
+            if unmapped:
+                # HDF5 reads a missing source as zeros, silently: h5py and HDFView users would get blank slices
+                problems.append(f"the index maps its datasets onto {len(unmapped)} file(s) that are not there (e.g. "
+                                f"{min(unmapped)}); the preprocess command that made the store rebuilds the index "
+                                f"from {reader.parts.name}")
     except OSError as exc:
         problems.append(f"{reader.path}: cannot reopen the index ({error_text(exc)})")
     return problems + _check_volumes_and_pixels(reader, read_pixels)

@@ -154,6 +154,11 @@ class StoreWriter:
         if store.exists() and not _is_our_index(store) and not parts.is_dir():
             raise StoreError(f"{store}: exists and is not a store written by this engine; "
                              f"choose another --out (it is never overwritten)")
+        moved = _parts_named_elsewhere(store)
+        if moved is not None and not parts.is_dir() and not overwrite:
+            raise StoreError(f"{store}: its committed batches are in {moved}, not {parts} (was the store file "
+                             f"renamed?); rename that folder to {parts.name} to resume, or use --overwrite to "
+                             f"start over")
         self._clean_temporaries()
         shards = self._scan_shards()
         if shards:
@@ -173,9 +178,11 @@ class StoreWriter:
         self.resumed = bool(shards)
         if store.exists() and _is_our_index(store):
             with h5py.File(store, "r") as f:
+                # an index that names another batch folder (renamed with it) is rebuilt, even when complete
                 self.was_complete = bool(f.attrs.get("complete", False)) and \
                     _s(f.attrs.get("settings_hash", "")) == self.hash and \
-                    int(f.attrs.get("n_slices", -1)) == self.n_committed
+                    int(f.attrs.get("n_slices", -1)) == self.n_committed and \
+                    _s(f.attrs.get("parts", "")) == parts.name
         self.parts.mkdir(exist_ok=True)
         if not self.was_complete:
             write_index(store, self.shards, self.settings, complete=False)
@@ -344,6 +351,22 @@ class StoreWriter:
                     pass                      # history only; the run already stops with its own error
         finally:
             self.lock.release()
+
+
+def _parts_named_elsewhere(store: Path) -> Path | None:
+    """The batch folder that ``store``'s index names when it is an existing folder other than
+    ``parts_dir(store)``: the index was renamed without its folder. None otherwise."""
+    if not store.is_file() or not _is_our_index(store):
+        return None
+    try:
+        with h5py.File(store, "r") as f:
+            named = _s(f.attrs.get("parts", ""))
+    except (OSError, ValueError):
+        return None
+    if not named or named == parts_dir(store).name:
+        return None
+    folder = store.with_name(named)
+    return folder if folder.is_dir() else None
 
 
 def _is_our_index(path: Path) -> bool:

@@ -79,6 +79,10 @@ class StoreReader:
             raise StoreError(f"{self.path}: store index is missing {exc}") from None
         self.n_slices = int(len(self.slices["z"]))
         self.parts = self.path.parent / str(self.meta.get("parts", parts_dir(self.path).name))
+        if not self.parts.is_dir() and parts_dir(self.path).is_dir():
+            # renamed together with its folder: the shards are the same files (the index's own mapping is
+            # stale until a preprocess rerun rebuilds it, which inspect reports)
+            self.parts = parts_dir(self.path)
         self._by_volume: dict[str, np.ndarray] = {}
         vols = self.slices["volume"]
         order = np.lexsort((self.slices["z"], vols.astype(str))) if self.n_slices else np.zeros(0, np.int64)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 import cli
@@ -211,3 +212,45 @@ def test_a_store_before_its_first_commit_says_it_has_no_batch(tmp_path, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].endswith("(INCOMPLETE)")
     assert lines[1].startswith("written      schema 1, code - (no batch committed yet), created ")
+
+
+def _renamed_copy(store, folder, name: str, rename_folder: bool):
+    """A copy of ``store`` whose index file is called ``name``; its batch folder renamed with it or not."""
+    import shutil
+    folder.mkdir()
+    shutil.copy(store, folder / name)
+    shutil.copytree(parts_dir(store), parts_dir(folder / name) if rename_folder else folder / parts_dir(store).name)
+    return folder / name
+
+
+def test_an_index_renamed_without_its_folder_is_refused_not_recomputed(store, tmp_path, capsys):
+    renamed = _renamed_copy(store, tmp_path / "a", "renamed.h5", rename_folder=False)
+    cfg = make_cfg(store.parent / "in", renamed)
+    assert pipeline.preprocess(cfg, progress=False) == 2
+    assert (f"renamed.h5: its committed batches are in {tmp_path / 'a' / 'store.h5.parts'}, not "
+            f"{parts_dir(renamed)} (was the store file renamed?); rename that folder to renamed.h5.parts"
+            in capsys.readouterr().err)
+    assert not parts_dir(renamed).exists()                              # nothing computed again
+    # as the message says: the rerun then resumes (nothing left to compute) and rebuilds the index
+    (tmp_path / "a" / "store.h5.parts").rename(parts_dir(renamed))
+    assert pipeline.preprocess(cfg, progress=False) == 1                # the fixture's bad volume, as before
+    assert "resuming" in capsys.readouterr().err
+    assert inspect_store(str(renamed), as_json=True) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["complete"] is True and report["problems"] == [] and report["slices"] == 11
+
+
+def test_a_store_renamed_with_its_folder_reads_and_says_its_index_is_stale(store, tmp_path, capsys):
+    from engine.store_reader import StoreReader
+    renamed = _renamed_copy(store, tmp_path / "b", "renamed.h5", rename_folder=True)
+    with StoreReader(store) as a, StoreReader(renamed) as b:              # the engine's reader finds the shards
+        assert np.array_equal(a.read(7)["image"], b.read(7)["image"])
+    inspect_store(str(renamed), as_json=True)
+    problems = json.loads(capsys.readouterr().out)["problems"]
+    assert problems == ["the index maps its datasets onto 3 file(s) that are not there (e.g. store.h5.parts/"
+                        "000000.h5); the preprocess command that made the store rebuilds the index from "
+                        "renamed.h5.parts"]
+    assert pipeline.preprocess(make_cfg(store.parent / "in", renamed), progress=False) == 1
+    capsys.readouterr()
+    inspect_store(str(renamed), as_json=True)
+    assert json.loads(capsys.readouterr().out)["problems"] == []
