@@ -646,6 +646,8 @@ class _Run(ProcessBackend):
                 self.output_gone = True
 
     def _tick(self, final: bool = False) -> None:
+        if not self.plan:              # a resume with every volume committed: the "resuming" line said so
+            return
         total = self._estimate_total()
         with self._lock:
             done, committed = self.computed, self.committed_this_run

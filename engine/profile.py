@@ -505,8 +505,10 @@ def summary_lines(p: dict) -> list[str]:
         off_core = f"{wt['busy_core_wait_pct']:.0f}% waiting for a core, {rest:.0f}% for the GIL, a lock or I/O"
     one, many = _WORKER_NOUNS.get(p["backend"], ("worker", "workers"))
     lines = [f"{p['slices']} slices in {p['wall_s']:.2f} s = {p['slices_per_s']:.1f} slices/s with "
-             f"{p['workers']} {one if p['workers'] == 1 else many}",
-             f"workers: busy {frac('busy')} ({on_core:.0f}% of it on a core, {off_core}), waiting for input "
+             f"{p['workers']} {one if p['workers'] == 1 else many}"]
+    if not p["slices"]:                # nothing computed (a resume with nothing left): no shares to speak of
+        return lines
+    lines += [f"workers: busy {frac('busy')} ({on_core:.0f}% of it on a core, {off_core}), waiting for input "
              f"{frac('waiting')}{_waiting_why(pcts, p['backend'])}, "
              f"barrier {frac('barrier')}, other {frac('other')} (handing results over, the run's end); "
              f"CPU {p['cpu']['utilisation_pct']:.0f}% ({p['cpu']['cores']} cores){cpu_per_slice}; "

@@ -765,6 +765,22 @@ def test_rerun_of_a_complete_store_does_nothing(folder, reference, tmp_path, cap
     assert [(r["status"], r["slices_committed"]) for r in runs] == [("complete", 0)]
 
 
+def test_a_resume_with_nothing_left_prints_no_progress_and_no_shares(folder, reference, tmp_path, capsys):
+    out = tmp_path / "s.h5"
+    cfg = make_cfg(folder, out)
+    assert pipeline.preprocess(cfg, progress=False) == 0
+    out.unlink()                                   # the index lost: its shards hold every slice
+    capsys.readouterr()
+    assert pipeline.preprocess(cfg, progress=False) == 0
+    cap = capsys.readouterr()
+    assert cap.err.splitlines() == [f"preprocess: resuming {out}: 19 slices in 5 committed batches kept; "
+                                    f"0 of 3 volumes left"]
+    lines = cap.out.splitlines()
+    assert lines[0].startswith(f"preprocess: {out} complete: 19 slices from 3 volumes")
+    assert lines[1].startswith("  0 slices in ") and lines[2:] == [f"  profile: {out}.profile.json"]
+    assert_same_store(reference, out)
+
+
 def test_settings_mismatch_is_refused_and_overwrite_restarts(folder, tmp_path, capsys):
     out = tmp_path / "s.h5"
     assert pipeline.preprocess(make_cfg(folder, out), progress=False) == 0
