@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -184,7 +184,8 @@ class ScanLoader:
 
 # --------------------------------------------------------------------------------------------- protocol
 def evaluate_fold(fold: Fold, classes: Mapping[str, int], n_chunks: int, predictor: Predictor,
-                  load, overlay_scans: int = 0) -> tuple[dict, dict]:
+                  load, overlay_scans: int = 0, on_organ: Callable[[str, dict], None] | None = None
+                  ) -> tuple[dict, dict]:
     """Run the protocol on one fold.
 
     Parameters
@@ -199,6 +200,11 @@ def evaluate_fold(fold: Fold, classes: Mapping[str, int], n_chunks: int, predict
     overlay_scans : int
         For the first ``overlay_scans`` query scans of each organ, keep the middle slice of each chunk
         (image, truth, prediction) for the overlay PNGs.
+    on_organ : callable, optional
+        ``on_organ(name, progress)`` once each organ is done (the progress of a long evaluation):
+        ``progress`` holds ``mean`` (its mean Dice in [0, 1], NaN when no scan was scored), ``scans``
+        (scans scored), ``slices`` and ``seconds`` (its query slices and their prediction time), and
+        ``skipped`` (the reason, or None).
 
     Returns
     -------
@@ -225,7 +231,10 @@ def evaluate_fold(fold: Fold, classes: Mapping[str, int], n_chunks: int, predict
             reason = f"absent from the support scan {fold.support}"
             entry["skipped"] = reason
             entry["scans"] = {q.id: {"skipped": reason} for q in queries}
+            if on_organ is not None:
+                on_organ(name, {"mean": float("nan"), "scans": 0, "slices": 0, "seconds": 0.0, "skipped": reason})
             continue
+        organ_slices0, organ_t0 = n_pred, t_query
         entry["support_extent"] = [int(z_sup[0]), int(z_sup[-1])]
         sup_z = support_slice_indices(z_sup, n_chunks)
         entry["support_slices"] = sup_z
@@ -266,7 +275,11 @@ def evaluate_fold(fold: Fold, classes: Mapping[str, int], n_chunks: int, predict
             entry["scans"][q.id] = {"dice": counts.dice, "tp": counts.tp, "fp": counts.fp, "fn": counts.fn,
                                     "z_min": plan.z_min, "z_max": plan.z_max, "n_slices": len(plan.slices),
                                     "chunks": per_chunk}
-        entry["mean"] = summarise({name: _dices(entry)}, [name])["organs"][name]
+        organ_summary = summarise({name: _dices(entry)}, [name])
+        entry["mean"] = organ_summary["organs"][name]
+        if on_organ is not None:
+            on_organ(name, {"mean": entry["mean"], "scans": organ_summary["n_scans"][name],
+                            "slices": n_pred - organ_slices0, "seconds": t_query - organ_t0, "skipped": None})
     per_scan = {n: _dices(e) for n, e in organs.items()}
     result = {"fold": fold.index, "queries": list(fold.queries), "support": fold.support,
               "scan_files": {s.id: {"path": s.path, "checksum": s.checksum, "notes": s.notes}
@@ -275,6 +288,20 @@ def evaluate_fold(fold: Fold, classes: Mapping[str, int], n_chunks: int, predict
               "timings": {"load_s": t_load, "support_s": t_support, "query_s": t_query,
                           "query_slices": n_pred, "total_s": time.perf_counter() - t0}}
     return result, overlays
+
+
+def _organ_line(fold_index: int) -> Callable[[str, dict], None]:
+    """The progress line printed as each organ of a fold is done."""
+    def show(name: str, progress: dict) -> None:
+        if progress["skipped"]:
+            print(f"  fold {fold_index}, {name}: skipped ({progress['skipped']})", flush=True)
+            return
+        mean = progress["mean"]
+        dice = f"{100 * mean:.2f}" if np.isfinite(mean) else "-"
+        rate = progress["slices"] / progress["seconds"] if progress["seconds"] > 0 else 0.0
+        print(f"  fold {fold_index}, {name}: Dice {dice} over {progress['scans']} scan(s); {progress['slices']} "
+              f"query slices in {progress['seconds']:.1f} s ({rate:.1f} slices/s)", flush=True)
+    return show
 
 
 def _dices(entry: Mapping) -> dict[str, float]:
@@ -499,7 +526,8 @@ def _run(cfg: Any, checkpoint: str | None, baseline: str | None, setting: int | 
     for f in fold_objs:
         print(f"fold {f.index}: queries {', '.join(f.queries)}, support {f.support}; "
               f"organs {', '.join(classes)}; C = {ev.chunks}", flush=True)
-        res, ovl = evaluate_fold(f, classes, ev.chunks, predictor, loader.load, overlay_scans=ev.overlays)
+        res, ovl = evaluate_fold(f, classes, ev.chunks, predictor, loader.load, overlay_scans=ev.overlays,
+                                 on_organ=_organ_line(f.index))
         res["train_overlap"] = overlaps.get(f.index, [])
         fold_results.append(res)
         all_overlays.update({(f.index,) + k: v for k, v in ovl.items()})

@@ -106,6 +106,21 @@ def test_support_copy_fold_dice_by_hand(k):
         assert math.isnan(res["summary"]["organs"]["B"])
 
 
+def test_each_organ_reports_its_progress_when_done():
+    scans = _scans()
+    seen = []
+    res, _ = evaluate_fold(make_fold(list(scans), 3, 1), CLASSES, 3, SupportCopy(), scans.__getitem__,
+                           on_organ=lambda name, progress: seen.append((name, progress)))
+    assert [name for name, _ in seen] == list(CLASSES)
+    progress = dict(seen)
+    assert progress["B"] == {"mean": progress["B"]["mean"], "scans": 0, "slices": 0, "seconds": 0.0,
+                             "skipped": "absent from the support scan 3"} and math.isnan(progress["B"]["mean"])
+    a = res["organs"]["A"]
+    assert progress["A"]["skipped"] is None and progress["A"]["mean"] == pytest.approx(a["mean"])
+    assert progress["A"]["scans"] == res["summary"]["n_scans"]["A"] > 0
+    assert progress["A"]["slices"] == sum(len(c["slices"]) for sc in a["scans"].values() for c in sc["chunks"])
+
+
 def test_chunk_count_one_uses_the_middle_support_slice():
     scans = _scans()
     res, _ = evaluate_fold(make_fold(list(scans), 3, 0), {"A": 7}, 1, SupportCopy(), scans.__getitem__)
@@ -450,7 +465,16 @@ def test_cli_evaluate_support_copy(tmp_path, capsys):
     assert rc == 0
     res = json.loads((out / "results.json").read_text())
     assert res["summary"]["organs"]["A"] == pytest.approx(128 / 240)
-    assert "53.33" in capsys.readouterr().out
+    lines = capsys.readouterr().out.splitlines()
+    assert any("53.33" in line for line in lines[1:] if line.startswith("| "))
+    # a progress line as each organ is done, with its mean Dice and its query slices
+    progress = [line for line in lines if line.startswith("  fold 0, ")]
+    assert [line.split(":")[0] for line in progress] == ["  fold 0, A", "  fold 0, B"]
+    for line, organ in zip(progress, ["A", "B"]):
+        entry = res["folds"][0]["organs"][organ]
+        n_slices = sum(len(c["slices"]) for scan in entry["scans"].values() for c in scan.get("chunks", []))
+        assert line.startswith(f"  fold 0, {organ}: Dice {100 * entry['mean']:.2f} over "
+                               f"{res['summary']['n_scans'][organ]} scan(s); {n_slices} query slices in ")
 
 
 @pytest.mark.chaos
