@@ -240,6 +240,18 @@ def test_an_index_renamed_without_its_folder_is_refused_not_recomputed(store, tm
     assert report["complete"] is True and report["problems"] == [] and report["slices"] == 11
 
 
+def test_overwrite_starts_a_renamed_index_over_and_leaves_the_other_folder(store, tmp_path, capsys):
+    renamed = _renamed_copy(store, tmp_path / "c", "renamed.h5", rename_folder=False)
+    cfg = make_cfg(store.parent / "in", renamed)
+    pipeline.preprocess(cfg, progress=False, overwrite=True)
+    capsys.readouterr()
+    assert inspect_store(str(renamed), as_json=True) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["complete"] is True and report["problems"] == [] and report["slices"] == 11
+    assert sorted(p.name for p in (tmp_path / "c" / "store.h5.parts").glob("0*.h5")) == \
+        sorted(p.name for p in parts_dir(store).glob("0*.h5"))         # not ours under this name: kept
+
+
 def test_a_store_renamed_with_its_folder_reads_and_says_its_index_is_stale(store, tmp_path, capsys):
     from engine.store_reader import StoreReader
     renamed = _renamed_copy(store, tmp_path / "b", "renamed.h5", rename_folder=True)
