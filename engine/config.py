@@ -283,6 +283,32 @@ def merge_override(data: dict, parts: list[str], value: Any) -> None:
     node[parts[-1]] = value
 
 
+class _DuplicateKey(Exception):
+    def __init__(self, key: Any, first: int, second: int):
+        super().__init__(f"key {key!r} is given twice (lines {first} and {second}): YAML would keep only the last")
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping: a config with two ``train:`` sections
+    would otherwise lose the whole first one."""
+
+
+def _unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode) -> dict:
+    lines: dict = {}
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":     # ``<<: *base``: its keys may be overridden here
+            continue
+        key = loader.construct_object(key_node, deep=True)
+        line = key_node.start_mark.line + 1
+        if key in lines:
+            raise _DuplicateKey(key, lines[key], line)
+        lines[key] = line
+    return loader.construct_mapping(node, deep=True)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+
+
 def load_config(cls: type, path: str | Path | None = None, overrides: list[str] | None = None) -> Any:
     """Load ``cls`` from an optional YAML file plus ``a.b=value`` overrides, validated."""
     data: dict = {}
@@ -291,9 +317,11 @@ def load_config(cls: type, path: str | Path | None = None, overrides: list[str] 
         if not path.is_file():
             raise ConfigError(f"{path}: config file not found")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        except _DuplicateKey as exc:
+            raise ConfigError(f"{path}: {exc}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
     for text in overrides or []:

@@ -92,6 +92,27 @@ def test_bad_files(tmp_path):
         load(str(section))
 
 
+@pytest.mark.parametrize("text, key, lines", [
+    ("train:\n  iterations: 100\nmodel:\n  encoder: tiny\ntrain:\n  lr: 0.01\n", "train", (1, 5)),   # a section
+    ("train:\n  lr: 0.1\n  iterations: 5\n  lr: 0.01\n", "lr", (2, 4)),                               # a value
+])
+def test_a_key_given_twice_is_refused_with_its_lines(tmp_path, text, key, lines):
+    # YAML itself keeps the last one: a second "train:" section would drop the first without a word
+    path = tmp_path / "twice.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load(str(path))
+    assert str(info.value) == (f"{path}: key {key!r} is given twice (lines {lines[0]} and {lines[1]}): YAML would "
+                               f"keep only the last")
+
+
+def test_yaml_merge_keys_still_load(tmp_path):
+    path = tmp_path / "merge.yaml"
+    path.write_text("train:\n  <<: &b {lr: 0.01, iterations: 7}\n  iterations: 9\n")
+    cfg = load(str(path))
+    assert (cfg.train.lr, cfg.train.iterations) == (0.01, 9)
+
+
 def test_round_trip_through_dict():
     cfg = load(None, ["train.iterations=3"])
     again = load(None, [])
