@@ -277,9 +277,9 @@ def merge_results(paths: Sequence[str | Path], labels: Sequence[str] | None = No
         row's paired difference from the first (``paired_difference``).
     """
     if not paths:
-        raise ReportError("merge_results: no results.json given")
+        raise ReportError("no results.json given")
     if labels is not None and len(labels) != len(paths):
-        raise ReportError(f"merge_results: {len(paths)} files but {len(labels)} labels")
+        raise ReportError(f"{len(paths)} results files but {len(labels)} labels: --labels names one row per file")
     loaded = [load_results(p) for p in paths]
     names = list(labels) if labels is not None else [r["label"] for r in loaded]
     groups: dict[str, list[int]] = {}

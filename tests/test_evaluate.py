@@ -267,7 +267,7 @@ def test_merge_rejects_duplicates_and_bad_files(tmp_path):
     p.write_text(json.dumps(r))
     with pytest.raises(report.ReportError, match="appears in two results"):
         report.merge_results([p, p], ["a", "a"])
-    with pytest.raises(report.ReportError, match="2 files but 1 labels"):
+    with pytest.raises(report.ReportError, match="^2 results files but 1 labels: --labels names one row per file$"):
         report.merge_results([p, p], ["a"])
     bad = tmp_path / "bad.json"
     bad.write_text("{}")
