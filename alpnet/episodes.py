@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -438,5 +439,13 @@ def _one_line(exc: BaseException) -> str:
 
 
 def worker_init(worker_id: int) -> None:
-    """DataLoader ``worker_init_fn``: one torch thread per worker (the main process trains with the rest)."""
+    """DataLoader ``worker_init_fn``: one torch thread per worker (the main process trains with the rest).
+
+    A loader worker ignores Ctrl-C and SIGTERM, which a terminal or a job scheduler sends to every process of
+    the job: the training process then finishes its iteration and writes a checkpoint (``train.StopSignals``),
+    and ends its workers itself. A worker that took the signal would die, and the loader would fail the
+    iteration in flight instead.
+    """
     torch.set_num_threads(1)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)

@@ -17,7 +17,9 @@ from __future__ import annotations
 import json
 import os
 import random
+import signal
 import sys
+import threading
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -34,6 +36,7 @@ from alpnet.model import ALPNet, COUNTERS
 from engine.config import to_dict
 from engine.figures import save_figure
 from engine.runinfo import write_run_info
+from engine.stops import Terminated, stop_status
 from engine.store_format import StoreError, error_text
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -163,8 +166,9 @@ def batch_to_device(batch: dict, device: torch.device, memory_format=torch.conti
 
 
 def train_one_epoch(model: ALPNet, optimizer, scheduler, loader, device: torch.device, cfg, start_it: int,
-                    log: RunLog, totals: dict, save_fn, scaler=None) -> int:
-    """Run iterations ``start_it + 1 ..`` until ``loader`` is exhausted; returns the last iteration done.
+                    log: RunLog, totals: dict, save_fn, scaler=None, stop=None) -> int:
+    """Run iterations ``start_it + 1 ..`` until ``loader`` is exhausted, or until ``stop()`` (checked after
+    each iteration) is true; returns the last iteration done.
 
     Logs every ``train.log_every`` iterations: mean loss terms, lr, episodes/s, data time (waiting for the
     next batch) vs step time (forward, backward, update), and the prototype/id fallback counters.
@@ -219,7 +223,45 @@ def train_one_epoch(model: ALPNet, optimizer, scheduler, loader, device: torch.d
         if it % tc.ckpt_every == 0 or it == tc.iterations:
             save_fn(it)
             t_prev = time.perf_counter()   # checkpoint time is neither data nor step time
+        if stop is not None and stop():
+            break
     return it
+
+
+class StopSignals:
+    """Ctrl-C and SIGTERM while training (``with StopSignals() as signals``): the first one is only noted, so
+    that the run can finish its iteration, write a checkpoint and end (``signals.requested``); a second Ctrl-C
+    stops at once (KeyboardInterrupt), a second SIGTERM changes nothing. A job scheduler's time limit sends
+    SIGTERM: before, it ended the process where it stood, losing the iterations since the last checkpoint
+    (up to ``train.ckpt_every``). Handlers can only be set in the main thread; elsewhere this does nothing.
+    """
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._old: dict = {}
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            self._old = {s: signal.signal(s, self._note) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._old.items():
+            signal.signal(s, handler)
+
+    def _note(self, signum: int, frame) -> None:
+        if self.signum is None:
+            self.signum = signum
+        elif signum == signal.SIGINT:
+            raise KeyboardInterrupt
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    def status(self) -> tuple[int, str]:
+        """Exit status and word of the stop (``engine.stops.stop_status``): 143 for SIGTERM, 130 for Ctrl-C."""
+        return stop_status(Terminated() if self.signum == signal.SIGTERM else KeyboardInterrupt())
 
 
 def gpu_peak_mb(device: torch.device) -> float | None:
@@ -409,11 +451,20 @@ def _main(cfg, resume: bool) -> int:
                         worker_init_fn=worker_init if tc.num_workers else None,
                         prefetch_factor=4 if tc.num_workers else None)
     t0 = time.perf_counter()
-    try:
-        last = train_one_epoch(model, optimizer, scheduler, loader, device, cfg, start_it, log, totals, save,
-                               scaler)
-    finally:
-        stream.close()
+    with StopSignals() as signals:
+        try:
+            last = train_one_epoch(model, optimizer, scheduler, loader, device, cfg, start_it, log, totals, save,
+                                   scaler, stop=lambda: signals.requested)
+        finally:
+            stream.close()
+    if signals.requested and last < tc.iterations:
+        if saved[0] != last:
+            save(last)
+        code, word = signals.status()
+        log.line(f"train: {word} after iteration {last}; its checkpoint is {ckpt_path}: rerun with --resume to "
+                 f"continue")
+        log.close()
+        return code
     if last < tc.iterations:
         # The stream yields exactly the batches asked for: fewer means a loader worker lost some. torch prints
         # the worker's error and lets the loader end as if the stream were done.

@@ -2,6 +2,11 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -16,6 +21,8 @@ try:
     from test_episodes import synthetic_volumes, write_store
 except ImportError:  # tests collected as a package
     from tests.test_episodes import synthetic_volumes, write_store
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -271,3 +278,60 @@ def test_the_log_goes_on_in_its_file_when_the_console_is_gone(tmp_path, monkeypa
         log.line(f"it {i}")
     assert Gone.writes == 1                       # tried once, then the console is left alone
     assert (tmp_path / "log.txt").read_text() == "it 0\nit 1\nit 2\n"
+
+
+def _train_until_logged(store: Path, out: Path, n_logged: int, *extra: str, **popen) -> subprocess.Popen:
+    """A real ``cli.py train`` process, returned once its metrics hold ``n_logged`` iterations."""
+    args = [sys.executable, str(ROOT / "cli.py"), "train", "--store", str(store), "--out", str(out),
+            "--set", "train.iterations=100000", "--set", "train.ckpt_every=100000", "--set", "train.log_every=1",
+            "--set", "train.device=cpu", "--set", "model.encoder=tiny", "--set", "episodes.holdout=false",
+            "--set", "episodes.setting=1", *extra]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+    metrics = out / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= n_logged):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0]
+        time.sleep(0.05)
+    return proc
+
+
+@pytest.mark.parametrize("sig, code, word, workers, group", [
+    (signal.SIGTERM, 143, "terminated (SIGTERM)", 0, False),      # kill, a scheduler's stop
+    (signal.SIGINT, 130, "interrupted (Ctrl-C)", 2, True),        # a terminal's Ctrl-C reaches the loader workers too
+])
+def test_a_stop_from_outside_writes_a_checkpoint_to_resume_from(store, tmp_path, sig, code, word, workers, group):
+    out = tmp_path / "run"
+    proc = _train_until_logged(store, out, 3, "--set", f"train.num_workers={workers}", start_new_session=group)
+    if group:
+        os.killpg(proc.pid, sig)
+    else:
+        proc.send_signal(sig)
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode == code, output
+    last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["iteration"]
+    assert read_checkpoint(out / "checkpoint.pt")["iteration"] == last >= 3       # none was due before the stop
+    assert output.splitlines()[-1] == (f"train: {word} after iteration {last}; its checkpoint is "
+                                       f"{out / 'checkpoint.pt'}: rerun with --resume to continue")
+    if group:                                   # the loader workers ignored the signal and were ended in order
+        time.sleep(0.5)
+        with pytest.raises(ProcessLookupError):
+            os.killpg(proc.pid, 0)
+    # --resume goes on from there to the end
+    assert main(config(store, out, last + 2), resume=True) == 0
+    assert read_checkpoint(out / "checkpoint.pt")["iteration"] == last + 2
+
+
+def test_stop_signals_note_the_first_signal_and_restore_the_handlers():
+    from alpnet.train import StopSignals
+    before = (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM))
+    with StopSignals() as signals:
+        assert not signals.requested
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert signals.requested and signals.status() == (143, "terminated (SIGTERM)")
+        os.kill(os.getpid(), signal.SIGTERM)             # a second SIGTERM changes nothing
+        with pytest.raises(KeyboardInterrupt):          # a second Ctrl-C stops at once
+            os.kill(os.getpid(), signal.SIGINT)
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+    with StopSignals() as signals:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert signals.status() == (130, "interrupted (Ctrl-C)")
