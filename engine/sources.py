@@ -433,6 +433,11 @@ class NiftiFileSource(Source):
                     break
         else:
             self._id = _NIFTI_SUFFIX.sub("", p.name)
+            if m:                                     # label_<id>: most likely given in place of its image
+                image = [c for c in (p.with_name(f"image_{m.group(2)}{e}") for e in (".nii.gz", ".nii"))
+                         if c.is_file()]
+                self.warnings.append(f"{p}: named as a label volume, read here as an image"
+                                     + (f" (its image is {image[0]})" if image else ""))
 
     def refs(self) -> list[str]:
         return [self._id]

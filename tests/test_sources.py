@@ -61,6 +61,12 @@ def test_single_file_uncompressed_with_label_sibling_and_trailing_unit_axis(tmp_
     assert v.image.shape == (16, 12, 5) and v.label.shape == (16, 12, 5)
     other = open_source(str(_write(tmp_path / "scan.nii.gz", _image())), None)
     assert other.refs() == ["scan"] and other.load("scan").label is None
+    assert src.warnings == [] and other.warnings == []
+    # a label file given in place of its image is read as asked, with a warning naming the image
+    label = open_source(str(tmp_path / "label_a.nii"), None)
+    assert label.refs() == ["label_a"]
+    assert label.warnings == [f"{tmp_path / 'label_a.nii'}: named as a label volume, read here as an image (its "
+                              f"image is {tmp_path / 'image_a.nii'})"]
 
 
 def test_orientation_is_recorded_not_changed(tmp_path):
