@@ -512,6 +512,29 @@ class PhantomSource(Source):
         return make_volume(int(m.group(1)), seed=self.seed)
 
 
+_HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+
+
+def _not_nifti(path: Path) -> str:
+    """Why a file cannot be a source; an engine store given in place of its scans says which scans made it."""
+    try:
+        with open(path, "rb") as fh:
+            hdf5 = fh.read(8) == _HDF5_SIGNATURE
+    except OSError:
+        hdf5 = False
+    if hdf5:
+        made_from = ""
+        try:
+            import h5py
+            with h5py.File(path, "r") as f:
+                made_from = json.loads(f.attrs["source"]).get("input", "")
+        except Exception:                      # any HDF5 file, or a store without its source record
+            pass
+        return ("an HDF5 file (a store?), not scans: give the NIfTI file or folder, raw CHAOS folder or "
+                "'phantom' it was made from" + (f" ({made_from})" if made_from else ""))
+    return "not a NIfTI file (.nii or .nii.gz); give a NIfTI file, a folder or 'phantom'"
+
+
 def open_source(spec: str, cfg=None) -> Source:
     """Open a data source.
 
@@ -547,7 +570,7 @@ def open_source(spec: str, cfg=None) -> Source:
     if path.is_file():
         if _NIFTI_SUFFIX.search(path.name):
             return NiftiFileSource(path)
-        raise VolumeError(spec, "not a NIfTI file (.nii or .nii.gz); give a NIfTI file, a folder or 'phantom'")
+        raise VolumeError(spec, _not_nifti(path))
     if not path.is_dir():
         raise VolumeError(spec, "neither a file nor a folder")
     try:

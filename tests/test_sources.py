@@ -367,3 +367,20 @@ def test_in_place_nifti_view_matches_nibabel_and_falls_back_when_it_must(tmp_pat
 ])
 def test_first_sentence_of_an_error_message(text, limit, expected):
     assert first_sentence(text, limit) == expected
+
+
+def test_a_store_given_as_the_source_names_the_scans_it_was_made_from(tmp_path):
+    import h5py
+    store = tmp_path / "store.h5"
+    with h5py.File(store, "w") as f:                 # what an engine index records of its source
+        f.attrs["source"] = json.dumps({"input": "/data/chaos_t2", "n_refs": 20})
+    with h5py.File(tmp_path / "other.h5", "w") as f:
+        f["x"] = 1
+    expected = ("an HDF5 file (a store?), not scans: give the NIfTI file or folder, raw CHAOS folder or 'phantom' "
+                "it was made from")
+    with pytest.raises(VolumeError) as info:
+        open_source(str(store), None)
+    assert str(info.value) == f"{store}: {expected} (/data/chaos_t2)"
+    with pytest.raises(VolumeError) as info:
+        open_source(str(tmp_path / "other.h5"), None)
+    assert str(info.value) == f"{tmp_path / 'other.h5'}: {expected}"
