@@ -17,6 +17,20 @@ from engine.store_format import (_SHARD_RE, DATASETS, FORMAT_NAME, SCHEMA_VERSIO
 
 
 # --------------------------------------------------------------------------------------------- reader
+def _scans_not_store(path: Path) -> str | None:
+    """What to say when ``path`` holds scans rather than a store (a folder or a NIfTI file), else None."""
+    if path.is_dir() and path.name.endswith(".parts") and len(path.name) > len(".parts"):
+        return f"the batch folder of the store {path.with_name(path.name[:-len('.parts')])}: give that file"
+    if path.is_dir():
+        what = "a folder"
+    elif path.name.endswith((".nii", ".nii.gz")):
+        what = "a NIfTI file"
+    else:
+        return None
+    return (f"{what}, not a store; make a store of it with `cli.py preprocess --input {path} --out STORE.h5` "
+            f"(`cli.py inspect --data {path}` lists its scans)")
+
+
 class StoreReader:
     """Read-only view of one committed snapshot of a store.
 
@@ -53,6 +67,9 @@ class StoreReader:
             hint = (f" (its shard folder {parts.name} is there: the preprocess command that made it rebuilds the "
                     f"index)" if parts.is_dir() and any(_SHARD_RE.match(p.name) for p in parts.iterdir()) else "")
             raise StoreError(f"{self.path}: no such store{hint}")
+        scans = _scans_not_store(self.path)
+        if scans:
+            raise StoreError(f"{self.path}: {scans}")
         try:
             with h5py.File(self.path, "r") as f:
                 if _s(f.attrs.get("format", "")) != FORMAT_NAME:

@@ -164,6 +164,20 @@ def test_not_a_store(tmp_path, capsys):
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
 
 
+def test_scans_or_a_batch_folder_given_as_the_store_say_what_to_give(store, tmp_path, capsys):
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    nifti = scans / "image_1.nii.gz"
+    nifti.write_bytes(b"")
+    for path, what in [(scans, "a folder"), (nifti, "a NIfTI file")]:
+        assert inspect_store(str(path)) == 2
+        assert capsys.readouterr().err == (f"inspect: {path}: {what}, not a store; make a store of it with `cli.py "
+                                           f"preprocess --input {path} --out STORE.h5` (`cli.py inspect --data "
+                                           f"{path}` lists its scans)\n")
+    assert inspect_store(str(parts_dir(store))) == 2
+    assert capsys.readouterr().err == f"inspect: {parts_dir(store)}: the batch folder of the store {store}: give that file\n"
+
+
 def _run_cli_as_main(args: list[str]):
     """``python cli.py ARGS`` with an exit handler that prints TEARDOWN if the interpreter's teardown runs."""
     import os
