@@ -21,8 +21,29 @@ def _config_args(p: argparse.ArgumentParser) -> None:
                    help="override one config value, e.g. --set superpixels.slic.n_segments=60 (repeatable)")
 
 
+class _Version(argparse.Action):
+    """``--version``: the project's version, git revision and source digest, and its libraries' versions (what
+    a bug report needs; every run also writes them next to its outputs). Looked up only when asked for."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS,
+                         help="print the versions of this project and of its libraries, and exit")
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        import importlib.metadata
+        from engine.runinfo import git_revision, source_digest, versions
+        try:
+            own = importlib.metadata.version("slic-alpnet")
+        except importlib.metadata.PackageNotFoundError:
+            own = "(not installed)"
+        print(f"slic-alpnet {own} (git {git_revision()}, sources {source_digest()})")
+        print(", ".join(f"{name} {version}" for name, version in versions().items()))
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cli.py", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action=_Version)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("preprocess", help="compute superpixel pseudo-labels into an HDF5 store",

@@ -150,3 +150,13 @@ def test_a_preprocess_whose_output_is_closed_completes_its_store(tmp_path):
                             cwd=tmp_path, env=_script_env(), capture_output=True, text=True, timeout=120)
     info = json.loads(report.stdout)
     assert info["complete"] is True and info["slices"] == 78, report.stdout + report.stderr
+
+
+def test_version_names_the_project_its_code_and_its_libraries(capsys):
+    from engine.runinfo import source_digest
+    with pytest.raises(SystemExit) as info:
+        cli.main(["--version"])
+    assert info.value.code == 0
+    own, libs = capsys.readouterr().out.splitlines()
+    assert own.startswith("slic-alpnet ") and own.endswith(f", sources {source_digest()})") and "(git " in own
+    assert libs.startswith("python ") and ", torch " in libs and ", numba " in libs and ", h5py " in libs
