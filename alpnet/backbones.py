@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torchvision
 
-from engine.volume import first_sentence
+from engine.volume import one_line
 
 
 class EncoderError(ValueError):
@@ -173,7 +173,7 @@ def load_pretrained(encoder: nn.Module, path: str | Path) -> dict[str, int]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a bad file; report one line
-        raise EncoderError(f"{path}: cannot read weights ({type(exc).__name__}: {first_sentence(str(exc))})") from None
+        raise EncoderError(f"{path}: cannot read weights ({one_line(exc, sentence=True)})") from None
     source = map_resnet_keys(_extract_state_dict(obj, path))
     own = {k: v for k, v in encoder.state_dict().items() if k.startswith("backbone.")}
     usable = {k: v for k, v in source.items() if k in own and own[k].shape == v.shape}

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from engine.volume import first_sentence
+from engine.volume import one_line
 
 CHECKPOINT_FORMAT = 1
 
@@ -58,9 +58,7 @@ def read_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> dic
     try:
         state = torch.load(path, map_location=device, weights_only=True)
     except Exception as exc:  # pickle/zip errors of many types: one line
-        reason = first_sentence(str(exc))
-        raise CheckpointError(f"{path}: not a readable checkpoint ({type(exc).__name__}"
-                              f"{': ' + reason if reason else ''})") from None
+        raise CheckpointError(f"{path}: not a readable checkpoint ({one_line(exc, sentence=True)})") from None
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise CheckpointError(f"{path}: not a checkpoint written by `cli.py train` (no model/config entries)")
     if state.get("format") != CHECKPOINT_FORMAT:

@@ -151,11 +151,13 @@ class StoreWriter:
 
     def _prepare(self, overwrite: bool) -> None:
         store, parts = self.store, self.parts
-        if store.exists() and not _is_our_index(store) and not parts.is_dir():
+        index = _index_attrs(store)             # read once; under the lock nothing else rewrites it
+        if store.exists() and index is None and not parts.is_dir():
             raise StoreError(f"{store}: exists and is not a store written by this engine; "
                              f"choose another --out (it is never overwritten)")
-        moved = _parts_named_elsewhere(store)
-        if moved is not None and not parts.is_dir() and not overwrite:
+        named = _s(index.get("parts", "")) if index is not None else ""
+        moved = store.with_name(named) if named and named != parts.name else None
+        if moved is not None and moved.is_dir() and not parts.is_dir() and not overwrite:
             raise StoreError(f"{store}: its committed batches are in {moved}, not {parts} (was the store file "
                              f"renamed?); rename that folder to {parts.name} to resume, or use --overwrite to "
                              f"start over")
@@ -176,13 +178,11 @@ class StoreWriter:
             self._discard()
         self.shards = shards
         self.resumed = bool(shards)
-        if store.exists() and _is_our_index(store):
-            with h5py.File(store, "r") as f:
-                # an index that names another batch folder (renamed with it) is rebuilt, even when complete
-                self.was_complete = bool(f.attrs.get("complete", False)) and \
-                    _s(f.attrs.get("settings_hash", "")) == self.hash and \
-                    int(f.attrs.get("n_slices", -1)) == self.n_committed and \
-                    _s(f.attrs.get("parts", "")) == parts.name
+        if index is not None and store.exists():     # _discard removes the index
+            # an index that names another batch folder (renamed with it) is rebuilt, even when complete
+            self.was_complete = bool(index.get("complete", False)) and \
+                _s(index.get("settings_hash", "")) == self.hash and \
+                int(index.get("n_slices", -1)) == self.n_committed and named == parts.name
         self.parts.mkdir(exist_ok=True)
         if not self.was_complete:
             write_index(store, self.shards, self.settings, complete=False)
@@ -225,7 +225,7 @@ class StoreWriter:
             for p in self.parts.iterdir():
                 if _SHARD_RE.match(p.name) or p.name == "runs.jsonl" or p.name.startswith("."):
                     p.unlink(missing_ok=True)
-        if self.store.exists() and _is_our_index(self.store):
+        if _index_attrs(self.store) is not None:
             self.store.unlink()
 
     # ------------------------------------------------------------------ state
@@ -353,25 +353,13 @@ class StoreWriter:
             self.lock.release()
 
 
-def _parts_named_elsewhere(store: Path) -> Path | None:
-    """The batch folder that ``store``'s index names when it is an existing folder other than
-    ``parts_dir(store)``: the index was renamed without its folder. None otherwise."""
-    if not store.is_file() or not _is_our_index(store):
+def _index_attrs(path: Path) -> dict | None:
+    """The attributes of this engine's index at ``path``; None when there is none (no file, not HDF5, or an
+    HDF5 file of something else)."""
+    if not path.is_file():
         return None
-    try:
-        with h5py.File(store, "r") as f:
-            named = _s(f.attrs.get("parts", ""))
-    except (OSError, ValueError):
-        return None
-    if not named or named == parts_dir(store).name:
-        return None
-    folder = store.with_name(named)
-    return folder if folder.is_dir() else None
-
-
-def _is_our_index(path: Path) -> bool:
     try:
         with h5py.File(path, "r") as f:
-            return _s(f.attrs.get("format", "")) == FORMAT_NAME
+            return dict(f.attrs) if _s(f.attrs.get("format", "")) == FORMAT_NAME else None
     except (OSError, ValueError):
-        return False
+        return None

@@ -15,10 +15,12 @@ class VolumeError(Exception):
         super().__init__(f"{self.path}: {reason}")
 
 
-def one_line(exc: BaseException) -> str:
-    """``Type: first line of the message`` of an exception, for one-line error reports."""
+def one_line(exc: BaseException, sentence: bool = False) -> str:
+    """``Type: first line of the message`` of an exception, for one-line error reports; with ``sentence``, only
+    the first sentence of that line (``first_sentence``)."""
     text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+    reason = first_sentence(text[0]) if sentence and text else (text[0] if text else "")
+    return f"{type(exc).__name__}: {reason}" if reason else type(exc).__name__
 
 
 def first_sentence(text: str, limit: int = 200) -> str:
