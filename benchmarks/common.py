@@ -16,6 +16,7 @@ Timing rules used by both scripts
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
 import io
@@ -721,18 +722,40 @@ def result_stem(prefix: str, tag: str | None, quick: bool) -> str:
 def parse_int_list(text: str) -> list[int]:
     """``"1,2,4"`` or ``"1-4"`` (or a mix) -> sorted unique positive integers."""
     out: set[int] = set()
-    for part in text.split(","):
-        part = part.strip()
-        if not part:
-            continue
-        if "-" in part:
-            a, b = part.split("-", 1)
-            out.update(range(int(a), int(b) + 1))
-        else:
-            out.add(int(part))
+    try:
+        for part in text.split(","):
+            part = part.strip()
+            if not part:
+                continue
+            if "-" in part:
+                a, b = part.split("-", 1)
+                out.update(range(int(a), int(b) + 1))
+            else:
+                out.add(int(part))
+    except ValueError:
+        out = set()                          # int()'s own message names the piece, not the option's form
     if not out or min(out) < 1:
         raise ValueError(f"{text!r}: expected positive integers such as 1,2,4 or 1-6")
     return sorted(out)
+
+
+def _int_at_least(low: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{text!r}: must be at least {low}")
+        return value
+    parse.__name__ = f"integer >= {low}"     # argparse names the type in some of its messages
+    return parse
+
+
+# argparse types: a count of 0 or below is refused with the option's name (exit status 2), where the scripts'
+# ``args.x or default`` would have taken 0 for "not given" and a negative --max-volumes sliced from the end.
+positive_int = _int_at_least(1)
+nonnegative_int = _int_at_least(0)
 
 
 BACKENDS = ("threads", "processes")

@@ -136,9 +136,9 @@ def render(result: dict) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--input", default=str(common.DEFAULT_CHAOS), help="NIfTI folder (default: CHAOS-T2)")
-    ap.add_argument("--copies", type=int, default=10, help="link the volumes this many times (default 10)")
+    ap.add_argument("--copies", type=common.positive_int, default=10, help="link the volumes this many times (default 10)")
     ap.add_argument("--runs", default="threads:1,threads:2,processes:2", help="backend:workers, comma-separated")
-    ap.add_argument("--freq", type=int, default=1000, help="samples per second per CPU (default 1000)")
+    ap.add_argument("--freq", type=common.positive_int, default=1000, help="samples per second per CPU (default 1000)")
     common.add_output_args(ap, "16core")
     return common.run_main("cpu_budget", _body, ap.parse_args(argv))
 

@@ -104,17 +104,28 @@ def unpack(src: str | Path, dst: str | Path, jobs: int = 16) -> list[str]:
     return [name for name, ok in done if not ok]
 
 
+def positive_int(text: str) -> int:
+    """argparse type for --jobs (this script runs on the device's bare Python: no benchmarks.common there)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be at least 1")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("pack", help="pack SRC folder into DST")
     p.add_argument("src")
     p.add_argument("dst")
-    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--jobs", type=positive_int, default=os.cpu_count() or 1)
     u = sub.add_parser("unpack", help="rebuild the files packed in SRC into DST")
     u.add_argument("src")
     u.add_argument("dst")
-    u.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    u.add_argument("--jobs", type=positive_int, default=os.cpu_count() or 1)
     args = ap.parse_args(argv)
     try:
         if args.cmd == "pack":

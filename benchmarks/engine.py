@@ -276,24 +276,27 @@ def _ends_medians(runs: list[dict]) -> dict:
 
 
 # --------------------------------------------------------------------------------------------- main
+SECTIONS = ("compression", "kernel", "serial", "engine", "memory")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--input", default=str(common.DEFAULT_CHAOS), help="folder of CHAOS .nii.gz volumes")
-    ap.add_argument("--repeats", type=int, default=None,
+    ap.add_argument("--repeats", type=common.positive_int, default=None,
                     help="timed rounds per configuration, median kept (default 2; --quick: 1)")
     ap.add_argument("--quick", action="store_true",
                     help="4 volumes, 1 repeat (unless --repeats), no 10x memory run (smoke test)")
     ap.add_argument("--skip", default="",
-                    help="comma list of sections to skip: compression,kernel,serial,engine,memory")
+                    help=f"comma list of sections to skip: {','.join(SECTIONS)}")
     ap.add_argument("--workers", default=None,
                     help="engine/kernel worker counts, e.g. 1,2,16 (default: 1 and all cores)")
     common.add_output_args(ap, "16core")
     args = ap.parse_args(argv)
-    skip = set(filter(None, args.skip.split(",")))
+    skip = set(common.parse_choices(args.skip, SECTIONS, "--skip")) if args.skip.strip() else set()
     common.check_source(args.input)
     cfg = common.load_config(args.config, args.set)
     max_vol = 4 if args.quick else None
-    repeats = max(1, args.repeats or (1 if args.quick else 2))
+    repeats = args.repeats or (1 if args.quick else 2)
     counts = common.parse_int_list(args.workers) if args.workers else sorted({1, common.n_cores()})
     workers_all = counts[-1]                 # "all workers" = the largest count asked for
     info = common.host_info()

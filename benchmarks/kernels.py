@@ -378,15 +378,18 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", default=str(common.DEFAULT_CHAOS), help="CHAOS-T2 folder (image_<id>.nii.gz)")
     ap.add_argument("--quick", action="store_true", help="every 6th slice, 1 round, no start-up probe")
-    ap.add_argument("--repeats", type=int, default=3, help="timed rounds (default 3)")
-    ap.add_argument("--every", type=int, default=None, help="use every N-th slice (default 1, quick 6)")
+    ap.add_argument("--repeats", type=common.positive_int, default=3, help="timed rounds (default 3)")
+    ap.add_argument("--every", type=common.positive_int, default=None, help="use every N-th slice (default 1, quick 6)")
     ap.add_argument("--tag", default=None, help="result file tag (default: host name)")
     ap.add_argument("--threads-only", action="store_true",
                     help="only the 1 vs 2 thread measurement of our kernel "
                          "(prints it and writes kernels-threads-TAG.json)")
-    args = ap.parse_args(argv)
+    return common.run_main("kernels", _body, ap.parse_args(argv))
+
+
+def _body(args) -> int:
     every = args.every or (6 if args.quick else 1)
-    repeats = 1 if args.quick else max(1, args.repeats)
+    repeats = 1 if args.quick else args.repeats
 
     info = common.host_info()
     common.log(f"loading CHAOS slices from {args.data} (every {every})")

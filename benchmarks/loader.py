@@ -30,6 +30,8 @@ import psutil  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
+from benchmarks import common  # noqa: E402  (sets NUMBA_CACHE_DIR before engine is imported)
+
 from alpnet.config import load  # noqa: E402
 from alpnet.episodes import EpisodeStream, collate_episodes, worker_init  # noqa: E402
 from alpnet.model import ALPNet  # noqa: E402
@@ -165,10 +167,10 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("store", help="store file, e.g. the CHAOS store from `cli.py preprocess`")
     p.add_argument("--config", default=str(ROOT / "configs" / "default.yaml"))
-    p.add_argument("--episodes", type=int, default=400, help="episodes per stream measurement")
-    p.add_argument("--steps", type=int, default=30, help="timed training steps per layout, default encoder")
-    p.add_argument("--paper-steps", type=int, default=4, help="timed training steps, ResNet-101 (0: skip)")
-    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds per measurement (medians)")
+    p.add_argument("--episodes", type=common.positive_int, default=400, help="episodes per stream measurement")
+    p.add_argument("--steps", type=common.positive_int, default=30, help="timed training steps per layout, default encoder")
+    p.add_argument("--paper-steps", type=common.nonnegative_int, default=4, help="timed training steps, ResNet-101 (0: skip)")
+    p.add_argument("--rounds", type=common.positive_int, default=3, help="interleaved rounds per measurement (medians)")
     p.add_argument("--gpu", action="store_true", help="time the paper config on CUDA instead (GPU machine)")
     p.add_argument("--out", help="JSON output (default benchmarks/results/loader-cpu.json or -gpu.json)")
     args = p.parse_args(argv)

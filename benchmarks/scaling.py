@@ -482,17 +482,17 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", default=str(common.DEFAULT_CHAOS), help="engine input (default: the CHAOS-T2 folder)")
     p.add_argument("--quick", action="store_true", help="2 volumes, 1 repeat: checks the script, numbers are noisy")
-    p.add_argument("--max-workers", type=int, default=None,
+    p.add_argument("--max-workers", type=common.positive_int, default=None,
                    help="largest worker count (default 2 x cores: every count up to the cores, then steps)")
     p.add_argument("--workers", default=None, help="explicit worker counts, e.g. 1,2,4,8 or 1-16")
     p.add_argument("--backends", default=",".join(BACKENDS), help="threads,processes (default both)")
-    p.add_argument("--repeats", type=int, default=None, help="timed runs per point (default 3, quick 1)")
+    p.add_argument("--repeats", type=common.positive_int, default=None, help="timed runs per point (default 3, quick 1)")
     p.add_argument("--no-warmup", action="store_true", help="skip the untimed run of each configuration")
-    p.add_argument("--copies", type=int, default=1, help="link the input volumes K times (longer runs)")
-    p.add_argument("--max-volumes", type=int, default=None, help="use only the first volumes of the input")
+    p.add_argument("--copies", type=common.positive_int, default=1, help="link the input volumes K times (longer runs)")
+    p.add_argument("--max-volumes", type=common.positive_int, default=None, help="use only the first volumes of the input")
     p.add_argument("--uncompressed", action="store_true",
                    help="read a temporary uncompressed float32 .nii copy of the input instead of .nii.gz")
-    p.add_argument("--readers", type=int, default=None, help="engine.readers (default: the config's)")
+    p.add_argument("--readers", type=common.positive_int, default=None, help="engine.readers (default: the config's)")
     p.add_argument("--pinned", default=None,
                    help="worker counts also run pinned to as many CPUs, e.g. 1,2,6, or 'none' (default: every "
                         "count below the core count)")
@@ -517,8 +517,6 @@ def _main(args: argparse.Namespace) -> int:
     pinned = None if args.pinned is None else ([] if args.pinned.strip().lower() == "none"
                                                  else common.parse_int_list(args.pinned))
     backends = common.parse_choices(args.backends, BACKENDS, "--backends")
-    if repeats < 1 or args.copies < 1 or (args.readers is not None and args.readers < 1):
-        raise BenchmarkError("--repeats, --copies and --readers must be >= 1")
     common.check_source(args.input)
     info = common.host_info()
     t_start = time.perf_counter()

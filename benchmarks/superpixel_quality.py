@@ -40,9 +40,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-os.environ.setdefault("NUMBA_CACHE_DIR", str(ROOT / ".numba_cache"))
-os.environ.setdefault("MPLBACKEND", "Agg")
-
+from benchmarks import common  # noqa: E402  (sets NUMBA_CACHE_DIR and MPLBACKEND before engine is imported)
 from engine import quality  # noqa: E402
 from engine.config import MeanShiftConfig, PrepareConfig, SlicConfig  # noqa: E402
 from engine.figures import save_figure  # noqa: E402
@@ -293,9 +291,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", default=str(DEFAULT_DATA), help="folder of the CHAOS-T2 NIfTI volumes")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="results folder")
-    ap.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="worker processes")
+    ap.add_argument("--workers", type=common.positive_int, default=min(2, os.cpu_count() or 1), help="worker processes")
     ap.add_argument("--quick", action="store_true", help="every 6th slice and a reduced grid (development)")
-    ap.add_argument("--step", type=int, default=0, help="evaluate every STEP-th slice (default 1, quick 6)")
+    ap.add_argument("--step", type=common.positive_int, default=None, help="evaluate every STEP-th slice (default 1, quick 6)")
     args = ap.parse_args(argv)
 
     data = Path(args.data)

@@ -453,8 +453,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="source of slices (default: the CHAOS-T2 folder)")
     p.add_argument("--quick", action="store_true",
                    help="2 volumes, 1 repeat, workers 1 and nproc: checks the script, numbers are noisy")
-    p.add_argument("--repeats", type=int, default=None, help="timed repeats per row (default 3, quick 1)")
-    p.add_argument("--max-volumes", type=int, default=None, help="use only the first volumes of the source")
+    p.add_argument("--repeats", type=common.positive_int, default=None, help="timed repeats per row (default 3, quick 1)")
+    p.add_argument("--max-volumes", type=common.positive_int, default=None, help="use only the first volumes of the source")
     p.add_argument("--workers", default=None, help="worker counts of the parallel rows, e.g. 1,2,4 or 1-6 "
                                                    "(default: 1..nproc)")
     p.add_argument("--backends", default=",".join(BACKENDS), help="engine backends (threads,processes)")
@@ -483,8 +483,6 @@ def _main(args: argparse.Namespace) -> int:
         [f.strip().lstrip(".") for f in args.engine_inputs.split(",") if f.strip()]
     if any(f not in INPUT_FORMATS for f in formats):
         raise BenchmarkError(f"--engine-inputs {args.engine_inputs!r}: choose among nii.gz, nii, none")
-    if repeats < 1:
-        raise BenchmarkError("--repeats must be >= 1")
 
     common.check_source(args.input)
     info = common.host_info()

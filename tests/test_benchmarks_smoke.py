@@ -143,9 +143,56 @@ def test_memory_touch_check_times_both_page_sizes():
 def test_parse_int_list():
     assert common.parse_int_list("1,2,4") == [1, 2, 4]
     assert common.parse_int_list("1-3,8") == [1, 2, 3, 8]
-    for bad in ("0", "", "a"):
-        with pytest.raises(ValueError):
+    for bad in ("0", "", "a", "2,x", "1-b"):
+        with pytest.raises(ValueError) as err:
             common.parse_int_list(bad)
+        assert str(err.value) == f"{bad!r}: expected positive integers such as 1,2,4 or 1-6"
+
+
+@pytest.mark.parametrize("script, argv, message", [
+    ("engine", ["--repeats", "0"], "argument --repeats: '0': must be at least 1"),
+    ("scaling", ["--max-volumes", "0"], "argument --max-volumes: '0': must be at least 1"),
+    ("scaling", ["--max-workers", "-2"], "argument --max-workers: '-2': must be at least 1"),
+    ("table2", ["--max-volumes", "-1"], "argument --max-volumes: '-1': must be at least 1"),
+    ("table2", ["--repeats", "0"], "argument --repeats: '0': must be at least 1"),
+    ("kernels", ["--every", "0"], "argument --every: '0': must be at least 1"),
+    ("cpu_budget", ["--copies", "0"], "argument --copies: '0': must be at least 1"),
+    ("cpu_budget", ["--freq", "x"], "argument --freq: 'x' is not a whole number"),
+    ("superpixel_quality", ["--step", "0"], "argument --step: '0': must be at least 1"),
+    ("loader", ["--paper-steps", "-1", "store.h5"], "argument --paper-steps: '-1': must be at least 0"),
+    ("device_data", ["unpack", "a", "b", "--jobs", "0"], "argument --jobs: '0': must be at least 1"),
+])
+def test_counts_below_their_range_are_refused_before_any_work(script, argv, message, tmp_path, capsys,
+                                                              monkeypatch):
+    """``args.x or default`` used to take 0 for "not given" and a negative --max-volumes sliced from the end:
+    a full run started (and overwrote a committed result file) where the user had mistyped a count."""
+    import importlib
+
+    monkeypatch.chdir(tmp_path)
+    module = importlib.import_module(f"benchmarks.{script}")
+    with pytest.raises(SystemExit) as exit_:
+        module.main(argv)
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(message)
+    assert not any(tmp_path.iterdir())
+
+
+def test_engine_benchmark_refuses_an_unknown_section_to_skip():
+    """A misspelt --skip ran every section, minutes of them, instead of leaving one out."""
+    from benchmarks import engine as engine_bench
+
+    with pytest.raises(engine_bench.common.BenchmarkError) as err:     # its own copy of common (see its top)
+        engine_bench.main(["--skip", "compresion,memory"])
+    assert str(err.value) == ("--skip 'compresion,memory': choose among compression, kernel, serial, engine, "
+                              "memory")
+
+
+def test_kernels_benchmark_reports_a_missing_folder_in_one_line(tmp_path, capsys):
+    from benchmarks import kernels
+
+    assert kernels.main(["--data", str(tmp_path / "nope"), "--quick"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (    # after its "loading ..." progress line
+        f"kernels: {tmp_path / 'nope'}: no image_<id>.nii.gz files (set CHAOS_T2_DIR)")
 
 
 def test_parse_choices_names_the_option_and_the_choices():
