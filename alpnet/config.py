@@ -8,7 +8,20 @@ from __future__ import annotations
 import dataclasses
 
 from engine.config import (ConfigError, DataConfig, EngineConfig, PrepareConfig, SuperpixelConfig,
-                           load_config)
+                           check_ranges, load_config)
+from engine.ranges import Range
+
+# Values outside these make training fail deep inside torch with its own words (a zero pooling stride, an
+# empty convolution, a negative weight decay) or, worse, run without learning (alpha 0 scales every
+# similarity to 0; a threshold above 1 keeps every local prototype out; lr_gamma 0 stops at the first decay).
+_COUNT = Range(1, integer=True)
+_WEIGHT = Range(0)
+_MODEL_RANGES = {"feature_dim": _COUNT, "local_size_train": _COUNT, "local_size_test": _COUNT,
+                 "fg_rule_window": _COUNT, "threshold": Range(0, maximum=1), "alpha": Range(0, strict=True),
+                 "bg_weight": _WEIGHT, "fg_weight": _WEIGHT, "par_weight": _WEIGHT}
+_TRAIN_RANGES = {"lr": Range(0, strict=True), "weight_decay": _WEIGHT,
+                 "lr_gamma": Range(0, strict=True, maximum=1), "seed": Range(0, maximum=2**32 - 1, integer=True)}
+_AUGMENT_RANGES = {"rotate_deg": _WEIGHT, "translate_px": _WEIGHT, "shear_deg": _WEIGHT, "elastic_alpha": _WEIGHT}
 
 
 @dataclasses.dataclass
@@ -26,6 +39,9 @@ class ModelConfig:
     bg_weight: float = 0.05              # weighted CE on the query
     fg_weight: float = 1.0
     par_weight: float = 1.0              # prototype alignment loss weight
+
+    def __post_init__(self) -> None:
+        check_ranges("model", self, _MODEL_RANGES)
 
 
 @dataclasses.dataclass
@@ -52,6 +68,9 @@ class EpisodeConfig:
             raise ConfigError(f"episodes.label_group: {self.label_group!r} is not 0 or 1")
         if self.fold < 0 or self.feature_stride < 1 or self.max_slice_tries < 1:
             raise ConfigError("episodes.fold must be >= 0; feature_stride and max_slice_tries >= 1")
+        bad = [v for v in self.exclude_labels if not 1 <= v <= 255]
+        if bad:
+            raise ConfigError(f"episodes.exclude_labels: organ labels are 1..255 (0 is background), got {bad[0]}")
 
 
 @dataclasses.dataclass
@@ -75,6 +94,7 @@ class AugmentConfig:
                 raise ConfigError(f"augment.{key}: expected [low, high] with 0 < low <= high, got {low_high}")
         if self.elastic_kernel < 1 or self.elastic_kernel % 2 == 0 or self.elastic_sigma <= 0:
             raise ConfigError("augment.elastic_kernel must be odd and positive, augment.elastic_sigma > 0")
+        check_ranges("augment", self, _AUGMENT_RANGES)
 
 
 @dataclasses.dataclass
@@ -110,6 +130,9 @@ class TrainConfig:
             raise ConfigError("train.iterations, batch_size, log_every and ckpt_every must be >= 1")
         if self.lr_step < 0 or self.num_workers < 0 or self.torch_threads < 0:
             raise ConfigError("train.lr_step, num_workers and torch_threads must be >= 0")
+        check_ranges("train", self, _TRAIN_RANGES)
+        if not 0 <= self.momentum < 1:        # at 1 SGD's velocity would never decay
+            raise ConfigError(f"train.momentum: must be >= 0 and < 1, got {self.momentum!r}")
 
 
 @dataclasses.dataclass
@@ -126,6 +149,9 @@ class EvaluateConfig:
     allow_train_overlap: bool = False    # evaluate a fold whose scans the checkpoint may have trained on
                                          # (another fold than its training fold); the report flags it
     label: str = ""                      # row name in results.md; empty = derived from the checkpoint
+
+    def __post_init__(self) -> None:
+        check_ranges("evaluate", self, {"batch": _COUNT, "overlays": Range(0, integer=True)})
 
 
 @dataclasses.dataclass

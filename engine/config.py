@@ -40,7 +40,7 @@ class DataConfig:
 ZSCORE_MODES = ("volume", "robust")
 
 
-def _check_ranges(section: str, obj, table: dict) -> None:
+def check_ranges(section: str, obj, table: dict) -> None:
     """Refuse ``section.name`` values outside their ``engine.ranges.Range`` (the methods' tables are the ones
     the public functions check too); the loader has already checked the types."""
     found = ranges.violation(table, {name: getattr(obj, name) for name in table})
@@ -64,7 +64,7 @@ class PrepareConfig:
     def __post_init__(self) -> None:
         if self.zscore not in ZSCORE_MODES:
             raise ConfigError(f"prepare.zscore: {self.zscore!r} is not one of {', '.join(ZSCORE_MODES)}")
-        _check_ranges("prepare", self, {"size": ranges.Range(1, integer=True),
+        check_ranges("prepare", self, {"size": ranges.Range(1, integer=True),
                                         "clip_percentile": ranges.Range(0, strict=True, maximum=100)})
         if len(self.target_spacing) != 3 or min(self.target_spacing) <= 0:
             raise ConfigError(f"prepare.target_spacing: must be 3 numbers > 0 (mm), got {self.target_spacing!r}")
@@ -98,7 +98,7 @@ class SlicConfig:
     def __post_init__(self) -> None:
         # checked here too, so that a bad value stops a run before any work (and before --overwrite discards
         # a store)
-        _check_ranges("superpixels.slic", self, ranges.SLIC)
+        check_ranges("superpixels.slic", self, ranges.SLIC)
 
 
 @dataclasses.dataclass
@@ -109,7 +109,7 @@ class FelzenszwalbConfig:
     faithful: bool = False               # True: reproduce SSL-ALPNet's relabelling quirks (id gaps)
 
     def __post_init__(self) -> None:
-        _check_ranges("superpixels.felzenszwalb", self, ranges.FELZENSZWALB)
+        check_ranges("superpixels.felzenszwalb", self, ranges.FELZENSZWALB)
 
 
 @dataclasses.dataclass
@@ -120,7 +120,7 @@ class MeanShiftConfig:
     sigma: float = 1.0
 
     def __post_init__(self) -> None:
-        _check_ranges("superpixels.meanshift", self, ranges.MEANSHIFT)
+        check_ranges("superpixels.meanshift", self, ranges.MEANSHIFT)
 
 
 @dataclasses.dataclass
@@ -167,7 +167,7 @@ class EngineConfig:
         for name in ("threads", "readers", "batch"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"engine.{name}: must be >= 0 (0: automatic), got {getattr(self, name)!r}")
-        _check_ranges("engine", self, {"queue_slices": ranges.Range(1, integer=True),
+        check_ranges("engine", self, {"queue_slices": ranges.Range(1, integer=True),
                                        "run_slices": ranges.Range(1, maximum=64, integer=True)})
         if not re.fullmatch(r"none|(maps-)?gzip-[1-9]", self.compression):
             raise ConfigError(f"engine.compression: {self.compression!r} is not one of none, gzip-1..9, "

@@ -13,6 +13,11 @@ import math
 import numbers
 
 
+def _number(x: float) -> str:
+    """``0.5``, ``20``, and a large whole bound in full (a seed's 4294967295, which ``:g`` writes 4.29497e+09)."""
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
+
+
 @dataclasses.dataclass(frozen=True)
 class Range:
     """Values ``>= minimum`` (``> minimum`` when ``strict``), ``<= maximum`` when given, whole when ``integer``."""
@@ -23,8 +28,8 @@ class Range:
 
     def text(self) -> str:
         """The bounds in words, e.g. ``> 0``, ``>= 1``, ``> 0 and <= 1``."""
-        bound = f"{'>' if self.strict else '>='} {self.minimum:g}"
-        return bound + (f" and <= {self.maximum:g}" if self.maximum is not None else "")
+        bound = f"{'>' if self.strict else '>='} {_number(self.minimum)}"
+        return bound + (f" and <= {_number(self.maximum)}" if self.maximum is not None else "")
 
     def is_kind(self, value) -> bool:
         """Whether ``value`` is a finite real number, a whole one when ``integer`` (never a bool)."""

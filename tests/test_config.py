@@ -69,6 +69,22 @@ def test_int_promotes_to_float_but_not_reverse():
     ("prepare.clip_percentile=0", r"^prepare\.clip_percentile: must be > 0 and <= 100"),
     ("prepare.clip_percentile=.nan", r"^prepare\.clip_percentile: must be > 0 and <= 100, got nan$"),
     ("prepare.target_spacing=[1.25, 0, 7.7]", r"^prepare\.target_spacing: must be 3 numbers > 0"),
+    # the trainer's: each of these ended in a traceback from torch or numpy, or trained without learning
+    ("model.local_size_train=0", r"^model\.local_size_train: must be >= 1, got 0$"),
+    ("model.fg_rule_window=0", r"^model\.fg_rule_window: must be >= 1, got 0$"),
+    ("model.feature_dim=0", r"^model\.feature_dim: must be >= 1, got 0$"),
+    ("model.threshold=2", r"^model\.threshold: must be >= 0 and <= 1, got 2\.0$"),
+    ("model.alpha=0", r"^model\.alpha: must be > 0, got 0\.0$"),
+    ("model.bg_weight=-1", r"^model\.bg_weight: must be >= 0, got -1\.0$"),
+    ("train.lr=-1", r"^train\.lr: must be > 0, got -1\.0$"),
+    ("train.weight_decay=-1e-4", r"^train\.weight_decay: must be >= 0, got -0\.0001$"),
+    ("train.lr_gamma=0", r"^train\.lr_gamma: must be > 0 and <= 1, got 0\.0$"),
+    ("train.momentum=1", r"^train\.momentum: must be >= 0 and < 1, got 1\.0$"),
+    ("train.seed=-1", r"^train\.seed: must be >= 0 and <= 4294967295, got -1$"),
+    ("augment.rotate_deg=-5", r"^augment\.rotate_deg: must be >= 0, got -5\.0$"),
+    ("episodes.exclude_labels=[2, 0]", r"^episodes\.exclude_labels: organ labels are 1\.\.255 \(0 is background\), got 0$"),
+    ("evaluate.batch=0", r"^evaluate\.batch: must be >= 1, got 0$"),
+    ("evaluate.overlays=-1", r"^evaluate\.overlays: must be >= 0, got -1$"),
 ])
 def test_bad_overrides_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message):
