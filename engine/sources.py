@@ -19,6 +19,7 @@ import gzip
 import hashlib
 import importlib
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -216,10 +217,24 @@ def _nifti_view(raw: bytes) -> _NiftiView | None:
     return _NiftiView(hdr, arr)
 
 
+def _not_a_file(path: Path) -> str | None:
+    """Why ``path`` cannot be opened as a file (a broken link, a folder, nothing there), or None."""
+    if path.is_file():
+        return None
+    if path.is_symlink() and not path.exists():
+        return f"a symbolic link to {os.readlink(path)}, which does not exist"
+    if path.is_dir():
+        return "a folder, not a NIfTI file"
+    return "file not found" if not path.exists() else "not a regular file"
+
+
 def _nifti_array(path: Path, kind: str):
     """Open a NIfTI file; return (image object, shape checked to be 3D, sha256 of the file)."""
     import nibabel as nib
 
+    problem = _not_a_file(path)
+    if problem:
+        raise VolumeError(path, problem)
     fast = _from_bytes(path)
     if fast is not None:
         img, digest = fast
@@ -373,7 +388,9 @@ class NiftiFolderSource(Source):
         stray = []
         for p in Path(folder).iterdir():
             m = _NIFTI_RE.match(p.name)
-            if m and p.is_file():
+            if m:
+                # kept even when not a regular file (a broken link, a folder): its load then says what it is,
+                # where skipping it here would drop a scan from the store without a word
                 (self._images if m.group(1) == "image" else self._labels).setdefault(m.group(2), []).append(p)
             elif _NIFTI_SUFFIX.search(p.name) and not p.name.startswith(".") and p.is_file():
                 stray.append(p)

@@ -135,6 +135,25 @@ def test_missing_path_empty_folder_and_non_nifti_file(tmp_path):
         open_source(str(tmp_path / "scan.png"), None)
 
 
+def test_a_scan_that_is_no_regular_file_is_reported_not_skipped(tmp_path):
+    """A broken link or a folder named image_<id> was left out of the listing without a word."""
+    _write(tmp_path / "image_1.nii.gz", _image())
+    (tmp_path / "image_2.nii.gz").symlink_to("moved/image_2.nii.gz")
+    (tmp_path / "image_3.nii.gz").mkdir()
+    _write(tmp_path / "image_4.nii.gz", _image())
+    (tmp_path / "label_4.nii.gz").symlink_to("gone.nii.gz")
+    src = open_source(str(tmp_path), None)
+    assert src.refs() == ["1", "2", "3", "4"] and src.warnings == []
+    assert src.load("1").n_slices == 5
+    for vid, path, problem in [
+            ("2", "image_2.nii.gz", "a symbolic link to moved/image_2.nii.gz, which does not exist"),
+            ("3", "image_3.nii.gz", "a folder, not a NIfTI file"),
+            ("4", "label_4.nii.gz", "a symbolic link to gone.nii.gz, which does not exist")]:
+        with pytest.raises(VolumeError) as info:
+            src.load(vid)
+        assert str(info.value) == f"{tmp_path / path}: {problem}"
+
+
 def test_describe_missing_path_is_one_line_and_exit_1(tmp_path, capsys):
     assert describe(str(tmp_path / "nowhere"), None) == 1
     out, err = capsys.readouterr()
