@@ -430,14 +430,20 @@ def main(cfg: Any, checkpoint: str | None = None, baseline: str | None = None, s
         raise
 
 
-def _run(cfg: Any, checkpoint: str | None, baseline: str | None, setting: int | None, device: str) -> int:
-    from engine.config import to_dict
-    from engine.runinfo import write_run_info
+@dataclasses.dataclass
+class _Choice:
+    """What the evaluation runs: the predictor, the setting it is judged in and what the report says of it."""
+    predictor: Predictor
+    setting: int | None                  # None for the support copy
+    test_labels: Any                     # setting 2: the checkpoint's held-out organs; None: every class
+    label: str                           # default row name in results.md
+    notes: list[str]
+    ckpt_info: dict[str, Any] | None = None
+    ckpt_cfg: dict = dataclasses.field(default_factory=dict)
+    meta: Any = None
 
-    from alpnet import report
 
-    ev = cfg.evaluate
-    t_start = time.perf_counter()
+def _check_request(ev: Any, checkpoint: str | None, baseline: str | None, setting: int | None) -> None:
     if (checkpoint is None) == (baseline is None):
         raise EvaluationError("give exactly one of --checkpoint CKPT and --baseline support-copy")
     if baseline is not None and baseline not in BASELINES:
@@ -446,81 +452,90 @@ def _run(cfg: Any, checkpoint: str | None, baseline: str | None, setting: int | 
         raise EvaluationError(f"--setting {setting!r}: must be 1 or 2")
     if ev.chunks < 1:
         raise EvaluationError(f"evaluate.chunks = {ev.chunks}: must be >= 1")
-    folds = parse_folds(ev.fold, ev.n_folds)
-    notes: list[str] = []
-    ckpt_info: dict[str, Any] | None = None
-    ckpt_cfg: dict = {}
 
-    if checkpoint is not None:
-        path = Path(checkpoint)
-        if not path.is_file():
-            raise EvaluationError(f"{checkpoint}: checkpoint file not found")
-        from alpnet.checkpoint import CheckpointError, load_checkpoint
-        dev = resolve_device(device)
-        try:
-            model, ckpt_cfg, meta = load_checkpoint(str(path), dev)
-        except CheckpointError as exc:
-            raise EvaluationError(str(exc)) from None
-        ep = ckpt_cfg.get("episodes", {})
-        ckpt_setting = int(ep.get("setting", 1))
-        eff_setting = ckpt_setting if setting is None else int(setting)
-        if eff_setting == 2 and ckpt_setting != 2:
-            raise EvaluationError(f"{checkpoint}: trained in setting 1 (test organs seen in training "
-                                  "slices); it cannot give a setting-2 result")
-        test_labels = held_out_labels(ep) if eff_setting == 2 else None
-        predictor: Predictor = NetworkPredictor(model, dev, batch=ev.batch)
-        ckpt_info = {"path": str(path.resolve()), "sha256": sha256_file(path), "device": dev,
-                     "setting": ckpt_setting, "label_group": ep.get("label_group"),
-                     "exclude_labels": ep.get("exclude_labels"), "train_fold": ep.get("fold"),
-                     "holdout": ep.get("holdout", True), "encoder": ckpt_cfg.get("model", {}).get("encoder"),
-                     "meta": report.jsonable(meta)}
-        zscore = (((meta or {}).get("store") or {}).get("prepare") or {}).get("zscore", "volume")
-        if zscore != cfg.prepare.zscore:
-            # Test scans must be normalised as the training store was, whatever the evaluation config says.
-            notes.append(f"prepare.zscore={zscore} taken from the checkpoint's training store (config: "
-                         f"{cfg.prepare.zscore})")
-            cfg.prepare.zscore = zscore
-        method = ((meta or {}).get("store") or {}).get("method") or ckpt_cfg.get("superpixels", {}).get("method")
-        method = METHOD_NAMES.get(str(method), method)
-        default_label = f"{method}-ALPNet (this run)" if method else "ALPNet (this run)"
-        if setting == 1 and ckpt_setting == 2:
-            notes.append("setting 1 asked of a setting-2 checkpoint: every class is evaluated; the organs its "
-                         "training excluded are held out more strictly than setting 1 requires")
-    else:
-        predictor = SupportCopy()
-        eff_setting = None
-        test_labels = None
-        notes.append("support-copy needs no training: every configured class is evaluated"
-                     + (f" (--setting {setting} does not apply)" if setting is not None else ""))
-        default_label = "support copy (no model)"
-    classes = select_classes(ev.classes, test_labels)
 
-    loader = ScanLoader(ev.data, cfg)
-    for line in loader.source.warnings:
-        print(f"evaluate: warning: {line}", file=sys.stderr)
-    ids = loader.ids
-    fold_objs = [make_fold(ids, ev.n_folds, k) for k in folds]
+def _network(cfg: Any, checkpoint: str, setting: int | None, device: str) -> _Choice:
+    """The checkpoint's network, the setting it can be judged in, and its description for the report.
+
+    Sets ``cfg.prepare.zscore`` to the training store's: test scans must be normalised as the training slices
+    were, whatever the evaluation config says."""
+    from alpnet import report
+    from alpnet.checkpoint import CheckpointError, load_checkpoint
+
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise EvaluationError(f"{checkpoint}: checkpoint file not found")
+    dev = resolve_device(device)
+    try:
+        model, ckpt_cfg, meta = load_checkpoint(str(path), dev)
+    except CheckpointError as exc:
+        raise EvaluationError(str(exc)) from None
+    ep = ckpt_cfg.get("episodes", {})
+    ckpt_setting = int(ep.get("setting", 1))
+    eff_setting = ckpt_setting if setting is None else int(setting)
+    if eff_setting == 2 and ckpt_setting != 2:
+        raise EvaluationError(f"{checkpoint}: trained in setting 1 (test organs seen in training "
+                              "slices); it cannot give a setting-2 result")
+    ckpt_info = {"path": str(path.resolve()), "sha256": sha256_file(path), "device": dev,
+                 "setting": ckpt_setting, "label_group": ep.get("label_group"),
+                 "exclude_labels": ep.get("exclude_labels"), "train_fold": ep.get("fold"),
+                 "holdout": ep.get("holdout", True), "encoder": ckpt_cfg.get("model", {}).get("encoder"),
+                 "meta": report.jsonable(meta)}
+    notes = []
+    store = (meta or {}).get("store") or {}
+    zscore = (store.get("prepare") or {}).get("zscore", "volume")
+    if zscore != cfg.prepare.zscore:
+        notes.append(f"prepare.zscore={zscore} taken from the checkpoint's training store (config: "
+                     f"{cfg.prepare.zscore})")
+        cfg.prepare.zscore = zscore
+    method = store.get("method") or ckpt_cfg.get("superpixels", {}).get("method")
+    method = METHOD_NAMES.get(str(method), method)
+    if setting == 1 and ckpt_setting == 2:
+        notes.append("setting 1 asked of a setting-2 checkpoint: every class is evaluated; the organs its "
+                     "training excluded are held out more strictly than setting 1 requires")
+    return _Choice(NetworkPredictor(model, dev, batch=cfg.evaluate.batch), eff_setting,
+                   held_out_labels(ep) if eff_setting == 2 else None,
+                   f"{method}-ALPNet (this run)" if method else "ALPNet (this run)", notes, ckpt_info, ckpt_cfg,
+                   meta)
+
+
+def _support_copy(setting: int | None) -> _Choice:
+    note = ("support-copy needs no training: every configured class is evaluated"
+            + (f" (--setting {setting} does not apply)" if setting is not None else ""))
+    return _Choice(SupportCopy(), None, None, "support copy (no model)", [note])
+
+
+def _training_overlaps(choice: _Choice, loader: ScanLoader, fold_objs: list[Fold], ev: Any,
+                       checkpoint: str) -> dict[int, list[str]]:
+    """Per fold, the query or support scans the checkpoint may have trained on; refused unless
+    ``evaluate.allow_train_overlap``, then each is a warning in the notes."""
+    info = choice.ckpt_info
+    train_vols, basis = training_volumes(choice.ckpt_cfg, choice.meta)
+    info["overlap_basis"] = basis if train_vols is not None else f"checkpoint config ({basis})"
     overlaps: dict[int, list[str]] = {}
-    if checkpoint is not None:
-        train_vols, basis = training_volumes(ckpt_cfg, meta)
-        ckpt_info["overlap_basis"] = basis if train_vols is not None else f"checkpoint config ({basis})"
-        for f in fold_objs:
-            # checksums identify the files whatever their ids; only needed when the store's list is known
-            sums = ({sid: loader.load(sid).checksum for sid in f.scans} if train_vols is not None
-                    else dict.fromkeys(ids, ""))
-            ov = training_overlap(ckpt_cfg, train_vols, f, sums, ev.n_folds)
-            if ov:
-                overlaps[f.index] = ov
-                msg = (f"fold {f.index}: scan(s) {', '.join(ov)} may be training scans of this checkpoint "
-                       f"(trained for fold {ckpt_info['train_fold']}, holdout={ckpt_info['holdout']}; judged "
-                       f"from the {ckpt_info['overlap_basis']}), so its Dice is not a held-out result")
-                if not ev.allow_train_overlap:
-                    raise EvaluationError(f"{checkpoint}: {msg}; set evaluate.allow_train_overlap=true to "
-                                          "evaluate anyway (the report marks it)")
-                notes.append("WARNING " + msg)
+    for f in fold_objs:
+        # checksums identify the files whatever their ids; only needed when the store's list is known
+        sums = ({sid: loader.load(sid).checksum for sid in f.scans} if train_vols is not None
+                else dict.fromkeys(loader.ids, ""))
+        ov = training_overlap(choice.ckpt_cfg, train_vols, f, sums, ev.n_folds)
+        if not ov:
+            continue
+        overlaps[f.index] = ov
+        msg = (f"fold {f.index}: scan(s) {', '.join(ov)} may be training scans of this checkpoint "
+               f"(trained for fold {info['train_fold']}, holdout={info['holdout']}; judged "
+               f"from the {info['overlap_basis']}), so its Dice is not a held-out result")
+        if not ev.allow_train_overlap:
+            raise EvaluationError(f"{checkpoint}: {msg}; set evaluate.allow_train_overlap=true to "
+                                  "evaluate anyway (the report marks it)")
+        choice.notes.append("WARNING " + msg)
+    return overlaps
 
-    out = Path(ev.out)
-    out.mkdir(parents=True, exist_ok=True)
+
+def _evaluate_folds(fold_objs: list[Fold], classes: Mapping[str, int], ev: Any, predictor: Predictor,
+                    loader: ScanLoader, overlaps: dict[int, list[str]],
+                    notes: list[str]) -> tuple[list[dict], dict]:
+    """Every fold's results and overlays, a console line per fold and organ; the scans' and skipped organs'
+    notes go to ``notes``."""
     fold_results = []
     all_overlays: dict = {}
     for f in fold_objs:
@@ -537,28 +552,52 @@ def _run(cfg: Any, checkpoint: str | None, baseline: str | None, setting: int | 
             for sid, s in e["scans"].items():
                 if "skipped" in s:
                     notes.append(f"fold {f.index}, {organ}, scan {sid}: skipped ({s['skipped']})")
+    return fold_results, all_overlays
 
+
+def _run(cfg: Any, checkpoint: str | None, baseline: str | None, setting: int | None, device: str) -> int:
+    from engine.config import to_dict
+    from engine.runinfo import write_run_info
+
+    from alpnet import report
+
+    ev = cfg.evaluate
+    t_start = time.perf_counter()
+    _check_request(ev, checkpoint, baseline, setting)
+    folds = parse_folds(ev.fold, ev.n_folds)
+    choice = _network(cfg, checkpoint, setting, device) if checkpoint is not None else _support_copy(setting)
+    classes = select_classes(ev.classes, choice.test_labels)
+
+    loader = ScanLoader(ev.data, cfg)
+    for line in loader.source.warnings:
+        print(f"evaluate: warning: {line}", file=sys.stderr)
+    fold_objs = [make_fold(loader.ids, ev.n_folds, k) for k in folds]
+    overlaps = _training_overlaps(choice, loader, fold_objs, ev, checkpoint) if checkpoint is not None else {}
+
+    out = Path(ev.out)
+    out.mkdir(parents=True, exist_ok=True)
+    notes = choice.notes
+    fold_results, all_overlays = _evaluate_folds(fold_objs, classes, ev, choice.predictor, loader, overlaps,
+                                                 notes)
     summary = overall_summary(fold_results, list(classes))
-    label = ev.label or default_label
     results = {
-        "schema": 1, "label": label, "predictor": predictor.name, "baseline": baseline,
-        "setting": eff_setting, "data": str(ev.data), "classes": dict(classes),
+        "schema": 1, "label": ev.label or choice.label, "predictor": choice.predictor.name, "baseline": baseline,
+        "setting": choice.setting, "data": str(ev.data), "classes": dict(classes),
         "all_classes": dict(ev.classes), "chunks": ev.chunks, "n_folds": ev.n_folds, "folds_evaluated": folds,
-        "checkpoint": ckpt_info, "predictor_info": predictor.describe(), "summary": summary,
+        "checkpoint": choice.ckpt_info, "predictor_info": choice.predictor.describe(), "summary": summary,
         "folds": fold_results, "notes": notes,
         "timings": {"total_s": time.perf_counter() - t_start,
                     "query_slices": sum(f["timings"]["query_slices"] for f in fold_results),
                     "query_s": sum(f["timings"]["query_s"] for f in fold_results),
                     "support_s": sum(f["timings"]["support_s"] for f in fold_results),
                     "load_s": loader.load_s},
-        "config": to_dict(cfg), "checkpoint_config": ckpt_cfg or None,
+        "config": to_dict(cfg), "checkpoint_config": choice.ckpt_cfg or None,
     }
     report.write_report(out, results, all_overlays)
     write_run_info(out, to_dict(cfg), name="evaluate")
     print(report.results_table(results))
     print(f"report: {out / 'results.md'}, {out / 'results.json'}, {out / 'overlays'}/")
-    scored = sum(summary["n_scans"].values())
-    if scored == 0:
+    if sum(summary["n_scans"].values()) == 0:
         print("evaluate: no (organ, scan) pair could be scored; see the notes in results.md", file=sys.stderr)
         return 1
     return 0

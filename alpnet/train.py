@@ -365,63 +365,87 @@ def _last_line(exc: BaseException) -> str:
     return last.split(": ", 1)[1] if last.startswith(prefixes) else last
 
 
-def _main(cfg, resume: bool) -> int:
-    tc = cfg.train
-    out = Path(tc.out)
+def _resume_state(cfg, resume: bool) -> dict | None:
+    """The checkpoint ``--resume`` continues from, or None for a new run (refused in an occupied run folder)."""
+    out = Path(cfg.train.out)
     ckpt_path = out / CHECKPOINT_NAME
-    state = None
-    if resume:
-        if not ckpt_path.is_file():
-            raise TrainError(f"{ckpt_path}: no checkpoint to resume from (--resume needs a previous run in "
-                             f"{out})")
-        state = read_checkpoint(ckpt_path, "cpu")
-        _check_resume_config(state["config"], to_dict(cfg), print)
-    elif ckpt_path.exists():
-        raise TrainError(f"{out}: already holds a run ({CHECKPOINT_NAME}); use --resume to continue it or "
-                         f"another --out")
-    start_it = int(state["iteration"]) if state else 0
-    if start_it >= tc.iterations:
-        print(f"train: {ckpt_path} is at iteration {start_it} >= train.iterations={tc.iterations}; "
-              "nothing to do (raise train.iterations to continue)")
-        return 0
+    if not resume:
+        if ckpt_path.exists():
+            raise TrainError(f"{out}: already holds a run ({CHECKPOINT_NAME}); use --resume to continue it or "
+                             f"another --out")
+        return None
+    if not ckpt_path.is_file():
+        raise TrainError(f"{ckpt_path}: no checkpoint to resume from (--resume needs a previous run in {out})")
+    state = read_checkpoint(ckpt_path, "cpu")
+    _check_resume_config(state["config"], to_dict(cfg), print)
+    return state
 
-    device = resolve_device(tc.device)
+
+def _seed(tc) -> None:
     if tc.torch_threads:
         torch.set_num_threads(tc.torch_threads)
     torch.manual_seed(tc.seed)
     random.seed(tc.seed)
     np.random.seed(tc.seed)
 
-    stream = EpisodeStream.from_store(tc.store, cfg.episodes, cfg.augment, seed=tc.seed,
-                                      batch_size=tc.batch_size, start_batch=start_it,
-                                      n_batches=tc.iterations - start_it, n_folds=cfg.evaluate.n_folds)
-    model = ALPNet(cfg.model, quiet=state is not None).to(device)
-    if tc.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(model.parameters(), lr=tc.lr, momentum=tc.momentum, weight_decay=tc.weight_decay)
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=lr_step_of(cfg), gamma=tc.lr_gamma)
-    scaler = (torch.amp.GradScaler("cuda") if tc.amp and device.type == "cuda" and tc.amp_dtype == "float16"
-              else None)
-    totals: dict[str, int] = {}
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        set_rng_state(state["rng"])
-        totals = dict(state.get("totals", {}))
 
-    out.mkdir(parents=True, exist_ok=True)
-    cfg_dict = to_dict(cfg)
-    write_run_info(out, cfg_dict, "train")
-    log = RunLog(out, keep_until=start_it if state else None)
-    store = _store_record(stream, tc.store)
-    idx = stream.index
-    log.line(f"train: {'resuming at iteration ' + str(start_it) if state else 'new run'} in {out}; "
-             f"device {device}, {torch.get_num_threads()} torch threads, {tc.num_workers} loader workers; "
-             f"encoder {cfg.model.encoder}; store {tc.store} ({store['method']}): {idx.rows.size} training "
-             f"slices of {idx.n_store_slices} (dropped {idx.dropped}; held out {idx.held_out or 'none'}; "
+class _Run:
+    """The model and what steps it (optimizer, lr schedule, gradient scaler), the run's counters, and the
+    checkpoint that holds them all, with the iteration of the last one on disk."""
+
+    def __init__(self, cfg, device: torch.device, state: dict | None, store: dict):
+        tc = cfg.train
+        self.tc, self.cfg_dict, self.store = tc, to_dict(cfg), store
+        self.ckpt_path = Path(tc.out) / CHECKPOINT_NAME
+        self.model = ALPNet(cfg.model, quiet=state is not None).to(device)
+        if tc.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=tc.lr, momentum=tc.momentum,
+                                         weight_decay=tc.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=lr_step_of(cfg),
+                                                         gamma=tc.lr_gamma)
+        self.scaler = (torch.amp.GradScaler("cuda")
+                       if tc.amp and device.type == "cuda" and tc.amp_dtype == "float16" else None)
+        self.totals: dict[str, int] = {}
+        self.saved = None                            # the iteration of the last checkpoint on disk
+        if state is not None:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            if self.scaler is not None and state.get("scaler"):
+                self.scaler.load_state_dict(state["scaler"])
+            set_rng_state(state["rng"])
+            self.totals = dict(state.get("totals", {}))
+            self.saved = int(state["iteration"])
+
+    def save(self, it: int) -> None:
+        """Checkpoint iteration ``it`` (and its snapshot with ``train.keep_checkpoints``)."""
+        state = {"iteration": it, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict() if self.scaler else None,
+                 "config": self.cfg_dict, "store": self.store, "rng": rng_state(), "totals": dict(self.totals)}
+        snapshots = [self.ckpt_path.parent / f"checkpoint_{it:06d}.pt"] if self.tc.keep_checkpoints else []
+        for path in [self.ckpt_path] + snapshots:
+            try:
+                save_checkpoint(path, state)
+            except (OSError, RuntimeError) as exc:      # torch.save words a full disk as a RuntimeError
+                kept = (f"the checkpoint of iteration {self.saved} is kept: free space and rerun with --resume"
+                        if self.saved is not None else "no checkpoint was written yet: free space and rerun")
+                raise CheckpointWriteError(f"{path}: cannot write the checkpoint of iteration {it} "
+                                           f"({error_text(exc)}); {kept}") from None
+        self.saved = it
+
+    def save_unless_saved(self, it: int) -> None:
+        if self.saved != it:
+            self.save(it)
+
+
+def _start_lines(log: RunLog, cfg, stream: EpisodeStream, store: dict, device: torch.device,
+                 start_it: int | None) -> None:
+    tc, idx = cfg.train, stream.index
+    log.line(f"train: {'resuming at iteration ' + str(start_it) if start_it is not None else 'new run'} in "
+             f"{Path(tc.out)}; device {device}, {torch.get_num_threads()} torch threads, {tc.num_workers} loader "
+             f"workers; encoder {cfg.model.encoder}; store {tc.store} ({store['method']}): {idx.rows.size} "
+             f"training slices of {idx.n_store_slices} (dropped {idx.dropped}; held out {idx.held_out or 'none'}; "
              f"excluded labels {idx.exclude_labels or 'none'}); lr step {lr_step_of(cfg)}")
     if not store["complete"]:
         # a store being written or left by a stopped run is readable (committed batches only); say so, since
@@ -429,21 +453,42 @@ def _main(cfg, resume: bool) -> int:
         log.line(f"train: note: {tc.store} is INCOMPLETE ({idx.n_store_slices} slices committed): training on "
                  "them; rerun its preprocess command to complete it")
 
-    saved = [start_it if state else None]          # the iteration of the last checkpoint on disk
 
-    def save(it: int) -> None:
-        state = {"iteration": it, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None,
-                 "config": cfg_dict, "store": store, "rng": rng_state(), "totals": dict(totals)}
-        for path in [ckpt_path] + ([out / f"checkpoint_{it:06d}.pt"] if tc.keep_checkpoints else []):
-            try:
-                save_checkpoint(path, state)
-            except (OSError, RuntimeError) as exc:      # torch.save words a full disk as a RuntimeError
-                kept = (f"the checkpoint of iteration {saved[0]} is kept: free space and rerun with --resume"
-                        if saved[0] is not None else "no checkpoint was written yet: free space and rerun")
-                raise CheckpointWriteError(f"{path}: cannot write the checkpoint of iteration {it} "
-                                           f"({error_text(exc)}); {kept}") from None
-        saved[0] = it
+def _done_line(log: RunLog, run: _Run, device: torch.device, start_it: int, last: int, wall: float) -> None:
+    png = plot_loss_curve(log.metrics_path, Path(run.tc.out) / "loss_curve.png")
+    totals = run.totals
+    draws = totals.get("episodes", 0) + totals.get("empty_redraws", 0) + totals.get("vanishing_redraws", 0)
+    gpu = gpu_peak_mb(device)
+    log.line(f"train: done, iteration {last} in {wall:.0f} s ({(last - start_it) / max(wall, 1e-9):.2f} it/s"
+             + (f", GPU peak {gpu:.0f} MiB" if gpu is not None else "") + "); "
+             f"checkpoint {run.ckpt_path}; loss curve {png}; totals: fg global-only "
+             f"{totals.get('fg_global_only', 0)}/{totals.get('episodes', 0)} episodes, fg-empty "
+             f"{totals.get('fg_empty', 0)}, bg-fallback {totals.get('bg_fallback_global', 0)}, "
+             f"id redraws empty {totals.get('empty_redraws', 0)}/{draws} vanishing "
+             f"{totals.get('vanishing_redraws', 0)}/{draws}")
+
+
+def _main(cfg, resume: bool) -> int:
+    tc = cfg.train
+    out = Path(tc.out)
+    state = _resume_state(cfg, resume)
+    start_it = int(state["iteration"]) if state else 0
+    if start_it >= tc.iterations:
+        print(f"train: {out / CHECKPOINT_NAME} is at iteration {start_it} >= train.iterations={tc.iterations}; "
+              "nothing to do (raise train.iterations to continue)")
+        return 0
+
+    device = resolve_device(tc.device)
+    _seed(tc)
+    stream = EpisodeStream.from_store(tc.store, cfg.episodes, cfg.augment, seed=tc.seed,
+                                      batch_size=tc.batch_size, start_batch=start_it,
+                                      n_batches=tc.iterations - start_it, n_folds=cfg.evaluate.n_folds)
+    store = _store_record(stream, tc.store)
+    run = _Run(cfg, device, state, store)
+    out.mkdir(parents=True, exist_ok=True)
+    write_run_info(out, run.cfg_dict, "train")
+    log = RunLog(out, keep_until=start_it if state else None)
+    _start_lines(log, cfg, stream, store, device, start_it if state else None)
 
     # No pin_memory: pinning refuses the batch's expanded (stride-0) images, and one episode's 0.6 MB crosses
     # to the GPU in microseconds without it.
@@ -453,36 +498,24 @@ def _main(cfg, resume: bool) -> int:
     t0 = time.perf_counter()
     with StopSignals() as signals:
         try:
-            last = train_one_epoch(model, optimizer, scheduler, loader, device, cfg, start_it, log, totals, save,
-                                   scaler, stop=lambda: signals.requested)
+            last = train_one_epoch(run.model, run.optimizer, run.scheduler, loader, device, cfg, start_it, log,
+                                   run.totals, run.save, run.scaler, stop=lambda: signals.requested)
         finally:
             stream.close()
     if signals.requested and last < tc.iterations:
-        if saved[0] != last:
-            save(last)
+        run.save_unless_saved(last)
         code, word = signals.status()
-        log.line(f"train: {word} after iteration {last}; its checkpoint is {ckpt_path}: rerun with --resume to "
-                 f"continue")
+        log.line(f"train: {word} after iteration {last}; its checkpoint is {run.ckpt_path}: rerun with --resume "
+                 f"to continue")
         log.close()
         return code
     if last < tc.iterations:
         # The stream yields exactly the batches asked for: fewer means a loader worker lost some. torch prints
         # the worker's error and lets the loader end as if the stream were done.
-        if saved[0] != last:
-            save(last)
+        run.save_unless_saved(last)
         raise RunStopped(f"the episode stream ended after iteration {last} of {tc.iterations}: a loader worker "
                          f"failed (its error is printed above; {_dev_shm_note(tc.num_workers)}); the checkpoint "
                          f"of iteration {last} is kept: rerun with --resume")
-    wall = time.perf_counter() - t0
-    png = plot_loss_curve(log.metrics_path, out / "loss_curve.png")
-    draws = totals.get("episodes", 0) + totals.get("empty_redraws", 0) + totals.get("vanishing_redraws", 0)
-    gpu = gpu_peak_mb(device)
-    log.line(f"train: done, iteration {last} in {wall:.0f} s ({(last - start_it) / max(wall, 1e-9):.2f} it/s"
-             + (f", GPU peak {gpu:.0f} MiB" if gpu is not None else "") + "); "
-             f"checkpoint {ckpt_path}; loss curve {png}; totals: fg global-only "
-             f"{totals.get('fg_global_only', 0)}/{totals.get('episodes', 0)} episodes, fg-empty "
-             f"{totals.get('fg_empty', 0)}, bg-fallback {totals.get('bg_fallback_global', 0)}, "
-             f"id redraws empty {totals.get('empty_redraws', 0)}/{draws} vanishing "
-             f"{totals.get('vanishing_redraws', 0)}/{draws}")
+    _done_line(log, run, device, start_it, last, time.perf_counter() - t0)
     log.close()
     return 0
