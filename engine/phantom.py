@@ -247,13 +247,86 @@ def _tissue_levels(rng: np.random.Generator) -> dict:
     }
 
 
+@dataclasses.dataclass(frozen=True)
+class _BodyFrame:
+    """Centre and semi-axes (px) of the body outline and the subcutaneous fat thickness, for placing organs."""
+    cx0: float
+    cy0: float
+    bx: float                                             # lateral semi-axis
+    byp: float                                            # posterior semi-axis
+    bya: float                                            # anterior semi-axis
+    fat_t: float
+
+    @property
+    def y_post(self) -> float:
+        """y of the posterior body edge (the patient's back)."""
+        return self.cy0 - self.byp
+
+
+@dataclasses.dataclass(frozen=True)
+class _Spine:
+    """Vertebral body radius and centre (px): several structures are placed relative to it."""
+    vb_r: float
+    vb_x: float
+    vb_y: float
+
+
+def _tube(rng: np.random.Generator, first: int, last: int, cx, cy, ax, ay, theta, p: float = 2.0,
+          amps: tuple[float, ...] = (), drift: float = 1.0) -> _Tube:
+    """A _Tube over slices first..last; scalars broadcast along z, harmonics drawn only if ``amps``."""
+    ks = np.arange(first, last + 1)
+    n = len(ks)
+    amp, phase = _harmonics(rng, n, amps, drift) if amps else (np.zeros(0), np.zeros((0, n)))
+    b = lambda a: np.broadcast_to(np.asarray(a, float), (n,))  # noqa: E731
+    return _Tube(ks, b(cx), b(cy), b(ax), b(ay), b(theta), p, amp, phase)
+
+
+def _wall_x(cv: _Canvas, y: float, k: int, side: int, fallback: float) -> float:
+    """x of the inner abdominal wall on row y of slice k (side -1: patient's right, +1: left)."""
+    nz = cv.cavity.shape[2]
+    row = np.nonzero(cv.cavity[:, int(np.clip(round(y), 0, SIZE - 1)), int(np.clip(k, 0, nz - 1))])[0]
+    if row.size == 0:
+        return fallback
+    return float(row[0] if side < 0 else row[-1])
+
+
+def _organ_t(first: int, last: int) -> np.ndarray:
+    """Normalised position 0..1 along an organ (feet -> head) at each of its slices."""
+    n = last - first + 1
+    return (np.arange(n) + 0.5) / n
+
+
 def _render(rng: np.random.Generator, nz_nat: int, nz: int) -> tuple[_Canvas, np.ndarray, dict]:
+    """Draw one patient's anatomy on a fresh canvas, in painter's order (later sections paint over earlier)."""
     f = nz / nz_nat                                       # z compression when n_slices is forced
     lev = _tissue_levels(rng)
     cv = _Canvas(nz)
     za = (np.arange(nz) + 0.5) / f - 0.5                             # slice index in the patient's natural stack
+    frame = _paint_body(rng, cv, lev, za, nz_nat)
+    ext_nat = _layout(rng, nz_nat)
+    ext = {name: _extent(a, b, f) for name, (a, b) in ext_nat.items()}
+    spine = _draw_spine(rng, frame)
+    clutter_top = max(1, ext["liver"][1] - 2 * f)
+    bowel_top = max(0.0, ext["liver"][1] - 3 * f)
+    _paint_visceral_background(rng, cv, lev, clutter_top, f)
+    _paint_small_structures(rng, cv, frame, clutter_top)
+    _paint_bowel(rng, cv, lev, frame, bowel_top, f)
+    _paint_stomach(rng, cv, lev, frame, ext)
+    _paint_chest(rng, cv, lev, frame, ext["liver"][1], f)
+    _paint_liver(rng, cv, lev, frame, spine, ext["liver"], f)
+    _paint_spleen(rng, cv, lev, frame, ext["spleen"])
+    _paint_kidneys(rng, cv, lev, spine, ext)
+    # painted last: they clear organ labels where they overlap
+    _paint_back_muscles(rng, cv, lev, frame, spine, ext["left_kidney"][1] - 2 * f)
+    _paint_spine(rng, cv, lev, spine, za)
+    _paint_vessels(rng, cv, lev, frame, spine, za, nz_nat, bowel_top, f)
+    return cv, cv.body, ext
 
-    # ---- body: polar description around a fixed centre; depth below the skin drives the layers
+
+def _paint_body(rng: np.random.Generator, cv: _Canvas, lev: dict, za: np.ndarray, nz_nat: int) -> _BodyFrame:
+    """Body outline with skin, fat and muscle-wall layers; sets ``cv.body`` and ``cv.cavity``."""
+    nz = cv.img.shape[2]
+    # polar description around a fixed centre; depth below the skin drives the layers
     cx0 = SIZE / 2 + rng.normal(0, 3)
     cy0 = SIZE / 2 + rng.normal(-5, 3)
     bx = rng.uniform(118, 145)                            # lateral semi-axis (px); wide ones touch the FOV
@@ -293,39 +366,21 @@ def _render(rng: np.random.Generator, nz_nat: int, nz: int) -> tuple[_Canvas, np
                            + (lev["muscle"] - lev["fat"]) * w(2.0 + fat_here)
                            + (lev["viscera"] - lev["muscle"]) * w(2.0 + fat_here + wall_t))
         cv.cavity[:, :, k] = depth > 2.5 + fat_here + wall_t
+    return _BodyFrame(cx0, cy0, bx, byp, bya, fat_t)
 
-    def tube(first, last, cx, cy, ax, ay, theta, p=2.0, amps=(), drift=1.0):
-        ks = np.arange(first, last + 1)
-        n = len(ks)
-        amp, phase = _harmonics(rng, n, amps, drift) if amps else (np.zeros(0), np.zeros((0, n)))
-        b = lambda a: np.broadcast_to(np.asarray(a, float), (n,))  # noqa: E731
-        return _Tube(ks, b(cx), b(cy), b(ax), b(ay), b(theta), p, amp, phase)
 
-    def wall_x(y: float, k: int, side: int, fallback: float) -> float:
-        """x of the inner abdominal wall on row y of slice k (side -1: patient's right, +1: left)."""
-        row = np.nonzero(cv.cavity[:, int(np.clip(round(y), 0, SIZE - 1)), int(np.clip(k, 0, nz - 1))])[0]
-        if row.size == 0:
-            return fallback
-        return float(row[0] if side < 0 else row[-1])
-
-    def organ_t(first, last):
-        """Normalised position 0..1 along an organ (feet -> head) at each of its slices."""
-        n = last - first + 1
-        return (np.arange(n) + 0.5) / n
-
-    ext_nat = _layout(rng, nz_nat)
-    ext = {name: _extent(a, b, f) for name, (a, b) in ext_nat.items()}
-    liv_bot, liv_top = ext["liver"]
-    y_post = cy0 - byp
-
-    # ---- spine geometry (needed by several structures)
+def _draw_spine(rng: np.random.Generator, frame: _BodyFrame) -> _Spine:
+    """Spine geometry, drawn early because several structures are placed relative to it."""
     vb_r = rng.uniform(14, 18)
-    vb_x = cx0 + rng.normal(0, 2)
-    vb_y = y_post + rng.uniform(60, 74)
+    vb_x = frame.cx0 + rng.normal(0, 2)
+    vb_y = frame.y_post + rng.uniform(60, 74)
+    return _Spine(vb_r, vb_x, vb_y)
 
-    # ---- visceral background below the dome: patches of fluid-filled bowel (bright on T2) and of
-    # fat-suppressed mesentery (dark) from a thresholded smooth random field, soft-edged
-    clutter_top = max(1, ext["liver"][1] - 2 * f)
+
+def _paint_visceral_background(rng: np.random.Generator, cv: _Canvas, lev: dict, clutter_top: float,
+                               f: float) -> None:
+    """Visceral background below the dome: soft-edged patches of fluid-filled bowel (bright on T2) and of
+    fat-suppressed mesentery (dark) from a thresholded smooth random field."""
     kc = int(np.ceil(clutter_top))
     field = _smooth_field(rng, kc, rng.uniform(9, 14), rng.uniform(1.0, 1.6) * f)
     fine = _smooth_field(rng, kc, 3.5, 0.8)
@@ -340,8 +395,12 @@ def _render(rng: np.random.Generator, nz_nat: int, nz: int) -> tuple[_Canvas, np
     mixed = sub * (1 - w_fluid - w_fat) + fluid * w_fluid + lev["fat"] * w_fat
     mixed *= (1.0 - 0.45 * rim) * (1.0 + 0.12 * fine)
     sub[cav] = mixed[cav]
-    del field, fine, w_fluid, w_fat, rim, mixed
-    # small structures on top: mesenteric vessels and lymph nodes (bright dots), fat strands (dark)
+
+
+def _paint_small_structures(rng: np.random.Generator, cv: _Canvas, frame: _BodyFrame, clutter_top: float) -> None:
+    """Mesenteric vessels and lymph nodes (bright dots) and fat strands (dark) over the visceral background."""
+    nz = cv.img.shape[2]
+    cx0, cy0, bx, byp, bya = frame.cx0, frame.cy0, frame.bx, frame.byp, frame.bya
     n_cl = int(rng.integers(200, 300))
     cl_k = (clutter_top * rng.uniform(0, 1, n_cl) ** 0.7).astype(int)
     for n in range(n_cl):
@@ -350,14 +409,18 @@ def _render(rng: np.random.Generator, nz_nat: int, nz: int) -> tuple[_Canvas, np
         kind = rng.choice(3, p=[0.45, 0.35, 0.2])
         level = [rng.uniform(40, 110), rng.uniform(220, 420), rng.uniform(450, 800)][kind]
         a = rng.uniform(2.5, 9) if kind < 2 else rng.uniform(1.5, 4.5)
-        t = tube(k0, k1, cx0 + bx * rng.uniform(-0.75, 0.8), cy0 + rng.uniform(-0.6 * byp, 0.85 * bya),
-                 a, a * rng.uniform(0.4, 1.0), rng.uniform(0, np.pi), amps=(0.1,))
+        t = _tube(rng, k0, k1, cx0 + bx * rng.uniform(-0.75, 0.8), cy0 + rng.uniform(-0.6 * byp, 0.85 * bya),
+                  a, a * rng.uniform(0.4, 1.0), rng.uniform(0, np.pi), amps=(0.1,))
         for k, box, r, _, _ in t.slices():
             cv.paint(k, box, r < 1, level)
 
-    # ---- bowel loops and colon (heterogeneous), below the diaphragm
+
+def _paint_bowel(rng: np.random.Generator, cv: _Canvas, lev: dict, frame: _BodyFrame, bowel_top: float,
+                 f: float) -> None:
+    """Bowel loops and colon (heterogeneous), below the diaphragm."""
+    nz = cv.img.shape[2]
+    cx0, cy0, bx, byp, bya = frame.cx0, frame.cy0, frame.bx, frame.byp, frame.bya
     n_bowel = int(rng.integers(80, 130))
-    bowel_top = max(0.0, liv_top - 3 * f)
     for _ in range(n_bowel):
         # small-bowel loops are mostly fluid-filled (bright on T2), some with chyme, a few with gas
         kind = rng.choice(3, p=[0.35, 0.55, 0.1])
@@ -373,60 +436,75 @@ def _render(rng: np.random.Generator, nz_nat: int, nz: int) -> tuple[_Canvas, np
         dz = rng.normal(0, 4, size=2)
         zz = np.linspace(-1, 1, k1 - k0 + 1)
         sc = np.sqrt(np.clip(1 - (zz * 0.8) ** 2, 0.2, 1))
-        t = tube(k0, k1, bxc + dz[0] * zz, byc + dz[1] * zz, a * sc, b_ * sc, rng.uniform(0, np.pi),
-                 amps=(0.12, 0.08))
+        t = _tube(rng, k0, k1, bxc + dz[0] * zz, byc + dz[1] * zz, a * sc, b_ * sc, rng.uniform(0, np.pi),
+                  amps=(0.12, 0.08))
         for k, box, r, _, _ in t.slices():
             cv.paint(k, box, r < 1, lev["bowel_wall"])
             cv.paint(k, box, r < 0.78, level)
 
-    # ---- stomach: upper left, anterior to the spleen
+
+def _paint_stomach(rng: np.random.Generator, cv: _Canvas, lev: dict, frame: _BodyFrame, ext: dict) -> None:
+    """Stomach: upper left, anterior to the spleen."""
+    nz = cv.img.shape[2]
+    cx0, cy0, bx, bya = frame.cx0, frame.cy0, frame.bx, frame.bya
     sp_bot, sp_top = ext["spleen"]
+    liv_top = ext["liver"][1]
     st_lo, st_hi = max(0, (sp_bot + sp_top) // 2 - 2), min(nz - 1, liv_top - 1)
     if st_hi >= st_lo:
-        tt = organ_t(st_lo, st_hi)
+        tt = _organ_t(st_lo, st_hi)
         s = _profile(tt, 0.4, 1.0, 0.6)
         level = [rng.uniform(500, 850), rng.uniform(220, 380), rng.uniform(15, 40)][rng.choice(3, p=[.5, .35, .15])]
-        t = tube(st_lo, st_hi, cx0 + bx * rng.uniform(0.2, 0.4), cy0 + bya * rng.uniform(0.15, 0.35),
-                 rng.uniform(22, 34) * s, rng.uniform(16, 24) * s, rng.uniform(0, np.pi), amps=(0.1, 0.06))
+        t = _tube(rng, st_lo, st_hi, cx0 + bx * rng.uniform(0.2, 0.4), cy0 + bya * rng.uniform(0.15, 0.35),
+                  rng.uniform(22, 34) * s, rng.uniform(16, 24) * s, rng.uniform(0, np.pi), amps=(0.1, 0.06))
         for k, box, r, _, _ in t.slices():
             cv.paint(k, box, r < 1, lev["bowel_wall"])
             cv.paint(k, box, r < 0.82, level)
 
-    # ---- lung bases and heart above the diaphragm
+
+def _paint_chest(rng: np.random.Generator, cv: _Canvas, lev: dict, frame: _BodyFrame, liv_top: int,
+                 f: float) -> None:
+    """Lung bases and heart above the diaphragm."""
+    nz = cv.img.shape[2]
+    cx0, cy0, bx, byp, bya, y_post = frame.cx0, frame.cy0, frame.bx, frame.byp, frame.bya, frame.y_post
     lung_lo = max(0, liv_top - int(rng.integers(3, 8) * f))
     for side in (-1, 1):
         tt = (np.arange(lung_lo, nz) - lung_lo + 1) / (nz - lung_lo)
         s = np.clip(tt, 0.3, 1.0) ** 0.7
-        t = tube(lung_lo, nz - 1, cx0 + side * 0.5 * bx, y_post + byp * rng.uniform(0.55, 0.75),
-                 0.42 * bx * s, 0.62 * byp * s, rng.uniform(-0.3, 0.3), amps=(0.08, 0.05))
+        t = _tube(rng, lung_lo, nz - 1, cx0 + side * 0.5 * bx, y_post + byp * rng.uniform(0.55, 0.75),
+                  0.42 * bx * s, 0.62 * byp * s, rng.uniform(-0.3, 0.3), amps=(0.08, 0.05))
         for k, box, r, _, _ in t.slices():
             cv.paint(k, box, r < 1, lev["lung"])
     heart_lo = max(0, liv_top - int(rng.integers(0, 3) * f))
     if heart_lo <= nz - 1:
         tt = (np.arange(heart_lo, nz) - heart_lo + 1) / (nz - heart_lo)
         s = np.clip(tt, 0.35, 1.0) ** 0.5
-        t = tube(heart_lo, nz - 1, cx0 + bx * rng.uniform(0.05, 0.25), cy0 + bya * rng.uniform(0.3, 0.5),
-                 0.35 * bx * s, 0.38 * bya * s, rng.uniform(-0.5, 0.5), amps=(0.06,))
+        t = _tube(rng, heart_lo, nz - 1, cx0 + bx * rng.uniform(0.05, 0.25), cy0 + bya * rng.uniform(0.3, 0.5),
+                  0.35 * bx * s, 0.38 * bya * s, rng.uniform(-0.5, 0.5), amps=(0.06,))
         for k, box, r, _, _ in t.slices():
             cv.paint(k, box, r < 1, lev["heart"])
 
-    # ---- liver: right lobe (whole extent) + left lobe (upper part), bright vessels, gallbladder
-    tt = organ_t(liv_bot, liv_top)
+
+def _paint_liver(rng: np.random.Generator, cv: _Canvas, lev: dict, frame: _BodyFrame, spine: _Spine,
+                 extent: tuple[int, int], f: float) -> None:
+    """Liver: right lobe (whole extent) + left lobe (upper part), bright vessels, gallbladder."""
+    cx0, cy0, bx, bya = frame.cx0, frame.cy0, frame.bx, frame.bya
+    liv_bot, liv_top = extent
+    tt = _organ_t(liv_bot, liv_top)
     gam = rng.uniform(1.5, 2.4)
     s = _profile(tt, 0.28, gam, rng.uniform(0.45, 0.75))
     rl_ax, rl_ay = rng.uniform(50, 62), rng.uniform(55, 68)
     rl_cy = cy0 + rng.uniform(0, 20) + 15 * (1 - tt)
     # the right lobe hugs the right lateral wall at every level
-    x_wall = wall_x(rl_cy[len(tt) // 2], (liv_bot + liv_top) // 2, -1, cx0 - bx + 20)
+    x_wall = _wall_x(cv, rl_cy[len(tt) // 2], (liv_bot + liv_top) // 2, -1, cx0 - bx + 20)
     rl_cx = x_wall + rl_ax * s * rng.uniform(0.75, 0.9)
-    right = tube(liv_bot, liv_top, rl_cx, rl_cy, rl_ax * s, rl_ay * s, rng.uniform(-0.4, 0.4),
-                 p=rng.uniform(2.0, 2.6), amps=(0.08, 0.05, 0.03))
+    right = _tube(rng, liv_bot, liv_top, rl_cx, rl_cy, rl_ax * s, rl_ay * s, rng.uniform(-0.4, 0.4),
+                  p=rng.uniform(2.0, 2.6), amps=(0.08, 0.05, 0.03))
     lobe_lo = liv_bot + int(round((liv_top - liv_bot) * rng.uniform(0.35, 0.55)))
-    t2 = organ_t(lobe_lo, liv_top)
+    t2 = _organ_t(lobe_lo, liv_top)
     s2 = _profile(t2, 0.2, 1.0, 0.6)
-    left = tube(lobe_lo, liv_top, vb_x + rng.uniform(0, 25), cy0 + bya * rng.uniform(0.45, 0.6),
-                rng.uniform(50, 65) * s2, rng.uniform(24, 32) * s2, rng.uniform(-0.45, 0.1),
-                amps=(0.1, 0.05))
+    left = _tube(rng, lobe_lo, liv_top, spine.vb_x + rng.uniform(0, 25), cy0 + bya * rng.uniform(0.45, 0.6),
+                 rng.uniform(50, 65) * s2, rng.uniform(24, 32) * s2, rng.uniform(-0.45, 0.1),
+                 amps=(0.1, 0.05))
     for part in (right, left):
         for k, box, r, _, _ in part.slices():
             cv.paint(k, box, r < 1, lev["liver"], label=LABELS["liver"])
@@ -434,22 +512,26 @@ def _render(rng: np.random.Generator, nz_nat: int, nz: int) -> tuple[_Canvas, np
     if rng.uniform() < 0.75:                              # gallbladder under the liver, not labelled
         g_lo = liv_bot + int((liv_top - liv_bot) * rng.uniform(0.1, 0.3))
         g_hi = min(liv_top, g_lo + max(1, int(rng.integers(2, 6) * f)))
-        tt = organ_t(g_lo, g_hi)
+        tt = _organ_t(g_lo, g_hi)
         s = _profile(tt, 0.5, 1.0, 0.5)
-        t = tube(g_lo, g_hi, cx0 - bx * rng.uniform(0.15, 0.3), cy0 + bya * rng.uniform(0.3, 0.5),
-                 rng.uniform(9, 15) * s, rng.uniform(6, 10) * s, rng.uniform(0, np.pi))
+        t = _tube(rng, g_lo, g_hi, cx0 - bx * rng.uniform(0.15, 0.3), cy0 + bya * rng.uniform(0.3, 0.5),
+                  rng.uniform(9, 15) * s, rng.uniform(6, 10) * s, rng.uniform(0, np.pi))
         for k, box, r, _, _ in t.slices():
             cv.paint(k, box, r < 1, lev["gallbladder"], label=0)
 
-    # ---- spleen: posterolateral left, long axis along the wall, concave medial face
-    tt = organ_t(sp_bot, sp_top)
+
+def _paint_spleen(rng: np.random.Generator, cv: _Canvas, lev: dict, frame: _BodyFrame,
+                  extent: tuple[int, int]) -> None:
+    """Spleen: posterolateral left, long axis along the wall, concave medial face."""
+    sp_bot, sp_top = extent
+    tt = _organ_t(sp_bot, sp_top)
     s = _profile(tt, 0.35, rng.uniform(0.8, 1.3), 0.6)
-    sp_cy = y_post + rng.uniform(48, 68) + 14 * (tt - 0.5)   # lower pole more posterior
+    sp_cy = frame.y_post + rng.uniform(48, 68) + 14 * (tt - 0.5)   # lower pole more posterior
     sp_a, sp_b, sp_th = rng.uniform(42, 52), rng.uniform(24, 30), np.deg2rad(rng.uniform(55, 85))
     half_x = np.hypot(sp_a * np.cos(sp_th), sp_b * np.sin(sp_th)) * s
-    x_wall = wall_x(sp_cy[len(tt) // 2], (sp_bot + sp_top) // 2, 1, cx0 + bx - 20)
+    x_wall = _wall_x(cv, sp_cy[len(tt) // 2], (sp_bot + sp_top) // 2, 1, frame.cx0 + frame.bx - 20)
     sp_cx = x_wall - half_x * rng.uniform(0.7, 0.85)     # against the left posterolateral wall
-    spl = tube(sp_bot, sp_top, sp_cx, sp_cy, sp_a * s, sp_b * s, sp_th, p=2.2, amps=(0.08, 0.04))
+    spl = _tube(rng, sp_bot, sp_top, sp_cx, sp_cy, sp_a * s, sp_b * s, sp_th, p=2.2, amps=(0.08, 0.04))
     bite = rng.uniform(0.25, 0.45)
     for k, box, r, u, v in spl.slices():
         # the medial face (+v points to -x, medially, for this orientation) is hollowed by the
@@ -457,16 +539,19 @@ def _render(rng: np.random.Generator, nz_nat: int, nz: int) -> tuple[_Canvas, np
         hollow = ((v - 1.35) ** 2 / 0.7 + u * u / 1.4) < bite + 0.6
         cv.paint(k, box, (r < 1) & ~hollow, lev["spleen"], label=LABELS["spleen"])
 
-    # ---- kidneys: bean-shaped, long axis tilted with the anterior pole lateral, darker sinus medially
+
+def _paint_kidneys(rng: np.random.Generator, cv: _Canvas, lev: dict, spine: _Spine, ext: dict) -> None:
+    """Kidneys: bean-shaped, long axis tilted with the anterior pole lateral, darker sinus medially."""
+    vb_r, vb_x, vb_y = spine.vb_r, spine.vb_x, spine.vb_y
     for name, side in (("right_kidney", -1), ("left_kidney", 1)):
         k_bot, k_top = ext[name]
-        tt = organ_t(k_bot, k_top)
+        tt = _organ_t(k_bot, k_top)
         s = _profile(tt, 0.33, 1.0, 0.5)
         kcx = vb_x + side * (rng.uniform(50, 60) - 5 * (tt - 0.5))
         kcy = vb_y - vb_r * rng.uniform(0.8, 1.3) - 5 * (tt - 0.5)
         tilt = np.deg2rad(rng.uniform(8, 30))
-        kid = tube(k_bot, k_top, kcx, kcy, rng.uniform(27, 33) * s, rng.uniform(17, 21) * s,
-                   np.pi / 2 - side * tilt, p=2.0, amps=(0.05, 0.03), drift=0.3)
+        kid = _tube(rng, k_bot, k_top, kcx, kcy, rng.uniform(27, 33) * s, rng.uniform(17, 21) * s,
+                    np.pi / 2 - side * tilt, p=2.0, amps=(0.05, 0.03), drift=0.3)
         mid = np.exp(-((tt - 0.5) / 0.22) ** 2)             # the hilum shows in the middle slices
         for n, (k, box, r, u, v) in enumerate(kid.slices()):
             # the v axis points to -x (the patient's right) for both kidneys: medial is -v for the right
@@ -483,51 +568,69 @@ def _render(rng: np.random.Generator, nz_nat: int, nz: int) -> tuple[_Canvas, np
             cv.paint(k, box, inside, val, label=LABELS[name])
             cv.paint(k, box, hilum & (r < 1.05), lev["viscera"] * 0.6, label=0)
 
-    # ---- muscles, spine and great vessels (painted last: they clear organ labels where they overlap)
-    ps_top = ext["left_kidney"][1] - 2 * f
+
+def _paint_back_muscles(rng: np.random.Generator, cv: _Canvas, lev: dict, frame: _BodyFrame, spine: _Spine,
+                        ps_top: float) -> None:
+    """Psoas (tapering off above ``ps_top``) and paraspinal muscles on both sides of the spine."""
+    nz = cv.img.shape[2]
+    vb_r, vb_x, vb_y = spine.vb_r, spine.vb_x, spine.vb_y
     for side in (-1, 1):
         ks = np.arange(0, nz)
         rr = 4 + 9 * np.clip((ps_top - ks) / max(ps_top, 1), 0, 1)
-        t = tube(0, nz - 1, vb_x + side * (vb_r + 6 + 0.6 * rr), vb_y + 2, rr * 1.2, rr, 0.0, amps=(0.05,))
+        t = _tube(rng, 0, nz - 1, vb_x + side * (vb_r + 6 + 0.6 * rr), vb_y + 2, rr * 1.2, rr, 0.0, amps=(0.05,))
         for k, box, r, _, _ in t.slices():
             if k <= ps_top:
                 cv.paint(k, box, r < 1, lev["muscle"], label=0)
-        t = tube(0, nz - 1, vb_x + side * rng.uniform(20, 25), y_post + 2 + fat_t + rng.uniform(15, 19),
-                 rng.uniform(15, 19), rng.uniform(13, 17), side * rng.uniform(0, 0.3), amps=(0.05,))
+        t = _tube(rng, 0, nz - 1, vb_x + side * rng.uniform(20, 25),
+                  frame.y_post + 2 + frame.fat_t + rng.uniform(15, 19),
+                  rng.uniform(15, 19), rng.uniform(13, 17), side * rng.uniform(0, 0.3), amps=(0.05,))
         for k, box, r, _, _ in t.slices():
             cv.paint(k, box, r < 1, lev["muscle"] * 0.9, label=0, clip="body")
+
+
+def _paint_spine(rng: np.random.Generator, cv: _Canvas, lev: dict, spine: _Spine, za: np.ndarray) -> None:
+    """Posterior arch, vertebral bodies alternating with discs along z, and the bright CSF canal."""
+    nz = cv.img.shape[2]
+    vb_r, vb_x, vb_y = spine.vb_r, spine.vb_x, spine.vb_y
     disc_period, disc_phase = rng.uniform(4.0, 4.6), rng.uniform(0, 4)
     disc = ((za + disc_phase) % disc_period) < 0.9
-    arch = tube(0, nz - 1, vb_x, vb_y - vb_r - 10, vb_r * 1.3, 11.0, 0.0)
+    arch = _tube(rng, 0, nz - 1, vb_x, vb_y - vb_r - 10, vb_r * 1.3, 11.0, 0.0)
     for k, box, r, _, _ in arch.slices():
         cv.paint(k, box, r < 1, lev["arch"], label=0, clip="body")
-    verts = tube(0, nz - 1, vb_x, vb_y, vb_r, vb_r * 0.92, 0.0, amps=(0.03,))
+    verts = _tube(rng, 0, nz - 1, vb_x, vb_y, vb_r, vb_r * 0.92, 0.0, amps=(0.03,))
     for k, box, r, _, _ in verts.slices():
         cv.paint(k, box, r < 1, lev["disc"] if disc[k] else lev["vertebra"], label=0, clip="body")
         cv.paint(k, box, (r < 1) & (r > 0.93), lev["arch"], label=0, clip="body")
     canal_r = rng.uniform(5.5, 7.5)
-    canal = tube(0, nz - 1, vb_x, vb_y - vb_r - canal_r - 2, canal_r, canal_r * 0.9, 0.0)
+    canal = _tube(rng, 0, nz - 1, vb_x, vb_y - vb_r - canal_r - 2, canal_r, canal_r * 0.9, 0.0)
     for k, box, r, _, _ in canal.slices():
         cv.paint(k, box, r < 1, lev["csf"], label=0, clip="body")
+
+
+def _paint_vessels(rng: np.random.Generator, cv: _Canvas, lev: dict, frame: _BodyFrame, spine: _Spine,
+                   za: np.ndarray, nz_nat: int, bowel_top: float, f: float) -> None:
+    """Aorta, IVC and a few small mesenteric vessels."""
+    nz = cv.img.shape[2]
+    cx0, cy0, bx, bya = frame.cx0, frame.cy0, frame.bx, frame.bya
+    vb_r, vb_x, vb_y = spine.vb_r, spine.vb_x, spine.vb_y
     ao_r = rng.uniform(7, 10)
-    aorta = tube(0, nz - 1, vb_x + rng.uniform(6, 14), vb_y + vb_r + ao_r + 1 + 3 * np.sin(za / nz_nat * 2),
-                 ao_r, ao_r, 0.0)
+    aorta = _tube(rng, 0, nz - 1, vb_x + rng.uniform(6, 14), vb_y + vb_r + ao_r + 1 + 3 * np.sin(za / nz_nat * 2),
+                  ao_r, ao_r, 0.0)
     for k, box, r, _, _ in aorta.slices():
         cv.paint(k, box, r < 1, lev["vessel_wall"], label=0, clip="body")
         cv.paint(k, box, r < 0.75, lev["aorta"], label=0, clip="body")
-    ivc = tube(0, nz - 1, vb_x - vb_r * rng.uniform(0.9, 1.4), vb_y + vb_r + rng.uniform(8, 14),
-               rng.uniform(9, 13), rng.uniform(6, 9), rng.uniform(-0.3, 0.3), amps=(0.08,))
+    ivc = _tube(rng, 0, nz - 1, vb_x - vb_r * rng.uniform(0.9, 1.4), vb_y + vb_r + rng.uniform(8, 14),
+                rng.uniform(9, 13), rng.uniform(6, 9), rng.uniform(-0.3, 0.3), amps=(0.08,))
     for k, box, r, _, _ in ivc.slices():
         cv.paint(k, box, r < 1, lev["ivc"], label=0, clip="body")
     for _ in range(int(rng.integers(8, 16))):              # small mesenteric vessels
         k0 = int(rng.integers(0, max(1, bowel_top * f)))
         k1 = min(nz - 1, k0 + int(rng.integers(1, 4)))
         rr = rng.uniform(1.5, 3)
-        t = tube(k0, k1, cx0 + bx * rng.uniform(-0.3, 0.4) + rng.normal(0, 3, 1), cy0 + bya * rng.uniform(0, 0.5),
-                 rr, rr, 0.0)
+        t = _tube(rng, k0, k1, cx0 + bx * rng.uniform(-0.3, 0.4) + rng.normal(0, 3, 1),
+                  cy0 + bya * rng.uniform(0, 0.5), rr, rr, 0.0)
         for k, box, r, _, _ in t.slices():
             cv.paint(k, box, r < 1, lev["ivc"] * rng.uniform(0.9, 1.4), label=0)
-    return cv, body, ext
 
 
 def _liver_vessels(rng, cv: _Canvas, lev: dict, right: _Tube, liv_bot: int, liv_top: int, f: float) -> None:
