@@ -32,6 +32,7 @@ Writes ``benchmarks/results/engine-<host>.json`` and the Markdown summary it pri
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import json
 import shutil
@@ -42,6 +43,7 @@ import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any, Sequence
 
 # This script is named like the ``engine`` package: drop its own folder from the import path (Python puts it first)
 # so that ``import engine`` finds the package, and load the shared helpers from their file.
@@ -279,7 +281,84 @@ def _ends_medians(runs: list[dict]) -> dict:
 SECTIONS = ("compression", "kernel", "serial", "engine", "memory")
 
 
-def main(argv=None) -> int:
+@dataclasses.dataclass
+class _Settings:
+    """The options of one run, resolved: config, sections to skip, volumes, repeats and worker counts."""
+
+    args: argparse.Namespace
+    cfg: Any
+    skip: set[str]
+    max_vol: int | None
+    repeats: int
+    counts: list[int]
+    extra: list[str]                         # the config options, passed on to every cli.py run
+
+    @property
+    def workers_all(self) -> int:
+        """What "all workers" means: the largest count asked for."""
+        return self.counts[-1]
+
+
+class _KernelRounds:
+    """The bare kernel timed in rounds at every thread count: the rounds beside the CHAOS runs, and the CPU per
+    slice of every round."""
+
+    def __init__(self, raw: np.ndarray, fg: np.ndarray, sp_cfg: Any, counts: list[int]) -> None:
+        self.raw, self.fg, self.sp_cfg, self.counts, self.n = raw, fg, sp_cfg, counts, len(raw)
+        self.times: dict[int, list[float]] = {w: [] for w in counts}
+        self.cpu: dict[int, list[float]] = {w: [] for w in counts}
+
+    def round(self) -> dict[int, float]:
+        """One round of the bare kernel at every thread count: seconds per count (its CPU is kept aside)."""
+        times = {}
+        for w in self.counts:
+            c0 = time.process_time()
+            times[w] = kernel_rate(self.raw, self.fg, self.sp_cfg, w)
+            self.cpu[w].append((time.process_time() - c0) / self.n)
+        return times
+
+    def round_beside_chaos(self) -> None:
+        """One round, kept with the rounds that the CHAOS runs are compared with."""
+        for w, t in self.round().items():
+            self.times[w].append(t)
+
+
+@dataclasses.dataclass
+class _Measured:
+    """What the timed sections leave for the summary: engine runs, kernel rounds, the kernel before the 10x runs."""
+
+    n: int                                                      # slices of the CHAOS runs
+    engine: dict = dataclasses.field(default_factory=dict)      # (backend, key) -> summarise_engine of its runs
+    workers_of: dict[tuple, int] = dataclasses.field(default_factory=dict)  # (backend, key) -> its workers
+    kernel: _KernelRounds | None = None
+    kernel_10x: dict[int, float] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class _KernelRates:
+    """The bare kernel's figures the ratios use: median slices/s, slices/s round by round, median CPU ms/slice."""
+
+    rate: dict[int, float] = dataclasses.field(default_factory=dict)
+    by_round: dict[int, list[float]] = dataclasses.field(default_factory=dict)
+    cpu_ms: dict[int, float] = dataclasses.field(default_factory=dict)
+
+
+class _Ratios:
+    """Ratios by name; each ratio of two interleaved series also round by round."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, float] = {}
+        self.rounds: dict[str, list[float]] = {}
+
+    def add(self, key: str, num: float, den: float, num_rounds: Sequence[float] = (),
+            den_rounds: Sequence[float] = ()) -> None:
+        """``num / den``, and the same ratio of the two series paired round by round."""
+        self.values[key] = num / den
+        self.rounds[key] = common.round_ratios(num_rounds, den_rounds)
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The command line."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--input", default=str(common.DEFAULT_CHAOS), help="folder of CHAOS .nii.gz volumes")
     ap.add_argument("--repeats", type=common.positive_int, default=None,
@@ -291,223 +370,286 @@ def main(argv=None) -> int:
     ap.add_argument("--workers", default=None,
                     help="engine/kernel worker counts, e.g. 1,2,16 (default: 1 and all cores)")
     common.add_output_args(ap, "16core")
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
+
+
+def _settings(args: argparse.Namespace) -> _Settings:
+    """The options resolved, each checked before any work (sections to skip, input, config, worker counts)."""
     skip = set(common.parse_choices(args.skip, SECTIONS, "--skip")) if args.skip.strip() else set()
     common.check_source(args.input)
     cfg = common.load_config(args.config, args.set)
-    max_vol = 4 if args.quick else None
-    repeats = args.repeats or (1 if args.quick else 2)
     counts = common.parse_int_list(args.workers) if args.workers else sorted({1, common.n_cores()})
-    workers_all = counts[-1]                 # "all workers" = the largest count asked for
-    info = common.host_info()
-    result: dict = {"host": info, "input": args.input, "method": cfg.superpixels.method,
-                    "params": json.loads(json.dumps(vars(cfg.superpixels.slic))),
-                    "engine_config": vars(cfg.engine).copy(), "quick": args.quick, "repeats": repeats}
-    tmp = Path(tempfile.mkdtemp(prefix="bench-engine-", dir=args.tmp))
     extra = [f"--set={o}" for o in args.set] + (["--config", args.config] if args.config else [])
-    try:
-        say(f"loading {args.input} ...")
-        raw, image, label, fg, refs = load_chaos(args.input, cfg, max_vol)
-        n = len(raw)
-        result["slices"] = n
-        result["volumes"] = len(refs)
-        say(f"{n} slices from {len(refs)} volumes")
-        from engine.superpixels import pseudolabels_u16
-        pseudolabels_u16(raw[0], fg[0], cfg.superpixels)                 # kernel loaded before any timing
+    return _Settings(args, cfg, skip, max_vol=4 if args.quick else None,
+                     repeats=args.repeats or (1 if args.quick else 2), counts=counts, extra=extra)
 
-        if "compression" not in skip:
-            k = min(n, 144)                                               # about the first 4 volumes
-            say(f"compression (first {k} slices) ...")
-            result["compression"] = bench_compression(raw[:k], image[:k], label[:k], fg[:k], cfg.superpixels, tmp,
-                                                      repeats)
 
-        # The bare kernel is timed in rounds interleaved with the engine's (and once more before the 10x runs),
-        # so that both see the same machine: on a shared VM the speed drifts by 10% within minutes, and a
-        # kernel timed minutes before the engine skewed the "engine / kernel" ratios either way. Each engine
-        # figure is compared with the kernel rounds timed beside it: the CHAOS runs with the rounds of their
-        # loop, the 10x runs with the round just before them.
-        kernel_times = {w: [] for w in counts}
-        kernel_cpu: dict[int, list[float]] = {w: [] for w in counts}
-        kernel_10x: dict[int, float] = {}
+def _load(s: _Settings, result: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The CHAOS slices in memory (raw, image, label, fg), their counts into ``result``, the kernel loaded."""
+    say(f"loading {s.args.input} ...")
+    raw, image, label, fg, refs = load_chaos(s.args.input, s.cfg, s.max_vol)
+    result["slices"] = len(raw)
+    result["volumes"] = len(refs)
+    say(f"{len(raw)} slices from {len(refs)} volumes")
+    from engine.superpixels import pseudolabels_u16
+    pseudolabels_u16(raw[0], fg[0], s.cfg.superpixels)                 # kernel loaded before any timing
+    return raw, image, label, fg
 
-        def kernel_round() -> dict[int, float]:
-            """One round of the bare kernel at every thread count: seconds per count (its CPU is kept aside)."""
-            times = {}
-            for w in counts:
-                c0 = time.process_time()
-                times[w] = kernel_rate(raw, fg, cfg.superpixels, w)
-                kernel_cpu[w].append((time.process_time() - c0) / n)
-            return times
 
-        def kernel_round_beside_chaos() -> None:
-            for w, t in kernel_round().items():
-                kernel_times[w].append(t)
+def _run_serial(s: _Settings, tmp: Path) -> dict:
+    """The serial SSL-ALPNet-style pipeline, logged; its figures rounded for the result."""
+    say("serial SSL-ALPNet-style pipeline (read, Felzenszwalb recipe, write) ...")
+    r = serial_felzenszwalb(s.args.input, s.cfg, tmp, s.max_vol)
+    say(f"  {r['slices_per_s']:.1f} slices/s")
+    return {k: round(v, 3) for k, v in r.items()}
 
-        with_kernel = "kernel" not in skip
-        if with_kernel:
-            kernel_rate(raw[:20], fg[:20], cfg.superpixels, workers_all)  # warm
-            if "engine" in skip:
-                say("bare kernel ...")
-                for _ in range(repeats):
-                    kernel_round_beside_chaos()
 
-        if "serial" not in skip:
-            say("serial SSL-ALPNet-style pipeline (read, Felzenszwalb recipe, write) ...")
-            s = serial_felzenszwalb(args.input, cfg, tmp, max_vol)
-            result["serial_felzenszwalb"] = {k: round(v, 3) for k, v in s.items()}
-            say(f"  {s['slices_per_s']:.1f} slices/s")
+def _engine_configs(counts: list[int]) -> list[tuple]:
+    """Every engine configuration of a round."""
+    # (backend, key, workers, CPUs or None): below the core count also pinned to as many CPUs as
+    # workers (reader and writer included), keyed "<n>-pinned"
+    configs = [(b, w, w, None) for b in ("threads", "processes") for w in counts]
+    configs += [(b, f"{w}-pinned", w, common.first_cpus(w)) for b in ("threads", "processes")
+                for w in counts if w < common.n_cores()]
+    return configs
 
-        spec = common.engine_input(args.input, tmp / "in", max_volumes=max_vol)
-        engine = {}
-        workers_of: dict[tuple, int] = {}                 # (backend, key) -> workers of that configuration
-        if "engine" not in skip:
-            # (backend, key, workers, CPUs or None): below the core count also pinned to as many CPUs as
-            # workers (reader and writer included), keyed "<n>-pinned"
-            configs = [(b, w, w, None) for b in ("threads", "processes") for w in counts]
-            configs += [(b, f"{w}-pinned", w, common.first_cpus(w)) for b in ("threads", "processes")
-                        for w in counts if w < common.n_cores()]
-            say(f"engine runs (subprocesses): {[c[:2] for c in configs]} ...")
-            common.cli_preprocess(spec, tmp / "warm", workers_all, "threads", extra)    # page cache, numba cache
-            runs = {c[:2]: [] for c in configs}
-            workers_of = {c[:2]: c[2] for c in configs}
-            for r in range(repeats):
-                if with_kernel:
-                    kernel_round_beside_chaos()
-                    say(f"  round {r + 1} bare kernel: " + ", ".join(
-                        f"{w} thread(s) {n / kernel_times[w][-1]:.1f}" for w in counts) + " slices/s")
-                for b, key, nw, cpus in configs:
-                    run = common.cli_preprocess(spec, tmp / "run", nw, b, extra, cpus=cpus)
-                    runs[(b, key)].append(run)
-                    say(f"  round {r + 1} {b} x{key}: {run['profile']['slices_per_s']:.1f} slices/s "
-                        f"(engine), process {run['seconds']:.2f} s")
-            for c, rs in runs.items():
-                engine[c] = summarise_engine(rs)
-            result["engine"] = {f"{b}-{w}": v for (b, w), v in engine.items()}
 
-        if "memory" not in skip and not args.quick:
-            say("memory: CHAOS x10 (7180 slices, symlinked) ...")
-            big = common.engine_input(args.input, tmp / "big", copies=10)
-            if with_kernel:
-                kernel_10x = kernel_round()
-            mem = {}
-            for b in ("threads", "processes"):
-                r = common.cli_preprocess(big, tmp / "bigrun", workers_all, b, extra)
-                mem[b] = {"slices": r["profile"]["slices"], "peak_rss_mb": r["profile"]["memory"]["peak_rss_mb"],
-                          "engine_slices_per_s": r["profile"]["slices_per_s"]}
-                say(f"  {b}: {mem[b]}")
-            result["memory_10x"] = mem
+def _run_engine_rounds(s: _Settings, spec: str, tmp: Path, kernel: _KernelRounds | None) -> tuple[dict, dict]:
+    """The engine runs round-robin, a kernel round first in each round; (summaries, workers) by (backend, key)."""
+    configs = _engine_configs(s.counts)
+    say(f"engine runs (subprocesses): {[c[:2] for c in configs]} ...")
+    common.cli_preprocess(spec, tmp / "warm", s.workers_all, "threads", s.extra)    # page cache, numba cache
+    runs = {c[:2]: [] for c in configs}
+    for r in range(s.repeats):
+        if kernel is not None:
+            kernel.round_beside_chaos()
+            say(f"  round {r + 1} bare kernel: " + ", ".join(
+                f"{w} thread(s) {kernel.n / kernel.times[w][-1]:.1f}" for w in s.counts) + " slices/s")
+        for b, key, nw, cpus in configs:
+            run = common.cli_preprocess(spec, tmp / "run", nw, b, s.extra, cpus=cpus)
+            runs[(b, key)].append(run)
+            say(f"  round {r + 1} {b} x{key}: {run['profile']['slices_per_s']:.1f} slices/s "
+                f"(engine), process {run['seconds']:.2f} s")
+    return {c: summarise_engine(rs) for c, rs in runs.items()}, {c[:2]: c[2] for c in configs}
 
-        kernel: dict[int, float] = {}
-        kernel_by_round: dict[int, list[float]] = {}
-        kcpu: dict[int, float] = {}
-        if with_kernel:
-            result["kernel_rounds"] = len(kernel_times[counts[0]])
-            kcpu = {w: 1e3 * statistics.median(v) for w, v in kernel_cpu.items() if v}
-            result["kernel_cpu_ms_per_slice"] = {str(w): round(v, 4) for w, v in kcpu.items()}
-            for w in counts:
-                kernel[w] = n / statistics.median(kernel_times[w])
-                say(f"  kernel, {w} thread(s): {kernel[w]:.1f} slices/s (median of {len(kernel_times[w])} rounds)")
-            result["kernel_slices_per_s"] = {str(w): round(v, 1) for w, v in kernel.items()}
-            kernel_by_round = {w: [n / t for t in kernel_times[w]] for w in counts}
-            result["kernel_slices_per_s_rounds"] = {str(w): [round(v, 1) for v in rates]
-                                                    for w, rates in kernel_by_round.items()}
-            if kernel_10x:
-                result["kernel_slices_per_s_before_10x"] = {str(w): round(n / t, 1) for w, t in kernel_10x.items()}
 
-        # ratios and targets (issue 4); each ratio of two interleaved series also round by round
-        ratios: dict[str, float] = {}
-        per_round: dict[str, list[float]] = {}
+def _run_memory(s: _Settings, tmp: Path, kernel: _KernelRounds | None) -> tuple[dict, dict[int, float]]:
+    """The 10x CHAOS runs, both backends, after one more kernel round; (their figures, that kernel round)."""
+    say("memory: CHAOS x10 (7180 slices, symlinked) ...")
+    big = common.engine_input(s.args.input, tmp / "big", copies=10)
+    kernel_10x = kernel.round() if kernel is not None else {}
+    mem = {}
+    for b in ("threads", "processes"):
+        r = common.cli_preprocess(big, tmp / "bigrun", s.workers_all, b, s.extra)
+        mem[b] = {"slices": r["profile"]["slices"], "peak_rss_mb": r["profile"]["memory"]["peak_rss_mb"],
+                  "engine_slices_per_s": r["profile"]["slices_per_s"]}
+        say(f"  {b}: {mem[b]}")
+    return mem, kernel_10x
 
-        def ratio(key: str, num, den, num_rounds=(), den_rounds=()) -> None:
-            ratios[key] = num / den
-            per_round[key] = common.round_ratios(num_rounds, den_rounds)
 
-        if engine:
-            for b in ("threads", "processes"):
-                one, alln = engine.get((b, 1)), engine.get((b, workers_all))
-                one_pinned = engine.get((b, "1-pinned"))
-                for w in counts:
-                    if one and w > 1 and engine.get((b, w)):
-                        ratio(f"{b}: {w} workers / 1 worker", engine[(b, w)]["engine_slices_per_s"],
-                              one["engine_slices_per_s"], engine[(b, w)]["engine_slices_per_s_all"],
-                              one["engine_slices_per_s_all"])
-                    # w workers on w CPUs: the run pinned to them, or the free run when w is all the cores
-                    on_w = engine.get((b, f"{w}-pinned")) or (engine.get((b, w)) if w >= common.n_cores() else None)
-                    if one_pinned and w > 1 and on_w:
-                        ratio(f"{b}: {w} workers on {w} CPUs / 1 worker on 1 CPU", on_w["engine_slices_per_s"],
-                              one_pinned["engine_slices_per_s"], on_w["engine_slices_per_s_all"],
-                              one_pinned["engine_slices_per_s_all"])
-                for w in counts:
-                    for key, run in ((f"{b}: engine / bare kernel at {w} worker(s)", engine.get((b, w))),
-                                     (f"{b}: engine on {w} CPU(s) / bare kernel at {w} worker(s)",
-                                      engine.get((b, f"{w}-pinned")))):
-                        if kernel.get(w) and run:
-                            ratio(key, run["engine_slices_per_s"], kernel[w], run["engine_slices_per_s_all"],
-                                  kernel_by_round[w])
-                    run = engine.get((b, w))
-                    if kernel.get(w) and run and run.get("between_slices_per_s"):
-                        # not a target: how far the run's two ends pull the end-to-end rate down
-                        ratios[f"{b}: engine between its first and last result / kernel at {w} worker(s)"] = \
-                            run["between_slices_per_s"] / kernel[w]
-                big = result.get("memory_10x", {}).get(b)
-                if big and kernel_10x.get(workers_all):   # the same rate on 10x the slices: start-up costs spread out
-                    ratios[f"{b}: engine on 10x CHAOS / bare kernel at {workers_all} worker(s)"] = \
-                        big["engine_slices_per_s"] * kernel_10x[workers_all] / n
-                if "serial_felzenszwalb" in result and alln:
-                    ratios[f"{b}: engine ({workers_all} workers) / serial Felzenszwalb pipeline"] = \
-                        alln["engine_slices_per_s"] / result["serial_felzenszwalb"]["slices_per_s"]
-        result["ratios"] = {k: round(v, 3) for k, v in ratios.items()}
-        result["ratio_rounds"] = {k: [round(x, 3) for x in v] for k, v in per_round.items() if v}
-        targets = {}
-        for k, v in ratios.items():
-            if k.endswith(": 2 workers / 1 worker") or k.endswith(": 2 workers on 2 CPUs / 1 worker on 1 CPU"):
-                bound = 1.8
-            elif "bare kernel" in k:
-                bound = 0.5
-            elif "serial" in k:
-                bound = 10
-            else:
-                continue
-            targets[k] = {"value": round(v, 6), "target": f">= {bound}", "bound": bound, "met": v >= bound,
-                          "rounds": common.rounds_verdict(per_round.get(k, []), bound)}
-        if engine:
-            peak = max(e["peak_rss_mb"] for e in engine.values())
-            targets["peak RSS CHAOS (MB)"] = {"value": peak, "target": "< 1536", "met": peak < 1536}
-        if "memory_10x" in result:
-            worst = max(m["peak_rss_mb"] for m in result["memory_10x"].values())
-            targets["peak RSS 10x CHAOS (MB)"] = {"value": worst, "target": "< 1536", "met": worst < 1536}
-        # CPU-based view, robust to a shared machine: what one slice costs in CPU time, whoever else is running.
-        # At full use of the cores, "engine >= 50% of the bare kernel rate" means engine CPU per slice <= 2x the
-        # kernel's, and the engine at all cores vs the serial pipeline is (serial CPU / engine CPU) x cores.
-        for (b, w), e in engine.items():
-            nw = workers_of[(b, w)]                       # "1-pinned": 1 worker, against the 1-thread kernel
-            if kcpu.get(nw):
-                v = kcpu[nw] / e["cpu_ms_per_slice"]
-                targets[f"{b} x{w}: kernel CPU / engine CPU per slice"] = {
-                    "value": round(v, 6), "bound": 0.5,
-                    "target": ">= 0.5 (same as >= 50% of the kernel rate at full use)",
-                    "met": v >= 0.5}
-            if "serial_felzenszwalb" in result and w == workers_all:
-                v = result["serial_felzenszwalb"]["cpu_ms_per_slice"] / e["cpu_ms_per_slice"] * workers_all
-                targets[f"{b} x{w}: serial CPU / engine CPU per slice x {workers_all} cores"] = {
-                    "value": round(v, 6), "bound": 10, "target": ">= 10 (projected for an otherwise idle machine)",
-                    "met": v >= 10}
-        if kernel.get(1) and kernel.get(workers_all) and workers_all > 1:
-            result["machine_check_kernel_scaling"] = round(kernel[workers_all] / kernel[1], 3)
-        result["machine_check_memory"] = common.memory_touch_check()
-        result["targets"] = targets
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    common.finish_host_info(info)
-    warn = common.busy_warning(info)
-    if warn:
-        result["warning"] = warn
+def _run_sections(s: _Settings, tmp: Path, result: dict) -> _Measured:
+    """Every section asked for, in the docstring's order; figures into ``result``, what the summary needs back."""
+    raw, image, label, fg = _load(s, result)
+    m = _Measured(n=len(raw))
+    if "compression" not in s.skip:
+        k = min(m.n, 144)                                               # about the first 4 volumes
+        say(f"compression (first {k} slices) ...")
+        result["compression"] = bench_compression(raw[:k], image[:k], label[:k], fg[:k], s.cfg.superpixels, tmp,
+                                                  s.repeats)
+
+    # The bare kernel is timed in rounds interleaved with the engine's (and once more before the 10x runs),
+    # so that both see the same machine: on a shared VM the speed drifts by 10% within minutes, and a
+    # kernel timed minutes before the engine skewed the "engine / kernel" ratios either way. Each engine
+    # figure is compared with the kernel rounds timed beside it: the CHAOS runs with the rounds of their
+    # loop, the 10x runs with the round just before them.
+    if "kernel" not in s.skip:
+        m.kernel = _KernelRounds(raw, fg, s.cfg.superpixels, s.counts)
+        kernel_rate(raw[:20], fg[:20], s.cfg.superpixels, s.workers_all)  # warm
+        if "engine" in s.skip:
+            say("bare kernel ...")
+            for _ in range(s.repeats):
+                m.kernel.round_beside_chaos()
+    if "serial" not in s.skip:
+        result["serial_felzenszwalb"] = _run_serial(s, tmp)
+    spec = common.engine_input(s.args.input, tmp / "in", max_volumes=s.max_vol)
+    if "engine" not in s.skip:
+        m.engine, m.workers_of = _run_engine_rounds(s, spec, tmp, m.kernel)
+        result["engine"] = {f"{b}-{w}": v for (b, w), v in m.engine.items()}
+    if "memory" not in s.skip and not s.args.quick:
+        result["memory_10x"], m.kernel_10x = _run_memory(s, tmp, m.kernel)
+    return m
+
+
+def _kernel_summary(m: _Measured, result: dict) -> _KernelRates:
+    """The kernel's medians over its rounds, logged and into ``result``; none when the kernel was skipped."""
+    rates, kernel = _KernelRates(), m.kernel
+    if kernel is None:
+        return rates
+    n, counts = kernel.n, kernel.counts
+    result["kernel_rounds"] = len(kernel.times[counts[0]])
+    rates.cpu_ms = {w: 1e3 * statistics.median(v) for w, v in kernel.cpu.items() if v}
+    result["kernel_cpu_ms_per_slice"] = {str(w): round(v, 4) for w, v in rates.cpu_ms.items()}
+    for w in counts:
+        rates.rate[w] = n / statistics.median(kernel.times[w])
+        say(f"  kernel, {w} thread(s): {rates.rate[w]:.1f} slices/s (median of {len(kernel.times[w])} rounds)")
+    result["kernel_slices_per_s"] = {str(w): round(v, 1) for w, v in rates.rate.items()}
+    rates.by_round = {w: [n / t for t in kernel.times[w]] for w in counts}
+    result["kernel_slices_per_s_rounds"] = {str(w): [round(v, 1) for v in rs] for w, rs in rates.by_round.items()}
+    if m.kernel_10x:
+        result["kernel_slices_per_s_before_10x"] = {str(w): round(n / t, 1) for w, t in m.kernel_10x.items()}
+    return rates
+
+
+def _scaling_ratios(r: _Ratios, engine: dict, b: str, counts: list[int]) -> None:
+    """One backend's "w workers / 1 worker", per worker and per core."""
+    one, one_pinned = engine.get((b, 1)), engine.get((b, "1-pinned"))
+    for w in counts:
+        if one and w > 1 and engine.get((b, w)):
+            r.add(f"{b}: {w} workers / 1 worker", engine[(b, w)]["engine_slices_per_s"],
+                  one["engine_slices_per_s"], engine[(b, w)]["engine_slices_per_s_all"],
+                  one["engine_slices_per_s_all"])
+        # w workers on w CPUs: the run pinned to them, or the free run when w is all the cores
+        on_w = engine.get((b, f"{w}-pinned")) or (engine.get((b, w)) if w >= common.n_cores() else None)
+        if one_pinned and w > 1 and on_w:
+            r.add(f"{b}: {w} workers on {w} CPUs / 1 worker on 1 CPU", on_w["engine_slices_per_s"],
+                  one_pinned["engine_slices_per_s"], on_w["engine_slices_per_s_all"],
+                  one_pinned["engine_slices_per_s_all"])
+
+
+def _kernel_ratios(r: _Ratios, engine: dict, b: str, counts: list[int], kernel: _KernelRates) -> None:
+    """One backend's engine rates against the bare kernel's at the same worker count."""
+    for w in counts:
+        for key, run in ((f"{b}: engine / bare kernel at {w} worker(s)", engine.get((b, w))),
+                         (f"{b}: engine on {w} CPU(s) / bare kernel at {w} worker(s)",
+                          engine.get((b, f"{w}-pinned")))):
+            if kernel.rate.get(w) and run:
+                r.add(key, run["engine_slices_per_s"], kernel.rate[w], run["engine_slices_per_s_all"],
+                      kernel.by_round[w])
+        run = engine.get((b, w))
+        if kernel.rate.get(w) and run and run.get("between_slices_per_s"):
+            # not a target: how far the run's two ends pull the end-to-end rate down
+            r.values[f"{b}: engine between its first and last result / kernel at {w} worker(s)"] = \
+                run["between_slices_per_s"] / kernel.rate[w]
+
+
+def _ratios(s: _Settings, m: _Measured, kernel: _KernelRates, result: dict) -> _Ratios:
+    """The ratios of issue 4 (and the diagnostic ones) from the engine runs, the kernel and the serial pipeline."""
+    r = _Ratios()
+    if not m.engine:
+        return r
+    for b in ("threads", "processes"):
+        _scaling_ratios(r, m.engine, b, s.counts)
+        _kernel_ratios(r, m.engine, b, s.counts, kernel)
+        big = result.get("memory_10x", {}).get(b)
+        if big and m.kernel_10x.get(s.workers_all):   # the same rate on 10x the slices: start-up costs spread out
+            r.values[f"{b}: engine on 10x CHAOS / bare kernel at {s.workers_all} worker(s)"] = \
+                big["engine_slices_per_s"] * m.kernel_10x[s.workers_all] / m.n
+        alln = m.engine.get((b, s.workers_all))
+        if "serial_felzenszwalb" in result and alln:
+            r.values[f"{b}: engine ({s.workers_all} workers) / serial Felzenszwalb pipeline"] = \
+                alln["engine_slices_per_s"] / result["serial_felzenszwalb"]["slices_per_s"]
+    return r
+
+
+def _ratio_targets(r: _Ratios) -> dict:
+    """The targets on ratios: 2 workers >= 1.8x one, engine >= 0.5x the kernel, >= 10x the serial pipeline."""
+    targets = {}
+    for k, v in r.values.items():
+        if k.endswith(": 2 workers / 1 worker") or k.endswith(": 2 workers on 2 CPUs / 1 worker on 1 CPU"):
+            bound = 1.8
+        elif "bare kernel" in k:
+            bound = 0.5
+        elif "serial" in k:
+            bound = 10
+        else:
+            continue
+        targets[k] = {"value": round(v, 6), "target": f">= {bound}", "bound": bound, "met": v >= bound,
+                      "rounds": common.rounds_verdict(r.rounds.get(k, []), bound)}
+    return targets
+
+
+def _memory_targets(engine: dict, result: dict) -> dict:
+    """The peak RSS targets, of the CHAOS runs and of the 10x runs."""
+    targets = {}
+    if engine:
+        peak = max(e["peak_rss_mb"] for e in engine.values())
+        targets["peak RSS CHAOS (MB)"] = {"value": peak, "target": "< 1536", "met": peak < 1536}
+    if "memory_10x" in result:
+        worst = max(m["peak_rss_mb"] for m in result["memory_10x"].values())
+        targets["peak RSS 10x CHAOS (MB)"] = {"value": worst, "target": "< 1536", "met": worst < 1536}
+    return targets
+
+
+def _cpu_targets(s: _Settings, m: _Measured, kcpu: dict[int, float], result: dict) -> dict:
+    """The targets on CPU time per slice."""
+    # CPU-based view, robust to a shared machine: what one slice costs in CPU time, whoever else is running.
+    # At full use of the cores, "engine >= 50% of the bare kernel rate" means engine CPU per slice <= 2x the
+    # kernel's, and the engine at all cores vs the serial pipeline is (serial CPU / engine CPU) x cores.
+    targets = {}
+    workers_all = s.workers_all
+    for (b, w), e in m.engine.items():
+        nw = m.workers_of[(b, w)]                     # "1-pinned": 1 worker, against the 1-thread kernel
+        if kcpu.get(nw):
+            v = kcpu[nw] / e["cpu_ms_per_slice"]
+            targets[f"{b} x{w}: kernel CPU / engine CPU per slice"] = {
+                "value": round(v, 6), "bound": 0.5,
+                "target": ">= 0.5 (same as >= 50% of the kernel rate at full use)",
+                "met": v >= 0.5}
+        if "serial_felzenszwalb" in result and w == workers_all:
+            v = result["serial_felzenszwalb"]["cpu_ms_per_slice"] / e["cpu_ms_per_slice"] * workers_all
+            targets[f"{b} x{w}: serial CPU / engine CPU per slice x {workers_all} cores"] = {
+                "value": round(v, 6), "bound": 10, "target": ">= 10 (projected for an otherwise idle machine)",
+                "met": v >= 10}
+    return targets
+
+
+def _targets(s: _Settings, m: _Measured, r: _Ratios, kernel: _KernelRates, result: dict) -> dict:
+    """Issue 4's targets: on the ratios, on peak memory, and on CPU time per slice."""
+    return {**_ratio_targets(r), **_memory_targets(m.engine, result), **_cpu_targets(s, m, kernel.cpu_ms, result)}
+
+
+def _summarise(s: _Settings, m: _Measured, result: dict) -> None:
+    """The kernel's summary, the ratios, the machine checks and the targets, into ``result``."""
+    kernel = _kernel_summary(m, result)
+    # ratios and targets (issue 4); each ratio of two interleaved series also round by round
+    r = _ratios(s, m, kernel, result)
+    result["ratios"] = {k: round(v, 3) for k, v in r.values.items()}
+    result["ratio_rounds"] = {k: [round(x, 3) for x in v] for k, v in r.rounds.items() if v}
+    targets = _targets(s, m, r, kernel, result)
+    if kernel.rate.get(1) and kernel.rate.get(s.workers_all) and s.workers_all > 1:
+        result["machine_check_kernel_scaling"] = round(kernel.rate[s.workers_all] / kernel.rate[1], 3)
+    result["machine_check_memory"] = common.memory_touch_check()
+    result["targets"] = targets
+
+
+def _write_results(args: argparse.Namespace, result: dict) -> None:
+    """The JSON and Markdown result files; the Markdown printed."""
     stem = common.result_stem("engine", args.tag, args.quick)
     out_dir = Path(args.out_dir)
     path = common.write_json(out_dir / f"{stem}.json", result)
     (out_dir / f"{stem}.md").write_text(render(result) + "\n")
     print(render(result))
     say(f"written: {path}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Time the sections asked for, then write the result files and print their summary."""
+    args = _parse_args(argv)
+    s = _settings(args)
+    info = common.host_info()
+    result: dict = {"host": info, "input": args.input, "method": s.cfg.superpixels.method,
+                    "params": json.loads(json.dumps(vars(s.cfg.superpixels.slic))),
+                    "engine_config": vars(s.cfg.engine).copy(), "quick": args.quick, "repeats": s.repeats}
+    tmp = Path(tempfile.mkdtemp(prefix="bench-engine-", dir=args.tmp))
+    try:
+        _summarise(s, _run_sections(s, tmp, result), result)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    common.finish_host_info(info)
+    warn = common.busy_warning(info)
+    if warn:
+        result["warning"] = warn
+    _write_results(args, result)
     return 0
 
 
