@@ -124,6 +124,8 @@ class ProcessBackend:
                         self._drain_wake_pipe()
                     elif fd in sentinel_of:
                         w = sentinel_of[fd]
+                        if not self._drain_answers(st, w):
+                            return
                         if st.let_go and not st.outstanding[w]:
                             ready.drop(fd, self.result_conns[w].fileno())    # it left as it was told to
                             continue
@@ -139,6 +141,19 @@ class ProcessBackend:
             for w, p in enumerate(self.procs):      # over the worker's life, read before it exits
                 self.prof.add_run_queue(w, run_queue_seconds(p.pid))
             self._stop_pool(graceful=not self.stop.is_set())
+
+    def _drain_answers(self, st: "_Dispatch", w: int) -> bool:
+        """Take the answers worker ``w`` left in its pipe before it exited; False: the run stops.
+
+        A worker told to stop after its jobs answers them, possibly in several messages, and exits: one poll
+        then reports its pipe and its exit together, and the one message read from the pipe before the exit
+        is looked at may not be the last. Its jobs are answered only when the pipe is empty (an empty pipe
+        of an exited worker reads as its end, which ``_receive`` reports as a death)."""
+        conn = self.result_conns[w]
+        while st.outstanding[w] and conn.poll(0):
+            if not self._receive(st, w, conn):
+                return False
+        return True
 
     def _let_go(self, st: "_Dispatch") -> None:
         """Nothing is left to hand out: every worker is told to stop once it has done the jobs it holds (its
