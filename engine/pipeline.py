@@ -260,70 +260,20 @@ class _Run(ProcessBackend):
         return 2
 
     def _run_locked(self, settings: dict) -> int:
-        cfg, writer = self.cfg, self.writer
-        for line in writer.dropped:
-            print(f"preprocess: warning: {line}", file=sys.stderr)
-        if writer.lock.stale:
-            print(f"preprocess: note: the previous run (pid {writer.lock.stale.get('pid', '?')} on "
-                  f"{writer.lock.stale.get('host', '?')}, started {writer.lock.stale.get('started', '?')}) ended "
-                  f"without releasing the store; resuming it", file=sys.stderr)
+        self._say_store_notes()
         try:
-            write_run_info(self.store.parent, to_dict(cfg), name=self.store.name)
+            write_run_info(self.store.parent, to_dict(self.cfg), name=self.store.name)
         except OSError as exc:
             return self._refuse(f"cannot write the run's config next to {self.store}: {error_text(exc)}")
-        if writer.was_complete:
-            # Recorded like any run: a run killed after its final index but before its own record (a window
-            # of a few ms) otherwise leaves the store's history without any run that completed it.
-            writer.finish(complete=True, run_record=self._run_record("complete"))
-            log = [f for s in writer.shards for f in s.failures]
-            print(f"preprocess: {self.store} is already complete ({writer.n_committed} slices, settings "
-                  f"{settings_hash(settings)}); nothing to do")
-            if log:
-                print(f"  {len(log)} volume(s) failed earlier (see `cli.py inspect {self.store}`); fix them and "
-                      f"rerun with --overwrite")
-            return 1 if log else 0
-        by_ref, failed, rows = writer.committed_progress()
-        self.plan = []
-        for ref in self.refs:
-            if ref in failed:
-                continue
-            done = by_ref.get(ref, set())
-            row = rows.get(ref)
-            if row is not None and len(done) >= row["n_slices"]:
-                continue
-            self.plan.append((ref, done, row))
-        if writer.resumed:
-            print(f"preprocess: resuming {self.store}: {writer.n_committed} slices in {len(writer.shards)} "
-                  f"committed batches kept; {len(self.plan)} of {len(self.refs)} volumes left", file=sys.stderr)
-
-        # Kernels are compiled / loaded from the numba cache before any timing and before forking, so that
-        # worker processes inherit ready machine code (the pseudo-label kernels were loaded by ``run``).
-        warm = self.warm
-        # NIfTI volumes are column-major (float64 ones reach preparation as they are) with slice-major labels
-        # (``engine.sources``), the others row-major; a small volume takes the pad path.
-        for layout, dtype in (("F", np.float32), ("F", np.float64), ("C", np.float32)):
-            for img in (np.dstack([warm, warm + 1]), np.dstack([warm[:4, :4], warm[:4, :4] + 1])):
-                h, w, _ = img.shape
-                label = np.zeros((2, h, w), np.uint8).transpose(1, 2, 0)
-                prepare_volume(Volume(id="warm", image=np.asarray(img, dtype, order=layout), spacing=(1.0, 1.0, 1.0),
-                                      affine=np.eye(4), orientation="RAS",
-                                      label=label if layout == "F" else np.ascontiguousarray(label),
-                                      path="warm-up", checksum=""), cfg.prepare)
-        organ_bits(np.zeros((1, 2, 2), np.uint8), 1)
-        self.source.warm_up()
-
-        self.prof = Profiler(self.n_workers, self.backend, queue_depth=self._queue_depth,
-                             child_pids=lambda: [p.pid for p in getattr(self, "procs", [])])
-        self.loads = LoadPlan(self.plan, self.n_readers, threading.Condition(), self.stop,
-                              on_change=self._wake if self.backend == "processes" else None,
-                              clock=self.prof.volume_clock)
-        if self.backend == "processes":
-            self.q: queue.SimpleQueue = queue.SimpleQueue()     # C-implemented: no Condition per put
-        else:
-            self.q = WorkQueue(self.loads, cfg.engine.queue_slices, self.stop, clock=self.prof.room_clock,
-                               workers=self.n_workers, run_max=self.run_max)
-        self.batches = Batches(len(writer.shards), writer.n_committed, self.batch_size, self.prof.barrier_clock,
-                                self.stop)
+        if self.writer.was_complete:
+            return self._already_complete(settings)
+        self.plan = self._plan_left()
+        if self.writer.resumed:
+            print(f"preprocess: resuming {self.store}: {self.writer.n_committed} slices in "
+                  f"{len(self.writer.shards)} committed batches kept; {len(self.plan)} of {len(self.refs)} volumes "
+                  f"left", file=sys.stderr)
+        self._warm_up()
+        self._build_schedule()
         if self.backend == "processes":
             try:
                 self._start_pool()                  # fork before any thread of ours exists
@@ -332,13 +282,7 @@ class _Run(ProcessBackend):
         self._start_progress()
         self.t_start = time.time()
         self.prof.start()
-        self._spawn(self._producer, "producer")
-        if self.backend == "processes":
-            self._spawn(self._dispatcher, "dispatcher")
-        else:
-            for w in range(self.n_workers):
-                self._spawn(self._thread_worker, f"worker-{w}", w)
-        self._spawn(self._writer, "writer")
+        self._start_threads()
         try:
             self._wait()
         except KeyboardInterrupt as exc:
@@ -349,6 +293,85 @@ class _Run(ProcessBackend):
             self._join()
             self._release_ring()
         return self._finish(settings)
+
+    def _say_store_notes(self) -> None:
+        """What the writer found on opening the store: dropped leftovers, a lock left by a killed run."""
+        writer = self.writer
+        for line in writer.dropped:
+            print(f"preprocess: warning: {line}", file=sys.stderr)
+        if writer.lock.stale:
+            print(f"preprocess: note: the previous run (pid {writer.lock.stale.get('pid', '?')} on "
+                  f"{writer.lock.stale.get('host', '?')}, started {writer.lock.stale.get('started', '?')}) ended "
+                  f"without releasing the store; resuming it", file=sys.stderr)
+
+    def _already_complete(self, settings: dict) -> int:
+        """A rerun on a complete store: recorded like any run, nothing computed; 1 when inputs failed before."""
+        writer = self.writer
+        # Recorded like any run: a run killed after its final index but before its own record (a window
+        # of a few ms) otherwise leaves the store's history without any run that completed it.
+        writer.finish(complete=True, run_record=self._run_record("complete"))
+        log = [f for s in writer.shards for f in s.failures]
+        print(f"preprocess: {self.store} is already complete ({writer.n_committed} slices, settings "
+              f"{settings_hash(settings)}); nothing to do")
+        if log:
+            print(f"  {len(log)} volume(s) failed earlier (see `cli.py inspect {self.store}`); fix them and "
+                  f"rerun with --overwrite")
+        return 1 if log else 0
+
+    def _plan_left(self) -> list:
+        """(ref, committed z's, volume row) of every volume not yet whole in the store, in source order."""
+        by_ref, failed, rows = self.writer.committed_progress()
+        plan = []
+        for ref in self.refs:
+            if ref in failed:
+                continue
+            done = by_ref.get(ref, set())
+            row = rows.get(ref)
+            if row is not None and len(done) >= row["n_slices"]:
+                continue
+            plan.append((ref, done, row))
+        return plan
+
+    def _warm_up(self) -> None:
+        """Kernels are compiled / loaded from the numba cache before any timing and before forking, so that
+        worker processes inherit ready machine code (the pseudo-label kernels were loaded by ``run``)."""
+        warm = self.warm
+        # NIfTI volumes are column-major (float64 ones reach preparation as they are) with slice-major labels
+        # (``engine.sources``), the others row-major; a small volume takes the pad path.
+        for layout, dtype in (("F", np.float32), ("F", np.float64), ("C", np.float32)):
+            for img in (np.dstack([warm, warm + 1]), np.dstack([warm[:4, :4], warm[:4, :4] + 1])):
+                h, w, _ = img.shape
+                label = np.zeros((2, h, w), np.uint8).transpose(1, 2, 0)
+                prepare_volume(Volume(id="warm", image=np.asarray(img, dtype, order=layout), spacing=(1.0, 1.0, 1.0),
+                                      affine=np.eye(4), orientation="RAS",
+                                      label=label if layout == "F" else np.ascontiguousarray(label),
+                                      path="warm-up", checksum=""), self.cfg.prepare)
+        organ_bits(np.zeros((1, 2, 2), np.uint8), 1)
+        self.source.warm_up()
+
+    def _build_schedule(self) -> None:
+        """The profiler, the load plan, the work queue and the batches that the run's threads share."""
+        self.prof = Profiler(self.n_workers, self.backend, queue_depth=self._queue_depth,
+                             child_pids=lambda: [p.pid for p in getattr(self, "procs", [])])
+        self.loads = LoadPlan(self.plan, self.n_readers, threading.Condition(), self.stop,
+                              on_change=self._wake if self.backend == "processes" else None,
+                              clock=self.prof.volume_clock)
+        if self.backend == "processes":
+            self.q: queue.SimpleQueue = queue.SimpleQueue()     # C-implemented: no Condition per put
+        else:
+            self.q = WorkQueue(self.loads, self.cfg.engine.queue_slices, self.stop, clock=self.prof.room_clock,
+                               workers=self.n_workers, run_max=self.run_max)
+        self.batches = Batches(len(self.writer.shards), self.writer.n_committed, self.batch_size,
+                               self.prof.barrier_clock, self.stop)
+
+    def _start_threads(self) -> None:
+        self._spawn(self._producer, "producer")
+        if self.backend == "processes":
+            self._spawn(self._dispatcher, "dispatcher")
+        else:
+            for w in range(self.n_workers):
+                self._spawn(self._thread_worker, f"worker-{w}", w)
+        self._spawn(self._writer, "writer")
 
     def _spawn(self, fn, name: str, *args) -> None:
         def body():
