@@ -65,7 +65,7 @@ class PrepareConfig:
         if self.zscore not in ZSCORE_MODES:
             raise ConfigError(f"prepare.zscore: {self.zscore!r} is not one of {', '.join(ZSCORE_MODES)}")
         check_ranges("prepare", self, {"size": ranges.Range(1, integer=True),
-                                        "clip_percentile": ranges.Range(0, strict=True, maximum=100)})
+                                       "clip_percentile": ranges.Range(0, strict=True, maximum=100)})
         if len(self.target_spacing) != 3 or min(self.target_spacing) <= 0:
             raise ConfigError(f"prepare.target_spacing: must be 3 numbers > 0 (mm), got {self.target_spacing!r}")
 
@@ -168,7 +168,7 @@ class EngineConfig:
             if getattr(self, name) < 0:
                 raise ConfigError(f"engine.{name}: must be >= 0 (0: automatic), got {getattr(self, name)!r}")
         check_ranges("engine", self, {"queue_slices": ranges.Range(1, integer=True),
-                                       "run_slices": ranges.Range(1, maximum=64, integer=True)})
+                                      "run_slices": ranges.Range(1, maximum=64, integer=True)})
         if not re.fullmatch(r"none|(maps-)?gzip-[1-9]", self.compression):
             raise ConfigError(f"engine.compression: {self.compression!r} is not one of none, gzip-1..9, "
                               f"maps-gzip-1..9")
