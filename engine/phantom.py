@@ -676,7 +676,7 @@ def _liver_vessels(rng, cv: _Canvas, lev: dict, right: _Tube, liv_bot: int, liv_
             cv.paint(k, (i0, i1, j0, j1), dist2 < rr * rr, lev["liver_vessel"], only_label=LABELS["liver"])
 
 
-def _acquire(rng: np.random.Generator, img: np.ndarray, nz_nat: int) -> np.ndarray:
+def _acquire(rng: np.random.Generator, img: np.ndarray) -> np.ndarray:
     """Texture, partial-volume blur, bias field, Rician noise and the CHAOS bright-tail clip."""
     nz = img.shape[2]
     # smooth tissue texture (a few per cent, correlation ~1 cm)
@@ -746,7 +746,7 @@ def generate(index: int, seed: int = 0, n_slices: int | None = None) -> PhantomA
     nz_nat = int(rng.integers(Z_RANGE[0], Z_RANGE[1] + 1))
     nz = nz_nat if n_slices is None else int(n_slices)
     cv, body, ext = _render(rng, nz_nat, nz)
-    image = _acquire(rng, cv.img, nz_nat)
+    image = _acquire(rng, cv.img)
     return PhantomArrays(image=image, label=cv.lab, body=body, extents=ext)
 
 
