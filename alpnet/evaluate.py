@@ -220,74 +220,97 @@ def evaluate_fold(fold: Fold, classes: Mapping[str, int], n_chunks: int, predict
     t_load = time.perf_counter() - t0
     organs: dict[str, Any] = {}
     overlays: dict = {}
-    n_pred = 0
-    t_support = t_query = 0.0
+    clock = _Clock()
     for name, value in classes.items():
-        z_sup = organ_slices(support.label, value)
-        entry: dict[str, Any] = {"label": int(value), "support_extent": None, "support_slices": None,
-                                 "skipped": None, "scans": {}}
-        organs[name] = entry
-        if z_sup.size == 0:
-            reason = f"absent from the support scan {fold.support}"
-            entry["skipped"] = reason
-            entry["scans"] = {q.id: {"skipped": reason} for q in queries}
-            if on_organ is not None:
-                on_organ(name, {"mean": float("nan"), "scans": 0, "slices": 0, "seconds": 0.0, "skipped": reason})
-            continue
-        organ_slices0, organ_t0 = n_pred, t_query
-        entry["support_extent"] = [int(z_sup[0]), int(z_sup[-1])]
-        sup_z = support_slice_indices(z_sup, n_chunks)
-        entry["support_slices"] = sup_z
-        sup_img = np.stack([support.image[:, :, z] for z in sup_z])
-        sup_mask = np.stack([support.label[:, :, z] == value for z in sup_z])
-        ts = time.perf_counter()
-        predictor.set_support(sup_img, sup_mask)
-        t_support += time.perf_counter() - ts
-        for qi, q in enumerate(queries):
-            plan = query_plan(q.label, value, n_chunks)
-            if plan is None:
-                entry["scans"][q.id] = {"skipped": f"absent from the query scan {q.id}"}
-                continue
-            counts = Counts()
-            per_chunk = []
-            for p in range(n_chunks):
-                zs = plan.slices_of_chunk(p)
-                if not zs:
-                    per_chunk.append({"slices": [], "tp": 0, "fp": 0, "fn": 0})
-                    continue
-                tq = time.perf_counter()
-                pred = predictor.predict(p, np.stack([q.image[:, :, z] for z in zs]))
-                t_query += time.perf_counter() - tq
-                n_pred += len(zs)
-                truth = np.stack([q.label[:, :, z] == value for z in zs])
-                c = Counts().add(pred, truth)
-                counts.tp += c.tp
-                counts.fp += c.fp
-                counts.fn += c.fn
-                per_chunk.append({"slices": [int(z) for z in zs], "support_slice": int(sup_z[p]),
-                                  "tp": c.tp, "fp": c.fp, "fn": c.fn})
-                if qi < overlay_scans:
-                    m = len(zs) // 2
-                    overlays[(name, q.id, p)] = dict(
-                        z=int(zs[m]), image=q.image[:, :, zs[m]], truth=truth[m], pred=np.asarray(pred[m]),
-                        support_image=sup_img[p], support_mask=sup_mask[p], support_z=int(sup_z[p]),
-                        dice=Counts().add(pred[m], truth[m]).dice)
-            entry["scans"][q.id] = {"dice": counts.dice, "tp": counts.tp, "fp": counts.fp, "fn": counts.fn,
-                                    "z_min": plan.z_min, "z_max": plan.z_max, "n_slices": len(plan.slices),
-                                    "chunks": per_chunk}
-        organ_summary = summarise({name: _dices(entry)}, [name])
-        entry["mean"] = organ_summary["organs"][name]
+        organs[name], progress = _evaluate_organ(fold, name, int(value), support, queries, n_chunks, predictor,
+                                                 overlay_scans, overlays, clock)
         if on_organ is not None:
-            on_organ(name, {"mean": entry["mean"], "scans": organ_summary["n_scans"][name],
-                            "slices": n_pred - organ_slices0, "seconds": t_query - organ_t0, "skipped": None})
+            on_organ(name, progress)
     per_scan = {n: _dices(e) for n, e in organs.items()}
     result = {"fold": fold.index, "queries": list(fold.queries), "support": fold.support,
               "scan_files": {s.id: {"path": s.path, "checksum": s.checksum, "notes": s.notes}
                              for s in [*queries, support]},
               "organs": organs, "summary": summarise(per_scan, list(classes)),
-              "timings": {"load_s": t_load, "support_s": t_support, "query_s": t_query,
-                          "query_slices": n_pred, "total_s": time.perf_counter() - t0}}
+              "timings": {"load_s": t_load, "support_s": clock.support_s, "query_s": clock.query_s,
+                          "query_slices": clock.slices, "total_s": time.perf_counter() - t0}}
     return result, overlays
+
+
+@dataclasses.dataclass
+class _Clock:
+    """A fold's prediction time: the supports' encoding, the queries' and how many query slices."""
+    support_s: float = 0.0
+    query_s: float = 0.0
+    slices: int = 0
+
+
+def _evaluate_organ(fold: Fold, name: str, value: int, support: Scan, queries: list[Scan], n_chunks: int,
+                    predictor: Predictor, overlay_scans: int, overlays: dict, clock: _Clock) -> tuple[dict, dict]:
+    """One organ of a fold: its entry of the result (support slices, per-scan scores or why skipped) and the
+    progress that ``evaluate_fold``'s ``on_organ`` receives; overlays of the first query scans go to
+    ``overlays``."""
+    z_sup = organ_slices(support.label, value)
+    entry: dict[str, Any] = {"label": value, "support_extent": None, "support_slices": None, "skipped": None,
+                             "scans": {}}
+    if z_sup.size == 0:
+        reason = f"absent from the support scan {fold.support}"
+        entry["skipped"] = reason
+        entry["scans"] = {q.id: {"skipped": reason} for q in queries}
+        return entry, {"mean": float("nan"), "scans": 0, "slices": 0, "seconds": 0.0, "skipped": reason}
+    slices0, query_s0 = clock.slices, clock.query_s
+    entry["support_extent"] = [int(z_sup[0]), int(z_sup[-1])]
+    sup_z = support_slice_indices(z_sup, n_chunks)
+    entry["support_slices"] = sup_z
+    sup_img = np.stack([support.image[:, :, z] for z in sup_z])
+    sup_mask = np.stack([support.label[:, :, z] == value for z in sup_z])
+    ts = time.perf_counter()
+    predictor.set_support(sup_img, sup_mask)
+    clock.support_s += time.perf_counter() - ts
+    for qi, q in enumerate(queries):
+        plan = query_plan(q.label, value, n_chunks)
+        if plan is None:
+            entry["scans"][q.id] = {"skipped": f"absent from the query scan {q.id}"}
+            continue
+        keep = overlays if qi < overlay_scans else None
+        entry["scans"][q.id] = _score_scan(q, name, value, plan, n_chunks, predictor, (sup_z, sup_img, sup_mask),
+                                           keep, clock)
+    organ_summary = summarise({name: _dices(entry)}, [name])
+    entry["mean"] = organ_summary["organs"][name]
+    return entry, {"mean": entry["mean"], "scans": organ_summary["n_scans"][name],
+                   "slices": clock.slices - slices0, "seconds": clock.query_s - query_s0, "skipped": None}
+
+
+def _score_scan(q: Scan, name: str, value: int, plan: Any, n_chunks: int, predictor: Predictor,
+                supports: tuple, overlays: dict | None, clock: _Clock) -> dict:
+    """A query scan's 3D Dice for one organ from TP/FP/FN summed over its chunks, with each chunk's counts;
+    with ``overlays``, each chunk's middle slice is kept there for the overlay PNGs."""
+    sup_z, sup_img, sup_mask = supports
+    counts = Counts()
+    per_chunk = []
+    for p in range(n_chunks):
+        zs = plan.slices_of_chunk(p)
+        if not zs:
+            per_chunk.append({"slices": [], "tp": 0, "fp": 0, "fn": 0})
+            continue
+        tq = time.perf_counter()
+        pred = predictor.predict(p, np.stack([q.image[:, :, z] for z in zs]))
+        clock.query_s += time.perf_counter() - tq
+        clock.slices += len(zs)
+        truth = np.stack([q.label[:, :, z] == value for z in zs])
+        c = Counts().add(pred, truth)
+        counts.tp += c.tp
+        counts.fp += c.fp
+        counts.fn += c.fn
+        per_chunk.append({"slices": [int(z) for z in zs], "support_slice": int(sup_z[p]),
+                          "tp": c.tp, "fp": c.fp, "fn": c.fn})
+        if overlays is not None:
+            m = len(zs) // 2
+            overlays[(name, q.id, p)] = dict(
+                z=int(zs[m]), image=q.image[:, :, zs[m]], truth=truth[m], pred=np.asarray(pred[m]),
+                support_image=sup_img[p], support_mask=sup_mask[p], support_z=int(sup_z[p]),
+                dice=Counts().add(pred[m], truth[m]).dice)
+    return {"dice": counts.dice, "tp": counts.tp, "fp": counts.fp, "fn": counts.fn, "z_min": plan.z_min,
+            "z_max": plan.z_max, "n_slices": len(plan.slices), "chunks": per_chunk}
 
 
 def _organ_line(fold_index: int) -> Callable[[str, dict], None]:
