@@ -249,21 +249,8 @@ def process_worker(w: int, task_conn, result_conn, all_conns, lock_fd, shm, slot
     message; at once for an urgent slice, one of the last of a batch); a volume to load (prepared into its
     arena slot or a memfd, ``send_volume``); where a volume lives (``"volume"``), before the first slice of
     it. ``computing[w]`` holds the sequence number of the slice in hand."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)     # Ctrl-C and a scheduler's SIGTERM (sent to every
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)    # process of the job) are handled by the parent, which stops us
-    if lock_fd is not None:
-        try:
-            os.close(lock_fd)                        # never keep the store lock alive after the parent
-        except OSError:
-            pass
-    for c in all_conns:                              # other workers' pipe ends: keep EOF detection exact
-        if c is not task_conn and c is not result_conn:
-            c.close()
-    for c in all_socks:
-        if c is not sock:
-            c.close()
+    _settle_in(task_conn, result_conn, all_conns, lock_fd, sock, all_socks)
     ring = Ring(shm.buf, slots, shape)
-    n_image = int(shape[0]) * int(shape[1]) * 4      # bytes of a float32 image slice, first in a ring slot
     volumes: dict[int, tuple] = {}                   # key -> (raw, z-score stats, label) in the arena or a memfd
     held: list[tuple] = []                           # answers of computed slices not sent yet
     parent = os.getppid()
@@ -286,43 +273,18 @@ def process_worker(w: int, task_conn, result_conn, all_conns, lock_fd, shm, slot
                 break
             continue
         if msg[0] == "volume":
-            # Slices come in sequence order, so no later task needs a volume before this one: unmapping them
-            # here bounds a worker's mappings to the volumes it is working on.
-            _, key, vshape, has_label, slot, zstats = msg
-            for old in [k for k in volumes if k < key]:
-                del volumes[old]
             try:
-                raw, _, label = (arena.views(slot, vshape[0], has_label) if slot >= 0 else
-                                 map_volume(sock, vshape, has_label))
-                volumes[key] = (raw, zstats, label)
+                _take_volume(msg, volumes, arena, sock)
             except OSError as exc:
                 held = _answer(result_conn, held)    # answers first: the parent pairs them with its jobs in order
-                result_conn.send(("error", -1, -1, f"cannot map volume {key}: {exc}"))
+                result_conn.send(("error", -1, -1, f"cannot map volume {msg[1]}: {exc}"))
                 break
             continue
         slot, seq, key, z, urgent = msg
         computing[w] = seq                           # read by the parent if this process dies
-        c0 = time.thread_time()
         try:
-            raw, zstats, label = volumes[key]
-            out = ring.out[slot]
-            # The image is z-scored where its chunk goes (an encoding that compresses images is copied over it
-            # below); its time counts as encoding, the making of the chunks.
-            t_z = time.perf_counter()
-            image = zscore_slice(raw[z], zstats, out[:n_image].view(np.float32).reshape(raw.shape[1:]))
-            t_z = time.perf_counter() - t_z
-            chunks, nsp, stages = compute_slice(raw[z], image, None if label is None else label[z], threshold,
-                                                sp_cfg, codec, zero_label)
-            stages["encode"] += t_z
-            lens, off = [], 0
-            for name in DATASETS:
-                b = np.frombuffer(chunks[name], dtype=np.uint8) if isinstance(chunks[name], bytes) \
-                    else np.asarray(chunks[name]).reshape(-1).view(np.uint8)
-                if off != 0 or b.ctypes.data != out.ctypes.data:     # not the image already in its place
-                    out[off:off + b.size] = b
-                lens.append(int(b.size))
-                off += b.size
-            held.append(("ok", slot, seq, lens, nsp, stages, time.thread_time() - c0))
+            held.append(_compute_into_slot(ring.out[slot], slot, seq, volumes[key], z, threshold, sp_cfg, codec,
+                                           zero_label))
             if urgent or len(held) >= RESULT_RUN:
                 held = _answer(result_conn, held)
         except Exception as exc:  # reported to the parent, which stops the run naming the slice
@@ -333,6 +295,62 @@ def process_worker(w: int, task_conn, result_conn, all_conns, lock_fd, shm, slot
         result_conn.close()
     except OSError:
         pass
+
+
+def _settle_in(task_conn, result_conn, all_conns, lock_fd, sock, all_socks) -> None:
+    """A forked worker's first steps: the parent handles the stop signals, and of what the fork copied the
+    worker keeps only its own pipe ends and socket (so that a dead process reads as EOF at once) and never the
+    store lock (which must not outlive the parent)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)     # Ctrl-C and a scheduler's SIGTERM (sent to every
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)    # process of the job) are handled by the parent, which stops us
+    if lock_fd is not None:
+        try:
+            os.close(lock_fd)
+        except OSError:
+            pass
+    for c in all_conns:
+        if c is not task_conn and c is not result_conn:
+            c.close()
+    for c in all_socks:
+        if c is not sock:
+            c.close()
+
+
+def _take_volume(msg: tuple, volumes: dict, arena, sock) -> None:
+    """Map the volume a ``"volume"`` message announces (its arena slot, or the memfd that came over ``sock``)."""
+    _, key, vshape, has_label, slot, zstats = msg
+    # Slices come in sequence order, so no later task needs a volume before this one: unmapping them here
+    # bounds a worker's mappings to the volumes it is working on.
+    for old in [k for k in volumes if k < key]:
+        del volumes[old]
+    raw, _, label = arena.views(slot, vshape[0], has_label) if slot >= 0 else map_volume(sock, vshape, has_label)
+    volumes[key] = (raw, zstats, label)
+
+
+def _compute_into_slot(out: np.ndarray, slot: int, seq: int, volume: tuple, z: int, threshold, sp_cfg,
+                       codec: Codec, zero_label) -> tuple:
+    """Slice ``z`` of ``volume`` (raw, z-score stats, label) computed and encoded into its ring slot ``out``;
+    the answer for the parent (the chunks' lengths, superpixel count, stage times and CPU time)."""
+    c0 = time.thread_time()
+    raw, zstats, label = volume
+    n_image = raw.shape[1] * raw.shape[2] * 4        # bytes of a float32 image slice, first in a ring slot
+    # The image is z-scored where its chunk goes (an encoding that compresses images is copied over it
+    # below); its time counts as encoding, the making of the chunks.
+    t_z = time.perf_counter()
+    image = zscore_slice(raw[z], zstats, out[:n_image].view(np.float32).reshape(raw.shape[1:]))
+    t_z = time.perf_counter() - t_z
+    chunks, nsp, stages = compute_slice(raw[z], image, None if label is None else label[z], threshold,
+                                        sp_cfg, codec, zero_label)
+    stages["encode"] += t_z
+    lens, off = [], 0
+    for name in DATASETS:
+        b = np.frombuffer(chunks[name], dtype=np.uint8) if isinstance(chunks[name], bytes) \
+            else np.asarray(chunks[name]).reshape(-1).view(np.uint8)
+        if off != 0 or b.ctypes.data != out.ctypes.data:     # not the image already in its place
+            out[off:off + b.size] = b
+        lens.append(int(b.size))
+        off += b.size
+    return ("ok", slot, seq, lens, nsp, stages, time.thread_time() - c0)
 
 
 def _answer(result_conn, held: list[tuple]) -> list[tuple]:
