@@ -311,6 +311,11 @@ def _describe_run(res: Mapping, path: str) -> str:
 def load_results(path: str | Path) -> dict:
     """Read one ``results.json``; ``ReportError`` (one line) for a missing, unreadable or foreign file."""
     path = Path(path)
+    if path.is_dir():                        # an evaluate --out folder: its results.json
+        if not (path / "results.json").is_file():
+            raise ReportError(f"{path}: a folder without a results.json (name an evaluate output folder or "
+                              f"its results.json)")
+        path = path / "results.json"
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:
@@ -430,7 +435,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m alpnet.report",
                                 description="Merge several evaluate results.json into one Dice table "
                                             "(Table I layout).")
-    p.add_argument("results", nargs="+", help="results.json files")
+    p.add_argument("results", nargs="+", help="results.json files, or the evaluate output folders holding them")
     p.add_argument("--labels", nargs="+", help="row name per file (same name = one pooled row)")
     p.add_argument("--average-repeats", action="store_true",
                    help="results of one label that score the same scans are repeated trainings (seeds): "
@@ -443,8 +448,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"report: {exc}", file=sys.stderr)
         return 2
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text)
+        try:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(args.out, text)
+        except OSError as exc:
+            print(f"report: {args.out}: cannot write the table ({exc.strerror or exc})", file=sys.stderr)
+            return 2
         print(f"wrote {args.out}")
     else:
         print(text, end="")

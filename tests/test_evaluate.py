@@ -367,6 +367,21 @@ def test_report_cli(tmp_path, capsys):
     assert "nope.json: file not found" in capsys.readouterr().err
 
 
+def test_report_takes_evaluate_folders_and_words_an_unwritable_table(tmp_path, capsys):
+    run = tmp_path / "eval_f0"                       # what `evaluate --out` makes
+    run.mkdir()
+    (run / "results.json").write_text(json.dumps(_fake_results("x", [0], {"RK": {0: {"1": 0.5}}})))
+    assert report.main([str(run), "--labels", "mine"]) == 0
+    assert "| **mine** |" in capsys.readouterr().out
+    (tmp_path / "empty").mkdir()
+    assert report.main([str(tmp_path / "empty")]) == 2
+    assert capsys.readouterr().err.strip() == (f"report: {tmp_path / 'empty'}: a folder without a results.json "
+                                               "(name an evaluate output folder or its results.json)")
+    # --out naming a folder was a traceback (IsADirectoryError)
+    assert report.main([str(run), "--out", str(run)]) == 2
+    assert capsys.readouterr().err.strip() == f"report: {run}: cannot write the table (Is a directory)"
+
+
 # --------------------------------------------------------------------------------------------- checkpoints
 def _checkpoint(tmp_path: Path, *overrides: str, store_prepare: dict | None = None) -> Path:
     torch = pytest.importorskip("torch")
