@@ -147,8 +147,9 @@ class ProcessBackend:
 
         A worker told to stop after its jobs answers them, possibly in several messages, and exits: one poll
         then reports its pipe and its exit together, and the one message read from the pipe before the exit
-        is looked at may not be the last. Its jobs are answered only when the pipe is empty (an empty pipe
-        of an exited worker reads as its end, which ``_receive`` reports as a death)."""
+        is looked at may not be the last. So its exit is judged only once its pipe holds nothing more for its
+        jobs (the empty pipe of a worker that exited with jobs left reads as its end, which ``_receive``
+        reports as a death)."""
         conn = self.result_conns[w]
         while st.outstanding[w] and conn.poll(0):
             if not self._receive(st, w, conn):
