@@ -14,8 +14,13 @@ Departures from the OpenCV reference, all sub-pixel: grid_sample's reflection mi
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from alpnet.config import AugmentConfig
 
 
 def affine_from_params(rot_deg: torch.Tensor, tx: torch.Tensor, ty: torch.Tensor, shear_deg: torch.Tensor,
@@ -58,7 +63,8 @@ def affine_from_params(rot_deg: torch.Tensor, tx: torch.Tensor, ty: torch.Tensor
     return about_centre(z) @ s @ t @ about_centre(r)
 
 
-def affine_matrices(n: int, cfg, height: int, width: int, generator: torch.Generator) -> torch.Tensor:
+def affine_matrices(n: int, cfg: AugmentConfig, height: int, width: int, generator: torch.Generator
+                    ) -> torch.Tensor:
     """``n`` random maps of :func:`affine_from_params`: rotation U(-rotate_deg, rotate_deg), translation
     U(-translate_px, translate_px) per axis, shear U(-shear_deg, shear_deg), zoom U(zoom[0], zoom[1])."""
     u = torch.rand((n, 5), generator=generator, dtype=torch.float64)
@@ -161,7 +167,7 @@ def gamma_transform(img: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
     return rng * ((img - lo + 1e-5) / rng).pow(gamma.view(-1, 1, 1).to(img)) + lo
 
 
-def augment_pairs(images: torch.Tensor, masks: torch.Tensor, cfg, generator: torch.Generator
+def augment_pairs(images: torch.Tensor, masks: torch.Tensor, cfg: AugmentConfig, generator: torch.Generator
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """Augment N (image, binary mask) pairs independently (method.md 2.2).
 

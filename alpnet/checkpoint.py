@@ -16,11 +16,15 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from engine.volume import one_line
+
+if TYPE_CHECKING:
+    from alpnet.config import ModelConfig
+    from alpnet.model import ALPNet
 
 CHECKPOINT_FORMAT = 1
 
@@ -67,14 +71,15 @@ def read_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> dic
     return state
 
 
-def model_config(cfg_dict: dict[str, Any]):
+def model_config(cfg_dict: dict[str, Any]) -> ModelConfig:
     """The ``ModelConfig`` recorded in a checkpoint's config dict (validated like a config file)."""
     from alpnet.config import ModelConfig
     from engine.config import from_dict
     return from_dict(ModelConfig, dict(cfg_dict.get("model", {})), "model")
 
 
-def load_checkpoint(path: str | Path, device: str | torch.device = "cpu"):
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu"
+                    ) -> tuple[ALPNet, dict[str, Any], dict[str, Any]]:
     """Rebuild the trained model for evaluation.
 
     Parameters

@@ -9,13 +9,17 @@ import copy
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from alpnet import evaluate, train
 from alpnet.report import merge_results
 from engine.pipeline import preprocess
 
+if TYPE_CHECKING:
+    from alpnet.config import Config
 
-def main(cfg, out: str = "runs/demo") -> int:
+
+def main(cfg: Config, out: str = "runs/demo") -> int:
     """Run preprocess, train and evaluate on ``cfg.data.input`` (default: the phantom) into ``out``."""
     out_dir = Path(out)
     t0 = time.perf_counter()

@@ -28,13 +28,17 @@ import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from alpnet.augment import augment_pairs
+
+if TYPE_CHECKING:
+    from alpnet.config import AugmentConfig, EpisodeConfig
+    from engine.store_reader import StoreReader
 
 # method.md 2.3: label group 0 trains the kidney model (excludes RK 2, LK 3), group 1 the liver/spleen model.
 SETTING2_EXCLUDE = {0: (2, 3), 1: (1, 4)}
@@ -132,7 +136,7 @@ def _bits(label: np.ndarray | None, z: int) -> int:
     return sum(1 << int(v) for v in np.unique(label[:, :, z]) if v > 0)
 
 
-def exclude_labels_for(cfg) -> list[int]:
+def exclude_labels_for(cfg: EpisodeConfig) -> list[int]:
     """Labels whose slices leave training: ``exclude_labels`` if set, else setting 2's group, else none."""
     if cfg.exclude_labels:
         return sorted(set(int(v) for v in cfg.exclude_labels))
@@ -155,7 +159,7 @@ def held_out_volumes(volume_ids: list[str], fold: int, n_folds: int) -> list[str
     return list(f.scans)
 
 
-def organ_bits(reader, rows: np.ndarray) -> np.ndarray:
+def organ_bits(reader: StoreReader | MemoryReader, rows: np.ndarray) -> np.ndarray:
     """(len(rows),) uint64: bit v set when label value v (1..63) occurs in the slice.
 
     Uses the store's ``organs`` column; a reader without it has each label map read once instead, with the
@@ -174,7 +178,8 @@ def organ_bits(reader, rows: np.ndarray) -> np.ndarray:
     return out
 
 
-def build_index(reader, cfg, n_folds: int = 5, name: str = "store") -> SliceIndex:
+def build_index(reader: StoreReader | MemoryReader, cfg: EpisodeConfig, n_folds: int = 5, name: str = "store"
+                ) -> SliceIndex:
     """Select the training rows of an open reader.
 
     Drops slices without superpixels, slices of the fold's held-out volumes (``cfg.holdout``), and in setting 2
@@ -297,7 +302,8 @@ class EpisodeStream(IterableDataset):
                       "slice_redraws": 0, "read_s": 0.0, "augment_s": 0.0}
 
     @classmethod
-    def from_store(cls, path: str | Path, episodes_cfg, augment_cfg, **kw) -> "EpisodeStream":
+    def from_store(cls, path: str | Path, episodes_cfg: EpisodeConfig, augment_cfg: AugmentConfig, **kw
+                   ) -> "EpisodeStream":
         """Stream from the store file at ``path``; a missing file is a one-line ``EpisodeError``."""
         path = Path(path)
         if not path.exists():

@@ -184,7 +184,8 @@ class ScanLoader:
 
 # --------------------------------------------------------------------------------------------- protocol
 def evaluate_fold(fold: Fold, classes: Mapping[str, int], n_chunks: int, predictor: Predictor,
-                  load, overlay_scans: int = 0, on_organ: Callable[[str, dict], None] | None = None
+                  load: Callable[[str], Scan], overlay_scans: int = 0,
+                  on_organ: Callable[[str, dict], None] | None = None
                   ) -> tuple[dict, dict]:
     """Run the protocol on one fold.
 

@@ -22,8 +22,9 @@ import sys
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -38,6 +39,9 @@ from engine.figures import save_figure
 from engine.runinfo import write_run_info
 from engine.stops import Terminated, stop_status
 from engine.store_format import StoreError, error_text
+
+if TYPE_CHECKING:
+    from alpnet.config import Config
 
 CHECKPOINT_NAME = "checkpoint.pt"
 REDRAWS = ("empty_redraws", "vanishing_redraws", "slice_redraws")
@@ -65,7 +69,7 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def lr_step_of(cfg) -> int:
+def lr_step_of(cfg: Config) -> int:
     """Iterations between two decays: ``train.lr_step``, or iterations // 100 when it is 0 (short runs keep the
     paper's 100 decays of x0.95 over the whole run)."""
     return cfg.train.lr_step or max(1, cfg.train.iterations // 100)
@@ -150,7 +154,7 @@ def plot_loss_curve(metrics_path: Path, png: Path) -> Path | None:
 
 
 # --------------------------------------------------------------------------------------------- training
-def batch_to_device(batch: dict, device: torch.device, memory_format=torch.contiguous_format
+def batch_to_device(batch: dict, device: torch.device, memory_format: torch.memory_format = torch.contiguous_format
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Dense model inputs on ``device`` from a :func:`collate_episodes` batch.
 
@@ -165,8 +169,10 @@ def batch_to_device(batch: dict, device: torch.device, memory_format=torch.conti
             image(batch["query_image"]), batch["query_mask"].to(device, non_blocking=True).long())
 
 
-def train_one_epoch(model: ALPNet, optimizer, scheduler, loader, device: torch.device, cfg, start_it: int,
-                    log: RunLog, totals: dict, save_fn, scaler=None, stop=None) -> int:
+def train_one_epoch(model: ALPNet, optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
+                    loader: DataLoader, device: torch.device, cfg: Config, start_it: int, log: RunLog, totals: dict,
+                    save_fn: Callable[[int], None], scaler: torch.amp.GradScaler | None = None,
+                    stop: Callable[[], bool] | None = None) -> int:
     """Run iterations ``start_it + 1 ..`` until ``loader`` is exhausted, or until ``stop()`` (checked after
     each iteration) is true; returns the last iteration done.
 
@@ -322,7 +328,7 @@ def _check_resume_config(saved: dict, current: dict, log) -> None:
 
 
 # --------------------------------------------------------------------------------------------- main
-def main(cfg, resume: bool = False) -> int:
+def main(cfg: Config, resume: bool = False) -> int:
     """Train ALPNet on the episodes of ``cfg.train.store`` into the run folder ``cfg.train.out``.
 
     Returns 0 on success, 2 with a one-line message on stderr when the run cannot start (missing or empty

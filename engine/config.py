@@ -40,7 +40,7 @@ class DataConfig:
 ZSCORE_MODES = ("volume", "robust")
 
 
-def check_ranges(section: str, obj, table: dict) -> None:
+def check_ranges(section: str, obj: object, table: dict) -> None:
     """Refuse ``section.name`` values outside their ``engine.ranges.Range`` (the methods' tables are the ones
     the public functions check too); the loader has already checked the types."""
     found = ranges.violation(table, {name: getattr(obj, name) for name in table})

@@ -30,12 +30,17 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from engine.prepare import center_crop_pad, crop_offset
 from engine.volume import Volume, VolumeError, one_line
+
+if TYPE_CHECKING:
+    from engine.config import PrepareConfig
 
 # CHAOS PNG grey values -> label ids (accepted ranges, method.md 1.1-1.2)
 GREY_RANGES = ((55, 70, 1), (110, 135, 2), (175, 200, 3), (240, 255, 4))
@@ -273,13 +278,13 @@ def read_masks(ground: Path, dicom_files: list[Path], rows: int, cols: int) -> n
 
 
 # --------------------------------------------------------------------------------------------- method.md 1.3
-def resampled_shape(shape, spacing, new_spacing) -> tuple[int, ...]:
+def resampled_shape(shape: Sequence[int], spacing: Sequence[float], new_spacing: Sequence[float]) -> tuple[int, ...]:
     """Output size per axis: ``int(n * (old / new) + 1)``, in the float order of the original notebook."""
     coe = np.asarray(spacing, dtype=np.float64) * 1.0 / np.asarray(new_spacing, dtype=np.float64)
     return tuple(int(sz + 1) for sz in np.asarray(shape, dtype=np.float64) * coe)
 
 
-def resample_linear(vol: np.ndarray, spacing, new_spacing) -> np.ndarray:
+def resample_linear(vol: np.ndarray, spacing: Sequence[float], new_spacing: Sequence[float]) -> np.ndarray:
     """Linear resampling on the same origin, as SimpleITK's ``ResampleImageFilter`` does it.
 
     Output voxel ``o`` samples input continuous index ``o * new / old`` per axis. Points within half a
@@ -310,7 +315,7 @@ def resample_linear(vol: np.ndarray, spacing, new_spacing) -> np.ndarray:
     return out
 
 
-def resample_labels(label: np.ndarray, spacing, new_spacing) -> np.ndarray:
+def resample_labels(label: np.ndarray, spacing: Sequence[float], new_spacing: Sequence[float]) -> np.ndarray:
     """Labels one value at a time: binary mask -> linear resampling -> round -> written in increasing
     value order (later values overwrite earlier ones), method.md 1.3."""
     out = np.zeros(resampled_shape(label.shape, spacing, new_spacing), dtype=np.uint8)
@@ -322,7 +327,8 @@ def resample_labels(label: np.ndarray, spacing, new_spacing) -> np.ndarray:
     return out
 
 
-def normalize_chaos(image: np.ndarray, label: np.ndarray | None, spacing, cfg) -> tuple:
+def normalize_chaos(image: np.ndarray, label: np.ndarray | None, spacing: Sequence[float], cfg: PrepareConfig
+                    ) -> tuple:
     """method.md 1.3 on arrays in our layout: clip the bright tail, resample, centre-crop/pad.
 
     Parameters
@@ -358,7 +364,7 @@ def normalize_chaos(image: np.ndarray, label: np.ndarray | None, spacing, cfg) -
     return out_img, out_lab, offsets
 
 
-def read_chaos_subject(folder: str | Path, vid: str, cfg) -> Volume:
+def read_chaos_subject(folder: str | Path, vid: str, cfg: PrepareConfig) -> Volume:
     """One raw CHAOS subject (its ``T2SPIR`` folder) -> a Volume like the public preprocessed copy.
 
     Parameters

@@ -2,9 +2,13 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
-def save_figure(fig, path: str | Path, dpi: int) -> Path:
+def save_figure(fig: Figure, path: str | Path, dpi: int) -> Path:
     """Lay out ``fig``, write it to ``path`` (parent folders created) at ``dpi`` and close it; returns the path.
 
     Closing matters: pyplot keeps every open figure alive, and long runs (one overlay per scan and organ)

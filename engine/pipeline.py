@@ -51,7 +51,7 @@ import threading
 import time
 import traceback
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
@@ -70,6 +70,10 @@ from engine.store_format import (SCHEMA_VERSION, RunRecordError, SettingsMismatc
 from engine.stops import raise_terminated, stop_status
 from engine.volume import Volume, VolumeError
 
+if TYPE_CHECKING:
+    # a whole-project ``cfg`` (alpnet.config.Config) is annotated Any: engine never imports alpnet
+    from engine.config import PrepareConfig
+
 # The index lists every shard, so rebuilding it costs O(shards) (0.14 s at 1,000 shards here): republishing it
 # after every commit would make a long run quadratic. It is republished at most every PUBLISH_INTERVAL_S and at
 # most 1/PUBLISH_COST_SHARE of the time (and always at the end); shards stay the commit point.
@@ -82,7 +86,7 @@ SWITCH_INTERVAL_S = 0.0005
 
 
 # --------------------------------------------------------------------------------------------- settings
-def store_settings(cfg, spec: str, refs: list[str]) -> dict:
+def store_settings(cfg: Any, spec: str, refs: list[str]) -> dict:  # cfg: alpnet.config.Config
     """What a store's content depends on: a run whose settings differ is refused (design.md Store, 4).
 
     Worker count, backend, batch size and compression are left out on purpose: they change how the content
@@ -103,7 +107,7 @@ def store_settings(cfg, spec: str, refs: list[str]) -> dict:
             "source": source}
 
 
-def prepare_settings(prepare) -> dict:
+def prepare_settings(prepare: PrepareConfig) -> dict:
     """The preparation settings recorded in (and hashed into) a store. ``zscore`` is recorded only when it is
     not the default, so that stores written before the option existed keep their settings hash."""
     out = to_dict(prepare)
@@ -112,7 +116,7 @@ def prepare_settings(prepare) -> dict:
     return out
 
 
-def n_readers(cfg, workers: int) -> int:
+def n_readers(cfg: Any, workers: int) -> int:  # cfg: alpnet.config.Config
     """Volumes loaded ahead (``engine.readers``), with 0 meaning one per worker, at least 2 and at most 8 (memory:
     one prepared volume each)."""
     if cfg.engine.readers > 0:
@@ -120,7 +124,7 @@ def n_readers(cfg, workers: int) -> int:
     return max(2, min(workers, 8))
 
 
-def n_workers(cfg) -> int:
+def n_workers(cfg: Any) -> int:  # cfg: alpnet.config.Config
     """``engine.threads``, with 0 meaning every core this process may run on."""
     if cfg.engine.threads > 0:
         return int(cfg.engine.threads)
@@ -134,7 +138,7 @@ BATCH_PER_WORKER = 16          # automatic batch: slices per worker ...
 BATCH_MIN = 128                # ... and never fewer than this
 
 
-def batch_size(cfg, workers: int) -> int:
+def batch_size(cfg: Any, workers: int) -> int:  # cfg: alpnet.config.Config
     """``engine.batch``, with 0 meaning 16 slices per worker and at least 128: the wait at each batch's barrier
     is fixed, so the batch grows with the workers to keep its share of the run from growing with them."""
     if cfg.engine.batch > 0:
@@ -795,7 +799,7 @@ def tune_allocator() -> bool:
         return False
 
 
-def preprocess(cfg, overwrite: bool = False, progress: bool = True) -> int:
+def preprocess(cfg: Any, overwrite: bool = False, progress: bool = True) -> int:  # cfg: alpnet.config.Config
     """``cli.py preprocess``: compute pseudo-labels of every slice of ``cfg.data.input`` into ``cfg.engine.out``.
 
     Parameters

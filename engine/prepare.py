@@ -8,6 +8,8 @@ per-volume z-scored copy the trainer reads). ``body_mask`` is the numba kernel o
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -15,6 +17,9 @@ from engine._mask_kernels import body_mask_kernel
 from engine._prepare_kernels import (finite_range, place, place_labels, place_scan, shifted_sum_sq_dev, sum_sq_dev,
                                      zscore)
 from engine.volume import Volume, VolumeError
+
+if TYPE_CHECKING:
+    from engine.config import PrepareConfig
 
 
 @dataclasses.dataclass
@@ -104,7 +109,9 @@ def center_crop_pad(arr: np.ndarray, size: int, pad_value: float) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------------------- prepare
-def prepare_volume(vol: Volume, cfg, buffers=None) -> PreparedVolume:
+def prepare_volume(vol: Volume, cfg: PrepareConfig,
+                   buffers: Callable[[int, bool], tuple[np.ndarray, np.ndarray | None, np.ndarray | None]] | None = None
+                   ) -> PreparedVolume:
     """Repair, crop/pad and z-score one volume (method.md 1.5).
 
     Parameters
@@ -146,7 +153,7 @@ def prepare_volume(vol: Volume, cfg, buffers=None) -> PreparedVolume:
     src = img if img.dtype in (np.float32, np.float64) else img.astype(np.float32)
     h, w, n_z = img.shape
 
-    def new_buffers():
+    def new_buffers() -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
         if buffers is None:
             return np.empty((n_z, size, size), np.float32), np.empty((n_z, size, size), np.float32), None
         return buffers(n_z, vol.label is not None)

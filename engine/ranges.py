@@ -31,13 +31,13 @@ class Range:
         bound = f"{'>' if self.strict else '>='} {_number(self.minimum)}"
         return bound + (f" and <= {_number(self.maximum)}" if self.maximum is not None else "")
 
-    def is_kind(self, value) -> bool:
+    def is_kind(self, value: object) -> bool:
         """Whether ``value`` is a finite real number, a whole one when ``integer`` (never a bool)."""
         if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
             return False
         return not self.integer or float(value) == int(value)
 
-    def holds(self, value) -> bool:
+    def holds(self, value: object) -> bool:
         """Whether ``value`` is of the right kind (``is_kind``) and within the bounds."""
         if not self.is_kind(value):
             return False

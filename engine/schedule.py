@@ -241,7 +241,7 @@ class LoadPlan:
         self.next_job += 1
         return i, self.plan[i]
 
-    def finish(self, i: int, result) -> None:
+    def finish(self, i: int, result: Loaded | Failure | BaseException) -> None:
         """A job's result: ``Loaded``, ``Failure``, or an exception the producer re-raises."""
         with self.cond:
             self.results[i] = result
@@ -292,7 +292,7 @@ class WorkQueue:
         self.closed = False
         self.putters = 0                  # producers waiting in ``put`` for room
 
-    def get(self):
+    def get(self) -> tuple[str, Task] | tuple[str, list[Task]] | tuple[str, int, tuple] | None:
         """Next job for a worker: ``("slice", task)``, ``("slices", [task, ...])`` (a run of slices of one volume,
         in queue order), ``("load", i, item)``, or None when the run is over.
 

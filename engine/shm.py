@@ -14,10 +14,14 @@ from __future__ import annotations
 import mmap
 import os
 import socket
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from engine.store_format import DATASETS, DTYPES
+
+if TYPE_CHECKING:
+    from engine.schedule import Loaded
 
 
 def out_capacity(shape: tuple[int, int]) -> int:
@@ -66,7 +70,7 @@ def volume_nbytes(n_slices: int, shape: tuple[int, int], has_label: bool) -> int
     return n_slices * int(shape[0]) * int(shape[1]) * (5 if has_label else 4)
 
 
-def volume_views(buf, offset: int, n_slices: int, shape: tuple[int, int], has_label: bool) -> tuple:
+def volume_views(buf: mmap.mmap, offset: int, n_slices: int, shape: tuple[int, int], has_label: bool) -> tuple:
     """(raw float32, None, label uint8 or None): arrays (n_slices, H, W) one after the other in ``buf`` from
     ``offset``, the layout of a volume in an arena slot and in a memfd. The None stands for the z-scored image,
     which is made per slice (``prepare_volume``'s buffers contract)."""
@@ -107,7 +111,7 @@ class VolumeBuffers:
             self.fd = -1
 
 
-def send_volume(vol, bufs: VolumeBuffers, sock) -> tuple:
+def send_volume(vol: Loaded, bufs: VolumeBuffers, sock: socket.socket) -> tuple:
     """Hand a volume prepared into ``bufs`` to the parent (a memfd goes over ``sock``); returns the picklable
     rest of the volume and where it lives."""
     if bufs.raw is None or not np.may_share_memory(vol.raw, bufs.raw):   # a copy was made somewhere: a bug
@@ -118,7 +122,7 @@ def send_volume(vol, bufs: VolumeBuffers, sock) -> tuple:
             vol.organs, vol.zstats, bufs.home)
 
 
-def receive_fd(sock) -> int:
+def receive_fd(sock: socket.socket) -> int:
     """The parent's side of ``send_volume`` for a memfd volume: the descriptor, which goes on to the workers
     that compute the volume's slices (``map_volume``); the parent itself never touches the pixels."""
     _, fds, _, _ = socket.recv_fds(sock, 1, 1)
@@ -129,7 +133,7 @@ def receive_fd(sock) -> int:
     return fds[0]
 
 
-def map_volume(sock, shape: tuple, has_label: bool) -> tuple:
+def map_volume(sock: socket.socket, shape: tuple, has_label: bool) -> tuple:
     """A worker's view of a volume whose memfd the parent passes over ``sock``: (raw, None, label or None)."""
     _, fds, _, _ = socket.recv_fds(sock, 1, 1)
     if len(fds) != 1:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 import signal
 import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -23,14 +25,21 @@ from engine.store_codec import Codec
 from engine.store_format import DATASETS, MAP_DATASETS, MAX_SUPERPIXEL_ID
 from engine.superpixels import check_slic_status, engine_slic_args, pseudolabels_u16
 
+if TYPE_CHECKING:
+    import socket
+    from multiprocessing.connection import Connection
+
+    from engine.config import SuperpixelConfig
+    from engine.schedule import Loaded
+
 # A worker process answers up to RESULT_RUN slices in one message (``("many", [answer, ...])``): each message
 # wakes the parent's dispatcher, and each wake-up takes a core from a worker. It never waits for a new job
 # while holding answers, so a held answer is late by at most RESULT_RUN - 1 slices' compute time.
 RESULT_RUN = 3
 
 
-def compute_slice(raw: np.ndarray, image: np.ndarray, label: np.ndarray | None, threshold: float, sp_cfg,
-                  codec: Codec, zero_label: bytes | np.ndarray) -> tuple[dict, int, dict]:
+def compute_slice(raw: np.ndarray, image: np.ndarray, label: np.ndarray | None, threshold: float,
+                  sp_cfg: SuperpixelConfig, codec: Codec, zero_label: bytes | np.ndarray) -> tuple[dict, int, dict]:
     """Everything a worker does for one slice: body mask, pseudo-labels, the chunks to store.
 
     With the default settings (maskSLIC without smoothing, label maps deflated at level 1) it is one GIL-free
@@ -149,7 +158,8 @@ class RunSliceError(Exception):
 
 
 def compute_run(raw3: np.ndarray, image3: np.ndarray, label3: np.ndarray | None, zs: list[int], threshold: float,
-                sp_cfg, codec: Codec, zero_label) -> list[tuple[dict, int, dict]] | None:
+                sp_cfg: SuperpixelConfig, codec: Codec, zero_label: bytes | np.ndarray
+                ) -> list[tuple[dict, int, dict]] | None:
     """``compute_slice`` for the slices ``zs`` of one volume in one GIL-free call, or None where that call does
     not apply (then each slice goes through ``compute_slice``).
 
@@ -360,7 +370,8 @@ def _answer(result_conn, held: list[tuple]) -> list[tuple]:
     return []
 
 
-def load_in_worker(i: int, item: tuple, load, bufs: VolumeBuffers, sock, result_conn) -> bool:
+def load_in_worker(i: int, item: tuple, load: Callable[..., tuple[Loaded | Failure, float, float]],
+                   bufs: VolumeBuffers, sock: socket.socket, result_conn: Connection) -> bool:
     """Load job ``i`` in a worker process; False when the worker must stop (a bug: reported to the parent)."""
     c0 = time.thread_time()
     try:

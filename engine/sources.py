@@ -23,7 +23,7 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -552,7 +552,7 @@ def _not_nifti(path: Path) -> str:
     return "not a NIfTI file (.nii or .nii.gz); give a NIfTI file, a folder or 'phantom'"
 
 
-def open_source(spec: str, cfg=None) -> Source:
+def open_source(spec: str, cfg: Any = None) -> Source:  # cfg: alpnet.config.Config or None
     """Open a data source.
 
     Parameters
@@ -642,7 +642,7 @@ def _volume_row(vol: Volume) -> tuple[dict, list[str], str | None]:
     return row, warnings, error
 
 
-def describe(spec: str, cfg=None, as_json: bool = False) -> int:
+def describe(spec: str, cfg: Any = None, as_json: bool = False) -> int:  # cfg: alpnet.config.Config or None
     """Print the volumes a source yields: one row each (id, shape, spacing, slices, orientation, label
     ids), totals, and one line per bad input.
 

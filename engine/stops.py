@@ -5,6 +5,10 @@ Kept apart from ``engine.pipeline`` so that the command line can name a stop wit
 from __future__ import annotations
 
 import signal
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from types import FrameType
 
 
 class Terminated(KeyboardInterrupt):
@@ -12,7 +16,7 @@ class Terminated(KeyboardInterrupt):
     recording what it committed, releasing the store; exit status 143 (128 + SIGTERM)."""
 
 
-def raise_terminated(signum, frame) -> None:
+def raise_terminated(signum: int, frame: FrameType | None) -> None:
     """SIGTERM handler: turn the signal into :class:`Terminated` in the main thread."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)    # a second SIGTERM must not break the orderly stop
     raise Terminated()

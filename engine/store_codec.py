@@ -129,12 +129,12 @@ class Codec:
         return {} if level is None else {"compression": "gzip", "compression_opts": level}
 
 
-def deflate(data, level: int) -> bytes:
+def deflate(data: bytes | np.ndarray, level: int) -> bytes:
     """A zlib stream (what HDF5's deflate filter stores) of ``data``; ISA-L for levels 1-3 when installed."""
     if _fast_zlib is not None and level <= 3:
         return _fast_zlib.compress(data, level)
     return zlib.compress(data, level)
 
 
-def inflate(data) -> bytes:
+def inflate(data: bytes) -> bytes:
     return _fast_zlib.decompress(data) if _fast_zlib is not None else zlib.decompress(data)

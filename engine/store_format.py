@@ -139,8 +139,8 @@ _VOLUME_FIELDS = ("id", "ref", "n_slices", "spacing", "orientation", "affine", "
                   "notes")
 
 
-def volume_row(vol_id: str, ref: str, n_slices: int, spacing, orientation: str, affine, path: str,
-               checksum: str, has_label: bool, notes: Iterable[str] = ()) -> dict:
+def volume_row(vol_id: str, ref: str, n_slices: int, spacing: Iterable[float], orientation: str, affine: np.ndarray,
+               path: str, checksum: str, has_label: bool, notes: Iterable[str] = ()) -> dict:
     """A row of the ``volumes`` table (plain Python values)."""
     return {"id": str(vol_id), "ref": str(ref), "n_slices": int(n_slices),
             "spacing": [float(s) for s in spacing], "orientation": str(orientation),
