@@ -244,6 +244,17 @@ def test_cuda_request_without_a_gpu_is_a_one_line_error(store, tmp_path, capsys)
     assert "train.device=cuda" in err and len(err.splitlines()) == 1
 
 
+def test_float16_autocast_off_cuda_is_refused_before_any_step(store, tmp_path, capsys):
+    # on a CPU it ran ~200x slower than bfloat16 (17 s a step), silently
+    out = tmp_path / "f16"
+    cfg = config(store, out, 2, "train.device=cpu", "train.amp=true", "train.amp_dtype=float16")
+    assert main(cfg, resume=False) == 2
+    assert capsys.readouterr().err.strip() == (
+        "train: train.amp_dtype=float16 needs a CUDA device (this run is on cpu, where a step took ~200x "
+        "longer); use train.amp_dtype=bfloat16 or train.amp=false")
+    assert not out.exists()
+
+
 def test_batch_to_device_gives_dense_three_channel_inputs(episode_samples):
     # Collated images are stride-0 views of one channel (what pin_memory refused on the GPU machine); the model
     # must receive dense copies with the right dtypes and memory format.
