@@ -43,7 +43,7 @@ import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 # This script is named like the ``engine`` package: drop its own folder from the import path (Python puts it first)
 # so that ``import engine`` finds the package, and load the shared helpers from their file.
@@ -84,103 +84,148 @@ def load_chaos(spec: str, cfg, max_volumes: int | None):
 # --------------------------------------------------------------------------------------------- 1. compression
 def bench_compression(raw, image, label, fg, sp_cfg, tmp: Path, repeats: int) -> dict:
     """Writer and worker-side encoding costs of the store's datasets on real slices."""
-    import h5py
-
     from engine.superpixels import pseudolabels
 
-    n = len(raw)
     sp = np.stack([pseudolabels(r, f, sp_cfg) for r, f in zip(raw, fg)]).astype(np.int32)
-    shape = raw.shape[1:]
-    f8 = fg.astype(np.uint8)
+    arrays = {"image": image, "superpixels": sp, "fg": fg.astype(np.uint8), "label": label}
+    writer = _writer_filters(arrays, tmp, repeats)
+    # worker-side zlib: cost per slice of each dataset, and the writer with ready chunks
+    arrays = dict(arrays, superpixels=sp.astype(np.uint16))
+    worker = _worker_zlib(arrays, repeats)
+    direct = _direct_chunks(arrays, tmp, repeats)
+    return {"slices": len(raw), "writer_filters": writer, "worker_zlib": worker, "direct_chunk": direct}
 
-    def raw_mb(sp_dtype) -> float:
-        return (image.nbytes + sp.astype(sp_dtype).nbytes + f8.nbytes + label.nbytes) / 1e6
 
-    def writer_run(filters: dict, sp_dtype) -> dict:
-        path = tmp / "comp.h5"
-        sp_cast = sp.astype(sp_dtype)
-        t0 = time.perf_counter()
-        with h5py.File(path, "w") as f:
-            ds = [f.create_dataset(name, (n,) + shape, dt, chunks=(1,) + shape, **filters)
-                  for name, dt in (("image", np.float32), ("superpixels", sp_dtype), ("fg", np.uint8),
-                                   ("label", np.uint8))]
-            for i in range(n):
-                ds[0][i] = image[i]
-                ds[1][i] = sp_cast[i]
-                ds[2][i] = f8[i]
-                ds[3][i] = label[i]
-        dt = time.perf_counter() - t0
-        size = path.stat().st_size
-        path.unlink()
-        return {"seconds": dt, "size": size}
+def _raw_mb(arrays: dict[str, np.ndarray], sp_dtype: type) -> float:
+    """Uncompressed MB of every dataset, the superpixels stored as ``sp_dtype``."""
+    return sum(a.size * np.dtype(sp_dtype).itemsize if k == "superpixels" else a.nbytes
+               for k, a in arrays.items()) / 1e6
 
+
+def _writer_options() -> list[tuple[str, dict, type]]:
+    """The HDF5 filter settings compared: name, ``create_dataset`` keywords, superpixels' dtype."""
     options = [("none, superpixels int32", {}, np.int32), ("none, superpixels uint16", {}, np.uint16),
                ("lzf", {"compression": "lzf"}, np.uint16),
                ("lzf + shuffle", {"compression": "lzf", "shuffle": True}, np.uint16)]
     for level in (1, 2, 3, 4):
         options.append((f"gzip-{level}", {"compression": "gzip", "compression_opts": level}, np.uint16))
     options.append(("gzip-1 + shuffle", {"compression": "gzip", "compression_opts": 1, "shuffle": True}, np.uint16))
-    runs = {name: [] for name, _, _ in options}
+    return options
+
+
+def _writer_run(path: Path, arrays: dict[str, np.ndarray], filters: dict, sp_dtype: type) -> dict:
+    """Seconds and file size of one writer putting every slice through h5py with ``filters``."""
+    import h5py
+
+    n, shape = len(arrays["image"]), arrays["image"].shape[1:]
+    data = (arrays["image"], arrays["superpixels"].astype(sp_dtype), arrays["fg"], arrays["label"])
+    t0 = time.perf_counter()
+    with h5py.File(path, "w") as f:
+        ds = [f.create_dataset(name, (n,) + shape, dt, chunks=(1,) + shape, **filters)
+              for name, dt in (("image", np.float32), ("superpixels", sp_dtype), ("fg", np.uint8),
+                               ("label", np.uint8))]
+        for i in range(n):
+            for d, a in zip(ds, data):
+                d[i] = a[i]
+    dt = time.perf_counter() - t0
+    size = path.stat().st_size
+    path.unlink()
+    return {"seconds": dt, "size": size}
+
+
+def _writer_filters(arrays: dict[str, np.ndarray], tmp: Path, repeats: int) -> list[dict]:
+    """Slices/s, MB/s and kB per slice of each filter option, repeats round-robin, median kept."""
+    options = _writer_options()
+    runs: dict[str, list[dict]] = {name: [] for name, _, _ in options}
     for _ in range(repeats):
         for name, filters, dt in options:
-            runs[name].append(writer_run(filters, dt))
-    writer = []
-    for name, _, dt in options:
-        sec = statistics.median(r["seconds"] for r in runs[name])
-        writer.append({"option": name, "slices_per_s": round(n / sec, 1), "mb_per_s": round(raw_mb(dt) / sec, 1),
-                       "kb_per_slice": round(runs[name][0]["size"] / n / 1e3, 1)})
-        say(f"  writer {name:26s} {n / sec:8.0f} slices/s {raw_mb(dt) / sec:7.0f} MB/s "
-            f"{runs[name][0]['size'] / n / 1e3:6.1f} kB/slice")
+            runs[name].append(_writer_run(tmp / "comp.h5", arrays, filters, dt))
+    return [_writer_row(name, runs[name], _raw_mb(arrays, dt), len(arrays["image"])) for name, _, dt in options]
 
-    # worker-side zlib: cost per slice of each dataset, and the writer with ready chunks
-    arrays = {"image": image, "superpixels": sp.astype(np.uint16), "fg": f8, "label": label}
-    worker = []
+
+def _writer_row(name: str, runs: list[dict], mb: float, n: int) -> dict:
+    """One filter option's record (and printed line) from its runs."""
+    sec = statistics.median(r["seconds"] for r in runs)
+    kb = runs[0]["size"] / n / 1e3
+    say(f"  writer {name:26s} {n / sec:8.0f} slices/s {mb / sec:7.0f} MB/s {kb:6.1f} kB/slice")
+    return {"option": name, "slices_per_s": round(n / sec, 1), "mb_per_s": round(mb / sec, 1),
+            "kb_per_slice": round(kb, 1)}
+
+
+def _coders() -> list[tuple[str, int, Callable[[bytes], bytes]]]:
+    """The worker-side compressors: zlib at levels 1 and 4, and ISA-L's at level 1 where it is installed."""
     coders = [("zlib", 1, lambda b: zlib.compress(b, 1)), ("zlib", 4, lambda b: zlib.compress(b, 4))]
     try:
         from isal import isal_zlib
         coders.append(("isal", 1, lambda b: isal_zlib.compress(b, 1)))
     except ImportError:
         say("  (isal not installed: no ISA-L row)")
-    for lib, level, fn in coders:
-        for name, arr in arrays.items():
-            times = []
-            for _ in range(repeats):
-                t0 = time.process_time()
-                total = sum(len(fn(np.ascontiguousarray(a))) for a in arr)
-                times.append(time.process_time() - t0)
-            sec = statistics.median(times)
-            worker.append({"library": lib, "dataset": name, "level": level,
-                           "cpu_ms_per_slice": round(1e3 * sec / n, 3), "kb_per_slice": round(total / n / 1e3, 2),
-                           "raw_kb_per_slice": round(arr[0].nbytes / 1e3, 1)})
-            say(f"  worker {lib}-{level} {name:12s} {1e3 * sec / n:6.3f} CPU ms/slice {total / n / 1e3:6.1f} kB/slice")
+    return coders
 
+
+def _worker_zlib(arrays: dict[str, np.ndarray], repeats: int) -> list[dict]:
+    """CPU cost and size per slice of each dataset compressed slice by slice, per compressor."""
+    return [_worker_row(lib, level, fn, name, arr, repeats)
+            for lib, level, fn in _coders() for name, arr in arrays.items()]
+
+
+def _worker_row(lib: str, level: int, fn: Callable[[bytes], bytes], name: str, arr: np.ndarray,
+                repeats: int) -> dict:
+    """One compressor on one dataset: median CPU time of the repeats, size of the last."""
+    n = len(arr)
+    times = []
+    for _ in range(repeats):
+        t0 = time.process_time()
+        total = sum(len(fn(np.ascontiguousarray(a))) for a in arr)
+        times.append(time.process_time() - t0)
+    sec = statistics.median(times)
+    say(f"  worker {lib}-{level} {name:12s} {1e3 * sec / n:6.3f} CPU ms/slice {total / n / 1e3:6.1f} kB/slice")
+    return {"library": lib, "dataset": name, "level": level,
+            "cpu_ms_per_slice": round(1e3 * sec / n, 3), "kb_per_slice": round(total / n / 1e3, 2),
+            "raw_kb_per_slice": round(arr[0].nbytes / 1e3, 1)}
+
+
+def _direct_chunks(arrays: dict[str, np.ndarray], tmp: Path, repeats: int) -> list[dict]:
+    """Encode cost and writer rate of each store codec, the writer storing ready chunks."""
+    return [_direct_row(spec, arrays, tmp, repeats) for spec in ("none", "maps-gzip-1", "gzip-1")]
+
+
+def _direct_row(spec: str, arrays: dict[str, np.ndarray], tmp: Path, repeats: int) -> dict:
+    """One codec: every slice encoded on one thread, then written ``repeats`` times (median kept)."""
     from engine.store_codec import Codec
-    direct = []
-    for spec in ("none", "maps-gzip-1", "gzip-1"):
-        codec = Codec.parse(spec)
-        t0 = time.perf_counter()
-        chunks = [{k: codec.encode(k, arrays[k][i]) for k in arrays} for i in range(n)]
-        enc = time.perf_counter() - t0
-        times, size = [], 0
-        for _ in range(repeats):
-            path = tmp / "direct.h5"
-            t0 = time.perf_counter()
-            with h5py.File(path, "w") as f:
-                for k in arrays:
-                    d = f.create_dataset(k, (n,) + shape, arrays[k].dtype, chunks=(1,) + shape,
-                                         **codec.dataset_kwargs(k))
-                    for i in range(n):
-                        d.id.write_direct_chunk((i, 0, 0), chunks[i][k])
-            times.append(time.perf_counter() - t0)
-            size = path.stat().st_size
-            path.unlink()
-        sec = statistics.median(times)
-        direct.append({"codec": spec, "encode_ms_per_slice_one_thread": round(1e3 * enc / n, 3),
-                       "writer_slices_per_s": round(n / sec, 1), "writer_mb_per_s": round(raw_mb(np.uint16) / sec, 1),
-                       "kb_per_slice": round(size / n / 1e3, 1)})
-        say(f"  direct-chunk writer {spec:12s} encode {1e3 * enc / n:6.3f} ms/slice, write {n / sec:7.0f} slices/s, "
-            f"{size / n / 1e3:6.1f} kB/slice")
-    return {"slices": n, "writer_filters": writer, "worker_zlib": worker, "direct_chunk": direct}
+
+    codec = Codec.parse(spec)
+    n = len(arrays["image"])
+    t0 = time.perf_counter()
+    chunks = [{k: codec.encode(k, arrays[k][i]) for k in arrays} for i in range(n)]
+    enc = time.perf_counter() - t0
+    times, size = [], 0
+    for _ in range(repeats):
+        seconds, size = _direct_write(tmp / "direct.h5", arrays, codec, chunks)
+        times.append(seconds)
+    sec = statistics.median(times)
+    say(f"  direct-chunk writer {spec:12s} encode {1e3 * enc / n:6.3f} ms/slice, write {n / sec:7.0f} slices/s, "
+        f"{size / n / 1e3:6.1f} kB/slice")
+    return {"codec": spec, "encode_ms_per_slice_one_thread": round(1e3 * enc / n, 3),
+            "writer_slices_per_s": round(n / sec, 1), "writer_mb_per_s": round(_raw_mb(arrays, np.uint16) / sec, 1),
+            "kb_per_slice": round(size / n / 1e3, 1)}
+
+
+def _direct_write(path: Path, arrays: dict[str, np.ndarray], codec: Any, chunks: list[dict]) -> tuple[float, int]:
+    """Seconds and file size of one writer storing encoded chunks as they are (``write_direct_chunk``)."""
+    import h5py
+
+    n, shape = len(arrays["image"]), arrays["image"].shape[1:]
+    t0 = time.perf_counter()
+    with h5py.File(path, "w") as f:
+        for k in arrays:
+            d = f.create_dataset(k, (n,) + shape, arrays[k].dtype, chunks=(1,) + shape, **codec.dataset_kwargs(k))
+            for i in range(n):
+                d.id.write_direct_chunk((i, 0, 0), chunks[i][k])
+    seconds = time.perf_counter() - t0
+    size = path.stat().st_size
+    path.unlink()
+    return seconds, size
 
 
 # --------------------------------------------------------------------------------------------- 2. kernel

@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader  # noqa: E402
 
 from benchmarks import common  # noqa: E402  (sets NUMBA_CACHE_DIR before engine is imported)
 
-from alpnet.config import load  # noqa: E402
+from alpnet.config import Config, load  # noqa: E402
 from alpnet.episodes import EpisodeStream, collate_episodes, worker_init  # noqa: E402
 from alpnet.model import ALPNet  # noqa: E402
 from alpnet.train import batch_to_device  # noqa: E402
@@ -164,16 +164,7 @@ class TrainBench:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("store", help="store file, e.g. the CHAOS store from `cli.py preprocess`")
-    p.add_argument("--config", default=str(ROOT / "configs" / "default.yaml"))
-    p.add_argument("--episodes", type=common.positive_int, default=400, help="episodes per stream measurement")
-    p.add_argument("--steps", type=common.positive_int, default=30, help="timed training steps per layout, default encoder")
-    p.add_argument("--paper-steps", type=common.nonnegative_int, default=4, help="timed training steps, ResNet-101 (0: skip)")
-    p.add_argument("--rounds", type=common.positive_int, default=3, help="interleaved rounds per measurement (medians)")
-    p.add_argument("--gpu", action="store_true", help="time the paper config on CUDA instead (GPU machine)")
-    p.add_argument("--out", help="JSON output (default benchmarks/results/loader-cpu.json or -gpu.json)")
-    args = p.parse_args(argv)
+    args = _parse_args(argv)
     if not Path(args.store).exists():
         print(f"{args.store}: store not found (build it with `python cli.py preprocess --out {args.store}`)",
               file=sys.stderr)
@@ -183,60 +174,119 @@ def main(argv: list[str] | None = None) -> int:
            "torch": torch.__version__, "load_avg_start": os.getloadavg(), "stream": [], "train": []}
     print(f"loader benchmark on {args.store}: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
     if args.gpu:
-        paper = load(str(ROOT / "configs" / "paper.yaml"))
-        threads = max(1, (os.cpu_count() or 2) - 4)
-        for amp in (False, True):
-            b = TrainBench(args.store, paper, "paper-gpu" + (" bf16" if amp else ""), "resnet101", workers=4,
-                           threads=threads, channels_last=amp, device="cuda", amp=amp)
-            torch.cuda.reset_peak_memory_stats()
-            b.run(args.steps, seed=0, warmup=10)
-            rec["train"].append(b.summary())
-            print(json.dumps(rec["train"][-1]))
+        rec["train"] = _bench_gpu(args.store, args.steps)
     else:
         # Layouts are measured in interleaved rounds and summarised by their medians, so that a neighbour's
         # burst on this shared machine hits every layout alike.
-        per_stream: dict[int, list] = {0: [], 1: [], 2: []}
-        for r in range(args.rounds):
-            for w in per_stream:
-                per_stream[w].append(stream_round(args.store, cfg, w, args.episodes // args.rounds, seed=r))
-        for w, rounds in per_stream.items():
-            summary = {"workers": w, "rounds": rounds}
-            for key in rounds[0]:
-                summary[key] = (max if key.startswith("peak") else sum if "draws" in key else statistics.median)(
-                    [x[key] for x in rounds])
-            rec["stream"].append(summary)
-            print(f"stream, {w} workers: {summary['episodes_per_s']:.0f} episodes/s, main-process CPU "
-                  f"{summary['main_cpu_ms_per_episode']:.2f} ms/episode, peak RSS {summary['peak_rss_mb']:.0f} MB"
-                  + (f" (read {summary['read_ms']:.2f} ms + augment {summary['augment_ms']:.2f} ms per episode; "
-                     f"id draws {summary['id_draws']}: empty {summary['empty_redraws']}, vanishing "
-                     f"{summary['vanishing_redraws']})" if w == 0 else ""))
-        layouts = [("0 workers, 2 threads", 0, 2), ("0 workers, 1 thread", 0, 1), ("1 worker, 1 thread", 1, 1),
-                   ("1 worker, 2 threads", 1, 2)]
-        benches = [TrainBench(args.store, load(args.config), label, cfg.model.encoder, w, t, cfg.train.channels_last)
-                   for label, w, t in (layouts if args.steps else [])]
-        for r in range(args.rounds):
-            for b in benches:
-                b.run(max(1, args.steps // args.rounds), seed=r)
-        if args.paper_steps:
-            # Built after the default-encoder rounds, so their peak RSS does not include ResNet-101; one round
-            # is enough for its order of size.
-            paper = TrainBench(args.store, load(args.config), "paper encoder, 0 workers, 2 threads", "resnet101",
-                               0, 2, cfg.train.channels_last)
-            paper.run(args.paper_steps, seed=0, warmup=1)
-            benches.append(paper)
-        for b in benches:
-            s = b.summary()
-            rec["train"].append(s)
-            print(f"train {s['encoder']} ({s['label']}): step {s['step_ms']:.0f} ms, data {s['data_ms']:.1f} ms "
-                  f"({100 * s['data_share']:.1f}%), {s['iterations_per_s']:.2f} it/s, peak RSS "
-                  f"{s['peak_rss_mb']:.0f} MB")
+        rec["stream"] = _bench_stream(args, cfg)
+        rec["train"] = _bench_train(args, cfg)
     rec["load_avg_end"] = os.getloadavg()
-    out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / (
-        "loader-gpu.json" if args.gpu else "loader-cpu.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(rec, indent=2) + "\n")
-    print(f"wrote {out}")
+    _write_record(rec, args.out, args.gpu)
     return 0
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The command line: the store, the measurements' sizes and where the record goes."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("store", help="store file, e.g. the CHAOS store from `cli.py preprocess`")
+    p.add_argument("--config", default=str(ROOT / "configs" / "default.yaml"))
+    p.add_argument("--episodes", type=common.positive_int, default=400, help="episodes per stream measurement")
+    p.add_argument("--steps", type=common.positive_int, default=30, help="timed training steps per layout, default encoder")
+    p.add_argument("--paper-steps", type=common.nonnegative_int, default=4, help="timed training steps, ResNet-101 (0: skip)")
+    p.add_argument("--rounds", type=common.positive_int, default=3, help="interleaved rounds per measurement (medians)")
+    p.add_argument("--gpu", action="store_true", help="time the paper config on CUDA instead (GPU machine)")
+    p.add_argument("--out", help="JSON output (default benchmarks/results/loader-cpu.json or -gpu.json)")
+    return p.parse_args(argv)
+
+
+def _bench_gpu(store: str, steps: int) -> list[dict]:
+    """The paper config on CUDA, in float32 and in bf16 autocast (channels-last); one summary each."""
+    paper = load(str(ROOT / "configs" / "paper.yaml"))
+    threads = max(1, (os.cpu_count() or 2) - 4)
+    summaries = []
+    for amp in (False, True):
+        b = TrainBench(store, paper, "paper-gpu" + (" bf16" if amp else ""), "resnet101", workers=4,
+                       threads=threads, channels_last=amp, device="cuda", amp=amp)
+        torch.cuda.reset_peak_memory_stats()
+        b.run(steps, seed=0, warmup=10)
+        summaries.append(b.summary())
+        print(json.dumps(summaries[-1]))
+    return summaries
+
+
+def _bench_stream(args: argparse.Namespace, cfg: Config) -> list[dict]:
+    """The episode stream alone through 0, 1 and 2 DataLoader workers, round by round; one summary each."""
+    per_stream: dict[int, list] = {0: [], 1: [], 2: []}
+    for r in range(args.rounds):
+        for w in per_stream:
+            per_stream[w].append(stream_round(args.store, cfg, w, args.episodes // args.rounds, seed=r))
+    summaries = []
+    for w, rounds in per_stream.items():
+        summaries.append(_stream_summary(w, rounds))
+        print(_stream_line(summaries[-1]))
+    return summaries
+
+
+def _stream_summary(w: int, rounds: list[dict]) -> dict:
+    """One worker count's rounds and their summary: peaks the max, draw counts the sum, the rest the median."""
+    summary = {"workers": w, "rounds": rounds}
+    for key in rounds[0]:
+        summary[key] = (max if key.startswith("peak") else sum if "draws" in key else statistics.median)(
+            [x[key] for x in rounds])
+    return summary
+
+
+def _stream_line(summary: dict) -> str:
+    """The printed line of a stream summary (the 0-worker one with its read / augment split and draws)."""
+    w = summary["workers"]
+    return (f"stream, {w} workers: {summary['episodes_per_s']:.0f} episodes/s, main-process CPU "
+            f"{summary['main_cpu_ms_per_episode']:.2f} ms/episode, peak RSS {summary['peak_rss_mb']:.0f} MB"
+            + (f" (read {summary['read_ms']:.2f} ms + augment {summary['augment_ms']:.2f} ms per episode; "
+               f"id draws {summary['id_draws']}: empty {summary['empty_redraws']}, vanishing "
+               f"{summary['vanishing_redraws']})" if w == 0 else ""))
+
+
+def _bench_train(args: argparse.Namespace, cfg: Config) -> list[dict]:
+    """Training steps of the default encoder under each thread/worker layout, then the paper's; one summary each."""
+    layouts = [("0 workers, 2 threads", 0, 2), ("0 workers, 1 thread", 0, 1), ("1 worker, 1 thread", 1, 1),
+               ("1 worker, 2 threads", 1, 2)]
+    benches = [TrainBench(args.store, load(args.config), label, cfg.model.encoder, w, t, cfg.train.channels_last)
+               for label, w, t in (layouts if args.steps else [])]
+    for r in range(args.rounds):
+        for b in benches:
+            b.run(max(1, args.steps // args.rounds), seed=r)
+    if args.paper_steps:
+        benches.append(_bench_paper_encoder(args, cfg))
+    summaries = []
+    for b in benches:
+        summaries.append(b.summary())
+        print(_train_line(summaries[-1]))
+    return summaries
+
+
+def _bench_paper_encoder(args: argparse.Namespace, cfg: Config) -> TrainBench:
+    """ResNet-101 (the paper's encoder), 0 workers and 2 threads, timed once."""
+    # Built after the default-encoder rounds, so their peak RSS does not include ResNet-101; one round
+    # is enough for its order of size.
+    paper = TrainBench(args.store, load(args.config), "paper encoder, 0 workers, 2 threads", "resnet101",
+                       0, 2, cfg.train.channels_last)
+    paper.run(args.paper_steps, seed=0, warmup=1)
+    return paper
+
+
+def _train_line(s: dict) -> str:
+    """The printed line of a training layout's summary."""
+    return (f"train {s['encoder']} ({s['label']}): step {s['step_ms']:.0f} ms, data {s['data_ms']:.1f} ms "
+            f"({100 * s['data_share']:.1f}%), {s['iterations_per_s']:.2f} it/s, peak RSS "
+            f"{s['peak_rss_mb']:.0f} MB")
+
+
+def _write_record(rec: dict, out: str | None, gpu: bool) -> None:
+    """The JSON record to ``out`` (default: benchmarks/results/loader-cpu.json or -gpu.json)."""
+    path = Path(out) if out else ROOT / "benchmarks" / "results" / ("loader-gpu.json" if gpu else "loader-cpu.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(rec, indent=2) + "\n")
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

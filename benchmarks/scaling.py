@@ -44,7 +44,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 _HERE = Path(__file__).resolve().parent
 # Python puts a script's folder first on sys.path, and benchmarks/ also holds engine.py (the engine benchmark),
@@ -56,6 +56,9 @@ from benchmarks.common import PAPER, BenchmarkError, fmt, log, markdown_table  #
 import numpy as np  # noqa: E402
 
 from engine.figures import save_figure  # noqa: E402
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
 
 BACKENDS = common.BACKENDS
 EFFICIENCY_TARGETS = {2: 0.90, 6: 0.80}     # issue 7: at 2 workers here, at 6 on a 16-core machine
@@ -263,7 +266,6 @@ def plot_scaling(result: dict, path: Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import FuncFormatter
 
     ncores, paper = result["ncores"], result["paper"]
     backends = list(dict.fromkeys(p["backend"] for p in result["points"]))
@@ -274,25 +276,49 @@ def plot_scaling(result: dict, path: Path) -> Path:
     grid = np.linspace(1, nmax, 200)
     for b in backends:
         pts = sorted((p for p in result["points"] if p["backend"] == b), key=lambda p: p["workers"])
-        free = [p for p in pts if not p["pinned"]]
-        per_core = [p for p in pts if p.get("per_core_series")]
-        c = colours.get(b, None)
-        ax.errorbar(*_xy_err(free), marker="o", color=c, capsize=3, label=f"engine, {b}, all cores free")
-        if any(p["pinned"] for p in per_core):
-            ax.errorbar(*_xy_err(per_core), marker="s", mfc="none", ls="-.", color=c, capsize=3,
-                        label=f"engine, {b}, n workers on n CPUs")
-        fit = result["fits"][b]["amdahl"]
-        if fit:
-            ax.plot(grid, amdahl(grid, fit["x1"], fit["serial_fraction"]), "--", color=c, alpha=0.7,
-                    label=f"Amdahl fit ({b}): s = {fit['serial_fraction']:.3f}")
-            ax.plot([paper["cores"]], [fit["projected_fps_6"]], marker="D", mfc="none", color=c, ls="none",
-                    label=f"projected on {paper['cores']} cores ({b}): {fit['projected_fps_6']:.0f}/s")
-        per_core = [p for p in per_core if p["efficiency_per_core"] is not None]
-        if per_core:
-            ax_e.errorbar(*_efficiency_err(per_core, "efficiency_per_core"), marker="s", mfc="none", color=c,
-                          capsize=3, label=f"{b}, per core (n workers on min(n, cores) CPUs)")
-        ax_e.errorbar(*_efficiency_err(free, "efficiency"), marker=".", ls=":", color=c, capsize=3,
-                      label=f"{b}, per worker (all cores free)")
+        _plot_throughput_series(ax, pts, b, colours.get(b, None), result["fits"][b]["amdahl"], grid, paper)
+        _plot_efficiency_series(ax_e, pts, b, colours.get(b, None))
+    _plot_throughput_references(ax, result, grid)
+    _finish_throughput(ax, ncores)
+    _finish_efficiency(ax_e, paper, ncores)
+    # where the workers' time went, from the engine's profile
+    _plot_time_split(ax_t, result, backends)
+    host = result.get("host", {})
+    fig.suptitle(f"Engine scaling on {host.get('cpu', '?')} ({ncores} cores), {result['slices_label']}"
+                 + ("  [quick run: noisy]" if result.get("quick") else ""), fontsize=11)
+    return save_figure(fig, path, dpi=110)
+
+
+def _plot_throughput_series(ax: Axes, pts: list[dict], b: str, c: str | None, fit: dict | None,
+                            grid: np.ndarray, paper: dict) -> None:
+    """One backend's frames/s (all cores free, and n workers on n CPUs), its Amdahl fit and 6-core projection."""
+    free = [p for p in pts if not p["pinned"]]
+    per_core = [p for p in pts if p.get("per_core_series")]
+    ax.errorbar(*_xy_err(free), marker="o", color=c, capsize=3, label=f"engine, {b}, all cores free")
+    if any(p["pinned"] for p in per_core):
+        ax.errorbar(*_xy_err(per_core), marker="s", mfc="none", ls="-.", color=c, capsize=3,
+                    label=f"engine, {b}, n workers on n CPUs")
+    if fit:
+        ax.plot(grid, amdahl(grid, fit["x1"], fit["serial_fraction"]), "--", color=c, alpha=0.7,
+                label=f"Amdahl fit ({b}): s = {fit['serial_fraction']:.3f}")
+        ax.plot([paper["cores"]], [fit["projected_fps_6"]], marker="D", mfc="none", color=c, ls="none",
+                label=f"projected on {paper['cores']} cores ({b}): {fit['projected_fps_6']:.0f}/s")
+
+
+def _plot_efficiency_series(ax_e: Axes, pts: list[dict], b: str, c: str | None) -> None:
+    """One backend's parallel efficiency, per core (where it has a 1-CPU run) and per worker."""
+    free = [p for p in pts if not p["pinned"]]
+    per_core = [p for p in pts if p.get("per_core_series") and p["efficiency_per_core"] is not None]
+    if per_core:
+        ax_e.errorbar(*_efficiency_err(per_core, "efficiency_per_core"), marker="s", mfc="none", color=c,
+                      capsize=3, label=f"{b}, per core (n workers on min(n, cores) CPUs)")
+    ax_e.errorbar(*_efficiency_err(free, "efficiency"), marker=".", ls=":", color=c, capsize=3,
+                  label=f"{b}, per worker (all cores free)")
+
+
+def _plot_throughput_references(ax: Axes, result: dict, grid: np.ndarray) -> None:
+    """Linear scaling from the slowest-CPU point up to the cores, and the paper's frames/s."""
+    ncores, paper = result["ncores"], result["paper"]
     first = min(result["points"], key=lambda p: (p["cpus"], p["workers"]))
     x1 = first["fps"] / first["cpus"]
     ax.plot(grid, x1 * np.minimum(grid, ncores), ":", color="grey", label="linear up to the cores")
@@ -300,10 +326,20 @@ def plot_scaling(result: dict, path: Path) -> Path:
     ax.plot([1], [paper["slic"]], "ks", mfc="none", ms=8, label=f"paper: SLIC {paper['slic']:.0f}/s")
     ax.plot([paper["cores"]], [paper["slic_parallel"]], "k*", ms=12,
             label=f"paper: SLIC-parallel {paper['slic_parallel']:.0f}/s")
-    for a in (ax, ax_e):
-        a.axvline(ncores, color="grey", lw=0.8, ls="--")
-        a.set_xlabel("workers")
-        a.grid(alpha=0.3)
+
+
+def _worker_axis(a: Axes, ncores: int) -> None:
+    """Worker counts on x, the core count as a dashed line."""
+    a.axvline(ncores, color="grey", lw=0.8, ls="--")
+    a.set_xlabel("workers")
+    a.grid(alpha=0.3)
+
+
+def _finish_throughput(ax: Axes, ncores: int) -> None:
+    """Log frames/s axis with plain tick labels, title and legend."""
+    from matplotlib.ticker import FuncFormatter
+
+    _worker_axis(ax, ncores)
     ax.set_yscale("log")
     plain = FuncFormatter(lambda v, _pos: f"{v:g}")
     ax.yaxis.set_major_formatter(plain)
@@ -311,6 +347,11 @@ def plot_scaling(result: dict, path: Path) -> Path:
     ax.set_ylabel("slices / s (engine profile)")
     ax.set_title(f"Throughput ({ncores} cores here; dashed line = core count)")
     ax.legend(fontsize=7, loc="lower right")
+
+
+def _finish_efficiency(ax_e: Axes, paper: dict, ncores: int) -> None:
+    """The paper's efficiency, the issue's targets, axis labels and legend."""
+    _worker_axis(ax_e, ncores)
     ax_e.plot([1, paper["cores"]], [100, 100 * paper["efficiency_6"]], "k*", ms=10,
               label=f"paper SLIC-parallel ({100 * paper['efficiency_6']:.0f}% on {paper['cores']} cores)")
     ax_e.axhline(90, color="green", lw=0.8, ls="-.", label="target 90% at 2 workers")
@@ -319,26 +360,19 @@ def plot_scaling(result: dict, path: Path) -> Path:
     ax_e.set_ylabel("parallel efficiency, % (bars: its rounds)")
     ax_e.set_title("Efficiency")
     ax_e.legend(fontsize=7, loc="lower left")
-    # where the workers' time went, from the engine's profile
+
+
+def _plot_time_split(ax_t: Axes, result: dict, backends: list[str]) -> None:
+    """Per worker count, one stacked bar per backend of the free runs' time split, with their CPU use."""
+    ncores = result["ncores"]
     width = 0.8 / max(1, len(backends))
     allw = sorted({p["workers"] for p in result["points"] if not p["pinned"]})
     pos = {w: i for i, w in enumerate(allw)}
-    names = ("busy, on a core", "busy, waiting for a core", "busy, asleep (GIL, lock, I/O)",
-             "busy, off a core (not split)", "waiting for input", "batch barrier",
-             "other (handing results over, the run's end)")
-    shades = ("#4c72b0", "#a1c9f4", "#c44e52", "#ccb974", "#dd8452", "#8c8c8c", "#dddddd")
-    labelled: set[str] = set()
+    labelled: set[str | None] = set()
     for j, b in enumerate(backends):
         pts = [p for p in result["points"] if p["backend"] == b and not p["pinned"]]
         xs = np.array([pos[p["workers"]] for p in pts]) + (j - (len(backends) - 1) / 2) * width
-        bottom = np.zeros(len(pts))
-        for k, (name, shade) in enumerate(zip(names, shades)):
-            vals = np.array([_time_parts(p["profile"])[k] for p in pts])
-            label = name if vals.any() and name not in labelled else None
-            labelled.add(label)
-            ax_t.bar(xs, vals, width * 0.95, bottom=bottom, color=shade, hatch="//" if b == "processes" else None,
-                     edgecolor="white", label=label)
-            bottom += vals
+        _time_bars(ax_t, pts, xs, width, "//" if b == "processes" else None, labelled)
         ax_t.plot(xs, [min(100.0, p["cpu_pct_median"] / min(p["workers"], ncores)) for p in pts], "k.",
                   label="CPU % per core in use" if j == 0 else None)
     ax_t.set_xticks(range(len(allw)), [str(w) for w in allw])
@@ -347,10 +381,22 @@ def plot_scaling(result: dict, path: Path) -> Path:
     ax_t.set_ylim(0, 110)
     ax_t.set_title("Where the workers' time went (all cores free)")
     ax_t.legend(fontsize=7, loc="lower left")
-    host = result.get("host", {})
-    fig.suptitle(f"Engine scaling on {host.get('cpu', '?')} ({ncores} cores), {result['slices_label']}"
-                 + ("  [quick run: noisy]" if result.get("quick") else ""), fontsize=11)
-    return save_figure(fig, path, dpi=110)
+
+
+def _time_bars(ax_t: Axes, pts: list[dict], xs: np.ndarray, width: float, hatch: str | None,
+               labelled: set[str | None]) -> None:
+    """One backend's stacked bars of ``_time_parts``; each part named in the legend once, where it shows."""
+    names = ("busy, on a core", "busy, waiting for a core", "busy, asleep (GIL, lock, I/O)",
+             "busy, off a core (not split)", "waiting for input", "batch barrier",
+             "other (handing results over, the run's end)")
+    shades = ("#4c72b0", "#a1c9f4", "#c44e52", "#ccb974", "#dd8452", "#8c8c8c", "#dddddd")
+    bottom = np.zeros(len(pts))
+    for k, (name, shade) in enumerate(zip(names, shades)):
+        vals = np.array([_time_parts(p["profile"])[k] for p in pts])
+        label = name if vals.any() and name not in labelled else None
+        labelled.add(label)
+        ax_t.bar(xs, vals, width * 0.95, bottom=bottom, color=shade, hatch=hatch, edgecolor="white", label=label)
+        bottom += vals
 
 
 def _time_parts(pr: dict) -> tuple[float, ...]:
