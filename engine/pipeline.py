@@ -219,7 +219,7 @@ class _Run(ProcessBackend):
             print(f"preprocess: {exc}", file=sys.stderr)
             return 2
         for line in self.source.warnings:
-            print(f"preprocess: warning: {line}", file=sys.stderr)
+            self.say(f"preprocess: warning: {line}")
         settings = store_settings(cfg, cfg.data.input, self.refs)
         # One slice through the pseudo-label step checks settings that only the method can judge, before the
         # store is opened: with --overwrite, opening it discards what it holds.
@@ -273,9 +273,9 @@ class _Run(ProcessBackend):
             return self._already_complete(settings)
         self.plan = self._plan_left()
         if self.writer.resumed:
-            print(f"preprocess: resuming {self.store}: {self.writer.n_committed} slices in "
-                  f"{len(self.writer.shards)} committed batches kept; {len(self.plan)} of {len(self.refs)} volumes "
-                  f"left", file=sys.stderr)
+            self.say(f"preprocess: resuming {self.store}: {self.writer.n_committed} slices in "
+                     f"{len(self.writer.shards)} committed batches kept; {len(self.plan)} of {len(self.refs)} "
+                     f"volumes left")
         self._warm_up()
         self._build_schedule()
         if self.backend == "processes":
@@ -302,11 +302,11 @@ class _Run(ProcessBackend):
         """What the writer found on opening the store: dropped leftovers, a lock left by a killed run."""
         writer = self.writer
         for line in writer.dropped:
-            print(f"preprocess: warning: {line}", file=sys.stderr)
+            self.say(f"preprocess: warning: {line}")
         if writer.lock.stale:
-            print(f"preprocess: note: the previous run (pid {writer.lock.stale.get('pid', '?')} on "
-                  f"{writer.lock.stale.get('host', '?')}, started {writer.lock.stale.get('started', '?')}) ended "
-                  f"without releasing the store; resuming it", file=sys.stderr)
+            self.say(f"preprocess: note: the previous run (pid {writer.lock.stale.get('pid', '?')} on "
+                     f"{writer.lock.stale.get('host', '?')}, started {writer.lock.stale.get('started', '?')}) ended "
+                     f"without releasing the store; resuming it")
 
     def _already_complete(self, settings: dict) -> int:
         """A rerun on a complete store: recorded like any run, nothing computed; 1 when inputs failed before."""

@@ -973,6 +973,23 @@ def test_a_closed_stderr_does_not_stop_the_run(tmp_path, capsys, monkeypatch, ba
     assert "complete: 16 slices" in capsys.readouterr().out
 
 
+def test_a_closed_stderr_does_not_stop_a_resume_or_its_warnings(tmp_path, capsys, monkeypatch):
+    # the source's warnings and the "resuming" line at the start went through a bare print: with stderr
+    # gone the run ended there, before computing anything, holding a store it had opened
+    src = write_folder(tmp_path / "in", n=2, n_slices=5)
+    (src / "scan.nii.gz").write_bytes(b"stray")                           # a "not named image_<id>" warning
+    out = tmp_path / "s.h5"
+    cfg = make_cfg(src, out)
+    assert pipeline.preprocess(cfg, progress=False) == 0
+    out.unlink()                                   # the index lost: the rerun resumes from the shards
+    gone = _GoneOutput(tty=False)
+    monkeypatch.setattr(sys, "stderr", gone)
+    assert pipeline.preprocess(cfg, progress=True) == 0
+    assert gone.writes >= 1
+    with StoreReader(out) as r:
+        assert r.meta["complete"] is True and r.n_slices == 5 + 6
+
+
 def test_all_volumes_bad_still_leaves_a_readable_store(tmp_path, capsys):
     src = tmp_path / "in"
     src.mkdir()
