@@ -212,10 +212,19 @@ def mask_seeds(mask, n_want, cy, cx):
 @njit(**_JIT)
 def _mask_seeds(mask, n_want, cy, cx, n_mask, y0, y1, x0, x1, lloyd_iter, density):
     """``mask_seeds`` given the mask's pixel count and bounding box (rows y0..y1, columns x0..x1)."""
-    h, w = mask.shape
     n = min(n_want, n_mask)
     if n <= 0:
         return 0
+    _starting_points(mask, n, cy, cx, n_mask, y0, y1, x0, x1)
+    py, px = _kmeans_points(mask, n, n_mask, y0, y1, x0, x1, density)
+    _lloyd(py, px, cy, cx, n, lloyd_iter)
+    _snap_into_mask(mask, py, px, cy, cx, n)
+    return n
+
+
+@njit(**_JIT)
+def _starting_points(mask, n, cy, cx, n_mask, y0, y1, x0, x1):
+    """Fill ``cy`` / ``cx`` with ``n`` distinct mask pixels: the first ones the R2 sequence hits in the box."""
     bh = y1 - y0 + 1
     bw = x1 - x0 + 1
     taken = np.zeros((bh, bw), dtype=np.uint8)
@@ -252,7 +261,12 @@ def _mask_seeds(mask, n_want, cy, cx, n_mask, y0, y1, x0, x1, lloyd_iter, densit
                         k += 1
                         nxt += 1
                     rank += 1
-    # k-means points: a regular sub-grid of the mask about `density` times denser than the seeds
+
+
+@njit(**_JIT)
+def _kmeans_points(mask, n, n_mask, y0, y1, x0, x1, density):
+    """The k-means points (rows, columns; float32): a regular sub-grid of the mask about ``density`` times
+    denser than the ``n`` seeds, or every mask pixel when the sub-grid has fewer than ``n`` points."""
     stride = max(1, int(np.sqrt(n_mask / (density * n))))
     off = stride // 2
     n_pts = 0
@@ -273,6 +287,13 @@ def _mask_seeds(mask, n_want, cy, cx, n_mask, y0, y1, x0, x1, lloyd_iter, densit
                 py[j] = y
                 px[j] = x
                 j += 1
+    return py, px
+
+
+@njit(**_JIT)
+def _lloyd(py, px, cy, cx, n, lloyd_iter):
+    """``lloyd_iter`` k-means iterations of the ``n`` centres ``cy`` / ``cx`` over the points, in place."""
+    n_pts = py.shape[0]
     best = np.empty(n_pts, dtype=np.float32)
     lab = np.empty(n_pts, dtype=np.int32)
     sy = np.empty(n, dtype=np.float64)
@@ -292,14 +313,20 @@ def _mask_seeds(mask, n_want, cy, cx, n_mask, y0, y1, x0, x1, lloyd_iter, densit
             if cnt[c] > 0:  # an empty cluster keeps its centre, as scipy's kmeans2 does
                 cy[c] = sy[c] / cnt[c]
                 cx[c] = sx[c] / cnt[c]
-    # the mean of a cluster can fall outside a non-convex mask: such a seed moves to the nearest mask point
+
+
+@njit(**_JIT)
+def _snap_into_mask(mask, py, px, cy, cx, n):
+    """Move each centre whose rounded position is outside the mask (the mean of a cluster can fall outside a
+    non-convex mask) to the nearest k-means point, so every seed lies inside the mask."""
+    h, w = mask.shape
     for c in range(n):
         yy = int(np.floor(cy[c] + 0.5))
         xx = int(np.floor(cx[c] + 0.5))
         if 0 <= yy < h and 0 <= xx < w and mask[yy, xx]:
             continue
         best_d = np.inf
-        for i in range(n_pts):
+        for i in range(py.shape[0]):
             d = (py[i] - cy[c]) ** 2 + (px[i] - cx[c]) ** 2
             if d < best_d:
                 best_d = d
@@ -307,7 +334,6 @@ def _mask_seeds(mask, n_want, cy, cx, n_mask, y0, y1, x0, x1, lloyd_iter, densit
                 xx = int(px[i])
         cy[c] = yy
         cx[c] = xx
-    return n
 
 
 @njit(**_JIT)
@@ -583,36 +609,13 @@ def _adjacent_of(order, n, rix, root_of, fin, pad, cur):
 
 
 @njit(**_JIT)
-def enforce_connectivity(lab, ls, out, h, w, min_size, max_size, start_label):
-    """Split labels into 4-connected segments and merge the segments under ``min_size`` into a neighbour.
+def _row_runs(lab, ls, h, w, rix, pad):
+    """Runs of equal label along each row of ``lab`` (row stride ``ls``), and every pixel's run in ``rix``.
 
-    Same result as scikit-image's ``_enforce_label_connectivity_cython``: segments are numbered in raster
-    order of their first pixel from ``start_label``; a small segment takes the label of the last labelled
-    neighbour its breadth-first search meets (or, with none, the next label without using it up). Here the
-    components come from a union-find over horizontal runs; only small segments spanning several rows need
-    a per-pixel search (for its visiting order), and it tests membership only. scikit-image cuts a component
-    at ``max_size`` pixels; that rare case runs the pixel-by-pixel algorithm instead.
-
-    Parameters
-    ----------
-    lab : (H * ls,) int32
-        Centre index per pixel with row stride ``ls`` (>= W); -1 where there is none (outside the mask).
-    out : (H * W,) int32
-        Output labels; ``start_label - 1`` where ``lab`` is -1.
-
-    Returns
-    -------
-    n_labels : int
-        Number of segments that took a label of their own (``start_label .. start_label + n_labels - 1``); a
-        small segment with no labelled neighbour takes ``start_label + n_labels`` without using it up, so
-        the largest label can be one more.
+    Run 0 is a dummy standing for "no segment" (outside the mask, and the frame of ``rix``, whose rows have
+    a stride of ``pad`` = w + 1 and which has an extra row above and below, so the searches need no bounds
+    tests). Returns (x0, x1 (exclusive), row, label) per run, ``row_start`` (H + 1,) and the number of runs.
     """
-    mask_label = start_label - 1
-    # ---- runs of equal label along each row. Run 0 is a dummy standing for "no segment" (outside the mask,
-    # and the frame of the run-index map ``rix``, whose rows have a stride of ``pad`` = w + 1 and which has
-    # an extra row above and below, so the searches need no bounds tests)
-    pad = w + 1
-    rix = np.zeros((h + 2) * pad, dtype=np.int32)
     cap = h * w + 2
     run_x0 = np.empty(cap, dtype=np.int32)
     run_x1 = np.empty(cap, dtype=np.int32)
@@ -645,7 +648,13 @@ def enforce_connectivity(lab, ls, out, h, w, min_size, max_size, start_label):
             run_k[q] = lab[lb + np.uint64(run_x0[q])]
         n_runs = n_row
     row_start[h] = n_runs
-    # ---- union-find over runs: a run joins the runs of the row above that overlap it with the same label
+    return run_x0, run_x1, run_y, run_k, row_start, n_runs
+
+
+@njit(**_JIT)
+def _union_runs(run_x0, run_x1, run_k, row_start, h, n_runs):
+    """Union-find over runs: a run joins the runs of the row above that overlap it with the same label.
+    Returns ``parent`` (n_runs,) int32, -1 for runs outside the mask."""
     parent = np.empty(n_runs, dtype=np.int32)
     for r in range(n_runs):
         parent[r] = r if run_k[r] >= 0 else -1
@@ -679,6 +688,13 @@ def enforce_connectivity(lab, ls, out, h, w, min_size, max_size, start_label):
                 parent[r] = pr
             if q > p and run_x1[q - 1] > x1:
                 p = q - 1  # the last overlapping run may also overlap the next run of this row
+    return parent
+
+
+@njit(**_JIT)
+def _component_sizes(parent, run_x0, run_x1, n_runs, max_size):
+    """Flatten ``parent`` to roots; return each root's pixel count, whether it spans several runs, and
+    whether any component reaches ``max_size``."""
     size = np.zeros(n_runs, dtype=np.int64)
     multi = np.zeros(n_runs, dtype=np.bool_)
     big = False
@@ -692,9 +708,56 @@ def enforce_connectivity(lab, ls, out, h, w, min_size, max_size, start_label):
             multi[root] = True
         if size[root] >= max_size:
             big = True
-    if big:
-        return _connectivity_bfs(lab, ls, out, h, w, min_size, max_size, start_label)
-    # ---- final label of every component, in raster order of its first pixel
+    return size, multi, big
+
+
+@njit(**_JIT)
+def _visit_order(r, run_x0, run_x1, run_y, multi, parent, rix, seen, order, pad):
+    """Fill ``order`` with the pixels (``rix`` indices) of the small component rooted at run ``r`` in the
+    order scikit-image's search visits them; returns their number."""
+    base = (run_y[r] + 1) * pad
+    if not multi[r]:
+        m = 0
+        for x in range(run_x0[r], run_x1[r]):
+            order[m] = base + x
+            m += 1
+        return m
+    # breadth-first (neighbours x+1, x-1, y+1, y-1 as in scikit-image); membership: the pixel's run belongs
+    # to this component
+    order[0] = base + run_x0[r]
+    seen[order[0]] = 1
+    m = 1
+    v = 0
+    while v < m:
+        i = order[v]
+        q = i + 1
+        if seen[q] == 0 and parent[rix[q]] == r:
+            seen[q] = 1
+            order[m] = q
+            m += 1
+        q = i - 1
+        if seen[q] == 0 and parent[rix[q]] == r:
+            seen[q] = 1
+            order[m] = q
+            m += 1
+        q = i + pad
+        if seen[q] == 0 and parent[rix[q]] == r:
+            seen[q] = 1
+            order[m] = q
+            m += 1
+        q = i - pad
+        if seen[q] == 0 and parent[rix[q]] == r:
+            seen[q] = 1
+            order[m] = q
+            m += 1
+        v += 1
+    return m
+
+
+@njit(**_JIT)
+def _final_labels(parent, size, multi, run_x0, run_x1, run_y, rix, n_runs, h, pad, min_size, start_label):
+    """Final label of every component (indexed by its root run), in raster order of its first pixel; a small
+    component takes the neighbour scikit-image's search would merge it into. Returns (fin, next label)."""
     fin = np.full(n_runs, -1, dtype=np.int32)
     order = np.empty(max(min_size, 1), dtype=np.int64)
     seen = np.zeros((h + 2) * pad, dtype=np.uint8)
@@ -706,55 +769,63 @@ def enforce_connectivity(lab, ls, out, h, w, min_size, max_size, start_label):
             fin[r] = cur
             cur += 1
             continue
-        # a small component: its visiting order, then the neighbour it merges into
-        base = (run_y[r] + 1) * pad
-        if not multi[r]:
-            m = 0
-            for x in range(run_x0[r], run_x1[r]):
-                order[m] = base + x
-                m += 1
-        else:
-            # breadth-first visiting order (neighbours x+1, x-1, y+1, y-1 as in scikit-image); membership:
-            # the pixel's run belongs to this component
-            order[0] = base + run_x0[r]
-            seen[order[0]] = 1
-            m = 1
-            v = 0
-            while v < m:
-                i = order[v]
-                q = i + 1
-                if seen[q] == 0 and parent[rix[q]] == r:
-                    seen[q] = 1
-                    order[m] = q
-                    m += 1
-                q = i - 1
-                if seen[q] == 0 and parent[rix[q]] == r:
-                    seen[q] = 1
-                    order[m] = q
-                    m += 1
-                q = i + pad
-                if seen[q] == 0 and parent[rix[q]] == r:
-                    seen[q] = 1
-                    order[m] = q
-                    m += 1
-                q = i - pad
-                if seen[q] == 0 and parent[rix[q]] == r:
-                    seen[q] = 1
-                    order[m] = q
-                    m += 1
-                v += 1
+        m = _visit_order(r, run_x0, run_x1, run_y, multi, parent, rix, seen, order, pad)
         fin[r] = cur  # its own pixels read as "cur" during the search, as in scikit-image
         fin[r] = _adjacent_of(order, m, rix, parent, fin, pad, cur)
-    # ---- write: one table lookup per pixel
+    return fin, cur
+
+
+@njit(**_JIT)
+def _write_run_labels(rix, parent, fin, n_runs, out, h, w, pad, mask_label):
+    """``out`` (H*W int32) = the final label of each pixel's component: one table lookup per pixel."""
     run_lab = np.empty(n_runs, dtype=np.int32)
     run_lab[0] = mask_label
     for r in range(1, n_runs):
         run_lab[r] = fin[parent[r]] if parent[r] >= 0 else mask_label
+    uw = np.uint64(w)
     for y in range(h):
         ob = np.uint64(y * w)
         rb = np.uint64((y + 1) * pad)
         for x in range(uw):
             out[ob + x] = run_lab[rix[rb + x]]
+
+
+@njit(**_JIT)
+def enforce_connectivity(lab, ls, out, h, w, min_size, max_size, start_label):
+    """Split labels into 4-connected segments and merge the segments under ``min_size`` into a neighbour.
+
+    Same result as scikit-image's ``_enforce_label_connectivity_cython``: segments are numbered in raster
+    order of their first pixel from ``start_label``; a small segment takes the label of the last labelled
+    neighbour its breadth-first search meets (or, with none, the next label without using it up). Here the
+    components come from a union-find over horizontal runs; only small segments spanning several rows need
+    a per-pixel search (for its visiting order), and it tests membership only. scikit-image cuts a component
+    at ``max_size`` pixels; that rare case runs the pixel-by-pixel algorithm instead.
+
+    Parameters
+    ----------
+    lab : (H * ls,) int32
+        Centre index per pixel with row stride ``ls`` (>= W); -1 where there is none (outside the mask).
+    out : (H * W,) int32
+        Output labels; ``start_label - 1`` where ``lab`` is -1.
+
+    Returns
+    -------
+    n_labels : int
+        Number of segments that took a label of their own (``start_label .. start_label + n_labels - 1``); a
+        small segment with no labelled neighbour takes ``start_label + n_labels`` without using it up, so
+        the largest label can be one more.
+    """
+    mask_label = start_label - 1
+    pad = w + 1
+    rix = np.zeros((h + 2) * pad, dtype=np.int32)
+    run_x0, run_x1, run_y, run_k, row_start, n_runs = _row_runs(lab, ls, h, w, rix, pad)
+    parent = _union_runs(run_x0, run_x1, run_k, row_start, h, n_runs)
+    size, multi, big = _component_sizes(parent, run_x0, run_x1, n_runs, max_size)
+    if big:
+        return _connectivity_bfs(lab, ls, out, h, w, min_size, max_size, start_label)
+    fin, cur = _final_labels(parent, size, multi, run_x0, run_x1, run_y, rix, n_runs, h, pad, min_size,
+                             start_label)
+    _write_run_labels(rix, parent, fin, n_runs, out, h, w, pad, mask_label)
     return cur - start_label
 
 
@@ -782,30 +853,10 @@ def relabel_consecutive(lab, out, start):
 
 # --------------------------------------------------------------------------------------------- driver
 @njit(**_JIT)
-def slic_core(img, mask, use_mask, imin, imax, ratio, n_c, gy0, gsy, gx0, gsx, grid_step, fallback_step,
-              half_y, half_x, n_iter, n_iter_spatial, sp_y, sp_x, enforce, min_size, max_size, start_label, out):
-    """The whole SLIC / maskSLIC of one slice in one GIL-free call (arguments prepared by ``slic``).
-
-    Grid mode (``use_mask`` False): ``n_c`` centres on the grid ``gy0::gsy`` x ``gx0::gsx`` with intensity 0,
-    distance scale ``grid_step``. Mask mode: ``n_c`` k-means seeds in the mask, distance scale = their mean
-    nearest-neighbour offset (``fallback_step`` for a single seed), then ``n_iter_spatial`` colour-blind
-    iterations (maskSLIC's seed spreading) before the ``n_iter`` SLIC iterations. ``half_y`` / ``half_x``:
-    search window half-widths in pixels; ``ratio`` = 1 / compactness. ``out`` (H*W int32) receives the labels.
-
-    Returns
-    -------
-    int
-        The number of labels when connectivity is enforced, else the number of centres.
-    """
+def _scale_rows(img, mask, use_mask, imin, div, r32, stride, scaled, base_best, lo, hi):
+    """Fill the padded ``scaled`` intensities and ``base_best`` (+inf where a pixel may be assigned, -inf
+    elsewhere) and each row's mask span ``lo[y]:hi[y]``; returns the number of mask pixels."""
     h, w = img.shape
-    stride = (w + 31) & ~15  # >= w + 16 and a multiple of the 16-lane SIMD width
-    scaled = _aligned_f32(h * stride)
-    base_best = _aligned_f32(h * stride)
-    lo = np.zeros(h, dtype=np.int64)
-    hi = np.zeros(h, dtype=np.int64)
-    rng = imax - imin
-    div = rng if rng != np.float32(0.0) else np.float32(1.0)
-    r32 = np.float32(ratio)
     inf = np.float32(np.inf)
     zero = np.float32(0.0)
     imgf = img.reshape(-1)
@@ -843,8 +894,13 @@ def slic_core(img, mask, use_mask, imin, imax, ratio, n_c, gy0, gsy, gx0, gsx, g
         for x in range(uw, np.uint64(stride)):
             scaled[ob + x] = zero
             base_best[ob + x] = -inf
-    # row prefix sums of the weighted intensities (float64): a run's intensity sum in O(1) in the update.
-    # Four rows at a time: four independent addition chains instead of one long one.
+    return n_mask
+
+
+@njit(**_JIT)
+def _row_prefix_sums(scaled, stride, h, w):
+    """(H * (W + 1),) float64 prefix sums of each row of ``scaled``: a run's intensity sum in O(1) in the
+    update. Four rows at a time: four independent addition chains instead of one long one."""
     pw = w + 1
     prefix = np.empty(h * pw, dtype=np.float64)
     for y0 in range(0, h, 4):
@@ -876,21 +932,36 @@ def slic_core(img, mask, use_mask, imin, imax, ratio, n_c, gy0, gsy, gx0, gsx, g
             prefix[p0 + pw + x + 1] = a1
             prefix[p0 + 2 * pw + x + 1] = a2
             prefix[p0 + 3 * pw + x + 1] = a3
+    return prefix
+
+
+@njit(**_JIT)
+def _spans_box(lo, hi, h, w):
+    """(first row, last row, first column, last column) of a non-empty mask given its row spans."""
+    y0 = 0
+    while hi[y0] <= lo[y0]:
+        y0 += 1
+    y1 = h - 1
+    while hi[y1] <= lo[y1]:
+        y1 -= 1
+    x0 = w
+    x1 = 0
+    for y in range(y0, y1 + 1):
+        if hi[y] > lo[y]:
+            x0 = min(x0, lo[y])
+            x1 = max(x1, hi[y] - 1)
+    return y0, y1, x0, x1
+
+
+@njit(**_JIT)
+def _seed_centres(mask, use_mask, n_mask, lo, hi, h, w, n_c, gy0, gsy, gx0, gsx, grid_step, fallback_step):
+    """The ``n_c`` starting centres (rows, columns; float64) and the distance scale: k-means seeds in the
+    mask and their mean nearest-neighbour offset, or the regular grid ``gy0::gsy`` x ``gx0::gsx`` and
+    ``grid_step``."""
     sy64 = np.empty(n_c, dtype=np.float64)
     sx64 = np.empty(n_c, dtype=np.float64)
     if use_mask:
-        y0 = 0
-        while hi[y0] <= lo[y0]:
-            y0 += 1
-        y1 = h - 1
-        while hi[y1] <= lo[y1]:
-            y1 -= 1
-        x0 = w
-        x1 = 0
-        for y in range(y0, y1 + 1):
-            if hi[y] > lo[y]:
-                x0 = min(x0, lo[y])
-                x1 = max(x1, hi[y] - 1)
+        y0, y1, x0, x1 = _spans_box(lo, hi, h, w)
         _mask_seeds(mask, n_c, sy64, sx64, n_mask, y0, y1, x0, x1, 5, 25)
         my, mx = mean_nn_steps(sy64, sx64, n_c)
         step = max(my, mx)
@@ -899,27 +970,25 @@ def slic_core(img, mask, use_mask, imin, imax, ratio, n_c, gy0, gsy, gx0, gsx, g
     else:
         grid_seeds(h, w, gy0, gsy, gx0, gsx, sy64, sx64)
         step = grid_step
-    cy = sy64.astype(np.float32)
-    cx = sx64.astype(np.float32)
-    cc = np.zeros(n_c, dtype=np.float32)
-    alive = np.ones(n_c, dtype=np.bool_)
-    labp = _aligned_i32(h * stride)
-    hy = np.float32(half_y)
-    hx = np.float32(half_x)
-    if use_mask and n_iter_spatial > 0:
-        kmeans_passes(scaled, stride, base_best, lo, hi, prefix, pw, h, w, cy, cx, cc, alive, n_c,
-                      n_iter_spatial, step, hy, hx, sp_y, sp_x, False, labp)
-    kmeans_passes(scaled, stride, base_best, lo, hi, prefix, pw, h, w, cy, cx, cc, alive, n_c, n_iter, step,
-                  hy, hx, sp_y, sp_x, True, labp)
-    # pixels of the mask that no search window ever reached (possible when the window is narrower than
-    # scikit-image's) form one extra cluster rather than staying unlabelled; connectivity enforcement then
-    # merges its small pieces into neighbours like any other fragment
+    return sy64, sx64, step
+
+
+@njit(**_JIT)
+def _label_orphans(labp, base_best, n, n_c):
+    """Give the mask pixels that no search window ever reached (possible when the window is narrower than
+    scikit-image's) the extra cluster ``n_c`` rather than leaving them unlabelled; connectivity enforcement
+    then merges its small pieces into neighbours like any other fragment."""
     orphan = np.int32(n_c)
-    for i in range(np.uint64(h * stride)):
+    zero = np.float32(0.0)
+    for i in range(np.uint64(n)):
         k = labp[i]
         labp[i] = orphan if (k < 0) & (base_best[i] > zero) else k
-    if enforce:
-        return enforce_connectivity(labp, stride, out, h, w, min_size, max_size, start_label)
+
+
+@njit(**_JIT)
+def _write_centre_labels(labp, stride, out, h, w, start_label):
+    """``out`` (H*W int32) = centre index + ``start_label``; ``start_label - 1`` where there is none."""
+    uw = np.uint64(w)
     s0 = np.int32(start_label)
     for y in range(h):
         ib = np.uint64(y * stride)
@@ -927,6 +996,53 @@ def slic_core(img, mask, use_mask, imin, imax, ratio, n_c, gy0, gsy, gx0, gsx, g
         for x in range(uw):
             k = labp[ib + x]
             out[ob + x] = k + s0 if k >= 0 else s0 - np.int32(1)
+
+
+@njit(**_JIT)
+def slic_core(img, mask, use_mask, imin, imax, ratio, n_c, gy0, gsy, gx0, gsx, grid_step, fallback_step,
+              half_y, half_x, n_iter, n_iter_spatial, sp_y, sp_x, enforce, min_size, max_size, start_label, out):
+    """The whole SLIC / maskSLIC of one slice in one GIL-free call (arguments prepared by ``slic``).
+
+    Grid mode (``use_mask`` False): ``n_c`` centres on the grid ``gy0::gsy`` x ``gx0::gsx`` with intensity 0,
+    distance scale ``grid_step``. Mask mode: ``n_c`` k-means seeds in the mask, distance scale = their mean
+    nearest-neighbour offset (``fallback_step`` for a single seed), then ``n_iter_spatial`` colour-blind
+    iterations (maskSLIC's seed spreading) before the ``n_iter`` SLIC iterations. ``half_y`` / ``half_x``:
+    search window half-widths in pixels; ``ratio`` = 1 / compactness. ``out`` (H*W int32) receives the labels.
+
+    Returns
+    -------
+    int
+        The number of labels when connectivity is enforced, else the number of centres.
+    """
+    h, w = img.shape
+    stride = (w + 31) & ~15  # >= w + 16 and a multiple of the 16-lane SIMD width
+    scaled = _aligned_f32(h * stride)
+    base_best = _aligned_f32(h * stride)
+    lo = np.zeros(h, dtype=np.int64)
+    hi = np.zeros(h, dtype=np.int64)
+    rng = imax - imin
+    div = rng if rng != np.float32(0.0) else np.float32(1.0)
+    n_mask = _scale_rows(img, mask, use_mask, imin, div, np.float32(ratio), stride, scaled, base_best, lo, hi)
+    prefix = _row_prefix_sums(scaled, stride, h, w)
+    sy64, sx64, step = _seed_centres(mask, use_mask, n_mask, lo, hi, h, w, n_c, gy0, gsy, gx0, gsx, grid_step,
+                                     fallback_step)
+    cy = sy64.astype(np.float32)
+    cx = sx64.astype(np.float32)
+    cc = np.zeros(n_c, dtype=np.float32)
+    alive = np.ones(n_c, dtype=np.bool_)
+    labp = _aligned_i32(h * stride)
+    hy = np.float32(half_y)
+    hx = np.float32(half_x)
+    pw = w + 1
+    if use_mask and n_iter_spatial > 0:
+        kmeans_passes(scaled, stride, base_best, lo, hi, prefix, pw, h, w, cy, cx, cc, alive, n_c,
+                      n_iter_spatial, step, hy, hx, sp_y, sp_x, False, labp)
+    kmeans_passes(scaled, stride, base_best, lo, hi, prefix, pw, h, w, cy, cx, cc, alive, n_c, n_iter, step,
+                  hy, hx, sp_y, sp_x, True, labp)
+    _label_orphans(labp, base_best, h * stride, n_c)
+    if enforce:
+        return enforce_connectivity(labp, stride, out, h, w, min_size, max_size, start_label)
+    _write_centre_labels(labp, stride, out, h, w, start_label)
     return n_c
 
 

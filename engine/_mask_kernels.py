@@ -43,21 +43,9 @@ def _union(parent, a, b):
 
 
 @njit(nogil=True, cache=True)
-def body_mask_kernel(img, thr, out):
-    """Fill ``out`` (H, W) bool with the body mask of ``img`` (H, W) at threshold ``thr``.
-
-    ``thr`` must have the dtype of ``img`` (the caller converts it) so the comparison matches numpy's
-    ``img > threshold``. Returns the number of foreground pixels in ``out``.
-    """
+def _foreground_runs(img, thr, run_start, run_end, parent, row_first):
+    """Fill the int32 runs of ``img > thr``, 8-connected ones joined in ``parent``; returns the run count."""
     h, w = img.shape
-    max_runs = h * ((w + 1) // 2) + 1
-    run_row = np.empty(max_runs, np.int32)
-    run_start = np.empty(max_runs, np.int32)
-    run_end = np.empty(max_runs, np.int32)      # exclusive
-    parent = np.empty(max_runs, np.int32)
-    row_first = np.empty(h + 1, np.int32)       # runs of row y are row_first[y] .. row_first[y + 1] - 1
-
-    # ---- pass 1: foreground runs, 8-connected union with the previous row's runs
     # Each row is thresholded into bytes first (a loop the compiler vectorises), then scanned 8 pixels at a
     # time: a word that holds no run boundary is skipped whole. CHAOS slices have ~600 runs, so most words
     # are skipped; the pixel-by-pixel scan spent 44 of the kernel's 79 us per CHAOS slice on this pass. With
@@ -81,7 +69,6 @@ def body_mask_kernel(img, thr, out):
             for x in range(8 * k, 8 * k + 8):
                 if (row[x] != 0) != inside:
                     if inside:
-                        run_row[n] = y
                         run_start[n] = s
                         run_end[n] = x
                         parent[n] = n
@@ -104,12 +91,13 @@ def body_mask_kernel(img, thr, out):
                     _union(parent, k, j)
                     k += 1
     row_first[h] = n
+    return n
 
-    if n == 0:
-        out[:, :] = False
-        return 0
 
-    # ---- largest component; strict '>' over roots in raster order keeps the first one on ties
+@njit(nogil=True, cache=True)
+def _largest_component(parent, run_start, run_end, n):
+    """Point each of the ``n`` runs' ``parent`` at its root; returns the root run of the largest component."""
+    # strict '>' over roots in raster order keeps the first one on ties
     size = np.zeros(n, np.int64)
     for r in range(n):
         root = _find(parent, r)
@@ -121,14 +109,15 @@ def body_mask_kernel(img, thr, out):
         if parent[r] == r and size[r] > best_size:
             best = r
             best_size = size[r]
+    return best
 
-    # ---- background runs of the kept component (the gaps between its runs), 4-connected union
-    max_bg = h * ((w + 2) // 2) + 1
-    bg_row = np.empty(max_bg, np.int32)
-    bg_start = np.empty(max_bg, np.int32)
-    bg_end = np.empty(max_bg, np.int32)
-    bg_parent = np.empty(max_bg, np.int32)
-    bg_first = np.empty(h + 1, np.int32)
+
+@njit(nogil=True, cache=True)
+def _background_runs(parent, best, row_first, run_start, run_end, h, w,
+                     bg_row, bg_start, bg_end, bg_parent, bg_first):
+    """Fill the int32 background runs of the kept root ``best``, 4-connected ones joined; returns their count."""
+    # the background runs are the gaps between the kept component's runs; ``parent`` is flat (each run points
+    # at its root, see _largest_component), so one comparison tells a kept run
     m = 0
     for y in range(h):
         bg_first[y] = m
@@ -163,7 +152,12 @@ def body_mask_kernel(img, thr, out):
                     _union(bg_parent, k, j)
                     k += 1
     bg_first[h] = m
+    return m
 
+
+@njit(nogil=True, cache=True)
+def _clear_outside(bg_row, bg_start, bg_end, bg_parent, m, h, w, out):
+    """Fill ``out`` (h, w) bool, False on background runs joined to the border; returns its count of True."""
     # a background component touching the border is outside the body; every other one is a hole
     border = np.zeros(m, np.bool_)
     for b in range(m):
@@ -178,6 +172,37 @@ def body_mask_kernel(img, thr, out):
             out[y, bg_start[b]:bg_end[b]] = False
             count -= bg_end[b] - bg_start[b]
     return count
+
+
+@njit(nogil=True, cache=True)
+def body_mask_kernel(img, thr, out):
+    """Fill ``out`` (H, W) bool with the body mask of ``img`` (H, W) at threshold ``thr``.
+
+    ``thr`` must have the dtype of ``img`` (the caller converts it) so the comparison matches numpy's
+    ``img > threshold``. Returns the number of foreground pixels in ``out``.
+    """
+    h, w = img.shape
+    max_runs = h * ((w + 1) // 2) + 1
+    run_start = np.empty(max_runs, np.int32)
+    run_end = np.empty(max_runs, np.int32)      # exclusive
+    parent = np.empty(max_runs, np.int32)
+    row_first = np.empty(h + 1, np.int32)       # runs of row y are row_first[y] .. row_first[y + 1] - 1
+    n = _foreground_runs(img, thr, run_start, run_end, parent, row_first)
+    if n == 0:
+        out[:, :] = False
+        return 0
+
+    best = _largest_component(parent, run_start, run_end, n)
+
+    max_bg = h * ((w + 2) // 2) + 1
+    bg_row = np.empty(max_bg, np.int32)
+    bg_start = np.empty(max_bg, np.int32)
+    bg_end = np.empty(max_bg, np.int32)
+    bg_parent = np.empty(max_bg, np.int32)
+    bg_first = np.empty(h + 1, np.int32)
+    m = _background_runs(parent, best, row_first, run_start, run_end, h, w,
+                         bg_row, bg_start, bg_end, bg_parent, bg_first)
+    return _clear_outside(bg_row, bg_start, bg_end, bg_parent, m, h, w, out)
 
 
 @njit(nogil=True, cache=True)
