@@ -187,55 +187,64 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
-        return from_dict(tp, value, key)
+        return from_dict(tp, _mapping(value, key), key)
     if origin in (Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, key)
-            except ConfigError as exc:
-                errors.append(str(exc))
-        raise ConfigError(errors[0] if errors else f"{key}: invalid value {value!r}")
+        return _coerce_union(value, typing.get_args(tp), key)
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
         (item_tp, *_) = typing.get_args(tp) or (Any,)
         return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
         ktp, vtp = typing.get_args(tp) or (Any, Any)
-        return {_coerce(k, ktp, f"{key}"): _coerce(v, vtp, f"{key}.{k}") for k, v in value.items()}
+        return {_coerce(k, ktp, f"{key}"): _coerce(v, vtp, f"{key}.{k}") for k, v in _mapping(value, key).items()}
     if tp is float:
-        if isinstance(value, str):
-            # YAML 1.1 reads "1e-3" (no dot) as a string; accept it as the number it spells
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}: expected a number, got {type(value).__name__} {value!r}")
-        return float(value)
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}: expected an integer, got {type(value).__name__} {value!r}")
-        return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key}: expected true/false, got {type(value).__name__} {value!r}")
-        return value
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{key}: expected a string, got {type(value).__name__} {value!r}")
+        return _coerce_float(value, key)
+    if tp in _SCALARS:
+        expected = _SCALARS[tp]
+        # bool is an int in Python, but true/false is not an integer in a config
+        if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+            raise ConfigError(f"{key}: expected {expected}, got {type(value).__name__} {value!r}")
         return value
     raise ConfigError(f"{key}: unsupported type {_type_name(tp)}")
+
+
+_SCALARS = {int: "an integer", bool: "true/false", str: "a string"}
+
+
+def _mapping(value: Any, key: str) -> dict:
+    """``value`` when it is a mapping, else the config error naming ``key``."""
+    if not isinstance(value, dict):
+        raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _coerce_union(value: Any, args: tuple, key: str) -> Any:
+    """``value`` as the first member type of the union that takes it; else the first member's error."""
+    if value is None and type(None) in args:
+        return None
+    errors = []
+    for arg in args:
+        if arg is type(None):
+            continue
+        try:
+            return _coerce(value, arg, key)
+        except ConfigError as exc:
+            errors.append(str(exc))
+    raise ConfigError(errors[0] if errors else f"{key}: invalid value {value!r}")
+
+
+def _coerce_float(value: Any, key: str) -> float:
+    """A number (int or float, not bool) as a float."""
+    if isinstance(value, str):
+        # YAML 1.1 reads "1e-3" (no dot) as a string; accept it as the number it spells
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{key}: expected a number, got {type(value).__name__} {value!r}")
+    return float(value)
 
 
 def from_dict(cls: type, data: dict, prefix: str = "") -> Any:

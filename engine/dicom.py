@@ -136,11 +136,36 @@ def read_dicom_series(folder: str | Path) -> dict:
         Unreadable files, mixed series, inconsistent geometry, duplicate or missing slices.
     """
     folder = Path(folder)
+    slices = [_read_slice(p) for p in _series_files(folder)]
+    _check_one_series(folder, slices)
+    _check_same_geometry(slices)
+    first = slices[0]
+    row_dir, col_dir = first["iop"][:3], first["iop"][3:]
+    normal = np.cross(row_dir, col_dir)
+    if not 0.99 < np.linalg.norm(normal) < 1.01:
+        raise VolumeError(first["path"], f"ImageOrientationPatient {list(first['iop'])} is not two "
+                                         "orthogonal unit vectors")
+    slices, step = _in_position_order(folder, slices, normal)
+    d_row, d_col = first["ps"]                 # PixelSpacing = (between rows, between columns)
+    digest = hashlib.sha256()
+    for s in slices:
+        _hash_file(s["path"], digest)
+    return dict(image=_stack(slices), spacing=(float(d_col), float(d_row), step),
+                affine=_ras_affine(slices, first), files=[s["path"] for s in slices],
+                rows=first["rows"], cols=first["cols"], checksum=digest.hexdigest())
+
+
+def _series_files(folder: Path) -> list[Path]:
+    """The ``*.dcm`` files of ``folder`` in natural name order; refused when there is none."""
     files = sorted((p for p in folder.iterdir() if p.is_file() and p.suffix.lower() == ".dcm"),
                    key=lambda p: _natural_key(p.name)) if folder.is_dir() else []
     if not files:
         raise VolumeError(folder, "no .dcm files")
-    slices = [_read_slice(p) for p in files]
+    return files
+
+
+def _check_one_series(folder: Path, slices: list[dict]) -> None:
+    """Refuse slices of several series, or a single slice."""
     uids = sorted({s["uid"] for s in slices})
     if len(uids) > 1:
         raise VolumeError(folder, f"mixed DICOM series ({len(uids)} SeriesInstanceUIDs: "
@@ -148,6 +173,10 @@ def read_dicom_series(folder: str | Path) -> dict:
                                   "; put each series in its own folder")
     if len(slices) < 2:
         raise VolumeError(folder, "a single DICOM slice is not a volume (need at least 2)")
+
+
+def _check_same_geometry(slices: list[dict]) -> None:
+    """Refuse a slice whose size, orientation or pixel spacing differs from the first slice's."""
     first = slices[0]
     for s in slices[1:]:
         if (s["rows"], s["cols"]) != (first["rows"], first["cols"]):
@@ -157,56 +186,58 @@ def read_dicom_series(folder: str | Path) -> dict:
             raise VolumeError(s["path"], f"ImageOrientationPatient differs from {first['path'].name}")
         if not np.allclose(s["ps"], first["ps"], rtol=1e-5, atol=1e-6):
             raise VolumeError(s["path"], f"PixelSpacing differs from {first['path'].name}")
-    row_dir, col_dir = first["iop"][:3], first["iop"][3:]
-    normal = np.cross(row_dir, col_dir)
-    if not 0.99 < np.linalg.norm(normal) < 1.01:
-        raise VolumeError(first["path"], f"ImageOrientationPatient {list(first['iop'])} is not two "
-                                         "orthogonal unit vectors")
+
+
+def _in_position_order(folder: Path, slices: list[dict], normal: np.ndarray) -> tuple[list[dict], float]:
+    """The slices ordered by ImagePositionPatient along ``normal``, and their spacing (the median step, mm).
+
+    Refuses slices at one position, a duplicate, a gap (missing slices) and irregular spacing.
+    """
     pos = np.array([float(np.dot(s["ipp"], normal)) for s in slices])
     order = np.argsort(pos, kind="stable")
     slices = [slices[i] for i in order]
-    pos = pos[order]
-    steps = np.diff(pos)
+    steps = np.diff(pos[order])
     step = float(np.median(steps))
     if step <= 1e-3:
         raise VolumeError(folder, f"slices share the same position ({slices[0]['path'].name}, "
                                   f"{slices[1]['path'].name}, ...)")
     for i, d in enumerate(steps):
+        pair = f"{slices[i]['path'].name} and {slices[i + 1]['path'].name}"
         if d <= 1e-3 * step:
-            raise VolumeError(folder, f"duplicate slice position: {slices[i]['path'].name} and "
-                                      f"{slices[i + 1]['path'].name}")
+            raise VolumeError(folder, f"duplicate slice position: {pair}")
         if d > 1.5 * step:
             missing = int(round(d / step)) - 1
-            raise VolumeError(folder, f"missing slice(s): {d:.3g} mm between {slices[i]['path'].name} and "
-                                      f"{slices[i + 1]['path'].name} where the spacing is {step:.3g} mm "
-                                      f"(about {max(missing, 1)} slice(s) missing)")
+            raise VolumeError(folder, f"missing slice(s): {d:.3g} mm between {pair} where the spacing is "
+                                      f"{step:.3g} mm (about {max(missing, 1)} slice(s) missing)")
         if abs(d - step) > 0.2 * step:
-            raise VolumeError(folder, f"irregular slice spacing: {d:.3g} mm between {slices[i]['path'].name} "
-                                      f"and {slices[i + 1]['path'].name}, {step:.3g} mm elsewhere")
+            raise VolumeError(folder, f"irregular slice spacing: {d:.3g} mm between {pair}, {step:.3g} mm "
+                                      "elsewhere")
+    return slices, step
 
+
+def _stack(slices: list[dict]) -> np.ndarray:
+    """(cols, rows, Z) volume of the slices' pixels: int32 when all are integers, else float64."""
     pix = [s["pix"] for s in slices]
     integer = all(np.issubdtype(p.dtype, np.integer) for p in pix)
-    dtype = np.int32 if integer else np.float64
-    rows, cols = first["rows"], first["cols"]
-    image = np.empty((cols, rows, len(pix)), dtype=dtype)
+    image = np.empty((slices[0]["cols"], slices[0]["rows"], len(pix)), dtype=np.int32 if integer else np.float64)
     for k, p in enumerate(pix):
         image[:, :, k] = dicom_to_array(p)
+    return image
 
-    d_row, d_col = first["ps"]                 # PixelSpacing = (between rows, between columns)
-    spacing = (float(d_col), float(d_row), step)
+
+def _ras_affine(slices: list[dict], first: dict) -> np.ndarray:
+    """(4, 4) voxel -> RAS+ mm affine of the volume of ``slices`` (in position order), whose orientation,
+    pixel spacing and size are those of ``first``."""
+    row_dir, col_dir = first["iop"][:3], first["iop"][3:]
+    d_row, d_col = first["ps"]
     # voxel (i, j, k) sits at IPP_0 + i*d_col*row_dir + (rows-1-j)*d_row*col_dir + k*slice_step (LPS)
     slice_vec = (slices[-1]["ipp"] - slices[0]["ipp"]) / (len(slices) - 1)
     lps = np.eye(4)
     lps[:3, 0] = d_col * row_dir
     lps[:3, 1] = -d_row * col_dir
     lps[:3, 2] = slice_vec
-    lps[:3, 3] = slices[0]["ipp"] + (rows - 1) * d_row * col_dir
-    affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps          # LPS (DICOM) -> RAS (NIfTI, nibabel)
-    digest = hashlib.sha256()
-    for s in slices:
-        _hash_file(s["path"], digest)
-    return dict(image=image, spacing=spacing, affine=affine, files=[s["path"] for s in slices],
-                rows=rows, cols=cols, checksum=digest.hexdigest())
+    lps[:3, 3] = slices[0]["ipp"] + (first["rows"] - 1) * d_row * col_dir
+    return np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps          # LPS (DICOM) -> RAS (NIfTI, nibabel)
 
 
 def _hash_file(path: Path, digest) -> None:

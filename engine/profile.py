@@ -327,74 +327,78 @@ class Profiler:
     def to_dict(self, slices: int, extra: dict | None = None) -> dict:
         """The profile as a JSON-able dict (``slices`` = slices computed by this run)."""
         wall = self.wall
-        n_work = sum(w.slices for w in self.workers)
-        busy = sum(w.busy for w in self.workers)
-        busy_cpu = sum(w.busy_cpu for w in self.workers)
-        waiting = sum(w.waiting for w in self.workers)
-        waiting_volume = sum(w.waiting_volume for w in self.workers)
-        waiting_room = sum(w.waiting_room for w in self.workers)
-        barrier = sum(w.barrier for w in self.workers)
-        core_wait = _core_wait(self.workers)
-        per_slice = {}
-        if slices:
-            for k, v in self.read.items():
-                per_slice[k] = 1000.0 * v / slices
-            for k in STAGES_WORK:
-                per_slice[k] = 1000.0 * sum(w.stages.get(k, 0.0) for w in self.workers) / slices
-            for k, v in self.write.items():
-                per_slice[k] = 1000.0 * v / slices
-        cpu_total = self._cpu_times() - self._cpu0
-        ru_self = _peak_rss_self()
-        ru_children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
         out = {
             "backend": self.backend, "workers": len(self.workers), "wall_s": round(wall, 4),
             "slices": slices, "slices_per_s": round(slices / wall, 2) if wall > 0 else 0.0,
             "volumes_read": self.volumes_read, "batches_written": self.batches_written,
             "bytes_written": self.bytes_written,
-            "worker_time": {"busy_s": round(busy, 4), "busy_cpu_s": round(busy_cpu, 4),
-                            "busy_on_cpu_pct": round(100 * busy_cpu / busy, 1) if busy > 0 else 0.0,
-                            # the rest of busy split: waiting for a core (runnable, Linux schedstat) and the
-                            # remainder, asleep in busy: the GIL, a lock or I/O; None where not measured
-                            "busy_core_wait_s": None if core_wait is None else round(core_wait, 4),
-                            "busy_core_wait_pct": (None if core_wait is None else
-                                                   round(100 * core_wait / busy, 1) if busy > 0 else 0.0),
-                            "waiting_s": round(waiting, 4), "barrier_s": round(barrier, 4),
-                            # parts of waiting: the producer waited for a volume to load / for room
-                            "waiting_volume_s": round(waiting_volume, 4), "waiting_room_s": round(waiting_room, 4),
-                            "other_s": round(max(0.0, wall * len(self.workers) - busy - waiting - barrier), 4),
-                            "busy_frac": round(busy / (wall * len(self.workers)), 4) if wall > 0 and self.workers
-                            else 0.0},
+            "worker_time": self._worker_time(wall),
             "per_worker": [w.to_dict(wall) for w in self.workers],
             # where the producer itself waited, in all (it runs alone: these add up to at most the wall time)
             "producer_wait_s": {"volume": round(self.volume_clock.value(), 4),
                                 "room": round(self.room_clock.value(), 4),
                                 "barrier": round(self.barrier_clock.value(), 4)},
-            "per_slice_ms": {k: round(v, 4) for k, v in per_slice.items()},
-            "stage_totals_s": {**{k: round(v, 4) for k, v in self.read.items()},
-                               **{k: round(sum(w.stages.get(k, 0.0) for w in self.workers), 4)
-                                  for k in STAGES_WORK},
-                               **{k: round(v, 4) for k, v in self.write.items()}},
-            "cpu": {"cpu_s": round(cpu_total, 3), "utilisation_pct": round(100 * cpu_total / wall, 1) if wall else 0,
-                    "cores": os.cpu_count(), "of_all_cores_pct":
-                        round(100 * cpu_total / wall / (os.cpu_count() or 1), 1) if wall else 0},
-            "memory": {"peak_rss_mb": round(max(self.peak_rss_total, ru_self) / 2 ** 20, 1),
-                       "peak_rss_main_mb": round(ru_self / 2 ** 20, 1),
-                       "peak_rss_children_mb": round(ru_children / 2 ** 20, 1),
-                       "peak_rss_sampled_total_mb": round(self.peak_rss_total / 2 ** 20, 1),
-                       # memory touched for the first time shows here: a run in a fresh process faults in its
-                       # whole working set, a second run in the same process reuses it
-                       "minor_page_faults_main": (self.minor_faults if self.minor_faults is not None
-                                                  else _minor_faults() - self._faults0)},
+            "per_slice_ms": {k: round(1000.0 * v / slices, 4) for k, v in self._stage_totals().items()}
+            if slices else {},
+            "stage_totals_s": {k: round(v, 4) for k, v in self._stage_totals().items()},
+            "cpu": self._cpu(wall),
+            "memory": self._memory(),
             # the writer's side of the batch barrier: per batch, the commit and the time from its last slice
             # computed to the commit point (the workers wait at least that long for the next batch)
             "commits": {"n": len(self.commits), "commit_ms": _ms_summary(self.commits),
                         "last_slice_to_commit_ms": _ms_summary(self.commit_tails)},
             "ends": self.ends(),
             "timeline": [{k: s[k] for k in ("t", "queue", "cpu_pct", "rss_mb")} for s in self.samples],
-            "n_processed_by_workers": n_work,
+            "n_processed_by_workers": sum(w.slices for w in self.workers),
         }
         out.update(extra or {})
         return out
+
+    def _stage_totals(self) -> dict[str, float]:
+        """Seconds per stage over the run: reading, the workers' stages summed, writing."""
+        return {**self.read, **{k: sum(w.stages.get(k, 0.0) for w in self.workers) for k in STAGES_WORK},
+                **self.write}
+
+    def _worker_time(self, wall: float) -> dict:
+        """The workers' time summed over all of them, split as in ``WorkerStats``."""
+        busy = sum(w.busy for w in self.workers)
+        busy_cpu = sum(w.busy_cpu for w in self.workers)
+        waiting = sum(w.waiting for w in self.workers)
+        barrier = sum(w.barrier for w in self.workers)
+        core_wait = _core_wait(self.workers)
+        return {"busy_s": round(busy, 4), "busy_cpu_s": round(busy_cpu, 4),
+                "busy_on_cpu_pct": round(100 * busy_cpu / busy, 1) if busy > 0 else 0.0,
+                # the rest of busy split: waiting for a core (runnable, Linux schedstat) and the
+                # remainder, asleep in busy: the GIL, a lock or I/O; None where not measured
+                "busy_core_wait_s": None if core_wait is None else round(core_wait, 4),
+                "busy_core_wait_pct": (None if core_wait is None else
+                                       round(100 * core_wait / busy, 1) if busy > 0 else 0.0),
+                "waiting_s": round(waiting, 4), "barrier_s": round(barrier, 4),
+                # parts of waiting: the producer waited for a volume to load / for room
+                "waiting_volume_s": round(sum(w.waiting_volume for w in self.workers), 4),
+                "waiting_room_s": round(sum(w.waiting_room for w in self.workers), 4),
+                "other_s": round(max(0.0, wall * len(self.workers) - busy - waiting - barrier), 4),
+                "busy_frac": round(busy / (wall * len(self.workers)), 4) if wall > 0 and self.workers else 0.0}
+
+    def _cpu(self, wall: float) -> dict:
+        """CPU seconds of the whole run (this process and its workers) and the utilisation they make."""
+        cpu_total = self._cpu_times() - self._cpu0
+        return {"cpu_s": round(cpu_total, 3), "utilisation_pct": round(100 * cpu_total / wall, 1) if wall else 0,
+                "cores": os.cpu_count(), "of_all_cores_pct":
+                    round(100 * cpu_total / wall / (os.cpu_count() or 1), 1) if wall else 0}
+
+    def _memory(self) -> dict:
+        """Peak resident memory (this process, its children, the sampled total) and the main's page faults."""
+        ru_self = _peak_rss_self()
+        ru_children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+        return {"peak_rss_mb": round(max(self.peak_rss_total, ru_self) / 2 ** 20, 1),
+                "peak_rss_main_mb": round(ru_self / 2 ** 20, 1),
+                "peak_rss_children_mb": round(ru_children / 2 ** 20, 1),
+                "peak_rss_sampled_total_mb": round(self.peak_rss_total / 2 ** 20, 1),
+                # memory touched for the first time shows here: a run in a fresh process faults in its
+                # whole working set, a second run in the same process reuses it
+                "minor_page_faults_main": (self.minor_faults if self.minor_faults is not None
+                                           else _minor_faults() - self._faults0)}
 
     def write_json(self, path: str | Path, slices: int, extra: dict | None = None) -> dict:
         data = self.to_dict(slices, extra)

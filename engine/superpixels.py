@@ -173,16 +173,7 @@ def slic(
         Non-2D or multichannel input, NaN/Inf inside the mask, an empty mask, a mask of another shape, or a
         parameter out of range; the one-line message names the argument.
     """
-    if channel_axis is not None:
-        raise ValueError(f"slic: channel_axis={channel_axis!r} means a multichannel image; this SLIC segments "
-                         "2D grey images only, use channel_axis=None")
-    arr = np.asarray(image)
-    if arr.ndim != 2:
-        raise ValueError(f"slic: image must be a 2D single-channel array, got shape {arr.shape}")
-    if arr.size == 0:
-        raise ValueError(f"slic: image is empty (shape {arr.shape})")
-    if arr.dtype.kind not in "biuf":
-        raise ValueError(f"slic: image must hold real numbers, got dtype {arr.dtype}")
+    arr = _checked_image(image, channel_axis)
     _check_slic_numbers(n_segments, compactness, max_num_iter, min_size_factor, max_size_factor, search_radius,
                         spread_iter)
     if isinstance(start_label, bool) or start_label not in (0, 1):
@@ -195,34 +186,10 @@ def slic(
     h, w = arr.shape
     img = np.ascontiguousarray(arr, dtype=np.float32)
     use_mask = mask is not None
-    if use_mask:
-        m = np.asarray(mask)
-        if m.shape != arr.shape:
-            raise ValueError(f"slic: mask shape {m.shape} differs from image shape {arr.shape}")
-        m8 = np.ascontiguousarray(m if m.dtype == np.bool_ else m != 0).view(np.uint8)
-    else:
-        m8 = _NO_MASK
-
-    imin, imax, status, n_pix = K.masked_range(img, m8, use_mask)
-    where = " inside the mask" if use_mask else ""
-    if use_mask and n_pix == 0:
-        raise ValueError("slic: mask is empty: there is no pixel to segment")
-    if status == K.STATUS_NAN:
-        raise ValueError(f"slic: image contains NaN values{where}")
-    if status == K.STATUS_INF:
-        raise ValueError(f"slic: image contains infinite values{where}")
-
+    m8 = _mask_u8(mask, arr.shape) if use_mask else _NO_MASK
+    imin, imax, n_pix = _checked_range(img, m8, use_mask)
     if sig_y > 0 or sig_x > 0:
-        # scikit-image smooths the [0, 1]-rescaled image (reflect borders, truncate 4) before weighting it
-        from scipy.ndimage import gaussian_filter
-
-        # (outside a mask, values take part in the smoothing as in scikit-image; NaN/Inf there count as the min)
-        base = np.where(np.isfinite(img), img, np.float32(imin)) if use_mask else img
-        base = base - np.float32(imin)
-        if imax != imin:
-            base = base / np.float32(imax - imin)
-        img = np.ascontiguousarray(gaussian_filter(base, (sig_y, sig_x), mode="reflect", truncate=4.0),
-                                   dtype=np.float32)
+        img = _smoothed(img, imin, imax, use_mask, sig_y, sig_x)
         imin, imax = np.float32(0.0), np.float32(1.0)
 
     if use_mask:
@@ -241,15 +208,63 @@ def slic(
         half_y, half_x = 2.0 * win_y, 2.0 * win_x
     else:
         half_y = half_x = float(search_radius) * math.sqrt(seg_size)
-    min_size = int(min_size_factor * seg_size)
-    max_size = max(1, int(max_size_factor * seg_size))
-    n_spread = int(max_num_iter if spread_iter is None else spread_iter)
     out = np.empty(h * w, dtype=np.int32)
     K.slic_core(img, m8, use_mask, imin, imax, 1.0 / float(compactness), n_c, gy0, gst_y, gx0, gst_x,
                 grid_step, float(max(win_y, win_x)), half_y, half_x,
-                int(max_num_iter), n_spread, sp_y, sp_x, bool(enforce_connectivity), min_size, max_size,
+                int(max_num_iter), int(max_num_iter if spread_iter is None else spread_iter), sp_y, sp_x,
+                bool(enforce_connectivity), int(min_size_factor * seg_size), max(1, int(max_size_factor * seg_size)),
                 int(start_label), out)
     return out.reshape(h, w)
+
+
+def _checked_image(image: Any, channel_axis: Any) -> np.ndarray:
+    """``image`` as an array, refused unless it is a non-empty 2D array of real numbers."""
+    if channel_axis is not None:
+        raise ValueError(f"slic: channel_axis={channel_axis!r} means a multichannel image; this SLIC segments "
+                         "2D grey images only, use channel_axis=None")
+    arr = np.asarray(image)
+    if arr.ndim != 2:
+        raise ValueError(f"slic: image must be a 2D single-channel array, got shape {arr.shape}")
+    if arr.size == 0:
+        raise ValueError(f"slic: image is empty (shape {arr.shape})")
+    if arr.dtype.kind not in "biuf":
+        raise ValueError(f"slic: image must hold real numbers, got dtype {arr.dtype}")
+    return arr
+
+
+def _mask_u8(mask: Any, shape: tuple[int, int]) -> np.ndarray:
+    """A C-contiguous uint8 view (1 inside) of a mask of ``shape``; any nonzero value counts as inside."""
+    m = np.asarray(mask)
+    if m.shape != shape:
+        raise ValueError(f"slic: mask shape {m.shape} differs from image shape {shape}")
+    return np.ascontiguousarray(m if m.dtype == np.bool_ else m != 0).view(np.uint8)
+
+
+def _checked_range(img: np.ndarray, m8: np.ndarray, use_mask: bool) -> tuple[np.float32, np.float32, int]:
+    """(min, max, pixel count) of ``img`` over the mask (or everywhere); refuses an empty mask and NaN/Inf."""
+    imin, imax, status, n_pix = K.masked_range(img, m8, use_mask)
+    where = " inside the mask" if use_mask else ""
+    if use_mask and n_pix == 0:
+        raise ValueError("slic: mask is empty: there is no pixel to segment")
+    if status == K.STATUS_NAN:
+        raise ValueError(f"slic: image contains NaN values{where}")
+    if status == K.STATUS_INF:
+        raise ValueError(f"slic: image contains infinite values{where}")
+    return imin, imax, n_pix
+
+
+def _smoothed(img: np.ndarray, imin: np.float32, imax: np.float32, use_mask: bool, sig_y: float,
+              sig_x: float) -> np.ndarray:
+    """The [0, 1]-rescaled image smoothed as scikit-image does (reflect borders, truncate 4), float32."""
+    from scipy.ndimage import gaussian_filter
+
+    # (outside a mask, values take part in the smoothing as in scikit-image; NaN/Inf there count as the min)
+    base = np.where(np.isfinite(img), img, np.float32(imin)) if use_mask else img
+    base = base - np.float32(imin)
+    if imax != imin:
+        base = base / np.float32(imax - imin)
+    return np.ascontiguousarray(gaussian_filter(base, (sig_y, sig_x), mode="reflect", truncate=4.0),
+                                dtype=np.float32)
 
 
 # --------------------------------------------------------------------------------------------- dispatch
