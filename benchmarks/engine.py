@@ -712,42 +712,72 @@ def render(r: dict) -> str:
              f"({r['host']['cpu']}, {r['host']['usable_cpus']} cores)", ""]
     if r.get("warning"):
         lines += [f"> {r['warning']}", ""]
-    rows = []
-    for name, e in r.get("engine", {}).items():
-        ps = e["per_slice_ms"]
-        rows.append([name, common.fmt(e["engine_slices_per_s"]), common.fmt(e["process_slices_per_s"]),
-                     common.fmt(e["cpu_ms_per_slice"], 2),
-                     f"{e['busy_pct']:.0f}/{e['waiting_pct']:.0f}/{e['barrier_pct']:.0f}/{e.get('other_pct', 0):.0f}",
-                     "-" if e.get("busy_on_cpu_pct") is None else common.fmt(e["busy_on_cpu_pct"]),
-                     "-" if e.get("busy_core_wait_pct") is None else common.fmt(e["busy_core_wait_pct"]),
-                     common.fmt(e["cpu_pct"]),
-                     common.fmt(e["peak_rss_mb"], 0),
-                     "-" if e.get("minor_page_faults_main") is None else f"{e['minor_page_faults_main']:,}",
-                     "-" if e.get("first_result_ms") is None else
-                     f"{e['first_result_ms']:.0f} / {e['after_last_result_ms']:.0f} / "
-                     f"{common.fmt(e.get('between_slices_per_s'))}",
-                     " ".join(f"{k} {v:.2f}" for k, v in ps.items())])
-    if rows:
-        lines += [common.markdown_table(["engine", "slices/s (engine)", "slices/s (process)", "CPU ms/slice",
-                                         "busy/wait/barrier/other % of the workers' time", "busy on a core %",
-                                         "busy waiting for a core %",
-                                         "CPU %", "peak RSS MB", "page faults (main process)",
-                                         "ends: first result ms / ms after the last / slices/s between",
-                                         "ms per slice in each stage (wall time)"], rows), ""]
-    if "kernel_slices_per_s" in r:
-        cpu = r.get("kernel_cpu_ms_per_slice")
-        cpu = cpu if isinstance(cpu, dict) else {w: cpu for w in r["kernel_slices_per_s"]}   # older files: one figure
-        rates = ", ".join(f"{w} thread(s) {v} slices/s ({cpu.get(w)} CPU ms per slice)"
-                          for w, v in r["kernel_slices_per_s"].items())
-        lines.append(f"bare kernel (median of the rounds beside the CHAOS runs): {rates}")
-        if r.get("kernel_slices_per_s_before_10x"):
-            lines.append("bare kernel just before the 10x CHAOS runs: " + ", ".join(
-                f"{w} thread(s) {v} slices/s" for w, v in r["kernel_slices_per_s_before_10x"].items()))
+    lines += _engine_table_lines(r)
+    lines += _kernel_lines(r) + _between_lines(r) + _machine_check_lines(r) + _other_run_lines(r)
+    lines.append("")
+    if r.get("targets"):
+        lines.append(_targets_table(r["targets"]))
+    return "\n".join(lines)
+
+
+def _engine_row(name: str, e: dict) -> list:
+    """One engine configuration's row of the engine table."""
+    ps = e["per_slice_ms"]
+    return [name, common.fmt(e["engine_slices_per_s"]), common.fmt(e["process_slices_per_s"]),
+            common.fmt(e["cpu_ms_per_slice"], 2),
+            f"{e['busy_pct']:.0f}/{e['waiting_pct']:.0f}/{e['barrier_pct']:.0f}/{e.get('other_pct', 0):.0f}",
+            "-" if e.get("busy_on_cpu_pct") is None else common.fmt(e["busy_on_cpu_pct"]),
+            "-" if e.get("busy_core_wait_pct") is None else common.fmt(e["busy_core_wait_pct"]),
+            common.fmt(e["cpu_pct"]),
+            common.fmt(e["peak_rss_mb"], 0),
+            "-" if e.get("minor_page_faults_main") is None else f"{e['minor_page_faults_main']:,}",
+            "-" if e.get("first_result_ms") is None else
+            f"{e['first_result_ms']:.0f} / {e['after_last_result_ms']:.0f} / "
+            f"{common.fmt(e.get('between_slices_per_s'))}",
+            " ".join(f"{k} {v:.2f}" for k, v in ps.items())]
+
+
+def _engine_table_lines(r: dict) -> list[str]:
+    """The table of the engine runs and a blank line; nothing without engine runs."""
+    rows = [_engine_row(name, e) for name, e in r.get("engine", {}).items()]
+    if not rows:
+        return []
+    return [common.markdown_table(["engine", "slices/s (engine)", "slices/s (process)", "CPU ms/slice",
+                                   "busy/wait/barrier/other % of the workers' time", "busy on a core %",
+                                   "busy waiting for a core %",
+                                   "CPU %", "peak RSS MB", "page faults (main process)",
+                                   "ends: first result ms / ms after the last / slices/s between",
+                                   "ms per slice in each stage (wall time)"], rows), ""]
+
+
+def _kernel_lines(r: dict) -> list[str]:
+    """The bare kernel's rates beside the CHAOS runs, and just before the 10x runs."""
+    if "kernel_slices_per_s" not in r:
+        return []
+    cpu = r.get("kernel_cpu_ms_per_slice")
+    cpu = cpu if isinstance(cpu, dict) else {w: cpu for w in r["kernel_slices_per_s"]}   # older files: one figure
+    rates = ", ".join(f"{w} thread(s) {v} slices/s ({cpu.get(w)} CPU ms per slice)"
+                      for w, v in r["kernel_slices_per_s"].items())
+    lines = [f"bare kernel (median of the rounds beside the CHAOS runs): {rates}"]
+    if r.get("kernel_slices_per_s_before_10x"):
+        lines.append("bare kernel just before the 10x CHAOS runs: " + ", ".join(
+            f"{w} thread(s) {v} slices/s" for w, v in r["kernel_slices_per_s_before_10x"].items()))
+    return lines
+
+
+def _between_lines(r: dict) -> list[str]:
+    """The rate between each run's first and last slice result against the bare kernel (a diagnosis)."""
     between = {k: v for k, v in r.get("ratios", {}).items() if "between its first and last result" in k}
-    if between:
-        lines.append("between the run's first and last slice result, against the bare kernel (not a target: the "
-                     "end-to-end figure without the run's two ends): " +
-                     ", ".join(f"{k.split(':')[0]} {k.rsplit(' at ', 1)[1]} {100 * v:.1f}%" for k, v in between.items()))
+    if not between:
+        return []
+    return ["between the run's first and last slice result, against the bare kernel (not a target: the "
+            "end-to-end figure without the run's two ends): " +
+            ", ".join(f"{k.split(':')[0]} {k.rsplit(' at ', 1)[1]} {100 * v:.1f}%" for k, v in between.items())]
+
+
+def _machine_check_lines(r: dict) -> list[str]:
+    """The machine checks: the kernel's scaling over the cores, and the first touch of fresh memory."""
+    lines = []
     if "machine_check_kernel_scaling" in r:
         lines.append(f"machine check: the bare kernel ran {r['machine_check_kernel_scaling']}x faster on all cores "
                      f"than on one during this run (scaling targets are only meaningful when this is near the core "
@@ -758,6 +788,12 @@ def render(r: dict) -> str:
                      f"{m['first_touch_4k_gb_s']} GB/s in 4 kB pages and {m['first_touch_huge_gb_s']} GB/s in 2 MB "
                      f"pages, writing it again at {m['again_4k_gb_s']} / {m['again_huge_gb_s']} GB/s (a slow first "
                      f"touch means a VM whose host backs fresh guest memory on demand)")
+    return lines
+
+
+def _other_run_lines(r: dict) -> list[str]:
+    """The serial SSL-ALPNet pipeline and the 10x CHAOS runs."""
+    lines = []
     if "serial_felzenszwalb" in r:
         lines.append(f"serial SSL-ALPNet pipeline (read, Felzenszwalb, write): "
                      f"{r['serial_felzenszwalb']['slices_per_s']:.1f} slices/s, "
@@ -766,13 +802,15 @@ def render(r: dict) -> str:
         runs = ", ".join(f"{b} {m['slices']} slices, peak RSS {m['peak_rss_mb']:.0f} MB, "
                          f"{m['engine_slices_per_s']:.0f} slices/s" for b, m in r["memory_10x"].items())
         lines.append("10x CHAOS: " + runs)
-    lines.append("")
-    if r.get("targets"):
-        lines.append(common.markdown_table(["target", "value", "goal", "met", "round by round"],
-                                           [[k, _value_text(v), v["target"], "yes" if v["met"] else "NO",
-                                             common.rounds_text(v.get("rounds"))]
-                                            for k, v in r["targets"].items()]))
-    return "\n".join(lines)
+    return lines
+
+
+def _targets_table(targets: dict) -> str:
+    """The table of issue 4's targets, each with its value, goal, verdict and round-by-round figures."""
+    return common.markdown_table(["target", "value", "goal", "met", "round by round"],
+                                 [[k, _value_text(v), v["target"], "yes" if v["met"] else "NO",
+                                   common.rounds_text(v.get("rounds"))]
+                                  for k, v in targets.items()])
 
 
 if __name__ == "__main__":

@@ -105,10 +105,20 @@ def load_chaos(folder: Path, every: int) -> dict:
 def build_methods(data: dict) -> tuple[list[dict], dict]:
     """The timed methods: dicts with ``key``, ``label``, ``fn(i) -> labels`` and ``mask`` (segments the body)."""
     raw, fg = data["raw"], data["fg"]
+    methods = _our_methods(raw, fg) + _skimage_methods(raw, fg)
+    missing: dict[str, str] = {}
+    methods += _opencv_methods(data, missing)
+    methods += _fastslic_methods(data, missing)
+    methods += _felzenszwalb_methods(raw, fg, missing)
+    return methods, missing
+
+
+def _our_methods(raw: list[np.ndarray], fg: list[np.ndarray]) -> list[dict]:
+    """Our SLIC: the engine's defaults (and with 5 iterations), and scikit-image's or the engine's settings."""
     cfg = SuperpixelConfig()
     cfg5 = SuperpixelConfig()
     cfg5.slic.max_num_iter = 5
-    methods = [
+    return [
         {"key": "ours", "label": "ours (engine defaults)", "mask": True,
          "fn": lambda i: pseudolabels(raw[i], fg[i], cfg)},
         {"key": "ours_it5", "label": "ours, 5 iterations", "mask": True,
@@ -121,16 +131,23 @@ def build_methods(data: dict) -> tuple[list[dict], dict]:
          "fn": lambda i: slic(raw[i], n_segments=K_SEGMENTS, compactness=COMPACTNESS,
                               max_num_iter=cfg.slic.max_num_iter, search_radius=cfg.slic.search_radius)},
     ]
+
+
+def _skimage_methods(raw: list[np.ndarray], fg: list[np.ndarray]) -> list[dict]:
+    """scikit-image's SLIC, with the body mask (maskSLIC) and on the full slice."""
     from skimage.segmentation import slic as sk_slic
 
-    methods += [
+    return [
         {"key": "skimage_mask", "label": "skimage maskSLIC", "mask": True,
          "fn": lambda i: sk_slic(raw[i], n_segments=K_SEGMENTS, compactness=COMPACTNESS, mask=fg[i],
                                  channel_axis=None)},
         {"key": "skimage_full", "label": "skimage SLIC, full slice", "mask": False,
          "fn": lambda i: sk_slic(raw[i], n_segments=K_SEGMENTS, compactness=COMPACTNESS, channel_axis=None)},
     ]
-    missing = {}
+
+
+def _opencv_methods(data: dict, missing: dict[str, str]) -> list[dict]:
+    """OpenCV's ximgproc SLIC on one thread; none, and why in ``missing``, where OpenCV lacks it."""
     try:
         import cv2
 
@@ -143,10 +160,15 @@ def build_methods(data: dict) -> tuple[list[dict], dict]:
             sp.enforceLabelConnectivity(50)
             return sp.getLabels()
 
-        methods.append({"key": "opencv", "label": f"OpenCV ximgproc SLIC {cv2.__version__}", "mask": False,
-                        "fn": opencv})
+        return [{"key": "opencv", "label": f"OpenCV ximgproc SLIC {cv2.__version__}", "mask": False,
+                 "fn": opencv}]
     except (ImportError, AttributeError) as exc:
         missing["opencv"] = f"not available ({exc}); pip install opencv-contrib-python-headless"
+        return []
+
+
+def _fastslic_methods(data: dict, missing: dict[str, str]) -> list[dict]:
+    """fast-slic's plain and AVX2 SLIC on one thread; none, and why in ``missing``, where it is not installed."""
     try:
         import fast_slic
         import fast_slic.avx2
@@ -155,7 +177,7 @@ def build_methods(data: dict) -> tuple[list[dict], dict]:
                                convert_to_lab=False, num_threads=1)
         avx2 = fast_slic.avx2.SlicAvx2(num_components=K_SEGMENTS, compactness=RULER, min_size_factor=0.5,
                                        convert_to_lab=False, num_threads=1)
-        methods += [
+        return [
             {"key": "fastslic", "label": "fast-slic Slic", "mask": False,
              "fn": lambda i: plain.iterate(data["u8x3"][i], max_iter=10)},
             {"key": "fastslic_avx2", "label": "fast-slic SlicAvx2", "mask": False,
@@ -164,14 +186,19 @@ def build_methods(data: dict) -> tuple[list[dict], dict]:
     except ImportError as exc:
         missing["fast-slic"] = (f"not available ({exc}); pip install cython setuptools wheel, then "
                                 "pip install --no-build-isolation fast-slic")
+        return []
+
+
+def _felzenszwalb_methods(raw: list[np.ndarray], fg: list[np.ndarray], missing: dict[str, str]) -> list[dict]:
+    """The SSL-ALPNet Felzenszwalb recipe; none, and why in ``missing``, where ``engine.recipes`` is missing."""
     try:
         from engine.recipes import felzenszwalb_pseudolabels
 
-        methods.append({"key": "felzenszwalb", "label": "Felzenszwalb recipe (SSL-ALPNet)", "mask": True,
-                        "fn": lambda i: felzenszwalb_pseudolabels(raw[i], fg[i], 1, 1, 400, False)})
+        return [{"key": "felzenszwalb", "label": "Felzenszwalb recipe (SSL-ALPNet)", "mask": True,
+                 "fn": lambda i: felzenszwalb_pseudolabels(raw[i], fg[i], 1, 1, 400, False)}]
     except ImportError as exc:
         missing["felzenszwalb"] = f"engine.recipes not available ({exc})"
-    return methods, missing
+        return []
 
 
 # --------------------------------------------------------------------------------------------- timing
@@ -358,6 +385,7 @@ def verdicts(speed: dict, qual: dict) -> tuple[list[dict], list[str]]:
     for key, s in peers.items():
         if s["per_core_fps"] > ours:
             lines.append(f"we lose on speed to {s['label']}: {s['per_core_fps']:.0f} vs {ours:.0f} slices/s per core")
+        lines += _quality_losses(s["label"], qual.get(key), qual.get("ours"))
     # our other settings against the fastest peer, like for like where the peer segments the full slice
     if peers:
         fastest = max(peers, key=lambda k: peers[k]["per_core_fps"])
@@ -365,13 +393,16 @@ def verdicts(speed: dict, qual: dict) -> tuple[list[dict], list[str]]:
             if key.startswith("ours") and key != "ours" and s["per_core_fps"] < peers[fastest]["per_core_fps"]:
                 lines.append(f"{s['label']} is slower than {peers[fastest]['label']}: {s['per_core_fps']:.0f} vs "
                              f"{peers[fastest]['per_core_fps']:.0f} slices/s per core")
-        q = qual.get(key)
-        if q and speed[key] and qual.get("ours"):
-            for k in ("br", "asa"):
-                if q[k] > qual["ours"][k] + 0.005:
-                    lines.append(f"{s['label']} has a higher {k.upper()} ({q[k]:.3f} vs {qual['ours'][k]:.3f}, "
-                                 f"at {q['n']:.1f} vs {qual['ours']['n']:.1f} superpixels per slice)")
     return targets, lines
+
+
+def _quality_losses(label: str, q: dict | None, ours: dict | None) -> list[str]:
+    """A line for each of BR and ASA where a peer's quality ``q`` beats ours by more than 0.005."""
+    if not q or not ours:
+        return []
+    return [f"{label} has a higher {k.upper()} ({q[k]:.3f} vs {ours[k]:.3f}, "
+            f"at {q['n']:.1f} vs {ours['n']:.1f} superpixels per slice)"
+            for k in ("br", "asa") if q[k] > ours[k] + 0.005]
 
 
 def main(argv: list[str] | None = None) -> int:

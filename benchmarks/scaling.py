@@ -444,62 +444,91 @@ def _waiting_parts(pr: dict) -> str:
 def render_markdown(result: dict) -> str:
     """The sweep as a Markdown table plus the Amdahl fits and the 6-core projection."""
     host, ncores, paper = result.get("host", {}), result["ncores"], result["paper"]
+    lines = _title_lines(result, host, ncores)
+    lines += _points_table_lines(result["points"])
+    lines += target_lines(result["points"])
+    lines += _paper_lines(paper)
+    lines += _fit_lines(result["fits"], ncores, paper)
+    if host:
+        lines += _host_lines(host)
+    return "\n".join(lines)
+
+
+def _title_lines(result: dict, host: dict, ncores: int) -> list[str]:
+    """The heading, the quick-run and busy-machine notes, and the paragraph on what the table shows."""
     lines = [f"# Engine scaling on {host.get('cpu', '?')} ({ncores} cores), {host.get('date', '')}", ""]
     if result.get("quick"):
         lines += ["**Quick run** (few slices, 1 repeat): a smoke test of the script, not a measurement.", ""]
     if result.get("warning"):
         lines += [f"**Note:** {result['warning']}.", ""]
-    lines += [f"{result['slices_label']}; {result['settings']['repeats']} timed runs per point after a warm-up, "
-              "interleaved round-robin; frames/s from the engine profile (first read to the run's end), median "
-              "and slowest..fastest run. \"CPUs\": those the run could use. Per worker: all cores free, so a "
-              "1-worker run has the other cores for its reader and writer. Per core (strong scaling): below the "
-              "core count the whole run (workers, reader, writer) is pinned to as many CPUs as workers. Busy, "
-              "waiting, barrier and other: % of the workers' wall time (other: handing results over, the run's "
-              "end after a worker's last job).", ""]
+    return lines + [f"{result['slices_label']}; {result['settings']['repeats']} timed runs per point after a "
+                    "warm-up, interleaved round-robin; frames/s from the engine profile (first read to the run's "
+                    "end), median and slowest..fastest run. \"CPUs\": those the run could use. Per worker: all "
+                    "cores free, so a 1-worker run has the other cores for its reader and writer. Per core (strong "
+                    "scaling): below the core count the whole run (workers, reader, writer) is pinned to as many "
+                    "CPUs as workers. Busy, waiting, barrier and other: % of the workers' wall time (other: "
+                    "handing results over, the run's end after a worker's last job).", ""]
+
+
+def _points_table_lines(points: list[dict]) -> list[str]:
+    """The table of the sweep, one line per point, and a blank line."""
     head = ["backend", "workers", "CPUs", "frames/s", "range", "speed-up / worker", "eff./worker %",
             "speed-up / core", "eff./core %",
             "end-to-end frames/s", "busy %", "on a core, % of busy", "waiting for a core, % of busy", "waiting %",
             "of it: volume loading / ring or queue full %", "barrier %", "other %",
             "ends: first result ms / ms after the last", "CPU %", "peak RSS MB"]
-    rows = []
+    return [markdown_table(head, [_point_row(p) for p in points]), ""]
+
+
+def _point_row(p: dict) -> list:
+    """One point's line of the sweep table."""
+    pr = p["profile"]
     pct = (lambda v: "-" if v is None else fmt(100 * v))
-    for p in result["points"]:
-        pr = p["profile"]
-        rows.append([p["backend"], p["workers"], f"{p['cpus']}" + (" (pinned)" if p["pinned"] else ""),
-                     fmt(p["fps"]), f"{fmt(p['fps_min'])}..{fmt(p['fps_max'])}",
-                     "-" if p["speedup"] is None else fmt(p["speedup"], 2), pct(p["efficiency"]),
-                     "-" if p["speedup_per_core"] is None else fmt(p["speedup_per_core"], 2),
-                     pct(p["efficiency_per_core"]),
-                     fmt(p["end_to_end_fps"]), fmt(pr["busy_pct"]),
-                     "-" if pr.get("busy_on_cpu_pct") is None else fmt(pr["busy_on_cpu_pct"]),
-                     "-" if pr.get("busy_core_wait_pct") is None else fmt(pr["busy_core_wait_pct"]),
-                     fmt(pr["waiting_pct"]), _waiting_parts(pr), fmt(pr["barrier_pct"]), fmt(pr.get("other_pct", 0.0)),
-                     _ends_text(pr.get("ends")), fmt(p["cpu_pct_median"]), fmt(pr["peak_rss_mb"])])
-    lines += [markdown_table(head, rows), ""]
-    lines += target_lines(result["points"])
-    lines += [f"Paper (Table II, {paper['machine']}): SLIC {paper['slic']:.0f} frames/s serial, SLIC-parallel "
-              f"{paper['slic_parallel']:.0f} on {paper['cores']} cores = {100 * paper['efficiency_6']:.0f}% "
-              f"efficiency, Amdahl serial fraction {paper['implied_serial_fraction']:.3f}.", ""]
-    for b, f in result["fits"].items():
-        fit = f["amdahl"]
-        if fit is None:
-            lines.append(f"- {b}: fewer than two worker counts within the {ncores} cores: no Amdahl fit.")
-            continue
-        meas = f" (measured on {paper['cores']} workers: {fmt(f['measured_fps_6'])}/s)" if f["measured_fps_6"] else ""
-        quality = fit_quality_text(fit)
-        lines.append(f"- {b}: Amdahl fit on 1..{ncores} CPUs (per-core series): X(1) = {fmt(fit['x1'])}/s, "
-                     f"serial fraction s = {fit['serial_fraction']:.3f} ({quality}); projected on "
-                     f"{paper['cores']} cores at this machine's "
-                     f"per-core speed: **{fmt(fit['projected_fps_6'])} frames/s** vs the paper's "
-                     f"{paper['slic_parallel']:.0f} "
-                     f"(x{fit['projected_vs_paper']:.1f}){meas}; best measured at {f['best']} workers.")
-    lines.append("")
-    if host:
-        lines += [f"Host: `{host.get('host')}`, {host.get('cpu')}, {host.get('physical_cores')} physical / "
-                  f"{host.get('logical_cpus')} logical CPUs, {host.get('memory_gb')} GB; load average "
-                  f"{host.get('load_average_start')} at start, {host.get('load_average_end')} at end; code "
-                  f"{host.get('git')} (sources {host.get('sources', '?')}).", f"Command: `{host.get('command')}`", ""]
-    return "\n".join(lines)
+    return [p["backend"], p["workers"], f"{p['cpus']}" + (" (pinned)" if p["pinned"] else ""),
+            fmt(p["fps"]), f"{fmt(p['fps_min'])}..{fmt(p['fps_max'])}",
+            "-" if p["speedup"] is None else fmt(p["speedup"], 2), pct(p["efficiency"]),
+            "-" if p["speedup_per_core"] is None else fmt(p["speedup_per_core"], 2),
+            pct(p["efficiency_per_core"]),
+            fmt(p["end_to_end_fps"]), fmt(pr["busy_pct"]),
+            "-" if pr.get("busy_on_cpu_pct") is None else fmt(pr["busy_on_cpu_pct"]),
+            "-" if pr.get("busy_core_wait_pct") is None else fmt(pr["busy_core_wait_pct"]),
+            fmt(pr["waiting_pct"]), _waiting_parts(pr), fmt(pr["barrier_pct"]), fmt(pr.get("other_pct", 0.0)),
+            _ends_text(pr.get("ends")), fmt(p["cpu_pct_median"]), fmt(pr["peak_rss_mb"])]
+
+
+def _paper_lines(paper: dict) -> list[str]:
+    """The paper's Table II figures: serial and parallel SLIC, their efficiency and Amdahl serial fraction."""
+    return [f"Paper (Table II, {paper['machine']}): SLIC {paper['slic']:.0f} frames/s serial, SLIC-parallel "
+            f"{paper['slic_parallel']:.0f} on {paper['cores']} cores = {100 * paper['efficiency_6']:.0f}% "
+            f"efficiency, Amdahl serial fraction {paper['implied_serial_fraction']:.3f}.", ""]
+
+
+def _fit_lines(fits: dict, ncores: int, paper: dict) -> list[str]:
+    """One line per backend on its Amdahl fit and 6-core projection, then a blank line."""
+    return [_fit_line(b, f, ncores, paper) for b, f in fits.items()] + [""]
+
+
+def _fit_line(b: str, f: dict, ncores: int, paper: dict) -> str:
+    """One backend's Amdahl fit, its projection on the paper's core count and its best worker count."""
+    fit = f["amdahl"]
+    if fit is None:
+        return f"- {b}: fewer than two worker counts within the {ncores} cores: no Amdahl fit."
+    meas = f" (measured on {paper['cores']} workers: {fmt(f['measured_fps_6'])}/s)" if f["measured_fps_6"] else ""
+    quality = fit_quality_text(fit)
+    return (f"- {b}: Amdahl fit on 1..{ncores} CPUs (per-core series): X(1) = {fmt(fit['x1'])}/s, "
+            f"serial fraction s = {fit['serial_fraction']:.3f} ({quality}); projected on "
+            f"{paper['cores']} cores at this machine's "
+            f"per-core speed: **{fmt(fit['projected_fps_6'])} frames/s** vs the paper's "
+            f"{paper['slic_parallel']:.0f} "
+            f"(x{fit['projected_vs_paper']:.1f}){meas}; best measured at {f['best']} workers.")
+
+
+def _host_lines(host: dict) -> list[str]:
+    """The host the sweep ran on (CPU, memory, load, code) and its command line."""
+    return [f"Host: `{host.get('host')}`, {host.get('cpu')}, {host.get('physical_cores')} physical / "
+            f"{host.get('logical_cpus')} logical CPUs, {host.get('memory_gb')} GB; load average "
+            f"{host.get('load_average_start')} at start, {host.get('load_average_end')} at end; code "
+            f"{host.get('git')} (sources {host.get('sources', '?')}).", f"Command: `{host.get('command')}`", ""]
 
 
 def target_lines(points: list[dict]) -> list[str]:

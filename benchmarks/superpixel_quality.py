@@ -288,55 +288,84 @@ def plot(res: dict, path: Path, subset: str = "organ_slices") -> None:
 
 # --------------------------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> int:
+    """Evaluate every method on the (sub-sampled) slices, write the result files and print the summary."""
+    args = _parse_args(argv)
+    data = Path(args.data)
+    refs = _volume_refs(data)
+    if refs is None:
+        return 2
+    step = args.step or (6 if args.quick else 1)
+    methods = method_list(args.quick)
+    t0 = time.perf_counter()
+    parts = _run_volumes(data, refs, methods, step, args.workers, t0)
+    res = summarise(parts, methods)
+    wall = time.perf_counter() - t0
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)     # the workers' CPU time, independent of load
+    cpu = usage.ru_utime + usage.ru_stime
+    doc = _result_doc(parts, res, step, args.workers, wall, cpu)
+    _write_outputs(args, data, step, methods, doc)
+    _print_summary(doc, wall, cpu)
+    return 0
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The command line."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", default=str(DEFAULT_DATA), help="folder of the CHAOS-T2 NIfTI volumes")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="results folder")
     ap.add_argument("--workers", type=common.positive_int, default=min(2, os.cpu_count() or 1), help="worker processes")
     ap.add_argument("--quick", action="store_true", help="every 6th slice and a reduced grid (development)")
     ap.add_argument("--step", type=common.positive_int, default=None, help="evaluate every STEP-th slice (default 1, quick 6)")
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
 
-    data = Path(args.data)
+
+def _volume_refs(data: Path) -> list | None:
+    """The volumes of the source; None, after one line on stderr, where it cannot be opened."""
     try:
-        refs = open_source(str(data)).refs()
+        return open_source(str(data)).refs()
     except Exception as exc:        # a VolumeError names the path and the problem in one line
         print(f"error: {exc}", file=sys.stderr)
-        return 2
-    step = args.step or (6 if args.quick else 1)
-    methods = method_list(args.quick)
+        return None
+
+
+def _run_volumes(data: Path, refs: list, methods: list[dict], step: int, workers: int, t0: float) -> list[dict]:
+    """Every volume evaluated by a pool of worker processes, progress printed; the parts in the source's order."""
     tasks = [(data, ref, methods, step, i) for i, ref in enumerate(refs)]
-    t0 = time.perf_counter()
-    print(f"{len(refs)} volumes, {len(methods)} methods, every {step}. slice, {args.workers} workers, "
+    print(f"{len(refs)} volumes, {len(methods)} methods, every {step}. slice, {workers} workers, "
           f"SLIC = {SLIC_IMPL}", flush=True)
     parts: list[dict] = []
     ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
-    with ctx.Pool(args.workers) as pool:
+    with ctx.Pool(workers) as pool:
         for part in pool.imap_unordered(run_volume, tasks):
             parts.append(part)
             print(f"  volume {part['volume']:>3}: {len(part['z'])} slices  ({time.perf_counter() - t0:.0f} s)",
                   flush=True)
     parts.sort(key=lambda p: refs.index(p["volume"]) if p["volume"] in refs else 0)
-    res = summarise(parts, methods)
-    wall = time.perf_counter() - t0
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)     # the workers' CPU time, independent of load
-    cpu = usage.ru_utime + usage.ru_stime
+    return parts
 
+
+def _result_doc(parts: list[dict], res: dict, step: int, workers: int, wall: float, cpu: float) -> dict:
+    """The JSON result: conventions, slice counts, run figures, the engine's default, references and results."""
+    n_slices = sum(len(p["z"]) for p in parts)
+    return {"description": "superpixel quality vs CHAOS-T2 organ labels; see benchmarks/superpixel_quality.py",
+            "conventions": {"region": "full slice", "superpixel_zero": "one segment (outside the body)",
+                            "gt_background": "one label", "tolerance_px": quality.tolerance((256, 256)),
+                            "boundary": "4-neighbour label change, both sides",
+                            "alpnet": f"bilinear to {FEATURE_SIZE}x{FEATURE_SIZE}, {POOL}x{POOL} pooling, "
+                                      f"threshold {THRESHOLD}"},
+            "slic_impl": SLIC_IMPL, "slices": n_slices,
+            "organ_slices": int(sum(sum(p["organs"]) for p in parts)), "step": step, "workers": workers,
+            "wall_seconds": wall, "worker_cpu_seconds": cpu, "load_average_1min_at_end": os.getloadavg()[0],
+            "engine_default": default_slic_name(), "reference": REFERENCE, "results": res}
+
+
+def _write_outputs(args: argparse.Namespace, data: Path, step: int, methods: list[dict], doc: dict) -> None:
+    """The JSON result, its figure and the run provenance, in the results folder."""
     suffix = "_quick" if args.quick else ""
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    n_slices = sum(len(p["z"]) for p in parts)
-    doc = {"description": "superpixel quality vs CHAOS-T2 organ labels; see benchmarks/superpixel_quality.py",
-           "conventions": {"region": "full slice", "superpixel_zero": "one segment (outside the body)",
-                           "gt_background": "one label", "tolerance_px": quality.tolerance((256, 256)),
-                           "boundary": "4-neighbour label change, both sides",
-                           "alpnet": f"bilinear to {FEATURE_SIZE}x{FEATURE_SIZE}, {POOL}x{POOL} pooling, "
-                                     f"threshold {THRESHOLD}"},
-           "slic_impl": SLIC_IMPL, "slices": n_slices,
-           "organ_slices": int(sum(sum(p["organs"]) for p in parts)), "step": step, "workers": args.workers,
-           "wall_seconds": wall, "worker_cpu_seconds": cpu, "load_average_1min_at_end": os.getloadavg()[0],
-           "engine_default": default_slic_name(), "reference": REFERENCE, "results": res}
     (out / f"superpixel_quality{suffix}.json").write_text(json.dumps(doc, indent=1))
-    plot(res, out / f"superpixel_quality{suffix}.png")
+    plot(doc["results"], out / f"superpixel_quality{suffix}.png")
     try:
         from engine.runinfo import write_run_info
         write_run_info(out, {"data": str(data), "step": step, "workers": args.workers, "quick": args.quick,
@@ -344,14 +373,17 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # provenance must not lose the results
         print(f"warning: run info not written ({exc})", file=sys.stderr)
 
-    print(f"\n{n_slices} slices ({doc['organ_slices']} with organs) in {wall:.0f} s wall, {cpu:.0f} s worker CPU "
-          f"(load average {os.getloadavg()[0]:.1f})\n")
+
+def _print_summary(doc: dict, wall: float, cpu: float) -> None:
+    """The run's size and cost, the reference points and the Markdown tables of both slice subsets."""
+    res = doc["results"]
+    print(f"\n{doc['slices']} slices ({doc['organ_slices']} with organs) in {wall:.0f} s wall, {cpu:.0f} s worker "
+          f"CPU (load average {os.getloadavg()[0]:.1f})\n")
     print("Reference points (slices with organs):")
     print("\n".join(check_reference(res)))
     for subset in ("organ_slices", "all_slices"):
         print(f"\n### {subset.replace('_', ' ')}\n")
         print(markdown(res, subset))
-    return 0
 
 
 if __name__ == "__main__":

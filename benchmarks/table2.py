@@ -62,7 +62,7 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 _HERE = Path(__file__).resolve().parent
 # Python puts a script's folder first on sys.path, and benchmarks/ also holds engine.py (the engine benchmark),
@@ -377,15 +377,32 @@ def render_markdown(result: dict) -> str:
     """The run as Markdown: main table, engine profile table, targets, and the host it ran on."""
     host, rows = result.get("host", {}), result["rows"]
     nproc = host.get("usable_cpus") or common.n_cores()
+    lines = _title_lines(result, host, nproc)
+    lines += _scheme_table_lines(rows)
+    lines += _mask_lines(rows)
+    lines += _engine_profile_lines(rows)
+    lines += _targets_lines(result["targets"])
+    if host:
+        lines += _host_lines(host, nproc)
+    return "\n".join(lines)
+
+
+def _title_lines(result: dict, host: dict, nproc: int) -> list[str]:
+    """The heading, the quick-run and busy-machine notes, and the paragraph on the slices and the repeats."""
     sl = result["slices"]
     lines = [f"# Table II on {host.get('cpu', '?')} ({nproc} cores), {host.get('date', '')}", ""]
     if result.get("quick"):
         lines += ["**Quick run** (few slices, 1 repeat): a smoke test of the script, not a measurement.", ""]
     if result.get("warning"):
         lines += [f"**Note:** {result['warning']}.", ""]
-    lines += [f"{sl['n']} slices of {sl['shape'][0]} x {sl['shape'][1]} from {sl['volumes']} volumes "
-              f"(`{sl['source']}`); {result['settings']['repeats']} timed repeats per row after a warm-up, "
-              "interleaved round-robin; frames/s = slices / median time, range = slowest..fastest repeat.", ""]
+    return lines + [f"{sl['n']} slices of {sl['shape'][0]} x {sl['shape'][1]} from {sl['volumes']} volumes "
+                    f"(`{sl['source']}`); {result['settings']['repeats']} timed repeats per row after a warm-up, "
+                    "interleaved round-robin; frames/s = slices / median time, range = slowest..fastest repeat.",
+                    ""]
+
+
+def _scheme_table_lines(rows: list[dict]) -> list[str]:
+    """The main table: one line per scheme, beside the paper's figures."""
     head = ["scheme", "timed", "workers", "frames/s", "range", "x Felzenszwalb", "per worker",
             "kernel only frames/s", f"paper frames/s ({PAPER['cores']}-core i7)", "paper x"]
     table = []
@@ -395,47 +412,66 @@ def render_markdown(result: dict) -> str:
                       fmt(d["per_worker_fps"]), fmt(d.get("kernel_fps")),
                       fmt(d.get("paper_fps"), 0) if d.get("paper_fps") else "",
                       fmt(d.get("paper_x"), 1) if d.get("paper_x") else ""])
-    lines += [markdown_table(head, table), ""]
+    return [markdown_table(head, table), ""]
+
+
+def _mask_lines(rows: list[dict]) -> list[str]:
+    """The body mask's time per slice inside each serial row; nothing without serial rows."""
     serial = [d for d in rows if d["kind"] == "serial"]
-    if serial:
-        lines += ["Body mask per slice inside the serial rows: " + "; ".join(
-            f"{d['label'].split(',')[0]}: {d['mask_ms']:.2f} ms" for d in serial) + ".", ""]
+    if not serial:
+        return []
+    return ["Body mask per slice inside the serial rows: " + "; ".join(
+        f"{d['label'].split(',')[0]}: {d['mask_ms']:.2f} ms" for d in serial) + ".", ""]
+
+
+def _engine_profile_lines(rows: list[dict]) -> list[str]:
+    """The engine profile table of the engine rows, after a paragraph on its columns; nothing without them."""
     eng = [d for d in rows if d["kind"] == "engine"]
-    if eng:
-        lines += ["Engine profile (the median repeat's `STORE.profile.json`): engine frames/s = first read to "
-                  "the run's end (last commit, threads joined); the worker split is over all workers' wall "
-                  "time; peak RSS is sampled during the run (every 0.25 s) over the benchmark process and its "
-                  "workers, and includes the in-memory "
-                  "slices of the other rows (`scaling.py` measures the engine alone).", ""]
-        eh = ["backend", "input", "workers", "end-to-end frames/s", "engine frames/s", "busy %", "waiting %",
-              "barrier %", "other %", "CPU %", "peak RSS MB", "ms/slice read+prepare", "ms/slice mask+SLIC+encode",
-              "ms/slice write"]
-        et = []
-        for d in eng:
-            e, ps = d["engine"], d["engine"]["per_slice_ms"]
-            et.append([d["backend"], "." + d["input_format"], d["workers"], fmt(d["fps"]), fmt(e["engine_fps"]),
-                       fmt(e["busy_pct"]), fmt(e["waiting_pct"]), fmt(e["barrier_pct"]), fmt(e.get("other_pct", 0.0)),
-                       fmt(e["cpu_pct"]),
-                       fmt(e["peak_rss_mb"]), fmt(ps.get("load", 0) + ps.get("prepare", 0), 2),
-                       fmt(ps.get("mask", 0) + ps.get("superpixels", 0) + ps.get("encode", 0), 2),
-                       fmt(ps.get("write", 0) + ps.get("index", 0), 2)])
-        lines += [markdown_table(eh, et), ""]
-    if result["targets"]:
-        lines += ["Targets (issue 7 / issue 3), from this run's ratios:", ""]
-        lines += [markdown_table(["target", "measured", "goal", "met", "round by round"], [
-            [t["target"], f"{_measured_text(t)} {t['unit']}", "" if t["goal"] is None else
-             f">= {fmt(t['goal'], 0)} {t['unit']}", "" if t["met"] is None else ("yes" if t["met"] else "**no**"),
-             common.rounds_text(t.get("rounds"))]
-            for t in result["targets"]]), ""]
-    if host:
-        v = host.get("versions", {})
-        lines += [f"Host: `{host.get('host')}`, {host.get('cpu')}, {host.get('physical_cores')} physical / "
-                  f"{host.get('logical_cpus')} logical CPUs ({nproc} usable), {host.get('memory_gb')} GB; "
-                  f"load average {host.get('load_average_start')} at start, {host.get('load_average_end')} at "
-                  f"end; python {v.get('python')}, numpy {v.get('numpy')}, numba {v.get('numba')}, scikit-image "
-                  f"{v.get('scikit-image')}; code {host.get('git')} (sources {host.get('sources', '?')}).",
-                  f"Command: `{host.get('command')}`", ""]
-    return "\n".join(lines)
+    if not eng:
+        return []
+    eh = ["backend", "input", "workers", "end-to-end frames/s", "engine frames/s", "busy %", "waiting %",
+          "barrier %", "other %", "CPU %", "peak RSS MB", "ms/slice read+prepare", "ms/slice mask+SLIC+encode",
+          "ms/slice write"]
+    return ["Engine profile (the median repeat's `STORE.profile.json`): engine frames/s = first read to "
+            "the run's end (last commit, threads joined); the worker split is over all workers' wall "
+            "time; peak RSS is sampled during the run (every 0.25 s) over the benchmark process and its "
+            "workers, and includes the in-memory "
+            "slices of the other rows (`scaling.py` measures the engine alone).", "",
+            markdown_table(eh, [_engine_profile_row(d) for d in eng]), ""]
+
+
+def _engine_profile_row(d: dict) -> list:
+    """One engine row's line of the engine profile table."""
+    e, ps = d["engine"], d["engine"]["per_slice_ms"]
+    return [d["backend"], "." + d["input_format"], d["workers"], fmt(d["fps"]), fmt(e["engine_fps"]),
+            fmt(e["busy_pct"]), fmt(e["waiting_pct"]), fmt(e["barrier_pct"]), fmt(e.get("other_pct", 0.0)),
+            fmt(e["cpu_pct"]),
+            fmt(e["peak_rss_mb"]), fmt(ps.get("load", 0) + ps.get("prepare", 0), 2),
+            fmt(ps.get("mask", 0) + ps.get("superpixels", 0) + ps.get("encode", 0), 2),
+            fmt(ps.get("write", 0) + ps.get("index", 0), 2)]
+
+
+def _targets_lines(targets: list[dict]) -> list[str]:
+    """The issues' targets as a table with its heading; nothing without targets."""
+    if not targets:
+        return []
+    return ["Targets (issue 7 / issue 3), from this run's ratios:", "",
+            markdown_table(["target", "measured", "goal", "met", "round by round"], [
+                [t["target"], f"{_measured_text(t)} {t['unit']}", "" if t["goal"] is None else
+                 f">= {fmt(t['goal'], 0)} {t['unit']}", "" if t["met"] is None else ("yes" if t["met"] else "**no**"),
+                 common.rounds_text(t.get("rounds"))]
+                for t in targets]), ""]
+
+
+def _host_lines(host: dict, nproc: int) -> list[str]:
+    """The host the run was on (CPU, memory, load, versions, code) and its command line."""
+    v = host.get("versions", {})
+    return [f"Host: `{host.get('host')}`, {host.get('cpu')}, {host.get('physical_cores')} physical / "
+            f"{host.get('logical_cpus')} logical CPUs ({nproc} usable), {host.get('memory_gb')} GB; "
+            f"load average {host.get('load_average_start')} at start, {host.get('load_average_end')} at "
+            f"end; python {v.get('python')}, numpy {v.get('numpy')}, numba {v.get('numba')}, scikit-image "
+            f"{v.get('scikit-image')}; code {host.get('git')} (sources {host.get('sources', '?')}).",
+            f"Command: `{host.get('command')}`", ""]
 
 
 # --------------------------------------------------------------------------------------------- main
@@ -470,6 +506,29 @@ def main(argv=None) -> int:
 
 
 def _main(args: argparse.Namespace) -> int:
+    """Check the options, measure every row in one run, then write and print the result files."""
+    opts = _options(args)
+    info = common.host_info()
+    t_start = time.perf_counter()
+    result = _measure(args, opts)
+    _add_run_info(result, args, info, t_start)
+    _write_results(args, result)
+    return 0
+
+
+@dataclasses.dataclass
+class _Options:
+    """The command line resolved: config, repeats, volumes, worker counts, backends and engine input formats."""
+    cfg: Any
+    repeats: int
+    max_volumes: int | None
+    workers: list[int]
+    backends: list[str]
+    formats: list[str]
+
+
+def _options(args: argparse.Namespace) -> _Options:
+    """The options resolved, each checked before any work (config, worker counts, backends, inputs, source)."""
     nproc = common.n_cores()
     cfg = common.load_config(args.config, args.set)
     repeats = args.repeats or (1 if args.quick else 3)
@@ -483,30 +542,46 @@ def _main(args: argparse.Namespace) -> int:
         [f.strip().lstrip(".") for f in args.engine_inputs.split(",") if f.strip()]
     if any(f not in INPUT_FORMATS for f in formats):
         raise BenchmarkError(f"--engine-inputs {args.engine_inputs!r}: choose among nii.gz, nii, none")
-
     common.check_source(args.input)
-    info = common.host_info()
-    t_start = time.perf_counter()
+    return _Options(cfg, repeats, max_volumes, workers, backends, formats)
+
+
+def _measure(args: argparse.Namespace, opts: _Options) -> dict:
+    """The slices loaded and every row measured, with the temporary stores and copies removed afterwards."""
     tmp_root = Path(tempfile.mkdtemp(prefix="table2-", dir=args.tmp))
     try:
         log(f"table2: reading {args.input} ...")
-        slices = common.load_slices(args.input, cfg, max_volumes=max_volumes)
+        slices = common.load_slices(args.input, opts.cfg, max_volumes=opts.max_volumes)
         log(f"table2: {slices.n} slices from {slices.n_volumes} volumes in {slices.load_s:.1f} s")
-        specs = {}
-        if "nii.gz" in formats:
-            specs["nii.gz"] = common.engine_input(args.input, tmp_root, max_volumes=max_volumes)
-        if "nii" in formats:
-            specs["nii"] = common.uncompressed_copy(args.input, tmp_root, max_volumes)
-        result = run_table2(cfg, slices, specs, workers, backends, repeats, tmp_root,
-                            warmup_slices=8 if args.quick else 32, skimage_threads=not args.no_skimage_threads,
-                            say=log)
+        specs = _engine_specs(args.input, opts.formats, tmp_root, opts.max_volumes)
+        return run_table2(opts.cfg, slices, specs, opts.workers, opts.backends, opts.repeats, tmp_root,
+                          warmup_slices=8 if args.quick else 32, skimage_threads=not args.no_skimage_threads,
+                          say=log)
     finally:
         shutil.rmtree(tmp_root, ignore_errors=True)
+
+
+def _engine_specs(source: str, formats: list[str], tmp_root: Path, max_volumes: int | None) -> dict:
+    """Input format -> engine input of the engine rows: the source itself and/or an uncompressed copy."""
+    specs = {}
+    if "nii.gz" in formats:
+        specs["nii.gz"] = common.engine_input(source, tmp_root, max_volumes=max_volumes)
+    if "nii" in formats:
+        specs["nii"] = common.uncompressed_copy(source, tmp_root, max_volumes)
+    return specs
+
+
+def _add_run_info(result: dict, args: argparse.Namespace, info: dict, t_start: float) -> None:
+    """The host, the run's kind and duration, the paper's figures and any busy-machine warning, into ``result``."""
     result["host"] = common.finish_host_info(info)
     result["quick"] = bool(args.quick)
     result["total_s"] = time.perf_counter() - t_start
     result["paper"] = PAPER
     result["warning"] = common.busy_warning(info)
+
+
+def _write_results(args: argparse.Namespace, result: dict) -> None:
+    """The JSON and Markdown result files (the Markdown also kept in the JSON); the Markdown printed."""
     md = render_markdown(result)
     result["markdown"] = md
     stem = common.result_stem("table2", args.tag, args.quick)
@@ -516,7 +591,6 @@ def _main(args: argparse.Namespace) -> int:
     (out_dir / f"{stem}.md").write_text(md + "\n")
     print(md)
     log(f"table2: done in {result['total_s']:.0f} s; wrote {out_dir / stem}.json and .md")
-    return 0
 
 
 if __name__ == "__main__":

@@ -509,6 +509,12 @@ def test_kernel_benchmark_verdicts_and_report():
     assert got["BR ours - skimage maskSLIC"] == (0.012, True)
     assert any("ours, sk is slower than fs2: 300 vs 640" in line for line in lines)
     assert any("fs2 has a higher BR" in line for line in lines)
+    assert not any("skm has a higher" in line for line in lines)
+    # every peer's quality is compared, not only the last one listed (the check once sat after the loop)
+    better = {**qual, "skimage_mask": {**qual["skimage_mask"], "asa": 0.99}}
+    _, lines2 = kernels.verdicts(speed, better)
+    assert any("skm has a higher ASA (0.990 vs 0.979" in line for line in lines2)
+    assert any("fs2 has a higher BR" in line for line in lines2)
     text = kernels.report({"speed": speed, "quality": qual, "targets": targets, "verdicts": lines, "missing": {},
                            "threads": None, "startup": {}, "busy": None})
     assert "| ours | 800 | 400 | 1.0 |" in text and "-> NOT met" in text
