@@ -37,7 +37,7 @@ _MAX_VOXELS = 1 << 30               # 4 GiB as float32: far beyond any abdominal
 
 def _id_key(vid: str) -> tuple:
     """Numeric ids in numeric order, then the others alphabetically."""
-    return (0, int(vid), "") if vid.isdigit() else (1, 0, vid)
+    return (0, int(vid), vid) if vid.isdecimal() else (1, 0, vid)
 
 
 def sha256_file(path: str | Path) -> str:

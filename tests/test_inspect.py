@@ -280,3 +280,46 @@ def test_a_store_renamed_with_its_folder_reads_and_says_its_index_is_stale(store
     capsys.readouterr()
     inspect_store(str(renamed), as_json=True)
     assert json.loads(capsys.readouterr().out)["problems"] == []
+
+
+def test_a_slice_table_that_drops_a_label_is_found(store, tmp_path, capsys):
+    # Guards the "label present exactly when recorded" check: it compared what the reader returned (which the
+    # reader derives from the slice table) with the slice table itself, so it could never fail. A slice marked
+    # unlabelled while its volume has a label map must be a finding.
+    import shutil
+
+    import h5py
+    copy = tmp_path / store.name
+    shutil.copy(store, copy)
+    shutil.copytree(parts_dir(store), parts_dir(copy))
+    with h5py.File(copy, "r+") as f:
+        present = f["slices/labels_present"][()]
+        assert present.all()                                       # both volumes of the fixture have labels
+        present[3] = False
+        f["slices/labels_present"][...] = present
+    assert inspect_store(str(copy), as_json=True) == 1
+    problems = json.loads(capsys.readouterr().out)["problems"]
+    assert len(problems) == 1 and problems[0].startswith("slice 3 (volume 1 z=3): label") and "differs" in problems[0]
+
+
+def test_text_output_says_how_many_problems_it_leaves_out(store, tmp_path, capsys):
+    # the text lists the first 10 problems; the rest are counted, not dropped without a word
+    import shutil
+
+    import h5py
+    copy = tmp_path / store.name
+    shutil.copy(store, copy)
+    shutil.copytree(parts_dir(store), parts_dir(copy))
+    with h5py.File(copy, "r+") as f:
+        present = f["slices/labels_present"][()]
+        n = present.size
+        present[:] = False                                          # one problem per slice
+        f["slices/labels_present"][...] = present
+        nsp = f["slices/n_superpixels"][()]
+        nsp[:3] += 1                                                # and 3 more
+        f["slices/n_superpixels"][...] = nsp
+    assert inspect_store(str(copy)) == 1
+    out = capsys.readouterr().out
+    assert f"integrity    {n + 3} problem(s):" in out
+    assert len([line for line in out.splitlines() if line.startswith("  slice ")]) == 10
+    assert f"  ... and {n + 3 - 10} more (--json lists all)" in out

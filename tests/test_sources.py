@@ -403,3 +403,16 @@ def test_a_store_given_as_the_source_names_the_scans_it_was_made_from(tmp_path):
     with pytest.raises(VolumeError) as info:
         open_source(str(tmp_path / "other.h5"), None)
     assert str(info.value) == f"{tmp_path / 'other.h5'}: {expected}"
+
+
+def test_id_order_does_not_depend_on_the_folder_listing_and_odd_digits_do_not_crash(tmp_path):
+    # Guards _id_key: ids equal as numbers ("1", "01") tied, so their order followed the folder's listing order
+    # (the slice sequence of a store must not depend on it); an id of digits int() refuses ("²": str.isdigit
+    # but not a decimal number) raised ValueError from refs() instead of being listed.
+    from engine.sources import _id_key
+    assert sorted(["1", "01"], key=_id_key) == sorted(["01", "1"], key=_id_key)
+    for vid in ("²", "10", "2"):
+        _write(tmp_path / f"image_{vid}.nii.gz", _image())
+    src = open_source(str(tmp_path), None)
+    assert src.refs() == ["2", "10", "²"]
+    assert src.load("²").id == "²"
