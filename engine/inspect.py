@@ -10,7 +10,8 @@ import h5py
 import numpy as np
 
 from engine.figures import save_figure
-from engine.store_format import DATASETS, StoreError, error_text, lock_path, parts_dir, shard_name
+from engine.store_format import (DATASETS, StoreError, error_text, lock_path, parts_dir, shard_name,
+                                  slice_organ_bits)
 from engine.store_lock import describe_holder
 from engine.store_reader import StoreReader
 
@@ -176,6 +177,9 @@ def _check_volumes_and_pixels(reader: StoreReader, read_pixels: bool) -> list[st
             # the reader derives d["label"] from labels_present: compare with the volume's own record instead
             if has_label.get(sl["volume"][i]) != bool(sl["labels_present"][i]):
                 problems.append(f"{tag}: label presence differs from the table")
+            # training picks setting 2's slices by this column without reading the label maps
+            elif "organs" in sl and int(sl["organs"][i]) != (0 if d["label"] is None else slice_organ_bits(d["label"])):
+                problems.append(f"{tag}: the organs column differs from the label map's values")
             if len(problems) > 50:
                 problems.append("... (stopped after 50 problems)")
                 break

@@ -323,3 +323,23 @@ def test_text_output_says_how_many_problems_it_leaves_out(store, tmp_path, capsy
     assert f"integrity    {n + 3} problem(s):" in out
     assert len([line for line in out.splitlines() if line.startswith("  slice ")]) == 10
     assert f"  ... and {n + 3 - 10} more (--json lists all)" in out
+
+
+def test_an_organs_column_that_disagrees_with_the_label_map_is_found(store, tmp_path, capsys):
+    # training chooses setting 2's slices by the organs column alone, so inspect checks it against the labels
+    import shutil
+
+    import h5py
+    copy = tmp_path / store.name
+    shutil.copy(store, copy)
+    shutil.copytree(parts_dir(store), parts_dir(copy))
+    assert inspect_store(str(copy), as_json=True) == 0
+    capsys.readouterr()
+    with h5py.File(copy, "r+") as f:
+        organs = f["slices/organs"][()]
+        organs[2] ^= np.uint64(1 << 5)
+        f["slices/organs"][...] = organs
+    assert inspect_store(str(copy), as_json=True) == 1
+    problems = json.loads(capsys.readouterr().out)["problems"]
+    assert len(problems) == 1 and problems[0].startswith("slice 2 (volume ")
+    assert problems[0].endswith("the organs column differs from the label map's values")
