@@ -354,20 +354,28 @@ def round_ratios(num: Sequence[float], den: Sequence[float], scale: float = 1.0)
 
 
 def rounds_verdict(values: Sequence[float], at_least: float) -> dict | None:
-    """Spread of a ratio over its rounds against a lower bound: ``min``, ``max``, ``met`` (rounds at or above
-    the bound) and ``rounds``; None for fewer than two rounds (no spread to show)."""
+    """Spread of a ratio over its rounds against a lower bound: ``min``, ``max`` (3 decimals, more where 3 would
+    put an end on the bound's other side), ``met`` (rounds at or above the bound) and ``rounds``; None for fewer
+    than two rounds (no spread to show)."""
     if len(values) < 2:
         return None
-    return {"min": round(min(values), 3), "max": round(max(values), 3),
+    end = (lambda x: float(fmt_vs_bound(x, at_least, 3)))
+    return {"min": end(min(values)), "max": end(max(values)),
             "met": sum(v >= at_least for v in values), "rounds": len(values)}
 
 
-def rounds_text(v: dict | None, scale: float = 1.0, unit: str = "") -> str:
+def rounds_text(v: dict | None, scale: float = 1.0, unit: str = "", bound: float | None = None) -> str:
     """``0.474-0.541, met in 3 of 7`` for a :func:`rounds_verdict` (bounds times ``scale``, then ``unit``; 1
-    decimal from 10 up, else 3 significant digits); ``-`` when there is none."""
+    decimal from 10 up, else 3 significant digits; with ``bound``, more digits where these would put an end on
+    the bound's other side); ``-`` when there is none."""
     if not v:
         return "-"
-    num = (lambda x: f"{x:.1f}" if abs(x) >= 10 else f"{x:.3g}")
+
+    def num(x: float) -> str:
+        text = f"{x:.1f}" if abs(x) >= 10 else f"{x:.3g}"
+        if bound is not None and (float(text) >= scale * bound) != (x >= scale * bound):
+            text = fmt_vs_bound(x, scale * bound, 1 if abs(x) >= 10 else 3)
+        return text
     return f"{num(scale * v['min'])}-{num(scale * v['max'])}{unit}, met in {v['met']} of {v['rounds']}"
 
 

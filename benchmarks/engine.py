@@ -809,7 +809,7 @@ def _targets_table(targets: dict) -> str:
     """The table of issue 4's targets, each with its value, goal, verdict and round-by-round figures."""
     return common.markdown_table(["target", "value", "goal", "met", "round by round"],
                                  [[k, _value_text(v), v["target"], "yes" if v["met"] else "NO",
-                                   common.rounds_text(v.get("rounds"))]
+                                   common.rounds_text(v.get("rounds"), bound=v.get("bound"))]
                                   for k, v in targets.items()])
 
 

@@ -338,7 +338,8 @@ def report(res: dict) -> str:
     lines = [common.markdown_table(["method", "slices/s per core", "slices/s wall", "ours / method",
                                     "superpixels/slice", "BR", "ASA", "UE"], rows), ""]
     for t in res["targets"]:
-        lines.append(f"- {t['name']}: {t['value']:.2f} (target {t['target']}) -> {'met' if t['met'] else 'NOT met'}")
+        value = common.fmt_vs_bound(t["value"], float(t["target"].split()[-1]), 2)
+        lines.append(f"- {t['name']}: {value} (target {t['target']}) -> {'met' if t['met'] else 'NOT met'}")
     for line in res["verdicts"]:
         lines.append(f"- {line}")
     ts = res.get("threads")

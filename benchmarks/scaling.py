@@ -544,7 +544,7 @@ def target_lines(points: list[dict]) -> list[str]:
             if value is None:
                 continue
             rounds = common.rounds_verdict(p.get(key + "_rounds", []), bound)          # older files: none
-            spread = "" if rounds is None else f"; round by round {common.rounds_text(rounds, 100, '%')}"
+            spread = "" if rounds is None else f"; round by round {common.rounds_text(rounds, 100, '%', bound)}"
             lines.append(f"- {p['backend']}, {p['workers']} workers, {scale}: efficiency "
                          f"{common.fmt_vs_bound(100 * value, 100 * bound)}% "
                          f"(target {100 * bound:.0f}%: {'met' if value >= bound else 'not met'}{spread})")

@@ -459,7 +459,7 @@ def _targets_lines(targets: list[dict]) -> list[str]:
             markdown_table(["target", "measured", "goal", "met", "round by round"], [
                 [t["target"], f"{_measured_text(t)} {t['unit']}", "" if t["goal"] is None else
                  f">= {fmt(t['goal'], 0)} {t['unit']}", "" if t["met"] is None else ("yes" if t["met"] else "**no**"),
-                 common.rounds_text(t.get("rounds"))]
+                 common.rounds_text(t.get("rounds"), bound=t["goal"])]
                 for t in targets]), ""]
 
 

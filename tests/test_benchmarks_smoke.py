@@ -213,6 +213,54 @@ def test_round_ratios_pair_the_rounds_and_count_those_that_meet_the_bound():
     assert common.rounds_verdict([0.95], 0.9) is None and common.rounds_text(None) == "-"
 
 
+def test_round_by_round_spread_keeps_each_end_on_its_side_of_the_bound():
+    """Guards the round-by-round spread next to a verdict: ``rounds_verdict`` rounded its ends to 3 decimals and
+    ``rounds_text`` to 3 significant digits, so a round just under the line (1.7997 against 1.8) read
+    "1.8-1.92, met in 4 of 5" (committed ``engine-vm-s33b.md``): every round shown at or above the line, one of
+    them not counted as met. An end near the line keeps the digits that leave it on its own side."""
+    rounds = [1.8226, 1.9167, 1.7997, 1.8110, 1.8561]
+    v = common.rounds_verdict(rounds, 1.8)
+    assert v["met"] == 4 and v["min"] < 1.8 and v["max"] == 1.917
+    assert common.rounds_text(v, bound=1.8) == "1.7997-1.92, met in 4 of 5"
+    # an end just over the line is not shown on the line's other side either, and far ends keep 3 decimals
+    assert common.rounds_verdict([1.80004, 1.9], 1.8)["min"] >= 1.8
+    assert common.rounds_verdict([0.9, 0.8, 1.25], 0.9) == {"min": 0.8, "max": 1.25, "met": 2, "rounds": 3}
+    # a percentage: 89.97% is not "90.0%" next to "met in 1 of 2"
+    v = common.rounds_verdict([0.8997, 0.95], 0.9)
+    assert common.rounds_text(v, 100, "%", bound=0.9) == "89.97-95.0%, met in 1 of 2"
+    # the three scripts' verdict tables pass their bound on
+    from benchmarks import engine as engine_bench
+    table = engine_bench._targets_table({"k": {"value": 1.856, "target": ">= 1.8", "bound": 1.8, "met": True,
+                                               "rounds": common.rounds_verdict(rounds, 1.8)}})
+    assert "1.7997-1.92, met in 4 of 5" in table
+    t2 = table2._targets_lines([{"target": "k", "measured": 1.856, "goal": 1.8, "unit": "x", "met": True,
+                                 "rounds": common.rounds_verdict(rounds, 1.8)}])
+    assert any("1.7997-1.92, met in 4 of 5" in line for line in t2)
+    pts = [{"backend": "threads", "workers": 1, "pinned": True, "cpus": 1, "per_core_series": True, "fps": 100.0,
+            "fps_rounds": [100.0, 100.0]},
+           {"backend": "threads", "workers": 2, "pinned": False, "cpus": 2, "per_core_series": True, "fps": 185.0,
+            "fps_rounds": [179.94, 190.0]}]
+    scaling.add_speedups(pts, ncores=2)
+    assert "round by round 89.97-95.0%, met in 1 of 2" in scaling.target_lines(pts)[0]
+
+
+def test_kernels_report_prints_a_target_near_its_line_on_its_side():
+    """Guards ``kernels.report``: a target's value was printed with 2 decimals whatever its line, so 1.2996
+    against ">= 1.3" read "1.30 (target >= 1.3) -> NOT met" (and a BR difference of -0.01004 read "-0.01 ...
+    NOT met")."""
+    from benchmarks import kernels
+
+    res = {"speed": {"ours": {"label": "ours", "per_core_fps": 1000.0, "wall_fps": 990.0}}, "quality": {},
+           "targets": [{"name": "ours / fast-slic AVX2, per core", "target": ">= 1.3", "value": 1.2996, "met": False},
+                       {"name": "BR ours - skimage maskSLIC", "target": ">= -0.01", "value": -0.01004, "met": False},
+                       {"name": "ours / skimage maskSLIC, per core", "target": ">= 15", "value": 41.234, "met": True}],
+           "verdicts": [], "missing": {}}
+    text = kernels.report(res)
+    assert "- ours / fast-slic AVX2, per core: 1.2996 (target >= 1.3) -> NOT met" in text
+    assert "- BR ours - skimage maskSLIC: -0.01004 (target >= -0.01) -> NOT met" in text
+    assert "- ours / skimage maskSLIC, per core: 41.23 (target >= 15) -> met" in text
+
+
 def test_scaling_efficiency_round_by_round_against_the_targets():
     def point(workers, pinned, cpus, fps_rounds):
         return {"backend": "threads", "workers": workers, "pinned": pinned, "cpus": cpus,
