@@ -68,9 +68,11 @@ class EpisodeConfig:
             raise ConfigError(f"episodes.label_group: {self.label_group!r} is not 0 or 1")
         if self.fold < 0 or self.feature_stride < 1 or self.max_slice_tries < 1:
             raise ConfigError("episodes.fold must be >= 0; feature_stride and max_slice_tries >= 1")
-        bad = [v for v in self.exclude_labels if not 1 <= v <= 255]
+        # the store records a slice's organs as bits 1..63 (engine.store_format.slice_organ_bits)
+        bad = [v for v in self.exclude_labels if not 1 <= v <= 63]
         if bad:
-            raise ConfigError(f"episodes.exclude_labels: organ labels are 1..255 (0 is background), got {bad[0]}")
+            raise ConfigError(f"episodes.exclude_labels: organ labels that can be excluded are 1..63 (0 is "
+                              f"background), got {bad[0]}")
 
 
 @dataclasses.dataclass

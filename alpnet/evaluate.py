@@ -367,7 +367,8 @@ def training_volumes(ckpt_cfg: Mapping, meta: Mapping) -> tuple[list[dict] | Non
     """Volumes (id, checksum) the checkpoint trained on, read from its store when the store is still there.
 
     Training drops the held-out fold's scans (``episodes.fold`` with ``episodes.holdout``) from the store's
-    volumes, using the same fold function as here. Returns (None, reason) when the store cannot be read.
+    volumes: those its checkpoint records (``store.held_out``), else by the same fold function as here. Returns
+    (None, reason) when the store cannot be read.
     """
     store = (meta or {}).get("store") or {}
     path = store.get("path")
@@ -380,7 +381,12 @@ def training_volumes(ckpt_cfg: Mapping, meta: Mapping) -> tuple[list[dict] | Non
     except Exception as exc:  # any unreadable store: fall back to the config rule, say why
         return None, f"training store {path} unreadable ({type(exc).__name__})"
     ep = ckpt_cfg.get("episodes", {})
-    if ep.get("holdout", True):
+    if store.get("held_out") is not None:
+        # what training actually held out: recomputing it from the store as it is now gives another fold when
+        # the training ran on an incomplete store (fewer volumes, so other fold groups)
+        held = {str(v) for v in store["held_out"]}
+        vols = [v for v in vols if v["id"] not in held]
+    elif ep.get("holdout", True):
         n_folds = int(ckpt_cfg.get("evaluate", {}).get("n_folds", 5))
         try:
             held = set(make_fold([v["id"] for v in vols], n_folds, int(ep.get("fold", 0))).scans)

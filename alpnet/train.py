@@ -14,6 +14,7 @@ momentum and weight decay, the learning rate multiplied by ``lr_gamma`` every ``
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -220,7 +221,7 @@ def train_one_epoch(model: ALPNet, optimizer: torch.optim.Optimizer, scheduler: 
         n_win += 1
         t_prev = t_step
         if not all(np.isfinite(v) for v in terms.values()):
-            raise TrainError(f"iteration {it}: loss is not finite ({terms}); lower train.lr or disable train.amp")
+            raise RunStopped(f"iteration {it}: loss is not finite ({terms}); lower train.lr or disable train.amp")
         if it % tc.log_every == 0 or it == tc.iterations:
             _log_window(log, it, tc, win, n_win, time.perf_counter() - t_win, optimizer, totals, gpu_peak_mb(device))
             win.clear()
@@ -403,7 +404,10 @@ class _Run:
         tc = cfg.train
         self.tc, self.cfg_dict, self.store = tc, to_dict(cfg), store
         self.ckpt_path = Path(tc.out) / CHECKPOINT_NAME
-        self.model = ALPNet(cfg.model, quiet=state is not None).to(device)
+        # A resumed run takes every weight from its checkpoint: the pretrained file only initialises a new run
+        # (as in checkpoint.load_checkpoint), so it is neither read again nor required to still exist.
+        mcfg = cfg.model if state is None else dataclasses.replace(cfg.model, pretrained="")
+        self.model = ALPNet(mcfg, quiet=state is not None).to(device)
         if tc.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=tc.lr, momentum=tc.momentum,
@@ -446,13 +450,13 @@ class _Run:
 
 
 def _start_lines(log: RunLog, cfg, stream: EpisodeStream, store: dict, device: torch.device,
-                 start_it: int | None) -> None:
+                 start_it: int | None, lr_step: int) -> None:
     tc, idx = cfg.train, stream.index
     log.line(f"train: {'resuming at iteration ' + str(start_it) if start_it is not None else 'new run'} in "
              f"{Path(tc.out)}; device {device}, {torch.get_num_threads()} torch threads, {tc.num_workers} loader "
              f"workers; encoder {cfg.model.encoder}; store {tc.store} ({store['method']}): {idx.rows.size} "
              f"training slices of {idx.n_store_slices} (dropped {idx.dropped}; held out {idx.held_out or 'none'}; "
-             f"excluded labels {idx.exclude_labels or 'none'}); lr step {lr_step_of(cfg)}")
+             f"excluded labels {idx.exclude_labels or 'none'}); lr step {lr_step}")
     if not store["complete"]:
         # a store being written or left by a stopped run is readable (committed batches only); say so, since
         # its training set is smaller than the source's and differs from the finished store's
@@ -499,7 +503,8 @@ def _main(cfg, resume: bool) -> int:
     out.mkdir(parents=True, exist_ok=True)
     write_run_info(out, run.cfg_dict, "train")
     log = RunLog(out, keep_until=start_it if state else None)
-    _start_lines(log, cfg, stream, store, device, start_it if state else None)
+    # the scheduler's own step: a resumed run keeps its checkpoint's, whatever lr_step_of(cfg) gives now
+    _start_lines(log, cfg, stream, store, device, start_it if state else None, run.scheduler.step_size)
 
     # No pin_memory: pinning refuses the batch's expanded (stride-0) images, and one episode's 0.6 MB crosses
     # to the GPU in microseconds without it.

@@ -82,7 +82,10 @@ def test_int_promotes_to_float_but_not_reverse():
     ("train.momentum=1", r"^train\.momentum: must be >= 0 and < 1, got 1\.0$"),
     ("train.seed=-1", r"^train\.seed: must be >= 0 and <= 4294967295, got -1$"),
     ("augment.rotate_deg=-5", r"^augment\.rotate_deg: must be >= 0, got -5\.0$"),
-    ("episodes.exclude_labels=[2, 0]", r"^episodes\.exclude_labels: organ labels are 1\.\.255 \(0 is background\), got 0$"),
+    ("episodes.exclude_labels=[2, 0]",
+     r"^episodes\.exclude_labels: organ labels that can be excluded are 1\.\.63 \(0 is background\), got 0$"),
+    ("episodes.exclude_labels=[2, 64]",
+     r"^episodes\.exclude_labels: organ labels that can be excluded are 1\.\.63 \(0 is background\), got 64$"),
     ("evaluate.batch=0", r"^evaluate\.batch: must be >= 1, got 0$"),
     ("evaluate.overlays=-1", r"^evaluate\.overlays: must be >= 0, got -1$"),
 ])

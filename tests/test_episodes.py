@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from alpnet.config import AugmentConfig, EpisodeConfig
+from engine.config import ConfigError
 from alpnet.episodes import (EpisodeError, EpisodeStream, MemoryReader, build_index, collate_episodes,
                              held_out_volumes, visible_ids, worker_init)
 from alpnet.protocol import make_fold
@@ -205,6 +206,16 @@ def test_exclude_labels_override_and_unlabelled_volumes():
     assert s.index.exclude_labels == [1] and 0 not in set(s.index.z.tolist())
     with pytest.raises(EpisodeError, match="setting 2 needs organ labels"):
         stream_of(synthetic_volumes(labels=False), ecfg(setting=2))
+
+
+def test_exclude_labels_above_63_are_refused_and_63_is_excluded():
+    # the store's organs column has bits for labels 1..63 only: a label of 64 or more made build_index fail
+    # with numpy's OverflowError (a traceback from train) and could never have been excluded; the config now
+    # refuses it on load (tests/test_config.py), and 63, the highest, works
+    with pytest.raises(ConfigError, match=r"exclude_labels: organ labels that can be excluded are 1\.\.63"):
+        ecfg(setting=2, exclude_labels=[2, 70])
+    s = stream_of(synthetic_volumes(), ecfg(setting=2, exclude_labels=[63]))
+    assert s.index.exclude_labels == [63] and s.index.dropped["excluded_label"] == 0
 
 
 def test_fold_scans_never_enter_training():

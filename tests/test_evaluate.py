@@ -552,3 +552,34 @@ def test_training_overlap_from_store_volumes(tmp_path, monkeypatch):
     no_holdout = {"episodes": {"fold": 0, "holdout": False}, "evaluate": {"n_folds": 3}}
     assert training_overlap(no_holdout, None, fold1, dict.fromkeys(map(str, range(1, 7)), ""), 3) == \
         ["3", "4", "5"]
+
+
+def test_training_overlap_uses_the_scans_training_held_out(tmp_path, monkeypatch):
+    # Guards: training held out the fold of the store as it was (an incomplete store trains on its committed
+    # volumes, so its folds are other groups); the overlap check recomputed the fold from the store as it is now
+    # and missed a scan the model trained on. The checkpoint records what training held out: use it.
+    import engine.store_reader
+    from alpnet.evaluate import training_overlap, training_volumes
+    from alpnet.episodes import held_out_volumes
+
+    ids = ["1", "2", "3", "4", "5", "6"]
+    store_vols = [{"id": i, "checksum": f"sum{i}"} for i in ids]
+
+    class FakeReader:                   # the training store now (complete: 6 volumes)
+        def __init__(self, path):
+            self.volumes = store_vols
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(engine.store_reader, "StoreReader", FakeReader)
+    (tmp_path / "s.h5").write_bytes(b"")
+    ckpt_cfg = {"episodes": {"fold": 0, "holdout": True}, "evaluate": {"n_folds": 3}}
+    held = held_out_volumes(ids[:3], 0, 3)              # trained while only scans 1-3 were committed
+    assert held == ["1", "2"]                           # so it trained on scan 3
+    vols, _ = training_volumes(ckpt_cfg, {"store": {"path": str(tmp_path / "s.h5"), "held_out": held}})
+    fold0 = make_fold(ids, 3, 0)                        # queries 1, 2; support 3
+    assert training_overlap(ckpt_cfg, vols, fold0, {s: f"sum{s}" for s in fold0.scans}, 3) == ["3"]

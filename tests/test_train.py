@@ -92,6 +92,54 @@ def test_resume_continues_exactly(store, tmp_path):
     assert main(config(store, split, 4), resume=True) == 0
 
 
+def test_resume_needs_no_pretrained_file(store, tmp_path, capsys):
+    # Guards: a resumed run takes its weights from the checkpoint; it used to rebuild the encoder from
+    # model.pretrained, re-reading that file and stopping with "pretrained weights file not found" (exit 2)
+    # once it had been moved away, although its weights were no longer needed.
+    import torchvision
+    weights = tmp_path / "r18.pth"
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), weights)
+    out = tmp_path / "run"
+    extra = ("model.encoder=resnet18_l3", f"model.pretrained={weights}")
+    assert main(config(store, out, 1, *extra), resume=False) == 0
+    assert "encoder: loaded" in capsys.readouterr().out
+    weights.unlink()
+    assert main(config(store, out, 2, *extra), resume=True) == 0
+    captured = capsys.readouterr()
+    assert "pretrained" not in captured.err and "encoder: loaded" not in captured.out
+    assert read_checkpoint(out / "checkpoint.pt")["iteration"] == 2
+
+
+def test_resume_logs_the_lr_step_the_scheduler_keeps(store, tmp_path):
+    # Guards: with train.lr_step=0 the step is iterations // 100; a run resumed with more iterations keeps its
+    # checkpoint's scheduler (step 2 here), but its first log line gave the step of the new length (4).
+    out = tmp_path / "run"
+    assert main(config(store, out, 200, "train.lr_step=0", "train.ckpt_every=100", "train.log_every=100"),
+                resume=False) == 0
+    assert main(config(store, out, 400, "train.lr_step=0", "train.ckpt_every=100", "train.log_every=100"),
+                resume=True) == 0
+    step = read_checkpoint(out / "checkpoint.pt")["scheduler"]["step_size"]
+    start = [ln for ln in (out / "log.txt").read_text().splitlines() if ln.startswith("train: resuming")]
+    assert step == 2 and len(start) == 1 and start[0].endswith(f"lr step {step}")
+
+
+def test_a_loss_that_is_not_finite_stops_the_run_with_status_1(store, tmp_path, monkeypatch, capsys):
+    # Guards: a loss gone NaN mid-run is a run that stops on the way (exit 1, main's docstring), not one that
+    # cannot start (exit 2): it was raised as TrainError, the "cannot start" class.
+    from alpnet.model import ALPNet
+    real = ALPNet.forward
+
+    def nan_loss(self, *args, **kwargs):
+        out = real(self, *args, **kwargs)
+        if "loss" in out:
+            out["loss"] = out["loss"] * float("nan")
+        return out
+    monkeypatch.setattr(ALPNet, "forward", nan_loss)
+    assert main(config(store, tmp_path / "run", 4), resume=False) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("train: iteration 1: loss is not finite")
+
+
 def test_lr_schedule_scaling():
     assert lr_step_of(load(None, [])) == 1000
     assert lr_step_of(load(None, ["train.lr_step=0", "train.iterations=3000"])) == 30
