@@ -613,15 +613,21 @@ def _ratio_targets(r: _Ratios) -> dict:
     return targets
 
 
+# the issue's "under 1.5 GB" in the MiB (2**20 bytes) that the profile's "MB" figures count; until stop 37 the
+# line was 1536 MiB (1.61 GB)
+_PEAK_RSS_LINE_MB = 1.5e9 / 2 ** 20
+
+
 def _memory_targets(engine: dict, result: dict) -> dict:
     """The peak RSS targets, of the CHAOS runs and of the 10x runs."""
+    line = {"target": f"< {_PEAK_RSS_LINE_MB:.1f} (1.5 GB)"}
     targets = {}
     if engine:
         peak = max(e["peak_rss_mb"] for e in engine.values())
-        targets["peak RSS CHAOS (MB)"] = {"value": peak, "target": "< 1536", "met": peak < 1536}
+        targets["peak RSS CHAOS (MB)"] = {"value": peak, **line, "met": peak < _PEAK_RSS_LINE_MB}
     if "memory_10x" in result:
         worst = max(m["peak_rss_mb"] for m in result["memory_10x"].values())
-        targets["peak RSS 10x CHAOS (MB)"] = {"value": worst, "target": "< 1536", "met": worst < 1536}
+        targets["peak RSS 10x CHAOS (MB)"] = {"value": worst, **line, "met": worst < _PEAK_RSS_LINE_MB}
     return targets
 
 
