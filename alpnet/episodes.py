@@ -204,8 +204,11 @@ def build_index(reader: StoreReader | MemoryReader, cfg: EpisodeConfig, n_folds:
         rows = np.flatnonzero(keep)
         unlabelled = sorted({vol[i] for i in rows if not _has_label(reader, vol[i])})
         if unlabelled:
-            raise EpisodeError(f"{name}: setting 2 needs organ labels to exclude {excl}, but volume(s) "
-                               f"{', '.join(unlabelled[:5])} have none (use episodes.setting=1)")
+            # the way out depends on where the exclusion comes from: setting 2's group, or an explicit list
+            fix = "set episodes.exclude_labels=[]" if cfg.exclude_labels else "use episodes.setting=1"
+            why = "episodes.exclude_labels" if cfg.exclude_labels else "setting 2"
+            raise EpisodeError(f"{name}: {why} needs organ labels to exclude {excl}, but volume(s) "
+                               f"{', '.join(unlabelled[:5])} have none ({fix})")
         mask = np.uint64(sum(1 << v for v in excl))
         hit = rows[(organ_bits(reader, rows) & mask) != 0]
         keep[hit] = False

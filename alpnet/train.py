@@ -203,6 +203,7 @@ def train_one_epoch(model: ALPNet, optimizer: torch.optim.Optimizer, scheduler: 
         else:
             out["loss"].backward()
             optimizer.step()
+        lr = optimizer.param_groups[0]["lr"]    # the step's own: the scheduler sets the next one's
         scheduler.step()
         terms = {k: float(out[k].detach()) for k in ("loss", "loss_query", "loss_par")}   # syncs the device
         t_step = time.perf_counter()
@@ -223,7 +224,7 @@ def train_one_epoch(model: ALPNet, optimizer: torch.optim.Optimizer, scheduler: 
         if not all(np.isfinite(v) for v in terms.values()):
             raise RunStopped(f"iteration {it}: loss is not finite ({terms}); lower train.lr or disable train.amp")
         if it % tc.log_every == 0 or it == tc.iterations:
-            _log_window(log, it, tc, win, n_win, time.perf_counter() - t_win, optimizer, totals, gpu_peak_mb(device))
+            _log_window(log, it, tc, win, n_win, time.perf_counter() - t_win, lr, totals, gpu_peak_mb(device))
             win.clear()
             n_win = 0
             t_win = time.perf_counter()
@@ -276,13 +277,13 @@ def gpu_peak_mb(device: torch.device) -> float | None:
     return torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda" else None
 
 
-def _log_window(log: RunLog, it: int, tc, win: dict, n: int, wall: float, optimizer, totals: dict,
+def _log_window(log: RunLog, it: int, tc, win: dict, n: int, wall: float, lr: float, totals: dict,
                 gpu_mb: float | None = None) -> None:
     eps = win["episodes"]
     data, step = win["data_s"], win["step_s"]
     draws = eps + win["empty_redraws"] + win["vanishing_redraws"]
     rec = {"iteration": it, "window": n, "loss": win["loss"] / n, "loss_query": win["loss_query"] / n,
-           "loss_par": win["loss_par"] / n, "lr": optimizer.param_groups[0]["lr"],
+           "loss_par": win["loss_par"] / n, "lr": lr,
            "episodes_per_s": eps / wall if wall > 0 else 0.0, "data_ms": 1000 * data / n,
            "step_ms": 1000 * step / n, "data_share": data / (data + step) if data + step > 0 else 0.0,
            "fg_global_only_rate": win["fg_global_only"] / max(eps, 1),
@@ -324,8 +325,17 @@ def _check_resume_config(saved: dict, current: dict, log) -> None:
                          + ", ".join("model." + k for k in diff) + ")")
     changed = [f"{sec}.{k}" for sec in ("episodes", "augment", "train") for k in current.get(sec, {})
                if saved.get(sec, {}).get(k) != current[sec][k]]
-    if changed:
-        log(f"note: resuming with changed settings: {', '.join(changed)}")
+    kept = [k for k in changed if k in _RESTORED_WITH_OPTIMIZER]
+    applied = [k for k in changed if k not in _RESTORED_WITH_OPTIMIZER]
+    if applied:
+        log(f"note: resuming with changed settings: {', '.join(applied)}")
+    if kept:
+        log(f"note: {', '.join(kept)} changed, but a resumed run keeps its checkpoint's optimizer and learning-rate "
+            "schedule: these take effect only in a new run")
+
+
+# the optimizer's and the scheduler's state come back from the checkpoint, with the values these set
+_RESTORED_WITH_OPTIMIZER = ("train.lr", "train.momentum", "train.weight_decay", "train.lr_gamma", "train.lr_step")
 
 
 # --------------------------------------------------------------------------------------------- main

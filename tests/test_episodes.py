@@ -204,8 +204,12 @@ def test_exclude_labels_override_and_unlabelled_volumes():
     vols = synthetic_volumes()
     s = stream_of(vols, ecfg(setting=1, exclude_labels=[1]))
     assert s.index.exclude_labels == [1] and 0 not in set(s.index.z.tolist())
-    with pytest.raises(EpisodeError, match="setting 2 needs organ labels"):
+    with pytest.raises(EpisodeError, match=r"setting 2 needs organ labels.*\(use episodes\.setting=1\)$"):
         stream_of(synthetic_volumes(labels=False), ecfg(setting=2))
+    # an explicit list in setting 1: switching to setting 1 is no way out, emptying the list is
+    with pytest.raises(EpisodeError, match=r"episodes\.exclude_labels needs organ labels to exclude \[1\].*"
+                                           r"\(set episodes\.exclude_labels=\[\]\)$"):
+        stream_of(synthetic_volumes(labels=False), ecfg(setting=1, exclude_labels=[1]))
 
 
 def test_exclude_labels_above_63_are_refused_and_63_is_excluded():

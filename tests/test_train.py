@@ -123,6 +123,28 @@ def test_resume_logs_the_lr_step_the_scheduler_keeps(store, tmp_path):
     assert step == 2 and len(start) == 1 and start[0].endswith(f"lr step {step}")
 
 
+def test_resume_says_which_changed_settings_its_checkpoint_overrides(store, tmp_path, capsys):
+    # the optimizer and the scheduler come back from the checkpoint with their lr, momentum, weight decay, gamma and
+    # step: a note that listed train.lr among the "changed settings" read as if the new value were in effect
+    out = tmp_path / "run"
+    assert main(config(store, out, 1), resume=False) == 0
+    capsys.readouterr()
+    assert main(config(store, out, 2, "train.lr=0.5", "train.log_every=7"), resume=True) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "note: resuming with changed settings: train.iterations, train.log_every" in lines
+    assert ("note: train.lr changed, but a resumed run keeps its checkpoint's optimizer and learning-rate schedule: "
+            "these take effect only in a new run") in lines
+    assert read_checkpoint(out / "checkpoint.pt")["optimizer"]["param_groups"][0]["initial_lr"] != 0.5
+
+
+def test_logged_lr_is_the_one_each_iteration_used(store, tmp_path):
+    # the log read the lr after the scheduler's step, i.e. the next iteration's: one decay early at every step
+    out = tmp_path / "run"
+    assert main(config(store, out, 4, "train.lr=0.01", "train.lr_step=2", "train.lr_gamma=0.5"), resume=False) == 0
+    lrs = [json.loads(ln)["lr"] for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    assert lrs == pytest.approx([0.01, 0.01, 0.005, 0.005])
+
+
 def test_a_loss_that_is_not_finite_stops_the_run_with_status_1(store, tmp_path, monkeypatch, capsys):
     # Guards: a loss gone NaN mid-run is a run that stops on the way (exit 1, main's docstring), not one that
     # cannot start (exit 2): it was raised as TrainError, the "cannot start" class.
