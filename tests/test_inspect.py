@@ -8,6 +8,7 @@ import pytest
 
 import cli
 from engine import pipeline
+from engine.figures import save_figure
 from engine.inspect import inspect_store
 from engine.store_format import parts_dir, shard_name
 from test_pipeline import make_cfg, write_folder
@@ -343,3 +344,17 @@ def test_an_organs_column_that_disagrees_with_the_label_map_is_found(store, tmp_
     problems = json.loads(capsys.readouterr().out)["problems"]
     assert len(problems) == 1 and problems[0].startswith("slice 2 (volume ")
     assert problems[0].endswith("the organs column differs from the label map's values")
+
+
+def test_save_figure_closes_the_figure_when_the_write_fails(tmp_path):
+    # evaluate writes one overlay per scan and organ: a failed write must not leave its figure open in pyplot
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig = plt.figure()
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(OSError):
+        save_figure(fig, blocker / "sub" / "a.png", 50)          # its parent is a file
+    assert not plt.fignum_exists(fig.number)
