@@ -8,6 +8,7 @@ This module holds the machinery and the engine's sections; ``alpnet.config`` add
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -66,7 +67,7 @@ class PrepareConfig:
             raise ConfigError(f"prepare.zscore: {self.zscore!r} is not one of {', '.join(ZSCORE_MODES)}")
         check_ranges("prepare", self, {"size": ranges.Range(1, integer=True),
                                        "clip_percentile": ranges.Range(0, strict=True, maximum=100)})
-        if len(self.target_spacing) != 3 or min(self.target_spacing) <= 0:
+        if len(self.target_spacing) != 3 or not all(math.isfinite(s) and s > 0 for s in self.target_spacing):
             raise ConfigError(f"prepare.target_spacing: must be 3 numbers > 0 (mm), got {self.target_spacing!r}")
 
 

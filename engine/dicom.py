@@ -283,6 +283,11 @@ def read_mask_png(path: str | Path, rows: int, cols: int) -> np.ndarray:
     return labels
 
 
+def _png_files(ground: Path) -> dict[str, Path]:
+    """The PNG masks of ``ground`` by base name (``.png`` in any case)."""
+    return {p.stem: p for p in ground.iterdir() if p.is_file() and p.suffix.lower() == ".png"}
+
+
 def read_masks(ground: Path, dicom_files: list[Path], rows: int, cols: int) -> np.ndarray | None:
     """Label volume (cols, rows, Z) uint8 from the PNGs paired by base name with ``dicom_files``.
 
@@ -291,7 +296,7 @@ def read_masks(ground: Path, dicom_files: list[Path], rows: int, cols: int) -> n
     """
     if not ground.is_dir():
         return None
-    pngs = {p.stem: p for p in ground.iterdir() if p.is_file() and p.suffix.lower() == ".png"}
+    pngs = _png_files(ground)
     if not pngs:
         return None
     stems = {p.stem for p in dicom_files}
@@ -427,8 +432,9 @@ def read_chaos_subject(folder: str | Path, vid: str, cfg: PrepareConfig) -> Volu
     checksum = series["checksum"]
     if label is not None:
         digest = hashlib.sha256()
+        pngs = _png_files(folder / "Ground")          # the files read_masks read (``.PNG`` too)
         for dcm in series["files"]:
-            _hash_file(folder / "Ground" / f"{dcm.stem}.png", digest)
+            _hash_file(pngs[dcm.stem], digest)
         checksum += "+" + digest.hexdigest()
     return Volume(id=str(vid), image=image, spacing=tuple(float(s) for s in cfg.target_spacing),
                   affine=affine, orientation=orientation, label=lab, path=str(folder), checksum=checksum)

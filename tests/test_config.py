@@ -69,6 +69,11 @@ def test_int_promotes_to_float_but_not_reverse():
     ("prepare.clip_percentile=0", r"^prepare\.clip_percentile: must be > 0 and <= 100"),
     ("prepare.clip_percentile=.nan", r"^prepare\.clip_percentile: must be > 0 and <= 100, got nan$"),
     ("prepare.target_spacing=[1.25, 0, 7.7]", r"^prepare\.target_spacing: must be 3 numbers > 0"),
+    # guards the NaN hole of the spacing check: ``min(...) <= 0`` let NaN through (NaN <= 0 is False), and the
+    # raw CHAOS reader then failed on every volume (int(nan) in the resampled size) after the run had started
+    ("prepare.target_spacing=[.nan, 1.25, 7.7]", r"^prepare\.target_spacing: must be 3 numbers > 0"),
+    ("prepare.target_spacing=[1.25, .nan, 7.7]", r"^prepare\.target_spacing: must be 3 numbers > 0"),
+    ("prepare.target_spacing=[1.25, 1.25, .inf]", r"^prepare\.target_spacing: must be 3 numbers > 0"),
     # the trainer's: each of these ended in a traceback from torch or numpy, or trained without learning
     ("model.local_size_train=0", r"^model\.local_size_train: must be >= 1, got 0$"),
     ("model.fg_rule_window=0", r"^model\.fg_rule_window: must be >= 1, got 0$"),

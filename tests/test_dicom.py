@@ -228,6 +228,19 @@ def test_open_source_raw_chaos_tree(tmp_path):
     assert single.refs() == ["3"]
 
 
+def test_masks_named_with_an_upper_case_suffix_are_read_and_hashed(tmp_path):
+    """Guards the checksum of the masks: ``read_masks`` accepts ``.PNG`` as well as ``.png``, but the checksum
+    opened ``Ground/<stem>.png`` and failed with FileNotFoundError on masks it had just read."""
+    image, label = synthetic_volume()
+    t2 = write_chaos_subject(tmp_path, "5", image, label)
+    lower = read_chaos_subject(t2, "5", small_cfg(size=48))
+    for png in (t2 / "Ground").glob("*.png"):
+        png.rename(png.with_suffix(".PNG"))
+    upper = read_chaos_subject(t2, "5", small_cfg(size=48))
+    assert np.array_equal(upper.label, lower.label)
+    assert upper.checksum == lower.checksum             # same bytes, same order: the same digest
+
+
 # --------------------------------------------------------------------------------------------- bad inputs
 def _one_error(src, match: str) -> VolumeError:
     items = list(iter_volumes(src))
