@@ -271,18 +271,23 @@ class _Run(ProcessBackend):
             return self._refuse(f"cannot write the run's config next to {self.store}: {error_text(exc)}")
         if self.writer.was_complete:
             return self._already_complete(settings)
-        self.plan = self._plan_left()
-        if self.writer.resumed:
-            self.say(f"preprocess: resuming {self.store}: {self.writer.n_committed} slices in "
-                     f"{len(self.writer.shards)} committed batches kept; {len(self.plan)} of {len(self.refs)} "
-                     f"volumes left")
-        self._warm_up()
-        self._build_schedule()
-        if self.backend == "processes":
-            try:
-                self._start_pool()                  # fork before any thread of ours exists
-            except SharedMemoryTooSmall as exc:
-                return self._refuse(str(exc))
+        try:
+            self.plan = self._plan_left()
+            if self.writer.resumed:
+                self.say(f"preprocess: resuming {self.store}: {self.writer.n_committed} slices in "
+                         f"{len(self.writer.shards)} committed batches kept; {len(self.plan)} of {len(self.refs)} "
+                         f"volumes left")
+            self._warm_up()
+            self._build_schedule()
+            if self.backend == "processes":
+                try:
+                    self._start_pool()              # fork before any thread of ours exists
+                except SharedMemoryTooSmall as exc:
+                    return self._refuse(str(exc))
+                except OSError as exc:              # e.g. a fork at the process limit (its pool is cleaned up)
+                    return self._refuse(f"processes backend: cannot start the worker processes: {error_text(exc)}")
+        except KeyboardInterrupt as exc:            # no thread of ours yet: recorded and released like any stop
+            return self._stopped_before_work(exc)
         self._start_progress()
         self.t_start = time.time()
         self.prof.start()
@@ -297,6 +302,19 @@ class _Run(ProcessBackend):
             self._join()
             self._release_ring()
         return self._finish(settings)
+
+    def _stopped_before_work(self, exc: KeyboardInterrupt) -> int:
+        """Ctrl-C or SIGTERM after the store was opened, before any thread started: the run is recorded as
+        interrupted, the store released, and the exit status is the stop's."""
+        self.interrupted = True
+        self.exit_code, word = stop_status(exc)
+        self.error = f"{word}; committed batches are kept, rerun the same command to resume"
+        self.writer.abort(run_record=self._run_record("interrupted"))
+        try:
+            print(f"preprocess: stopped: {self.error}", file=sys.stderr)
+        except OSError:
+            pass
+        return self.exit_code
 
     def _say_store_notes(self) -> None:
         """What the writer found on opening the store: dropped leftovers, a lock left by a killed run."""
@@ -313,7 +331,10 @@ class _Run(ProcessBackend):
         writer = self.writer
         # Recorded like any run: a run killed after its final index but before its own record (a window
         # of a few ms) otherwise leaves the store's history without any run that completed it.
-        writer.finish(complete=True, run_record=self._run_record("complete"))
+        try:
+            writer.finish(complete=True, run_record=self._run_record("complete"))
+        except RunRecordError as exc:                # history only: the store is complete
+            self.say(f"preprocess: warning: {exc}")
         log = [f for s in writer.shards for f in s.failures]
         print(f"preprocess: {self.store} is already complete ({writer.n_committed} slices, settings "
               f"{settings_hash(settings)}); nothing to do")
@@ -406,11 +427,13 @@ class _Run(ProcessBackend):
             t1 = time.perf_counter()
             prep = prepare_volume(vol, self.cfg.prepare, buffers)
         except VolumeError as exc:
-            return Failure(ref, exc.path, exc.reason), 0.0, 0.0
+            return self._load_failure(Failure(ref, exc.path, exc.reason), row), 0.0, 0.0
         except MemoryError:
-            return Failure(ref, ref, "out of memory while reading/preparing this volume"), 0.0, 0.0
+            return self._load_failure(Failure(ref, ref, "out of memory while reading/preparing this volume"),
+                                      row), 0.0, 0.0
         except Exception as exc:  # a reader bug or an exotic file: one line for this volume, the run goes on
-            return Failure(ref, ref, f"unexpected {type(exc).__name__} while reading: {exc}"), 0.0, 0.0
+            return self._load_failure(Failure(ref, ref, f"unexpected {type(exc).__name__} while reading: {exc}"),
+                                      row), 0.0, 0.0
         raw = np.ascontiguousarray(np.moveaxis(prep.raw, 2, 0), dtype=np.float32)
         image = None if prep.image is None else np.ascontiguousarray(np.moveaxis(prep.image, 2, 0), dtype=np.float32)
         label = None if prep.label is None else np.ascontiguousarray(np.moveaxis(prep.label, 2, 0), dtype=np.uint8)
@@ -427,10 +450,19 @@ class _Run(ProcessBackend):
         return Loaded(ref, new_row["id"], new_row["path"], raw, image, label, new_row, set(done), new_row["notes"],
                        organs, zstats=zstats), t1 - t0, t2 - t1
 
+    def _load_failure(self, failure: Failure, row: dict | None) -> Failure:
+        """A volume that cannot be loaded is skipped and logged, unless part of it is committed already: logging
+        it then would complete the store around a cut volume, so the run stops (``SourceChanged``)."""
+        if row is not None:
+            raise SourceChanged(f"{failure.path}: part of it is committed to {self.store}, but it no longer loads "
+                                f"({failure.reason}); fix that and rerun, or use --overwrite to start again")
+        return failure
+
     def _load_job(self, i: int, item: tuple) -> None:
         try:
             result, t_read, t_prep = self._load(*item)
-            self.prof.add_read(t_read, t_prep)
+            if isinstance(result, Loaded):            # a volume that failed is not read (as in a worker process)
+                self.prof.add_read(t_read, t_prep)
         except SourceChanged as exc:
             result = exc
         self.loads.finish(i, result)
@@ -727,6 +759,7 @@ class _Run(ProcessBackend):
                 self.say(f"preprocess: warning: {exc}")
             except StoreError as exc:                # e.g. the disk filled up after the last commit
                 self.error, complete = str(exc), False
+                record.update(status="failed", error=self.error)
         else:
             writer.abort(run_record=record)
         # The engine's clock ends here, once the store is as complete as this run leaves it (final index

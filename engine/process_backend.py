@@ -56,35 +56,53 @@ class ProcessBackend:
         self.free_slots: queue.SimpleQueue = queue.SimpleQueue()   # 8 us per put as a queue.Queue
         for s in range(slots):
             self.free_slots.put(s)
-        ctx = mp.get_context("fork")
-        pipes = [(ctx.Pipe(duplex=False), ctx.Pipe(duplex=False)) for _ in range(n)]
-        all_conns = [c for (a, b) in pipes for pair in (a, b) for c in pair]
-        socks = [socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(n)]   # volumes' memfds
-        all_socks = [c for pair in socks for c in pair]
         self.procs, self.task_conns, self.result_conns, self.socks = [], [], [], []
-        self.arena = VolumeArena(self.n_readers + ARENA_EXTRA_SLOTS, ARENA_SLOT_SLICES, self.shape)
-        self.free_arena = list(range(self.arena.slots))[::-1]
-        self.volume_homes: dict[int, dict] = {}     # key -> memfd / arena slot, slices still to send / compute
-        self.volume_of_worker = [-1] * n             # the volume each worker was told about last
-        sp_cfg, thr = self.cfg.superpixels, self.cfg.prepare.fg_threshold
-        # The sequence number of the slice each worker is computing, written by the worker before each one:
-        # a worker may hold the answers of slices it finished, so its oldest unanswered job need not be the
-        # one it died on (_worker_died).
-        self.computing = ctx.RawArray("q", [-1] * n)
-        for w, ((task_r, task_w), (res_r, res_w)) in enumerate(pipes):
-            p = ctx.Process(target=process_worker, name=f"engine-worker-{w}", daemon=True,
-                            args=(w, task_r, res_w, all_conns, self.writer.lock.fd, self.shm, slots, self.shape,
-                                  thr, sp_cfg, self.codec, self.zero_label, self._load, socks[w][1], all_socks,
-                                  self.arena, self.computing))
-            p.start()
-            self.procs.append(p)
-        for w, ((task_r, task_w), (res_r, res_w)) in enumerate(pipes):
-            task_r.close()                           # the parent keeps only its own ends: a dead worker
-            res_w.close()                            # then reads as EOF, never as a hang
-            socks[w][1].close()
-            self.task_conns.append(task_w)
-            self.result_conns.append(res_r)
-            self.socks.append(socks[w][0])
+        all_conns: list = []
+        all_socks: list = []
+        try:
+            ctx = mp.get_context("fork")
+            pipes = [(ctx.Pipe(duplex=False), ctx.Pipe(duplex=False)) for _ in range(n)]
+            all_conns = [c for (a, b) in pipes for pair in (a, b) for c in pair]
+            socks = [socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(n)]  # volumes' memfds
+            all_socks = [c for pair in socks for c in pair]
+            self.arena = VolumeArena(self.n_readers + ARENA_EXTRA_SLOTS, ARENA_SLOT_SLICES, self.shape)
+            self.free_arena = list(range(self.arena.slots))[::-1]
+            self.volume_homes: dict[int, dict] = {}  # key -> memfd / arena slot, slices still to send / compute
+            self.volume_of_worker = [-1] * n             # the volume each worker was told about last
+            sp_cfg, thr = self.cfg.superpixels, self.cfg.prepare.fg_threshold
+            # The sequence number of the slice each worker is computing, written by the worker before each one:
+            # a worker may hold the answers of slices it finished, so its oldest unanswered job need not be the
+            # one it died on (_worker_died).
+            self.computing = ctx.RawArray("q", [-1] * n)
+            for w, ((task_r, task_w), (res_r, res_w)) in enumerate(pipes):
+                p = ctx.Process(target=process_worker, name=f"engine-worker-{w}", daemon=True,
+                                args=(w, task_r, res_w, all_conns, self.writer.lock.fd, self.shm, slots,
+                                      self.shape, thr, sp_cfg, self.codec, self.zero_label, self._load, socks[w][1],
+                                      all_socks, self.arena, self.computing))
+                p.start()
+                self.procs.append(p)
+            for w, ((task_r, task_w), (res_r, res_w)) in enumerate(pipes):
+                task_r.close()                           # the parent keeps only its own ends: a dead worker
+                res_w.close()                            # then reads as EOF, never as a hang
+                socks[w][1].close()
+                self.task_conns.append(task_w)
+                self.result_conns.append(res_r)
+                self.socks.append(socks[w][0])
+        except BaseException:
+            # a fork, pipe or mapping that failed (EAGAIN at a process limit, ENOMEM, EMFILE): the workers
+            # started so far (they ignore SIGTERM) and the ring's name must not outlive the run
+            for p in self.procs:
+                p.kill()
+                p.join(timeout=5)
+            for c in all_conns + all_socks:
+                c.close()
+            if getattr(self, "arena", None) is not None:
+                self.arena.mm.close()
+            del self.ring
+            self.shm.close()
+            self.shm.unlink()
+            self.shm = None
+            raise
         # Every worker has mapped the ring: remove its name now, so that no crash can leak it.
         self.shm.unlink()
         self.wake_r, self.wake_w = os.pipe()

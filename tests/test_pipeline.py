@@ -1600,3 +1600,154 @@ def test_the_dispatchers_poller_reports_ready_descriptors_in_the_order_given():
             os.close(r)
             if w >= 0:
                 os.close(w)
+
+
+def test_a_rerun_of_a_complete_store_whose_run_record_cannot_be_written_is_a_warning(folder, tmp_path, monkeypatch,
+                                                                                      capsys):
+    # guards _already_complete: runs.jsonl is history only, so a rerun of a complete store that cannot append its
+    # record warns in one line and keeps its status, as a computing run does (it raised RunRecordError)
+    from engine.store import StoreWriter
+    out = tmp_path / "s.h5"
+    cfg = make_cfg(folder, out)
+    assert pipeline.preprocess(cfg, progress=False) == 0
+
+    def full(self, record):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(StoreWriter, "_record_run", full)
+    capsys.readouterr()
+    assert pipeline.preprocess(cfg, progress=False) == 0
+    captured = capsys.readouterr()
+    assert "already complete" in captured.out
+    line = _one_line_error(captured.err, "preprocess: warning:")
+    assert line.endswith("cannot record this run: No space left on device (errno 28) (the store itself is written)")
+    assert not lock_path(out).exists()
+
+
+def test_a_full_disk_at_the_final_index_is_recorded_as_failed(folder, tmp_path, monkeypatch):
+    # guards _finish: when the final index cannot be written the run is not complete; its profile said
+    # status "complete" (the record was made before the index failed)
+    from engine import store as store_mod
+    real = store_mod.write_index
+
+    def full_at_the_end(store, shards, settings, complete, extra_attrs=None):
+        if complete:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(store, shards, settings, complete, extra_attrs)
+    monkeypatch.setattr(store_mod, "write_index", full_at_the_end)
+    out = tmp_path / "s.h5"
+    assert pipeline.preprocess(make_cfg(folder, out), progress=False) == 1
+    prof = json.loads(out.with_name(out.name + ".profile.json").read_text())
+    assert prof["status"] == "failed"
+
+
+def test_a_stop_while_the_kernels_warm_up_is_recorded_like_any_stop(folder, tmp_path, monkeypatch, capsys):
+    # guards _run_locked: SIGTERM (or Ctrl-C) that lands after the store is opened and before the workers start
+    # (the warm-up, ~0.1 s of a 1.4 s CHAOS run) escaped preprocess() as an exception: no exit status 143, no
+    # "stopped" line, no record in runs.jsonl. The signal handler raises Terminated where the main thread is.
+    from engine.stops import Terminated
+
+    def terminated(self):
+        raise Terminated()
+    monkeypatch.setattr(pipeline._Run, "_warm_up", terminated)
+    out = tmp_path / "s.h5"
+    try:
+        rc = pipeline.preprocess(make_cfg(folder, out), progress=False)
+    except Terminated:                    # a KeyboardInterrupt: would end the whole test session
+        pytest.fail("the stop escaped preprocess() as an exception")
+    assert rc == 143
+    err = capsys.readouterr().err
+    assert _one_line_error(err, "preprocess: stopped:") == (
+        "preprocess: stopped: terminated (SIGTERM); committed batches are kept, rerun the same command to resume")
+    runs = [json.loads(line) for line in (parts_dir(out) / "runs.jsonl").read_text().splitlines()]
+    assert [(r["status"], r["slices_committed"]) for r in runs] == [("interrupted", 0)]
+    assert not lock_path(out).exists()
+
+
+def test_a_worker_process_that_cannot_be_started_is_one_line_and_leaks_nothing(folder, tmp_path, monkeypatch,
+                                                                              capsys):
+    # guards ProcessBackend._start_pool: a fork that fails (EAGAIN at a process limit, ENOMEM) left the ring's
+    # named segment in /dev/shm for the rest of the process, the workers already started running, and the
+    # error escaped preprocess() without naming what failed
+    import multiprocessing.context as mp_context
+    import psutil
+    from multiprocessing import shared_memory
+    names = []
+
+    class Recorded(shared_memory.SharedMemory):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            names.append(self.name)
+    monkeypatch.setattr(process_backend.shared_memory, "SharedMemory", Recorded)
+    real_start, started = mp_context.ForkProcess.start, []
+
+    def start(self):
+        if started:
+            raise OSError(errno.EAGAIN, "Resource temporarily unavailable")
+        real_start(self)
+        started.append(self)
+    monkeypatch.setattr(mp_context.ForkProcess, "start", start)
+    out = tmp_path / "s.h5"
+    try:
+        assert pipeline.preprocess(make_cfg(folder, out, backend="processes", threads=2), progress=False) == 2
+        line = _one_line_error(capsys.readouterr().err, "preprocess:")
+        assert line == ("preprocess: processes backend: cannot start the worker processes: Resource temporarily "
+                        "unavailable (errno 11)")
+        assert names and not any(os.path.exists(f"/dev/shm/{name}") for name in names)
+        # the started worker is stopped and reaped (it ignores SIGTERM: left running, it hung the interpreter's
+        # exit, where multiprocessing terminates and joins its daemon children)
+        assert len(started) == 1 and not psutil.pid_exists(started[0].pid)
+        assert not parts_dir(out).exists() and not lock_path(out).exists()
+    finally:
+        for p in started:
+            if p.is_alive():
+                p.kill()
+                p.join()
+        for name in names:
+            if os.path.exists(f"/dev/shm/{name}"):
+                shared_memory.SharedMemory(name).unlink()
+
+
+@pytest.mark.parametrize("backend", ["threads", "processes"])
+def test_profile_counts_only_the_volumes_read_and_lists_the_failed_ones(tmp_path, backend):
+    # guards _load_job: the threads backend counted a volume that failed to load in volumes_read (the processes
+    # backend did not), so the same input gave the two backends different profiles
+    src = write_folder(tmp_path / "in", n=2, n_slices=5)
+    good = (src / "image_1.nii.gz").read_bytes()
+    (src / "image_3.nii.gz").write_bytes(good[: len(good) // 2])            # truncated
+    out = tmp_path / "s.h5"
+    assert pipeline.preprocess(make_cfg(src, out, backend=backend), progress=False) == 1
+    prof = json.loads(out.with_name(out.name + ".profile.json").read_text())
+    assert prof["volumes_read"] == 2
+    assert [Path(f["path"]).name for f in prof["failed_volumes"]] == ["image_3.nii.gz"]
+
+
+@pytest.mark.parametrize("backend", ["threads", "processes"])
+def test_a_partly_committed_volume_whose_file_became_unreadable_is_refused(tmp_path, capsys, backend,
+                                                                           before_each_slice):
+    # guards _load: a partly committed volume whose file no longer loads (truncated since) was logged as a failed
+    # input and the store marked complete around its first slices, a store `inspect` calls damaged ("2 of its 7
+    # slices in the store"); like a file whose checksum changed, it stops the run
+    from engine.inspect import check_integrity
+    src = write_folder(tmp_path / "in", n=3, n_slices=6)
+    calls = {"n": 0}
+
+    def flaky(raw):
+        calls["n"] += 1
+        if calls["n"] == 10:                                  # slice 10 (counting from 1, volume 2) fails
+            raise RuntimeError("simulated kernel failure")
+
+    out = tmp_path / "s.h5"
+    before_each_slice(input_slices_only(flaky))
+    assert pipeline.preprocess(make_cfg(src, out, threads=1, batch=4), progress=False) == 1
+    before_each_slice(None)
+    good = (src / "image_2.nii.gz").read_bytes()
+    (src / "image_2.nii.gz").write_bytes(good[: len(good) // 2])            # truncated
+    capsys.readouterr()
+    assert pipeline.preprocess(make_cfg(src, out, batch=4, backend=backend), progress=False) == 1
+    err = capsys.readouterr().err
+    line = _one_line_error(err, "preprocess: stopped:")
+    assert "image_2.nii.gz: part of it is committed to" in line and "but it no longer loads (" in line
+    assert line.endswith("; fix that and rerun, or use --overwrite to start again")
+    with StoreReader(out) as r:
+        assert r.n_slices == 8 and not r.meta["complete"] and not r.meta["log"]
+        assert check_integrity(r) == []
