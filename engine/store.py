@@ -312,8 +312,14 @@ class StoreWriter:
                 if not (self.was_complete and complete):
                     write_index(self.store, self.shards, self.settings, complete=complete)
             except (OSError, RuntimeError) as exc:
-                raise StoreError(f"{self.store}: cannot write the final index: {error_text(exc)}; the committed "
-                                 f"batches are kept, rerun the same command to finish") from None
+                error = StoreError(f"{self.store}: cannot write the final index: {error_text(exc)}; the committed "
+                                   f"batches are kept, rerun the same command to finish")
+                if run_record is not None:       # the history names the run that could not finish (best effort)
+                    try:
+                        self._record_run({**run_record, "status": "failed", "error": str(error)})
+                    except OSError:
+                        pass
+                raise error from None
             if run_record is not None:
                 try:
                     self._record_run(run_record)

@@ -1638,6 +1638,9 @@ def test_a_full_disk_at_the_final_index_is_recorded_as_failed(folder, tmp_path, 
     assert pipeline.preprocess(make_cfg(folder, out), progress=False) == 1
     prof = json.loads(out.with_name(out.name + ".profile.json").read_text())
     assert prof["status"] == "failed"
+    # and the store's history has the run, failed (it had no record of it)
+    runs = [json.loads(line) for line in (parts_dir(out) / "runs.jsonl").read_text().splitlines()]
+    assert runs[-1]["status"] == "failed" and "cannot write the final index" in runs[-1]["error"]
 
 
 def test_a_stop_while_the_kernels_warm_up_is_recorded_like_any_stop(folder, tmp_path, monkeypatch, capsys):
