@@ -138,3 +138,75 @@ def test_rows_wider_than_the_window_are_encoded_without_row_matches():
     out = np.empty(arr.nbytes + 64, np.uint8)
     n = deflate_map_kernel(arr.reshape(-1).view(np.uint8), 2, arr.shape[1] * 2, out)
     assert n > 0 and zlib.decompress(out[:n].tobytes()) == arr.tobytes()
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.int64])
+def test_runs_at_deflates_match_length_limits(dtype):
+    # runs of exactly 3 (the shortest match), 258 (the longest) and 259 / 516 / 517 (one match and a remainder),
+    # alternating between extreme values, in a single row, a single column and a 2D map: exact round trips (the
+    # kernel gets room enough for the short runs, which may not compress below the map's size)
+    from engine._deflate_kernels import deflate_map_kernel
+    top = np.iinfo(dtype).max
+    for run in (1, 2, 3, 4, 257, 258, 259, 260, 516, 517):
+        flat = np.repeat(np.array([top, 0, 144, 255, top - 1], dtype), run)
+        flat = np.tile(flat, -(-600 // flat.size))[:600]
+        for shape in ((1, 600), (600, 1), (3, 200)):
+            arr = np.ascontiguousarray(flat.reshape(shape))
+            out = np.empty(2 * arr.nbytes + 64, np.uint8)
+            n = deflate_map_kernel(arr.reshape(-1).view(np.uint8), arr.itemsize, shape[1] * arr.itemsize, out)
+            assert zlib.decompress(out[:n].tobytes()) == arr.tobytes()
+            if run >= 258:                 # long matches, not one symbol per byte
+                assert roundtrip(arr).size < arr.nbytes // 20 + 16
+
+
+def test_every_literal_many_ids_and_the_worst_case_output_buffer():
+    roundtrip(np.arange(256, dtype=np.uint8).reshape(16, 16))    # all 256 literals: 8- and 9-bit codes
+    ids = (np.arange(64 * 64, dtype=np.uint16) * 16 + 15).reshape(64, 64)  # 4096 ids spanning 15..65535
+    roundtrip(np.ascontiguousarray(np.repeat(np.repeat(ids, 2, 0), 2, 1)))
+    # all 9-bit literals (bytes 144..255, never 3 equal bytes in a row or a row apart) cost 9 bits per byte: past
+    # a few hundred bytes the stream exceeds stream_capacity; the encoder must give None then without writing
+    # beyond the capacity, and an exact stream below it
+    results = set()
+    for nbytes in range(1, 600):
+        arr = (144 + np.arange(nbytes) * 37 % 112).astype(np.uint8).reshape(1, nbytes)
+        cap = stream_capacity(nbytes)
+        out = np.full(cap + 64, 0xA5, np.uint8)
+        stream = deflate_map(arr, out)
+        assert (out[cap:] == 0xA5).all()
+        results.add(stream is None)
+        if stream is not None:
+            assert zlib.decompress(stream.tobytes()) == arr.tobytes()
+    assert results == {True, False}
+
+
+def test_row_copies_at_exactly_the_window_distance():
+    # noise rows of 32768 bytes repeated below: only matches at distance 32768 (deflate's largest) compress them
+    rng = np.random.default_rng(6)
+    first = rng.integers(0, 256, MAX_DISTANCE).astype(np.uint8)
+    arr = np.stack([first, first, first])
+    arr[2, 1000:1003] = 7                           # an edit breaks one copy in two
+    assert roundtrip(arr).size < MAX_DISTANCE * 9 // 8 + 2000
+    wide = rng.integers(0, 2 ** 63, (2, MAX_DISTANCE // 8), dtype=np.int64)
+    wide[1] = wide[0]
+    roundtrip(wide)
+
+
+def test_codec_chunks_of_thin_and_odd_shapes_read_back_through_hdf5(tmp_path):
+    codec = Codec.parse("maps-gzip-1")
+    rng = np.random.default_rng(7)
+    for shape in ((1, 1), (1, 300), (300, 1), (17, 31), (512, 512)):
+        sp = blocks(shape, 65535, np.uint16, seed=shape[1])
+        maps = [{"superpixels": sp, "fg": sp > 30000, "label": (sp % 5).astype(np.uint8)},
+                {"superpixels": rng.integers(0, 65536, shape).astype(np.uint16),       # noise: the fallback
+                 "fg": rng.integers(0, 2, shape).astype(bool), "label": rng.integers(0, 256, shape).astype(np.uint8)}]
+        with h5py.File(tmp_path / "t.h5", "w") as f:
+            for name in maps[0]:
+                f.create_dataset(name, shape=(2,) + shape, dtype=np.uint16 if name == "superpixels" else np.uint8,
+                                 chunks=(1,) + shape, **codec.dataset_kwargs(name))
+            for i, m in enumerate(maps):
+                for name, chunk in codec.encode_maps(m).items():
+                    f[name].id.write_direct_chunk((i, 0, 0), bytes(chunk))
+        with h5py.File(tmp_path / "t.h5", "r") as f:
+            for i, m in enumerate(maps):
+                for name, arr in m.items():
+                    assert np.array_equal(f[name][i], arr.astype(f[name].dtype)), (shape, i, name)
