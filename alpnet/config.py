@@ -20,7 +20,8 @@ _MODEL_RANGES = {"feature_dim": _COUNT, "local_size_train": _COUNT, "local_size_
                  "fg_rule_window": _COUNT, "threshold": Range(0, maximum=1), "alpha": Range(0, strict=True),
                  "bg_weight": _WEIGHT, "fg_weight": _WEIGHT, "par_weight": _WEIGHT}
 _TRAIN_RANGES = {"lr": Range(0, strict=True), "weight_decay": _WEIGHT,
-                 "lr_gamma": Range(0, strict=True, maximum=1), "seed": Range(0, maximum=2**32 - 1, integer=True)}
+                 "lr_gamma": Range(0, strict=True, maximum=1), "seed": Range(0, maximum=2**32 - 1, integer=True),
+                 "loader_timeout_s": _WEIGHT}
 _AUGMENT_RANGES = {"rotate_deg": _WEIGHT, "translate_px": _WEIGHT, "shear_deg": _WEIGHT, "elastic_alpha": _WEIGHT}
 
 
@@ -84,8 +85,8 @@ class AugmentConfig:
     elastic_alpha: float = 10.0
     elastic_sigma: float = 5.0
     gamma: list[float] = dataclasses.field(default_factory=lambda: [0.5, 1.5])
-    # Added by helper D: the reference's blur kernel size (cv2.GaussianBlur 21x21) and a switch for
-    # debugging/tests (False: support and query are the unaugmented slice).
+    # the reference's blur kernel size (cv2.GaussianBlur 21x21), and a switch for debugging and tests
+    # (False: support and query are the unaugmented slice)
     elastic_kernel: int = 21
     enabled: bool = True
 
@@ -117,11 +118,13 @@ class TrainConfig:
     amp: bool = False                    # autocast with amp_dtype (CUDA; also CPU bf16), opt-in
     log_every: int = 20
     ckpt_every: int = 1000
-    # Added by helper D.
     batch_size: int = 1                  # episodes per iteration (paper: 1)
     amp_dtype: str = "bfloat16"          # with amp: bfloat16 (CUDA or CPU) | float16 (CUDA, with grad scaling)
     channels_last: bool = False          # NHWC memory format (measured 4-14% faster steps on this CPU)
     keep_checkpoints: bool = False       # also keep checkpoint_<iteration>.pt at every ckpt_every (snapshots)
+    # With loader workers, a batch a worker fails to hand over (a full /dev/shm) is lost without a word to
+    # the trainer, which would wait for it forever: a wait this long stops the run instead (0: no limit).
+    loader_timeout_s: float = 120.0
 
     def __post_init__(self) -> None:
         if self.device not in ("auto", "cpu", "cuda"):

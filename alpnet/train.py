@@ -14,6 +14,7 @@ momentum and weight decay, the learning rate multiplied by ``lr_gamma`` every ``
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -58,6 +59,19 @@ class RunStopped(TrainError):
 
 class CheckpointWriteError(RunStopped):
     """A checkpoint could not be written during the run (e.g. a full disk); the previous one is intact."""
+
+
+class LoaderStalled(Exception):
+    """No batch came from the loader workers within ``train.loader_timeout_s``; ``iteration`` is the last done."""
+
+    def __init__(self, iteration: int, timeout: float):
+        super().__init__(iteration, timeout)
+        self.iteration, self.timeout = iteration, timeout
+
+
+class StopWhileWaiting(BaseException):
+    """A first Ctrl-C or SIGTERM that came while the trainer waited for its next batch (``StopSignals.waiting``).
+    A BaseException, like KeyboardInterrupt, so that the loader's own ``except Exception`` lets it through."""
 
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -173,9 +187,10 @@ def batch_to_device(batch: dict, device: torch.device, memory_format: torch.memo
 def train_one_epoch(model: ALPNet, optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
                     loader: DataLoader, device: torch.device, cfg: Config, start_it: int, log: RunLog, totals: dict,
                     save_fn: Callable[[int], None], scaler: torch.amp.GradScaler | None = None,
-                    stop: Callable[[], bool] | None = None) -> int:
-    """Run iterations ``start_it + 1 ..`` until ``loader`` is exhausted, or until ``stop()`` (checked after
-    each iteration) is true; returns the last iteration done.
+                    signals: StopSignals | None = None) -> int:
+    """Run iterations ``start_it + 1 ..`` until ``loader`` is exhausted, or until ``signals`` holds a stop
+    (checked after each iteration, and at once while waiting for a batch); returns the last iteration done.
+    Raises ``LoaderStalled`` when the loader's workers hand over no batch within ``train.loader_timeout_s``.
 
     Logs every ``train.log_every`` iterations: mean loss terms, lr, episodes/s, data time (waiting for the
     next batch) vs step time (forward, backward, update), and the prototype/id fallback counters.
@@ -190,7 +205,18 @@ def train_one_epoch(model: ALPNet, optimizer: torch.optim.Optimizer, scheduler: 
     n_win = 0
     it = start_it
     t_win = t_prev = time.perf_counter()
-    for batch in loader:
+    batches = iter(loader)
+    while True:
+        try:
+            with signals.waiting() if signals is not None else contextlib.nullcontext():
+                batch = next(batches)
+        except (StopIteration, StopWhileWaiting):
+            break
+        except RuntimeError as exc:
+            # torch's only word for its timeout; a lost batch leaves the workers alive and the wait endless
+            if loader.timeout and str(exc).startswith("DataLoader timed out"):
+                raise LoaderStalled(it, loader.timeout) from None
+            raise
         t_data = time.perf_counter()
         sup, sup_fg, qry, qry_mask = batch_to_device(batch, device, mem)
         with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=amp):
@@ -231,7 +257,7 @@ def train_one_epoch(model: ALPNet, optimizer: torch.optim.Optimizer, scheduler: 
         if it % tc.ckpt_every == 0 or it == tc.iterations:
             save_fn(it)
             t_prev = time.perf_counter()   # checkpoint time is neither data nor step time
-        if stop is not None and stop():
+        if signals is not None and signals.requested:
             break
     return it
 
@@ -242,11 +268,13 @@ class StopSignals:
     stops at once (KeyboardInterrupt), a second SIGTERM changes nothing. A job scheduler's time limit sends
     SIGTERM: before, it ended the process where it stood, losing the iterations since the last checkpoint
     (up to ``train.ckpt_every``). Handlers can only be set in the main thread; elsewhere this does nothing.
+    Inside ``waiting()`` nothing is half done, so a first signal there ends the wait at once.
     """
 
     def __init__(self) -> None:
         self.signum: int | None = None
         self._old: dict = {}
+        self._waiting = False
 
     def __enter__(self) -> "StopSignals":
         if threading.current_thread() is threading.main_thread():
@@ -260,8 +288,22 @@ class StopSignals:
     def _note(self, signum: int, frame) -> None:
         if self.signum is None:
             self.signum = signum
+            if self._waiting:
+                raise StopWhileWaiting
         elif signum == signal.SIGINT:
             raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def waiting(self):
+        """A wait for the next batch: a batch that a loader worker lost (a full /dev/shm) makes it last until
+        ``train.loader_timeout_s``, and a stop should not wait that long. Raises ``StopWhileWaiting``."""
+        if self.signum is not None:
+            raise StopWhileWaiting
+        self._waiting = True
+        try:
+            yield
+        finally:
+            self._waiting = False
 
     @property
     def requested(self) -> bool:
@@ -452,7 +494,8 @@ class _Run:
                         if self.saved is not None else "no checkpoint was written yet: free space and rerun")
                 raise CheckpointWriteError(f"{path}: cannot write the checkpoint of iteration {it} "
                                            f"({error_text(exc)}); {kept}") from None
-        self.saved = it
+            if path == self.ckpt_path:          # what --resume reads is on disk, whatever befalls the snapshot
+                self.saved = it
 
     def save_unless_saved(self, it: int) -> None:
         if self.saved != it:
@@ -520,12 +563,19 @@ def _main(cfg, resume: bool) -> int:
     # to the GPU in microseconds without it.
     loader = DataLoader(stream, batch_size=tc.batch_size, num_workers=tc.num_workers, collate_fn=collate_episodes,
                         worker_init_fn=worker_init if tc.num_workers else None,
-                        prefetch_factor=4 if tc.num_workers else None)
+                        prefetch_factor=4 if tc.num_workers else None,
+                        timeout=tc.loader_timeout_s if tc.num_workers else 0)
     t0 = time.perf_counter()
     with StopSignals() as signals:
         try:
             last = train_one_epoch(run.model, run.optimizer, run.scheduler, loader, device, cfg, start_it, log,
-                                   run.totals, run.save, run.scaler, stop=lambda: signals.requested)
+                                   run.totals, run.save, run.scaler, signals=signals)
+        except LoaderStalled as exc:
+            run.save_unless_saved(exc.iteration)
+            raise RunStopped(f"no episode batch came from the loader's {tc.num_workers} worker(s) in {exc.timeout:g} s "
+                             f"(train.loader_timeout_s) after iteration {exc.iteration}: a worker lost one "
+                             f"(its error is printed above; {_dev_shm_note(tc.num_workers)}); the checkpoint "
+                             f"of iteration {exc.iteration} is kept: rerun with --resume") from None
         finally:
             stream.close()
     if signals.requested and last < tc.iterations:

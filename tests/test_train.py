@@ -248,6 +248,26 @@ def test_a_full_disk_during_training_keeps_the_last_checkpoint(store, tmp_path, 
     assert read_checkpoint(out / "checkpoint.pt")["iteration"] == 4
 
 
+def test_a_snapshot_that_cannot_be_written_names_the_checkpoint_that_was(store, tmp_path, monkeypatch, capsys):
+    # with train.keep_checkpoints, checkpoint.pt of iteration 2 is written, then its snapshot fails: the message
+    # used to say that no checkpoint was written yet
+    from alpnet import train as train_mod
+    real = train_mod.save_checkpoint
+
+    def snapshot_full(path, state):
+        if Path(path).name != "checkpoint.pt":
+            raise OSError(28, "No space left on device")
+        return real(path, state)
+    monkeypatch.setattr(train_mod, "save_checkpoint", snapshot_full)
+    out = tmp_path / "run"
+    assert main(config(store, out, 4, "train.keep_checkpoints=true"), resume=False) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"train: {out / 'checkpoint_000002.pt'}: cannot write the "
+                                               "checkpoint of iteration 2 (")
+    assert err[0].endswith("the checkpoint of iteration 2 is kept: free space and rerun with --resume")
+    assert read_checkpoint(out / "checkpoint.pt")["iteration"] == 2
+
+
 def test_a_shard_damaged_under_training_is_one_line(tmp_path, capsys):
     # a shard truncated after the store was written (a copy cut short, a failing disk): the trainer stops with
     # exit 1 and one line naming the shard and the remedy
@@ -416,3 +436,63 @@ def test_stop_signals_note_the_first_signal_and_restore_the_handlers():
     with StopSignals() as signals:
         os.kill(os.getpid(), signal.SIGINT)
         assert signals.status() == (130, "interrupted (Ctrl-C)")
+
+
+def _losing_batch(monkeypatch, lost: int) -> None:
+    """Loader workers whose ``lost``-th batch cannot be handed over: the queue's feeder thread fails to pickle
+    it, prints the error and drops it, as it does when /dev/shm is full; the trainer never hears of it."""
+    import alpnet.train
+    calls = []
+
+    def collate(samples):
+        batch = collate_episodes(samples)
+        calls.append(1)
+        if len(calls) == lost:
+            batch["unpicklable"] = lambda: None
+        return batch
+    monkeypatch.setattr(alpnet.train, "collate_episodes", collate)
+
+
+def test_a_batch_lost_by_a_loader_worker_stops_the_run_after_the_loader_timeout(store, tmp_path, monkeypatch,
+                                                                                capsys):
+    # it used to wait for the lost batch forever, deaf to a first Ctrl-C or SIGTERM
+    _losing_batch(monkeypatch, lost=3)
+    out = tmp_path / "run"
+    cfg = config(store, out, 6, "train.num_workers=1", "train.loader_timeout_s=2")
+    assert main(cfg, resume=False) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("train: no episode batch came from the loader's 1 worker(s) in 2 s "
+                              "(train.loader_timeout_s) after iteration 2: a worker lost one"), err
+    assert "/dev/shm" in err[-1] and err[-1].endswith("the checkpoint of iteration 2 is kept: rerun with --resume")
+    assert read_checkpoint(out / "checkpoint.pt")["iteration"] == 2
+    monkeypatch.undo()
+    assert main(config(store, out, 6, "train.num_workers=1"), resume=True) == 0
+    assert read_checkpoint(out / "checkpoint.pt")["iteration"] == 6
+
+
+def test_a_first_stop_while_waiting_for_a_lost_batch_ends_the_wait(store, tmp_path, monkeypatch, capsys):
+    import threading
+    _losing_batch(monkeypatch, lost=3)
+    out = tmp_path / "run"
+    metrics = out / "metrics.jsonl"
+
+    def stop_once_waiting():
+        deadline = time.monotonic() + 60
+        while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 2) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)                             # the trainer is now waiting for batch 3, which never comes
+        os.kill(os.getpid(), signal.SIGTERM)
+    threading.Thread(target=stop_once_waiting, daemon=True).start()
+    t0 = time.monotonic()
+    assert main(config(store, out, 6, "train.num_workers=1", "train.loader_timeout_s=100"), resume=False) == 143
+    assert time.monotonic() - t0 < 60
+    assert capsys.readouterr().out.strip().splitlines()[-1] == (
+        f"train: terminated (SIGTERM) after iteration 2; its checkpoint is {out / 'checkpoint.pt'}: rerun with "
+        "--resume to continue")
+    assert read_checkpoint(out / "checkpoint.pt")["iteration"] == 2
+
+
+def test_the_loader_timeout_must_not_be_negative(store, tmp_path):
+    from engine.config import ConfigError
+    with pytest.raises(ConfigError, match="train.loader_timeout_s"):
+        config(store, tmp_path, 2, "train.loader_timeout_s=-1")
