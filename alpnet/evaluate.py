@@ -34,6 +34,10 @@ class EvaluationError(Exception):
     """The evaluation cannot start or go on; ``str`` is one line naming the input and the problem."""
 
 
+class ReportWriteError(Exception):
+    """The scores were computed (and printed) but the report folder could not take them (exit status 1)."""
+
+
 # --------------------------------------------------------------------------------------------- predictors
 class Predictor:
     """Segments query slices given the C support slices of one organ.
@@ -452,6 +456,9 @@ def main(cfg: Any, checkpoint: str | None = None, baseline: str | None = None, s
     except (EvaluationError, ProtocolError) as exc:
         print(f"evaluate: {exc}", file=sys.stderr)
         return 2
+    except ReportWriteError as exc:
+        print(f"evaluate: {exc}", file=sys.stderr)
+        return 1
     except Exception as exc:  # one line for bad inputs raised by the data layer
         from engine.volume import VolumeError
         if isinstance(exc, VolumeError):
@@ -623,8 +630,14 @@ def _run(cfg: Any, checkpoint: str | None, baseline: str | None, setting: int | 
                     "load_s": loader.load_s},
         "config": to_dict(cfg), "checkpoint_config": choice.ckpt_cfg or None,
     }
-    report.write_report(out, results, all_overlays)
-    write_run_info(out, to_dict(cfg), name="evaluate")
+    try:
+        report.write_report(out, results, all_overlays)
+        write_run_info(out, to_dict(cfg), name="evaluate")
+    except OSError as exc:       # a full disk after a long evaluation: the table on stdout keeps the scores
+        from engine.store_format import error_text
+        print(report.results_table(results))
+        raise ReportWriteError(f"{out}: cannot write the report ({error_text(exc)}); the scores are the table "
+                               "above") from None
     print(report.results_table(results))
     print(f"report: {out / 'results.md'}, {out / 'results.json'}, {out / 'overlays'}/")
     if sum(summary["n_scans"].values()) == 0:

@@ -69,7 +69,9 @@ def make_fold(scan_ids: Sequence[str], n_folds: int, fold: int) -> Fold:
                             "fold must lie outside its query scans)")
     if n < n_folds:
         raise ProtocolError(f"{n} labelled scan(s) cannot form {n_folds} folds (evaluate.n_folds); "
-                            f"need at least one scan per fold")
+                            "need at least one scan per fold: "
+                            + (f"set fewer, e.g. --set evaluate.n_folds={n}" if n >= 2 else
+                               "the protocol needs 2 labelled scans at least"))
     if not 0 <= fold < n_folds:
         raise ProtocolError(f"fold {fold} is out of range 0..{n_folds - 1}")
     base, extra = divmod(n, n_folds)

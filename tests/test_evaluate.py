@@ -183,6 +183,24 @@ def test_main_support_copy_writes_report(tmp_path, capsys):
             "(ignored)") in captured.err.splitlines()
 
 
+def test_a_report_that_cannot_be_written_names_its_folder_and_keeps_the_scores(tmp_path, monkeypatch, capsys):
+    # a full disk once the scans are scored: it used to be "evaluate: No space left on device (errno 28)", with
+    # neither the folder nor the scores
+    from alpnet import report
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(report, "write_text_atomic", full)
+    data = _make_dataset(tmp_path / "data")
+    assert main(_cfg(tmp_path, data, fold="0"), checkpoint=None, baseline="support-copy", setting=None,
+                device="cpu") == 1
+    captured = capsys.readouterr()
+    assert captured.err.strip().splitlines()[-1] == (
+        f"evaluate: {tmp_path / 'eval'}: cannot write the report (No space left on device (errno 28)); the "
+        "scores are the table above")
+    assert "53.33" in captured.out and "80.00" in captured.out
+
+
 def test_main_all_folds_pools_scans(tmp_path):
     data = _make_dataset(tmp_path / "data")
     cfg = _cfg(tmp_path, data, fold="all")
@@ -223,7 +241,9 @@ def test_main_too_few_scans_for_the_folds(tmp_path, capsys):
     data = _make_dataset(tmp_path / "data")
     cfg = _cfg(tmp_path, data, extra=["evaluate.n_folds=5"])
     assert main(cfg, None, "support-copy", None, "cpu") == 2
-    assert "3 labelled scan(s) cannot form 5 folds" in capsys.readouterr().err
+    assert capsys.readouterr().err.strip() == ("evaluate: 3 labelled scan(s) cannot form 5 folds (evaluate.n_folds); "
+                                               "need at least one scan per fold: set fewer, e.g. --set "
+                                               "evaluate.n_folds=3")
 
 
 # --------------------------------------------------------------------------------------------- report

@@ -55,7 +55,8 @@ def test_numeric_sort_of_ids():
 
 @pytest.mark.parametrize("ids, n_folds, fold, message", [
     (CHAOS_IDS, 1, 0, "at least 2 folds"),
-    (["1", "2"], 3, 0, "cannot form 3 folds"),
+    (["1", "2"], 3, 0, "cannot form 3 folds .* e.g. --set evaluate.n_folds=2$"),
+    (["1"], 2, 0, "cannot form 2 folds .* the protocol needs 2 labelled scans at least$"),
     (CHAOS_IDS, 5, 5, "out of range"),
     (["1", "1", "2"], 2, 0, "duplicate"),
 ])
