@@ -458,10 +458,10 @@ def test_a_batch_lost_by_a_loader_worker_stops_the_run_after_the_loader_timeout(
     # it used to wait for the lost batch forever, deaf to a first Ctrl-C or SIGTERM
     _losing_batch(monkeypatch, lost=3)
     out = tmp_path / "run"
-    cfg = config(store, out, 6, "train.num_workers=1", "train.loader_timeout_s=2")
+    cfg = config(store, out, 6, "train.num_workers=1", "train.loader_timeout_s=8")
     assert main(cfg, resume=False) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("train: no episode batch came from the loader's 1 worker(s) in 2 s "
+    assert err[-1].startswith("train: no episode batch came from the loader's 1 worker(s) in 8 s "
                               "(train.loader_timeout_s) after iteration 2: a worker lost one"), err
     assert "/dev/shm" in err[-1] and err[-1].endswith("the checkpoint of iteration 2 is kept: rerun with --resume")
     assert read_checkpoint(out / "checkpoint.pt")["iteration"] == 2
