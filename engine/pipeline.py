@@ -288,11 +288,13 @@ class _Run(ProcessBackend):
                     return self._refuse(f"processes backend: cannot start the worker processes: {error_text(exc)}")
         except KeyboardInterrupt as exc:            # no thread of ours yet: recorded and released like any stop
             return self._stopped_before_work(exc)
-        self._start_progress()
         self.t_start = time.time()
-        self.prof.start()
-        self._start_threads()
         try:
+            # inside the guard: a stop while the bar, the profiler or the threads start must still reach the
+            # cleanup below, or the workers (which ignore SIGTERM) would hang the interpreter's exit
+            self._start_progress()
+            self.prof.start()
+            self._start_threads()
             self._wait()
         except KeyboardInterrupt as exc:
             self.interrupted = True
@@ -300,6 +302,8 @@ class _Run(ProcessBackend):
             self.fail(f"{word}; committed batches are kept, rerun the same command to resume")
         finally:
             self._join()
+            if self.backend == "processes" and not any(t.name == "engine-dispatcher" for t in self.threads):
+                self._stop_pool(graceful=False)     # the dispatcher, which stops the pool, never started
             self._release_ring()
         return self._finish(settings)
 

@@ -1666,6 +1666,39 @@ def test_a_stop_while_the_kernels_warm_up_is_recorded_like_any_stop(folder, tmp_
     assert not lock_path(out).exists()
 
 
+@pytest.mark.parametrize("backend, stage", [("processes", "_start_progress"), ("processes", "writer"),
+                                            ("threads", "writer")])
+def test_a_stop_while_the_run_starts_its_threads_leaves_no_worker_behind(folder, tmp_path, monkeypatch, capsys,
+                                                                       backend, stage):
+    # guards _run_locked: a SIGTERM after the worker processes were forked and before the dispatcher thread ran
+    # (while the bar, the profiler or the threads start) escaped preprocess(), and the workers, which ignore
+    # SIGTERM, then hung the interpreter's exit for good
+    import multiprocessing
+    from engine.stops import Terminated
+
+    def terminated(*args):
+        raise Terminated()
+    if stage == "writer":                 # the producer (and the threads backend's workers) already run
+        real_spawn = pipeline._Run._spawn
+        monkeypatch.setattr(pipeline._Run, "_spawn", lambda self, fn, name, *args: terminated() if name == stage
+                            else real_spawn(self, fn, name, *args))
+    else:
+        monkeypatch.setattr(pipeline._Run, stage, terminated)
+    out = tmp_path / "s.h5"
+    try:
+        rc = pipeline.preprocess(make_cfg(folder, out, backend=backend, threads=2), progress=False)
+    except Terminated:
+        pytest.fail("the stop escaped preprocess() as an exception")
+    assert rc == 143
+    assert _one_line_error(capsys.readouterr().err, "preprocess: stopped:") == (
+        "preprocess: stopped: terminated (SIGTERM); committed batches are kept, rerun the same command to resume")
+    assert multiprocessing.active_children() == []
+    runs = [json.loads(line) for line in (parts_dir(out) / "runs.jsonl").read_text().splitlines()]
+    assert runs[-1]["status"] == "interrupted" and not lock_path(out).exists()
+    monkeypatch.undo()
+    assert pipeline.preprocess(make_cfg(folder, out, backend=backend, threads=2), progress=False) == 0
+
+
 def test_a_worker_process_that_cannot_be_started_is_one_line_and_leaks_nothing(folder, tmp_path, monkeypatch,
                                                                               capsys):
     # guards ProcessBackend._start_pool: a fork that fails (EAGAIN at a process limit, ENOMEM) left the ring's
