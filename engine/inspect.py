@@ -75,6 +75,11 @@ def _writer_holding(path: Path) -> dict | None:
     return holder
 
 
+# a store damaged throughout would otherwise be read to its end to list the same fault on every slice
+MAX_PROBLEMS = 50
+STOPPED_NOTE = f"... (the pixel check stopped at {MAX_PROBLEMS} problems)"
+
+
 def check_integrity(reader: StoreReader, read_pixels: bool = True) -> list[str]:
     """Problems found in a store snapshot (empty list: consistent).
 
@@ -180,8 +185,8 @@ def _check_volumes_and_pixels(reader: StoreReader, read_pixels: bool) -> list[st
             # training picks setting 2's slices by this column without reading the label maps
             elif "organs" in sl and int(sl["organs"][i]) != (0 if d["label"] is None else slice_organ_bits(d["label"])):
                 problems.append(f"{tag}: the organs column differs from the label map's values")
-            if len(problems) > 50:
-                problems.append("... (stopped after 50 problems)")
+            if len(problems) >= MAX_PROBLEMS:
+                problems.append(STOPPED_NOTE)
                 break
         for reason, rows in unreadable.items():
             first = rows[0]
@@ -200,6 +205,8 @@ def summarize(reader: StoreReader, path: Path, check_pixels: bool = True) -> dic
     meta = reader.meta
     nsp = reader.slices["n_superpixels"]
     problems = check_integrity(reader, read_pixels=check_pixels)
+    truncated = STOPPED_NOTE in problems
+    problems = [p for p in problems if p != STOPPED_NOTE]
     counts = {}
     for v in reader.slices["volume"]:
         counts[v] = counts.get(v, 0) + 1
@@ -221,7 +228,7 @@ def summarize(reader: StoreReader, path: Path, check_pixels: bool = True) -> dic
             "max": int(nsp.max()) if nsp.size else 0, "mean": round(float(nsp.mean()), 2) if nsp.size else 0.0,
             "empty_slices": int((nsp == 0).sum())},
         "size_bytes": size, "bytes_per_slice": round(size / reader.n_slices) if reader.n_slices else None,
-        "log": meta.get("log", []), "problems": problems,
+        "log": meta.get("log", []), "problems": problems, "problems_truncated": truncated,
         "pixels_checked": check_pixels, "runs": _run_history(path), "profile": _last_profile(path),
     }
 
@@ -248,11 +255,13 @@ def _print_summary(s: dict) -> None:
     per = f", {s['bytes_per_slice'] / 1e3:.0f} kB per slice" if s["bytes_per_slice"] else ""
     print(f"on disk      {s['size_bytes'] / 1e6:.1f} MB{per}")
     if s["problems"]:
-        print(f"integrity    {len(s['problems'])} problem(s):")
+        n, cut = len(s["problems"]), s.get("problems_truncated")
+        print(f"integrity    {n} problem(s)" + (f", maybe more (the check stops at {MAX_PROBLEMS})" if cut else "")
+              + ":")
         for p in s["problems"][:10]:
             print(f"  {p}")
-        if len(s["problems"]) > 10:
-            print(f"  ... and {len(s['problems']) - 10} more (--json lists all)")
+        if n > 10:
+            print(f"  ... and {n - 10} more (--json lists {'these' if cut else 'all'} {n})")
     elif not s["pixels_checked"]:
         print(f"integrity    OK: {s['slices']} slices consistent in the tables, no gaps, every batch mapped "
               f"(pixels not read: --quick)")

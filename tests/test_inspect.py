@@ -323,7 +323,34 @@ def test_text_output_says_how_many_problems_it_leaves_out(store, tmp_path, capsy
     out = capsys.readouterr().out
     assert f"integrity    {n + 3} problem(s):" in out
     assert len([line for line in out.splitlines() if line.startswith("  slice ")]) == 10
-    assert f"  ... and {n + 3 - 10} more (--json lists all)" in out
+    assert f"  ... and {n + 3 - 10} more (--json lists all {n + 3})" in out
+
+
+def test_a_capped_problem_list_says_so_and_counts_only_problems(store, tmp_path, monkeypatch, capsys):
+    # the pixel check stops at a limit: the text used to count its "stopped" line as a problem, one beyond the
+    # limit too, and to promise that --json lists all
+    import shutil
+
+    import h5py
+
+    from engine import inspect as inspect_mod
+    monkeypatch.setattr(inspect_mod, "MAX_PROBLEMS", 4)
+    monkeypatch.setattr(inspect_mod, "STOPPED_NOTE", "... (stopped at 4)")
+    copy = tmp_path / store.name
+    shutil.copy(store, copy)
+    shutil.copytree(parts_dir(store), parts_dir(copy))
+    with h5py.File(copy, "r+") as f:
+        f["slices/labels_present"][...] = False                    # 11 problems, one per slice
+    assert inspect_store(str(copy), as_json=True) == 1
+    s = json.loads(capsys.readouterr().out)
+    assert len(s["problems"]) == 4 and s["problems_truncated"] is True
+    assert all(p.startswith("slice ") for p in s["problems"])
+    assert inspect_store(str(copy)) == 1
+    assert "integrity    4 problem(s), maybe more (the check stops at 4):" in capsys.readouterr().out
+    monkeypatch.setattr(inspect_mod, "MAX_PROBLEMS", 50)
+    assert inspect_store(str(copy), as_json=True) == 1
+    s = json.loads(capsys.readouterr().out)
+    assert len(s["problems"]) == 11 and s["problems_truncated"] is False
 
 
 def test_an_organs_column_that_disagrees_with_the_label_map_is_found(store, tmp_path, capsys):
