@@ -205,7 +205,9 @@ def build_index(reader: StoreReader | MemoryReader, cfg: EpisodeConfig, n_folds:
         unlabelled = sorted({vol[i] for i in rows if not _has_label(reader, vol[i])})
         if unlabelled:
             # the way out depends on where the exclusion comes from: setting 2's group, or an explicit list
-            fix = "set episodes.exclude_labels=[]" if cfg.exclude_labels else "use episodes.setting=1"
+            # (setting 2 falls back on its own group when the list is emptied, so only setting 1 frees both)
+            fix = ("set episodes.exclude_labels=[]" if cfg.exclude_labels and cfg.setting == 1 else
+                   "use episodes.setting=1" + (" and episodes.exclude_labels=[]" if cfg.exclude_labels else ""))
             why = "episodes.exclude_labels" if cfg.exclude_labels else "setting 2"
             raise EpisodeError(f"{name}: {why} needs organ labels to exclude {excl}, but volume(s) "
                                f"{', '.join(unlabelled[:5])} have none ({fix})")

@@ -573,8 +573,9 @@ def _main(cfg, resume: bool) -> int:
         except LoaderStalled as exc:
             run.save_unless_saved(exc.iteration)
             raise RunStopped(f"no episode batch came from the loader's {tc.num_workers} worker(s) in {exc.timeout:g} s "
-                             f"(train.loader_timeout_s) after iteration {exc.iteration}: a worker lost one "
-                             f"(its error is printed above; {_dev_shm_note(tc.num_workers)}); the checkpoint "
+                             f"(train.loader_timeout_s) after iteration {exc.iteration}: a worker lost one or "
+                             f"is stuck (an error, if any, is printed above; {_dev_shm_note(tc.num_workers)}); "
+                             f"the checkpoint "
                              f"of iteration {exc.iteration} is kept: rerun with --resume") from None
         finally:
             stream.close()

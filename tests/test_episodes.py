@@ -210,6 +210,10 @@ def test_exclude_labels_override_and_unlabelled_volumes():
     with pytest.raises(EpisodeError, match=r"episodes\.exclude_labels needs organ labels to exclude \[1\].*"
                                            r"\(set episodes\.exclude_labels=\[\]\)$"):
         stream_of(synthetic_volumes(labels=False), ecfg(setting=1, exclude_labels=[1]))
+    # in setting 2 an emptied list falls back on the setting's own group: the way out is setting 1
+    with pytest.raises(EpisodeError, match=r"episodes\.exclude_labels needs organ labels to exclude \[1\].*"
+                                           r"\(use episodes\.setting=1 and episodes\.exclude_labels=\[\]\)$"):
+        stream_of(synthetic_volumes(labels=False), ecfg(setting=2, exclude_labels=[1]))
 
 
 def test_exclude_labels_above_63_are_refused_and_63_is_excluded():

@@ -462,7 +462,7 @@ def test_a_batch_lost_by_a_loader_worker_stops_the_run_after_the_loader_timeout(
     assert main(cfg, resume=False) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("train: no episode batch came from the loader's 1 worker(s) in 8 s "
-                              "(train.loader_timeout_s) after iteration 2: a worker lost one"), err
+                              "(train.loader_timeout_s) after iteration 2: a worker lost one or is stuck"), err
     assert "/dev/shm" in err[-1] and err[-1].endswith("the checkpoint of iteration 2 is kept: rerun with --resume")
     assert read_checkpoint(out / "checkpoint.pt")["iteration"] == 2
     monkeypatch.undo()
