@@ -72,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="check the tables and every batch's mapping, without reading each slice's pixels")
     p.add_argument("--volume", help="with --slice and --png: volume id of the overlay")
     p.add_argument("--slice", type=int, help="with --volume and --png: slice index z")
-    p.add_argument("--png", help="write a superpixel/label overlay of one slice to this PNG")
+    p.add_argument("--png", help="write a superpixel/label overlay of one slice to this PNG file (a name ending "
+                                 "in .png)")
     _config_args(p)
 
     p = sub.add_parser("train", help="self-supervised ALPNet training streamed from a store",
@@ -135,6 +136,39 @@ def _end_of_imports() -> None:
         gc.enable()
 
 
+def _usage_error(command: str, text: str) -> int:
+    """One line ``command: text`` on stderr; the exit status of bad input (2)."""
+    print(f"{command}: {text}", file=sys.stderr)
+    return 2
+
+
+def _not_a_folder(path: str, itself: bool) -> str | None:
+    """The nearest existing part of ``path`` (``path`` itself when ``itself``, else its parents) when it is not a
+    folder; None when that part is a folder or nothing exists."""
+    from pathlib import Path
+    p = Path(path)
+    for part in (p,) if itself else p.parents:
+        if part.exists():
+            return None if part.is_dir() else str(part)
+    return None
+
+
+def _check_out(command: str, option: str, path: str | None, folder: bool) -> int:
+    """0, or the one-line error (2) when ``path`` is an existing file where a folder is needed: the run folder
+    itself (``folder``), or a parent of the store file (not ``folder``).
+
+    A run folder given as an existing file ended in ``train: File exists (errno 17): PATH``, exit 1, and only
+    once the model and the data were loaded; a store under a file in ``cannot create its folder: File exists``.
+    A run folder *under* a file keeps its OSError line and exit 1 (``main``; tests/test_train.py)."""
+    if not path:
+        return 0
+    blocker = _not_a_folder(path, itself=folder)
+    if blocker is None:
+        return 0
+    where = "is a file" if folder else f"{blocker} is a file"
+    return _usage_error(command, f"{option} {path}: {where}, not a folder")
+
+
 def _apply(cfg_section, **values) -> None:
     for key, value in values.items():
         if value is not None:
@@ -143,11 +177,16 @@ def _apply(cfg_section, **values) -> None:
 
 def cmd_preprocess(args: argparse.Namespace) -> int:
     cfg = _load_config(args)
+    for option, value in (("--threads", args.threads), ("--batch", args.batch)):
+        if value is not None and value < 0:        # named as typed, not as engine.threads / engine.batch
+            return _usage_error("preprocess", f"{option}: must be >= 0 (0: automatic), got {value}")
     _apply(cfg.data, input=args.input)
     _apply(cfg.engine, out=args.out, threads=args.threads, backend=args.backend, batch=args.batch)
     _apply(cfg.superpixels, method=args.method)
     cfg.engine.__post_init__()
     cfg.superpixels.__post_init__()
+    if _check_out("preprocess", "--out" if args.out else "engine.out", cfg.engine.out, folder=False):
+        return 2
     return _call("engine.pipeline", "preprocess", cfg, overwrite=args.overwrite,
                  progress=not args.no_progress)
 
@@ -166,6 +205,14 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         # without this, the one-screen summary came out and the slice asked for was silently ignored
         print("inspect: --volume and --slice choose the slice of an overlay: add --png FILE", file=sys.stderr)
         return 2
+    if args.png:
+        # matplotlib chose the format from the name: "o" was written as o.png and a folder F as F.png beside it
+        # (both reported as written to the name given, exit 0), and "o.xyz" ended in a traceback
+        from pathlib import Path
+        if Path(args.png).is_dir():
+            return _usage_error("inspect", f"--png {args.png}: a folder; give a file name ending in .png")
+        if Path(args.png).suffix.lower() != ".png":
+            return _usage_error("inspect", f"--png {args.png}: give a file name ending in .png")
     return _call("engine.inspect", "inspect_store", args.store, as_json=args.json, volume=args.volume,
                  z=args.slice, png=args.png, read_pixels=not args.quick)
 
@@ -173,6 +220,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     cfg = _load_config(args)
     _apply(cfg.train, store=args.store, out=args.out, device=args.device)
+    if _check_out("train", "--out" if args.out else "train.out", cfg.train.out, folder=True):
+        return 2
     return _call("alpnet.train", "main", cfg, resume=args.resume)
 
 
@@ -182,12 +231,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         print("evaluate: give --checkpoint CKPT or --baseline support-copy", file=sys.stderr)
         return 2
     _apply(cfg.evaluate, data=args.data, fold=args.fold, out=args.out)
+    if _check_out("evaluate", "--out" if args.out else "evaluate.out", cfg.evaluate.out, folder=True):
+        return 2
     return _call("alpnet.evaluate", "main", cfg, checkpoint=args.checkpoint, baseline=args.baseline,
                  setting=args.setting, device=args.device or "auto")
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     cfg = _load_config(args)
+    if _check_out("demo", "--out", args.out, folder=True):
+        return 2
     return _call("alpnet.demo", "main", cfg, out=args.out)
 
 

@@ -8,7 +8,9 @@ This module holds the machinery and the engine's sections; ``alpnet.config`` add
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
+import re
 import types
 import typing
 from pathlib import Path
@@ -63,6 +65,10 @@ class PrepareConfig:
     zscore: str = "volume"
 
     def __post_init__(self) -> None:
+        # NaN or an infinity passed the loader's float check and stopped preprocess with a traceback in its
+        # warm-up ("no finite voxel"); any finite value, negative ones included, is a valid threshold
+        if not math.isfinite(self.fg_threshold):
+            raise ConfigError(f"prepare.fg_threshold: must be a finite number, got {self.fg_threshold!r}")
         if self.zscore not in ZSCORE_MODES:
             raise ConfigError(f"prepare.zscore: {self.zscore!r} is not one of {', '.join(ZSCORE_MODES)}")
         check_ranges("prepare", self, {"size": ranges.Range(1, integer=True),
@@ -221,7 +227,9 @@ def _mapping(value: Any, key: str) -> dict:
 
 
 def _coerce_union(value: Any, args: tuple, key: str) -> Any:
-    """``value`` as the first member type of the union that takes it; else the first member's error."""
+    """``value`` as the first member type of the union that takes it; else one error naming every member type
+    (``expected a string or an integer, got float 1.5``), or the first member's error when they differ in kind.
+    """
     if value is None and type(None) in args:
         return None
     errors = []
@@ -232,6 +240,11 @@ def _coerce_union(value: Any, args: tuple, key: str) -> Any:
             return _coerce(value, arg, key)
         except ConfigError as exc:
             errors.append(str(exc))
+    # the first member's error alone read "evaluate.fold: expected a string, got float 1.5", though an integer
+    # is what the key takes there
+    found = [re.fullmatch(rf"{re.escape(key)}: expected (.+?), got (.*)", e, re.S) for e in errors]
+    if len(found) > 1 and all(found) and len({m.group(2) for m in found}) == 1:
+        raise ConfigError(f"{key}: expected {' or '.join(m.group(1) for m in found)}, got {found[0].group(2)}")
     raise ConfigError(errors[0] if errors else f"{key}: invalid value {value!r}")
 
 
@@ -255,7 +268,9 @@ def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
     dotted = (lambda k: f"{prefix}.{k}" if prefix else k)
     unknown = [k for k in data if k not in names]
     if unknown:
-        raise ConfigError(f"{dotted(unknown[0])}: unknown key (allowed: {', '.join(sorted(names))})")
+        close = difflib.get_close_matches(str(unknown[0]), sorted(names), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(f"{dotted(unknown[0])}: unknown key (allowed: {', '.join(sorted(names))}){hint}")
     kwargs = {k: _coerce(v, hints[k], dotted(k)) for k, v in data.items()}
     try:
         return cls(**kwargs)
@@ -310,6 +325,10 @@ def _unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode) -> dict:
             continue
         key = loader.construct_object(key_node, deep=True)
         line = key_node.start_mark.line + 1
+        try:
+            hash(key)
+        except TypeError:          # ``? [a, b]``: construct_mapping refuses it as a YAML error ("unhashable key")
+            break
         if key in lines:
             raise _DuplicateKey(key, lines[key], line)
         lines[key] = line
@@ -319,17 +338,35 @@ def _unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode) -> dict:
 _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
 
 
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """``line L, column C: problem`` of a YAML error (its first line alone, e.g. "while parsing a flow
+    sequence", names neither the problem nor where it is)."""
+    problem = getattr(exc, "problem", None)
+    mark = getattr(exc, "problem_mark", None)
+    if problem and mark is not None:
+        return f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
+
 def load_config(cls: type, path: str | Path | None = None, overrides: list[str] | None = None) -> Any:
     """Load ``cls`` from an optional YAML file plus ``a.b=value`` overrides, validated."""
     data: dict = {}
     if path is not None:
         path = Path(path)
+        if path.is_dir():
+            raise ConfigError(f"{path}: a folder, not a config file")
         if not path.is_file():
             raise ConfigError(f"{path}: config file not found")
         try:
-            data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:      # a binary file (a checkpoint, a store) given as the config
+            raise ConfigError(f"{path}: not a YAML text file (not UTF-8: byte {exc.start})") from None
+        except OSError as exc:                 # unreadable (permissions): still the user's input, one line
+            raise ConfigError(f"{path}: cannot read the config file ({exc.strerror or exc})") from None
+        try:
+            data = yaml.load(text, Loader=_UniqueKeyLoader) or {}
         except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+            raise ConfigError(f"{path}: not valid YAML ({_yaml_problem(exc)})") from None
         except _DuplicateKey as exc:
             raise ConfigError(f"{path}: {exc}") from None
         if not isinstance(data, dict):
