@@ -6,6 +6,7 @@ Defaults are the paper's values (method.md sections 2-5). This module must stay 
 from __future__ import annotations
 
 import dataclasses
+import math
 
 from engine.config import (ConfigError, DataConfig, EngineConfig, PrepareConfig, SuperpixelConfig,
                            check_ranges, load_config)
@@ -21,8 +22,12 @@ _MODEL_RANGES = {"feature_dim": _COUNT, "local_size_train": _COUNT, "local_size_
                  "bg_weight": _WEIGHT, "fg_weight": _WEIGHT, "par_weight": _WEIGHT}
 _TRAIN_RANGES = {"lr": Range(0, strict=True), "weight_decay": _WEIGHT,
                  "lr_gamma": Range(0, strict=True, maximum=1), "seed": Range(0, maximum=2**32 - 1, integer=True),
+                 "iterations": _COUNT, "batch_size": _COUNT, "log_every": _COUNT, "ckpt_every": _COUNT,
+                 "lr_step": Range(0, integer=True), "num_workers": Range(0, integer=True),
+                 "torch_threads": Range(0, integer=True),
                  "loader_timeout_s": _WEIGHT}
-_AUGMENT_RANGES = {"rotate_deg": _WEIGHT, "translate_px": _WEIGHT, "shear_deg": _WEIGHT, "elastic_alpha": _WEIGHT}
+_AUGMENT_RANGES = {"rotate_deg": _WEIGHT, "translate_px": _WEIGHT, "shear_deg": _WEIGHT, "elastic_alpha": _WEIGHT,
+                   "elastic_sigma": Range(0, strict=True)}
 
 
 @dataclasses.dataclass
@@ -67,8 +72,8 @@ class EpisodeConfig:
             raise ConfigError(f"episodes.setting: {self.setting!r} is not 1 or 2")
         if self.label_group not in (0, 1):
             raise ConfigError(f"episodes.label_group: {self.label_group!r} is not 0 or 1")
-        if self.fold < 0 or self.feature_stride < 1 or self.max_slice_tries < 1:
-            raise ConfigError("episodes.fold must be >= 0; feature_stride and max_slice_tries >= 1")
+        check_ranges("episodes", self, {"fold": Range(0, integer=True), "feature_stride": _COUNT,
+                                        "max_slice_tries": _COUNT})
         # the store records a slice's organs as bits 1..63 (engine.store_format.slice_organ_bits)
         bad = [v for v in self.exclude_labels if not 1 <= v <= 63]
         if bad:
@@ -93,10 +98,13 @@ class AugmentConfig:
     def __post_init__(self) -> None:
         for key in ("zoom", "gamma"):
             low_high = getattr(self, key)
-            if len(low_high) != 2 or not 0 < low_high[0] <= low_high[1]:
-                raise ConfigError(f"augment.{key}: expected [low, high] with 0 < low <= high, got {low_high}")
-        if self.elastic_kernel < 1 or self.elastic_kernel % 2 == 0 or self.elastic_sigma <= 0:
-            raise ConfigError("augment.elastic_kernel must be odd and positive, augment.elastic_sigma > 0")
+            # an infinite bound passed, and gamma's blew the loss up without an error
+            if len(low_high) != 2 or not 0 < low_high[0] <= low_high[1] < math.inf:
+                raise ConfigError(f"augment.{key}: expected [low, high] with 0 < low <= high, both finite, got "
+                                  f"{low_high}")
+        if self.elastic_kernel < 1 or self.elastic_kernel % 2 == 0:
+            raise ConfigError(f"augment.elastic_kernel: must be odd and >= 1, got {self.elastic_kernel!r}")
+        # elastic_sigma NaN passed "<= 0" and left every episode's foreground empty, without an error
         check_ranges("augment", self, _AUGMENT_RANGES)
 
 
@@ -131,10 +139,6 @@ class TrainConfig:
             raise ConfigError(f"train.device: {self.device!r} is not one of auto, cpu, cuda")
         if self.amp_dtype not in ("bfloat16", "float16"):
             raise ConfigError(f"train.amp_dtype: {self.amp_dtype!r} is not one of bfloat16, float16")
-        if self.iterations < 1 or self.batch_size < 1 or self.log_every < 1 or self.ckpt_every < 1:
-            raise ConfigError("train.iterations, batch_size, log_every and ckpt_every must be >= 1")
-        if self.lr_step < 0 or self.num_workers < 0 or self.torch_threads < 0:
-            raise ConfigError("train.lr_step, num_workers and torch_threads must be >= 0")
         check_ranges("train", self, _TRAIN_RANGES)
         if not 0 <= self.momentum < 1:        # at 1 SGD's velocity would never decay
             raise ConfigError(f"train.momentum: must be >= 0 and < 1, got {self.momentum!r}")
@@ -156,7 +160,9 @@ class EvaluateConfig:
     label: str = ""                      # row name in results.md; empty = derived from the checkpoint
 
     def __post_init__(self) -> None:
-        check_ranges("evaluate", self, {"batch": _COUNT, "overlays": Range(0, integer=True)})
+        # chunks 0 and n_folds 0 or 1 were refused only once the evaluation had loaded its data
+        check_ranges("evaluate", self, {"batch": _COUNT, "overlays": Range(0, integer=True), "chunks": _COUNT,
+                                        "n_folds": Range(2, integer=True)})
 
 
 @dataclasses.dataclass

@@ -500,6 +500,9 @@ def _network(cfg: Any, checkpoint: str, setting: int | None, device: str) -> _Ch
     from alpnet.checkpoint import CheckpointError, load_checkpoint
 
     path = Path(checkpoint)
+    if path.is_dir():                 # most often the run folder: its checkpoint.pt is the file meant
+        raise EvaluationError(f"{checkpoint}: a folder, not a checkpoint file (a run folder holds "
+                              f"{Path(checkpoint) / 'checkpoint.pt'})")
     if not path.is_file():
         raise EvaluationError(f"{checkpoint}: checkpoint file not found")
     dev = resolve_device(device)

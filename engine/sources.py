@@ -649,7 +649,8 @@ def describe(spec: str, cfg: Any = None, as_json: bool = False) -> int:  # cfg: 
     Returns
     -------
     int
-        0 when every input loaded, 1 otherwise (also for a missing or unusable source).
+        0 when every input loaded, 1 when some did not, 2 for a missing or unusable source (as ``preprocess``
+        and ``evaluate`` give for the same ``--input`` / ``--data``).
     """
     try:
         source = open_source(spec, cfg)
@@ -658,8 +659,8 @@ def describe(spec: str, cfg: Any = None, as_json: bool = False) -> int:  # cfg: 
             print(json.dumps(dict(source=str(spec), volumes=[], errors=[str(exc)], warnings=[],
                                   totals=dict(volumes=0, slices=0, failed=1)), indent=2))
         else:
-            print(f"error: {exc}", file=sys.stderr)
-        return 1
+            print(f"inspect: {exc}", file=sys.stderr)
+        return 2
     rows, errors, warnings = [], [], list(source.warnings)
     if not as_json:
         print(f"{source.kind} source {source.path}")

@@ -305,6 +305,9 @@ def test_evaluate_with_what_is_not_a_checkpoint_exits_2(tmp_path, capsys):
     assert one_error_line(capsys).startswith(f"evaluate: {fake}: not a readable checkpoint (")
     assert cli.main([*argv, "--checkpoint", str(tmp_path / "missing.pt")]) == 2
     assert one_error_line(capsys) == f"evaluate: {tmp_path / 'missing.pt'}: checkpoint file not found"
+    assert cli.main([*argv, "--checkpoint", str(tmp_path)]) == 2          # the run folder, not its file
+    assert one_error_line(capsys) == (f"evaluate: {tmp_path}: a folder, not a checkpoint file (a run folder "
+                                      f"holds {tmp_path / 'checkpoint.pt'})")
     assert not (tmp_path / "ev").exists()
 
 

@@ -154,10 +154,11 @@ def test_a_scan_that_is_no_regular_file_is_reported_not_skipped(tmp_path):
         assert str(info.value) == f"{tmp_path / path}: {problem}"
 
 
-def test_describe_missing_path_is_one_line_and_exit_1(tmp_path, capsys):
-    assert describe(str(tmp_path / "nowhere"), None) == 1
+def test_describe_missing_path_is_one_line_and_exit_2(tmp_path, capsys):
+    # exit 2 and the command's name, as preprocess --input and evaluate --data say it (it was 1 and "error:")
+    assert describe(str(tmp_path / "nowhere"), None) == 2
     out, err = capsys.readouterr()
-    assert err.count("\n") == 1 and "nowhere: no such file or folder" in err
+    assert err == f"inspect: {tmp_path / 'nowhere'}: no such file or folder\n"
 
 
 # --------------------------------------------------------------------------------------------- bad volumes
