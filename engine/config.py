@@ -8,6 +8,7 @@ This module holds the machinery and the engine's sections; ``alpnet.config`` add
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import difflib
 import math
 import re
@@ -189,6 +190,8 @@ def _type_name(tp: Any) -> str:
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check ``value`` against type hint ``tp`` (int promotes to float), recursing into containers."""
     origin = typing.get_origin(tp)
+    if isinstance(value, _Override):
+        value = value.raw if tp is str else value.value
     if tp is Any:
         return value
     if dataclasses.is_dataclass(tp):
@@ -230,6 +233,8 @@ def _coerce_union(value: Any, args: tuple, key: str) -> Any:
     """``value`` as the first member type of the union that takes it; else one error naming every member type
     (``expected a string or an integer, got float 1.5``), or the first member's error when they differ in kind.
     """
+    if isinstance(value, _Override):            # a union takes the value YAML read, as a file would give it
+        value = value.value
     if value is None and type(None) in args:
         return None
     errors = []
@@ -295,6 +300,25 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
+    return parts, value
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class _Override:
+    """A ``--set`` value that YAML read as a number, a bool or a date, with the text typed: a key that takes a
+    string gets the text (``--set train.out=123``, ``evaluate.label=no`` were refused as "expected a string,
+    got int 123" / "bool False"), every other key the value read."""
+    value: Any
+    raw: str
+
+    def __repr__(self) -> str:                  # error messages show what YAML read, as for a file
+        return repr(self.value)
+
+
+def _typed_override(text: str) -> tuple[list[str], Any]:
+    parts, value = parse_override(text)
+    if isinstance(value, (bool, int, float, datetime.date)):
+        value = _Override(value, text.split("=", 1)[1].strip())
     return parts, value
 
 
@@ -372,5 +396,5 @@ def load_config(cls: type, path: str | Path | None = None, overrides: list[str] 
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
     for text in overrides or []:
-        merge_override(data, *parse_override(text))
+        merge_override(data, *_typed_override(text))
     return from_dict(cls, data)

@@ -231,3 +231,17 @@ def test_source_digest_command_prints_it_and_refuses_a_folder_without_engine(tmp
                        text=True)
     assert r.returncode == 1 and "not a checkout of this project" in r.stderr
     assert r.stderr.strip().count("\n") == 0
+
+
+def test_a_string_key_set_to_a_number_a_bool_or_a_date_takes_the_text_typed():
+    # YAML reads 123, no and 2024-01-01 as an int, a bool and a date: such a --set of a string key was refused
+    # ("expected a string, got int 123"); every other key still gets the value read, and a union its YAML value
+    cfg = load(None, ["train.out=123", "evaluate.label=no", "train.store=2024-01-01", "model.pretrained= 1e3 ",
+                      "train.iterations=5", "train.amp=true", "evaluate.fold=1"])
+    assert (cfg.train.out, cfg.evaluate.label, cfg.train.store, cfg.model.pretrained) == ("123", "no",
+                                                                                         "2024-01-01", "1e3")
+    assert cfg.train.iterations == 5 and cfg.train.amp is True and cfg.evaluate.fold == 1
+    with pytest.raises(ConfigError, match=r"^train\.iterations: expected an integer, got dict \{'x': 1\}$"):
+        load(None, ["train.iterations.x=1"])
+    with pytest.raises(ConfigError, match=r"^model\.alpha: expected a number, got bool True$"):
+        load(None, ["model.alpha=true"])
