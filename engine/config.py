@@ -7,6 +7,7 @@ This module holds the machinery and the engine's sections; ``alpnet.config`` add
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import datetime
 import difflib
@@ -395,6 +396,22 @@ def load_config(cls: type, path: str | Path | None = None, overrides: list[str] 
             raise ConfigError(f"{path}: {exc}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    from_file = copy.deepcopy(data)
     for text in overrides or []:
         merge_override(data, *_typed_override(text))
-    return from_dict(cls, data)
+    try:
+        return from_dict(cls, data)
+    except ConfigError as exc:
+        # name the file when the file alone has the same fault (not when a --set brought it in)
+        if path is None or _fault(cls, from_file) != str(exc):
+            raise
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def _fault(cls: type, data: dict) -> str | None:
+    """The message ``from_dict(cls, data)`` refuses ``data`` with, or None."""
+    try:
+        from_dict(cls, data)
+    except ConfigError as exc:
+        return str(exc)
+    return None

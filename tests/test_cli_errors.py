@@ -140,7 +140,8 @@ def test_a_misspelt_key_suggests_the_close_one(tmp_path, capsys, text, override,
         argv += ["--set", override]
     assert cli.main(argv) == 2
     line = one_error_line(capsys)
-    assert line.startswith(f"config error: {start}") and line.endswith(hint), line
+    where = f"{tmp_path / 'c.yaml'}: " if text is not None else ""      # a fault of the file names the file
+    assert line.startswith(f"config error: {where}{start}") and line.endswith(hint), line
 
 
 def test_a_key_like_no_other_gets_no_suggestion():

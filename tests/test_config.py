@@ -122,8 +122,19 @@ def test_bad_files(tmp_path):
         load(str(top))
     section = tmp_path / "section.yaml"
     section.write_text("train: 5\n")
-    with pytest.raises(ConfigError, match=r"^train: expected a mapping"):
+    with pytest.raises(ConfigError, match=rf"^{section}: train: expected a mapping"):
         load(str(section))
+
+
+def test_a_fault_of_the_config_file_names_the_file_and_one_of_a_set_does_not(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  lr: -1\n")
+    with pytest.raises(ConfigError, match=rf"^{path}: train\.lr: must be > 0, got -1\.0$"):
+        load(str(path))
+    assert load(str(path), ["train.lr=0.1"]).train.lr == 0.1          # a --set may mend the file's value
+    path.write_text("train:\n  lr: 0.1\n")
+    with pytest.raises(ConfigError, match=r"^train\.lr: must be > 0, got -2\.0$"):
+        load(str(path), ["train.lr=-2"])
 
 
 @pytest.mark.parametrize("text, key, lines", [
