@@ -143,11 +143,11 @@ def _usage_error(command: str, text: str) -> int:
 
 
 def _not_a_folder(path: str, itself: bool) -> str | None:
-    """The nearest existing part of ``path`` (``path`` itself when ``itself``, else its parents) when it is not a
-    folder; None when that part is a folder or nothing exists."""
+    """The nearest existing part of ``path`` (``path`` itself first when ``itself``, then its parents) when it is
+    not a folder; None when that part is a folder or nothing exists."""
     from pathlib import Path
     p = Path(path)
-    for part in (p,) if itself else p.parents:
+    for part in ((p,) if itself else ()) + tuple(p.parents):
         if part.exists():
             return None if part.is_dir() else str(part)
     return None
@@ -157,15 +157,16 @@ def _check_out(command: str, option: str, path: str | None, folder: bool) -> int
     """0, or the one-line error (2) when ``path`` is an existing file where a folder is needed: the run folder
     itself (``folder``), or a parent of the store file (not ``folder``).
 
-    A run folder given as an existing file ended in ``train: File exists (errno 17): PATH``, exit 1, and only
-    once the model and the data were loaded; a store under a file in ``cannot create its folder: File exists``.
-    A run folder *under* a file keeps its OSError line and exit 1 (``main``; tests/test_train.py)."""
+    A run folder given as an existing file, or under one, ended in ``train: File exists (errno 17): PATH`` or
+    ``Not a directory``, exit 1, and only once the model and the data were loaded; a store under a file in
+    ``cannot create its folder: File exists``."""
     if not path:
         return 0
     blocker = _not_a_folder(path, itself=folder)
     if blocker is None:
         return 0
-    where = "is a file" if folder else f"{blocker} is a file"
+    from pathlib import Path
+    where = "is a file" if Path(blocker) == Path(path) else f"{blocker} is a file"
     return _usage_error(command, f"{option} {path}: {where}, not a folder")
 
 
@@ -265,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
         if closed:
             silence(closed)
             return EXIT_OUTPUT_CLOSED
-        # The machine rather than the input (a read-only or full disk, a path under a file): one line too.
+        # The machine rather than the input (a read-only or full disk; a path under a file is refused before, by _check_out): one line too.
         from engine.store_format import error_text
         print(f"{args.command}: {error_text(exc)}", file=sys.stderr)
         return 1

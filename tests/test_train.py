@@ -322,9 +322,9 @@ def test_an_output_folder_that_cannot_be_made_is_one_line(store, tmp_path, capsy
     blocker.write_text("not a folder")
     args = ["--store", str(store), "--out", str(blocker / "run"), "--set", "model.encoder=tiny",
             "--set", "train.iterations=2", "--set", "train.num_workers=0", "--set", "train.device=cpu"]
-    assert cli.main(["train", *args]) == 1
+    assert cli.main(["train", *args]) == 2                   # the user's path: refused before any work
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"train: Not a directory (errno 20): {blocker / 'run'}"]
+    assert err == [f"train: --out {blocker / 'run'}: {blocker} is a file, not a folder"]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")
