@@ -266,7 +266,8 @@ def main(argv: list[str] | None = None) -> int:
         if closed:
             silence(closed)
             return EXIT_OUTPUT_CLOSED
-        # The machine rather than the input (a read-only or full disk; a path under a file is refused before, by _check_out): one line too.
+        # The machine rather than the input (a read-only or full disk; a path under a file was refused before,
+        # by _check_out): one line too.
         from engine.store_format import error_text
         print(f"{args.command}: {error_text(exc)}", file=sys.stderr)
         return 1
