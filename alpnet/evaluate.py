@@ -633,15 +633,14 @@ def _run(cfg: Any, checkpoint: str | None, baseline: str | None, setting: int | 
                     "load_s": loader.load_s},
         "config": to_dict(cfg), "checkpoint_config": choice.ckpt_cfg or None,
     }
+    print(report.results_table(results))    # first: on a full disk it is what keeps the scores
     try:
         report.write_report(out, results, all_overlays)
         write_run_info(out, to_dict(cfg), name="evaluate")
-    except OSError as exc:       # a full disk after a long evaluation: the table on stdout keeps the scores
+    except OSError as exc:
         from engine.store_format import error_text
-        print(report.results_table(results))
         raise ReportWriteError(f"{out}: cannot write the report ({error_text(exc)}); the scores are the table "
                                "above") from None
-    print(report.results_table(results))
     print(f"report: {out / 'results.md'}, {out / 'results.json'}, {out / 'overlays'}/")
     if sum(summary["n_scans"].values()) == 0:
         print("evaluate: no (organ, scan) pair could be scored; see the notes in results.md", file=sys.stderr)
