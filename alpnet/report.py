@@ -163,6 +163,47 @@ def _row_of(results_list: Sequence[Mapping], label: str, source: str, average_re
             "n_scans": s["n_scans"], "pooled": pooled}
 
 
+def fold_mean(pooled: Mapping[str, Mapping[str, float]], classes: Sequence[str]) -> dict:
+    """The paper's averaging (method.md 5.3): per organ the mean over folds of each fold's mean over its scans.
+
+    The table's rows weigh every scan once (``summarise``); the two agree when every fold scores the same
+    number of scans, and differ otherwise (unequal folds, an organ skipped in some scans).
+    Returns ``{"organs": {organ: Dice or NaN}, "mean": mean over organs with a value}``.
+    """
+    organs = {}
+    for c in classes:
+        per_fold: dict[str, list[float]] = {}
+        for key, d in pooled.get(c, {}).items():
+            if d is not None and math.isfinite(d):
+                per_fold.setdefault(key.split(":")[0], []).append(d)
+        organs[c] = float(np.mean([np.mean(v) for v in per_fold.values()])) if per_fold else float("nan")
+    finite = [v for v in organs.values() if math.isfinite(v)]
+    return {"organs": organs, "mean": float(np.mean(finite)) if finite else float("nan")}
+
+
+def _fold_mean_lines(rows: Sequence[dict], columns: Sequence[str]) -> list[str]:
+    """A note for each row whose mean of fold means would print differently from its mean over scans."""
+    lines = []
+    for r in rows:
+        fm = fold_mean(r["pooled"], columns)
+        counts: dict[tuple[str, str], int] = {}
+        for organ, scans in r["pooled"].items():
+            for key, d in scans.items():
+                if d is not None and math.isfinite(d):
+                    fold = (organ, key.split(":")[0])
+                    counts[fold] = counts.get(fold, 0) + 1
+        same = all(_pct(fm["organs"][c]) == _pct(r["organs"].get(c)) for c in columns) \
+            and _pct(fm["mean"]) == _pct(r["mean"])
+        if same or len(set(counts.values())) < 2:
+            continue
+        organs = ", ".join(f"{DISPLAY.get(c, c)} {_pct(fm['organs'][c])}" for c in columns
+                           if math.isfinite(fm["organs"][c]))
+        lines.append(f"- {r['label']}: the mean of the fold means (the paper's averaging) is {_pct(fm['mean'])} "
+                     f"({organs}); the table weighs each scan once, and its folds score "
+                     f"{min(counts.values())} to {max(counts.values())} scans per organ")
+    return lines
+
+
 BOOTSTRAP_SAMPLES = 10_000
 
 
@@ -250,7 +291,8 @@ def results_table(results: Mapping) -> str:
     """The Dice table of one run (Table I layout, the paper's rows above ours when the classes are CHAOS's)."""
     columns = column_order(results["all_classes"])
     row = _row_of([results], results["label"], f"this run, data: {_data_name(results)}")
-    return table([row], columns, with_paper=_is_chaos(columns))
+    notes = _fold_mean_lines([row], columns)
+    return "\n".join([table([row], columns, with_paper=_is_chaos(columns))] + ([""] + notes if notes else []))
 
 
 def merge_results(paths: Sequence[str | Path], labels: Sequence[str] | None = None,
@@ -285,6 +327,8 @@ def merge_results(paths: Sequence[str | Path], labels: Sequence[str] | None = No
     groups: dict[str, list[int]] = {}
     for i, name in enumerate(names):
         groups.setdefault(name, []).append(i)
+    for name, idx in groups.items():
+        _check_group(name, [(str(paths[i]), loaded[i]) for i in idx], average_repeats)
     rows = [_row_of([loaded[i] for i in idx], name,
                     "this project, data: " + ", ".join(dict.fromkeys(_data_name(loaded[i]) for i in idx)),
                     average_repeats)
@@ -293,12 +337,47 @@ def merge_results(paths: Sequence[str | Path], labels: Sequence[str] | None = No
     lines = [table(rows, columns, with_paper=_is_chaos(columns)), ""]
     if any(r["partial"] for r in rows):
         lines.append("\\* mean over the organs this row evaluates (a setting-2 model covers one label group).")
+    lines += _fold_mean_lines(rows, columns)
     for name, idx in groups.items():
         lines.append(f"- {name}: " + "; ".join(_describe_run(loaded[i], str(paths[i])) for i in idx))
     if len(rows) > 1:
         lines += ["", f"Paired against the first row ({rows[0]['label']}), on the (organ, scan) pairs both scored:"]
         lines += _comparison_lines(rows)
     return "\n".join(lines) + "\n"
+
+
+def _check_group(label: str, items: Sequence[tuple[str, Mapping]], average_repeats: bool) -> None:
+    """Results pooled into one row must follow one protocol on one dataset, and repeats must be trainings.
+
+    ``ReportError`` names the two files that disagree: a row mixing C, folds, classes or data would print a
+    mean that no single evaluation defines; averaging a file with itself, with another evaluation of the same
+    checkpoint, or with a support copy (which has no training to repeat) would shrink the spread seen.
+    """
+    first_path, first = items[0]
+    seen = {Path(first_path).resolve()}
+    for path, res in items[1:]:
+        if Path(path).resolve() in seen:
+            raise ReportError(f"{label}: {path} is given twice")
+        seen.add(Path(path).resolve())
+        for what, get in (("C (chunks)", lambda r: r.get("chunks")), ("n_folds", lambda r: r["n_folds"]),
+                          ("classes", lambda r: sorted(r["all_classes"])), ("data", _data_name)):
+            if get(res) != get(first):
+                raise ReportError(f"{label}: {path} has {what} {get(res)} but {first_path} has {get(first)}: "
+                                  "one row pools results of one protocol on one dataset")
+    if not average_repeats:
+        return                               # overlaps are refused by _pool
+    scored = [(path, res, {(o, k) for o, scans in per_scan_dice(res).items() for k in scans}) for path, res in items]
+    for i, (path_a, a, keys_a) in enumerate(scored):
+        for path_b, b, keys_b in scored[i + 1:]:
+            if not keys_a & keys_b:
+                continue
+            ck_a, ck_b = a.get("checkpoint"), b.get("checkpoint")
+            if not ck_a or not ck_b:
+                raise ReportError(f"{label}: {path_b if not ck_b else path_a} has no model (support copy): "
+                                  "there is no training to repeat, so nothing to average")
+            if ck_a.get("sha256") == ck_b.get("sha256"):
+                raise ReportError(f"{label}: {path_a} and {path_b} score the same checkpoint (sha256 "
+                                  f"{str(ck_a.get('sha256'))[:12]}): repeats must be separate trainings")
 
 
 def _describe_run(res: Mapping, path: str) -> str:

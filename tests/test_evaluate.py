@@ -247,8 +247,8 @@ def test_main_too_few_scans_for_the_folds(tmp_path, capsys):
 
 
 # --------------------------------------------------------------------------------------------- report
-def _fake_results(label, folds, organs, all_classes=("LIVER", "RK", "LK", "SPLEEN"), setting=2):
-    """A minimal results.json: ``organs`` = {organ: {fold: {scan: dice}}}."""
+def _fake_results(label, folds, organs, all_classes=("LIVER", "RK", "LK", "SPLEEN"), setting=2, sha=None):
+    """A minimal results.json: ``organs`` = {organ: {fold: {scan: dice}}}; ``sha``: a checkpoint's digest."""
     fres = []
     for k in folds:
         f = {"fold": k, "queries": [], "support": "s", "organs": {}}
@@ -257,7 +257,7 @@ def _fake_results(label, folds, organs, all_classes=("LIVER", "RK", "LK", "SPLEE
         fres.append(f)
     return {"label": label, "folds": fres, "all_classes": {c: i + 1 for i, c in enumerate(all_classes)},
             "n_folds": 5, "folds_evaluated": list(folds), "setting": setting, "data": "d", "chunks": 3,
-            "checkpoint": None}
+            "checkpoint": sha and {"path": f"{label}.pt", "sha256": sha, "encoder": "e", "train_fold": folds[0]}}
 
 
 def test_merge_pools_label_groups_and_shows_paper_rows(tmp_path):
@@ -285,8 +285,12 @@ def test_merge_rejects_duplicates_and_bad_files(tmp_path):
     r = _fake_results("x", [0], {"RK": {0: {"1": 0.5}}})
     p = tmp_path / "r.json"
     p.write_text(json.dumps(r))
-    with pytest.raises(report.ReportError, match="appears in two results"):
+    with pytest.raises(report.ReportError, match=f"^a: {p} is given twice$"):
         report.merge_results([p, p], ["a", "a"])
+    twin = tmp_path / "copy.json"
+    twin.write_text(p.read_text())
+    with pytest.raises(report.ReportError, match="appears in two results"):
+        report.merge_results([p, twin], ["a", "a"])
     with pytest.raises(report.ReportError, match="^2 results files but 1 labels: --labels names one row per file$"):
         report.merge_results([p, p], ["a"])
     bad = tmp_path / "bad.json"
@@ -303,7 +307,7 @@ def test_merge_averages_repeated_trainings_per_scan(tmp_path):
     paths = []
     for name, scans in runs.items():
         p = tmp_path / f"{name}.json"
-        p.write_text(json.dumps(_fake_results(name, [0], {"LIVER": {0: scans}})))
+        p.write_text(json.dumps(_fake_results(name, [0], {"LIVER": {0: scans}}, sha=name * 8)))
         paths.append(p)
     with pytest.raises(report.ReportError, match="--average-repeats"):
         report.merge_results(paths, ["A", "A", "B"])
@@ -320,8 +324,8 @@ def test_merge_averages_repeated_trainings_per_scan(tmp_path):
 
 
 def test_merge_refuses_uneven_repeats(tmp_path, capsys):
-    a = _fake_results("a", [0], {"LIVER": {0: {"1": 0.2, "2": 0.6}}})
-    b = _fake_results("b", [0], {"LIVER": {0: {"1": 0.4}}})
+    a = _fake_results("a", [0], {"LIVER": {0: {"1": 0.2, "2": 0.6}}}, sha="a" * 8)
+    b = _fake_results("b", [0], {"LIVER": {0: {"1": 0.4}}}, sha="b" * 8)
     paths = []
     for name, r in [("a", a), ("b", b)]:
         p = tmp_path / f"{name}.json"
@@ -603,3 +607,60 @@ def test_training_overlap_uses_the_scans_training_held_out(tmp_path, monkeypatch
     vols, _ = training_volumes(ckpt_cfg, {"store": {"path": str(tmp_path / "s.h5"), "held_out": held}})
     fold0 = make_fold(ids, 3, 0)                        # queries 1, 2; support 3
     assert training_overlap(ckpt_cfg, vols, fold0, {s: f"sum{s}" for s in fold0.scans}, 3) == ["3"]
+
+
+def _write(tmp_path, **results):
+    paths = []
+    for name, r in results.items():
+        p = tmp_path / f"{name}.json"
+        p.write_text(json.dumps(r))
+        paths.append(p)
+    return paths
+
+
+def test_unequal_folds_get_the_mean_of_fold_means_beside_the_table(tmp_path):
+    # fold 0 scores two scans (0.2, 0.4), fold 1 one (0.9): over scans 50.00, over fold means (0.3 + 0.9) / 2
+    uneven = _fake_results("u", [0, 1], {"LIVER": {0: {"1": 0.2, "2": 0.4}, 1: {"3": 0.9}}}, all_classes=["LIVER"])
+    note = ("- u: the mean of the fold means (the paper's averaging) is 60.00 (Liver 60.00); the table weighs each "
+            "scan once, and its folds score 1 to 2 scans per organ")
+    table = report.results_table(uneven)
+    assert "| 50.00 | 50.00 |" in table and table.endswith("\n\n" + note)
+    assert note in report.merge_results(_write(tmp_path, u=uneven))
+    even = _fake_results("e", [0, 1], {"LIVER": {0: {"1": 0.2}, 1: {"3": 0.9}}}, all_classes=["LIVER"])
+    assert "fold means" not in report.results_table(even)
+    assert "fold means" not in report.merge_results(_write(tmp_path, e=even))
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("chunks", 1, "has C (chunks) 1 but {a} has 3"),
+    ("n_folds", 4, "has n_folds 4 but {a} has 5"),
+    ("all_classes", {"LIVER": 1}, "has classes ['LIVER'] but {a} has ['LIVER', 'LK', 'RK', 'SPLEEN']"),
+    ("data", "/x/other", "has data other but {a} has d"),
+])
+def test_a_row_pools_one_protocol_on_one_dataset(tmp_path, key, value, message):
+    a = _fake_results("a", [0], {"LIVER": {0: {"1": 0.2}}})
+    b = _fake_results("b", [1], {"LIVER": {1: {"3": 0.4}}})
+    b[key] = value
+    pa, pb = _write(tmp_path, a=a, b=b)
+    with pytest.raises(report.ReportError) as err:
+        report.merge_results([pa, pb], ["A", "A"])
+    assert str(err.value) == (f"A: {pb} " + message.format(a=pa)
+                              + ": one row pools results of one protocol on one dataset")
+    assert report.merge_results([pa, pb], ["A", "B"]).count("| **") == 2     # two rows may differ
+
+
+def test_average_repeats_needs_separate_trainings(tmp_path):
+    scans = {"LIVER": {0: {"1": 0.2}}}
+    one, same, copy = _write(tmp_path, one=_fake_results("one", [0], scans, sha="f" * 64),
+                             same=_fake_results("same", [0], scans, sha="f" * 64),
+                             copy=_fake_results("copy", [0], scans))
+    with pytest.raises(report.ReportError, match=f"^A: {one} is given twice$"):
+        report.merge_results([one, one], ["A", "A"], average_repeats=True)
+    with pytest.raises(report.ReportError) as err:
+        report.merge_results([one, same], ["A", "A"], average_repeats=True)
+    assert str(err.value) == (f"A: {one} and {same} score the same checkpoint (sha256 ffffffffffff): "
+                              "repeats must be separate trainings")
+    with pytest.raises(report.ReportError) as err:
+        report.merge_results([one, copy], ["A", "A"], average_repeats=True)
+    assert str(err.value) == (f"A: {copy} has no model (support copy): there is no training to repeat, "
+                              "so nothing to average")
