@@ -27,6 +27,18 @@ class ConfigError(ValueError):
     """A configuration key or value is invalid; the message names the dotted key."""
 
 
+class _WrongType(ConfigError):
+    """A value of the wrong kind for its key, keeping what the key takes so that a union can name the types
+    of all its members in one message."""
+
+    def __init__(self, key: str, expected: str, value: Any) -> None:
+        super().__init__(f"{key}: expected {expected}, got {type(value).__name__} {value!r}")
+        self.key, self.expected, self.got = key, expected, f"{type(value).__name__} {value!r}"
+
+    def __reduce__(self):                     # pickles as the plain error it reads as
+        return ConfigError, self.args
+
+
 # --------------------------------------------------------------------------------------------- sections
 @dataclasses.dataclass
 class DataConfig:
@@ -203,7 +215,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return _coerce_union(value, typing.get_args(tp), key)
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+            raise _WrongType(key, "a list", value)
         (item_tp, *_) = typing.get_args(tp) or (Any,)
         return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
@@ -215,7 +227,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         expected = _SCALARS[tp]
         # bool is an int in Python, but true/false is not an integer in a config
         if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
-            raise ConfigError(f"{key}: expected {expected}, got {type(value).__name__} {value!r}")
+            raise _WrongType(key, expected, value)
         return value
     raise ConfigError(f"{key}: unsupported type {_type_name(tp)}")
 
@@ -226,7 +238,7 @@ _SCALARS = {int: "an integer", bool: "true/false", str: "a string"}
 def _mapping(value: Any, key: str) -> dict:
     """``value`` when it is a mapping, else the config error naming ``key``."""
     if not isinstance(value, dict):
-        raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
+        raise _WrongType(key, "a mapping", value)
     return value
 
 
@@ -238,20 +250,19 @@ def _coerce_union(value: Any, args: tuple, key: str) -> Any:
         value = value.value
     if value is None and type(None) in args:
         return None
-    errors = []
+    errors: list[ConfigError] = []
     for arg in args:
         if arg is type(None):
             continue
         try:
             return _coerce(value, arg, key)
         except ConfigError as exc:
-            errors.append(str(exc))
+            errors.append(exc)
     # the first member's error alone read "evaluate.fold: expected a string, got float 1.5", though an integer
     # is what the key takes there
-    found = [re.fullmatch(rf"{re.escape(key)}: expected (.+?), got (.*)", e, re.S) for e in errors]
-    if len(found) > 1 and all(found) and len({m.group(2) for m in found}) == 1:
-        raise ConfigError(f"{key}: expected {' or '.join(m.group(1) for m in found)}, got {found[0].group(2)}")
-    raise ConfigError(errors[0] if errors else f"{key}: invalid value {value!r}")
+    if len(errors) > 1 and all(isinstance(e, _WrongType) and e.key == key for e in errors):
+        raise ConfigError(f"{key}: expected {' or '.join(e.expected for e in errors)}, got {errors[0].got}")
+    raise ConfigError(str(errors[0]) if errors else f"{key}: invalid value {value!r}")
 
 
 def _coerce_float(value: Any, key: str) -> float:
@@ -263,7 +274,7 @@ def _coerce_float(value: Any, key: str) -> float:
         except ValueError:
             pass
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigError(f"{key}: expected a number, got {type(value).__name__} {value!r}")
+        raise _WrongType(key, "a number", value)
     return float(value)
 
 
