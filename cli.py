@@ -142,17 +142,6 @@ def _usage_error(command: str, text: str) -> int:
     return 2
 
 
-def _not_a_folder(path: str, itself: bool) -> str | None:
-    """The nearest existing part of ``path`` (``path`` itself first when ``itself``, then its parents) when it is
-    not a folder; None when that part is a folder or nothing exists."""
-    from pathlib import Path
-    p = Path(path)
-    for part in ((p,) if itself else ()) + tuple(p.parents):
-        if part.exists():
-            return None if part.is_dir() else str(part)
-    return None
-
-
 def _check_out(command: str, option: str, path: str | None, folder: bool) -> int:
     """0, or the one-line error (2) when ``path`` is an existing file where a folder is needed: the run folder
     itself (``folder``), or a parent of the store file (not ``folder``).
@@ -162,10 +151,12 @@ def _check_out(command: str, option: str, path: str | None, folder: bool) -> int
     ``cannot create its folder: File exists``."""
     if not path:
         return 0
-    blocker = _not_a_folder(path, itself=folder)
+    from pathlib import Path
+
+    from engine.runinfo import not_a_folder
+    blocker = not_a_folder(path, itself=folder)
     if blocker is None:
         return 0
-    from pathlib import Path
     where = "is a file" if Path(blocker) == Path(path) else f"{blocker} is a file"
     return _usage_error(command, f"{option} {path}: {where}, not a folder")
 

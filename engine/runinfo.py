@@ -77,6 +77,17 @@ def write_run_info(out_dir: str | Path, config: dict[str, Any], name: str = "run
     return path
 
 
+def not_a_folder(path: str | Path, itself: bool) -> str | None:
+    """The nearest existing part of ``path`` (``path`` itself first when ``itself``, then its parents) when it is
+    not a folder, so that an error can name the file standing where a folder is needed; None when that part
+    is a folder or nothing exists."""
+    p = Path(path)
+    for part in ((p,) if itself else ()) + tuple(p.parents):
+        if part.exists():
+            return None if part.is_dir() else str(part)
+    return None
+
+
 def write_text_atomic(path: str | Path, text: str) -> None:
     """``path`` holds either its old content or all of ``text``, also when the disk fills up on the way; a
     failure names ``path`` (a failed ``write`` names no file)."""

@@ -56,6 +56,7 @@ from engine.store_format import (_SHARD_RE, DATASETS, DTYPES, FORMAT_NAME, MAP_D
                                  SCHEMA_VERSION, Batch, RunRecordError, SettingsMismatch, SliceResult, StoreError,
                                  StoreLocked, _differences, _s, error_text, lock_path, parts_dir, settings_hash,
                                  shard_name, slice_organ_bits, volume_row)
+from engine.runinfo import not_a_folder
 from engine.store_lock import StoreLock, describe_holder
 from engine.store_reader import StoreReader
 from engine.store_shards import (ShardBuilder, ShardInfo, merge_volumes, read_shard_info, read_shard_settings,
@@ -127,7 +128,9 @@ class StoreWriter:
         try:
             store.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise StoreError(f"{store}: cannot create its folder: {exc.strerror or exc}") from None
+            blocker = not_a_folder(store.parent, itself=True)
+            why = f"{blocker} is a file, not a folder" if blocker else exc.strerror or exc
+            raise StoreError(f"{store}: cannot create its folder: {why}") from None
         if store.is_dir():
             raise StoreError(f"{store}: is a folder, not a store file")
         try:

@@ -203,6 +203,18 @@ def test_a_file_that_is_not_a_store_is_never_overwritten(tmp_path):
         assert f["x"][()] == 1
 
 
+@pytest.mark.parametrize("depth", [1, 2])
+def test_a_store_under_a_file_names_the_file(tmp_path, depth):
+    # was: "cannot create its folder: File exists" / "Not a directory", naming neither the file nor where it is
+    blocker = tmp_path / "notes.txt"
+    blocker.write_text("kept\n")
+    path = blocker.joinpath(*["sub"] * (depth - 1), "s.h5")
+    with pytest.raises(StoreError) as err:
+        StoreWriter.open(path, SETTINGS, Codec.parse("none"), SHAPE, "rev1")
+    assert str(err.value) == f"{path}: cannot create its folder: {blocker} is a file, not a folder"
+    assert blocker.read_text() == "kept\n"
+
+
 def test_resume_scan_keeps_committed_shards_and_removes_debris(tmp_path):
     path = tmp_path / "s.h5"
     write_store(path, batches=((("1", 0), ("1", 1)), (("1", 2),), (("2", 0),)))
