@@ -87,8 +87,22 @@ def check_integrity(reader: StoreReader, read_pixels: bool = True) -> list[str]:
     the virtual datasets map every shard, that each volume's slices are z = 0, 1, ... without gap or
     duplicate (a partly written last volume is allowed while the store is incomplete), and, with
     ``read_pixels``, that every slice decodes and is consistent (finite image, superpixel ids 1..n inside
-    the body only, label present exactly when recorded).
+    the body only, label present exactly when recorded). The pixel check stops after ``MAX_PROBLEMS``
+    findings; the list then ends with ``STOPPED_NOTE``.
     """
+    problems, truncated = integrity_problems(reader, read_pixels)
+    return problems + [STOPPED_NOTE] if truncated else problems
+
+
+def integrity_problems(reader: StoreReader, read_pixels: bool = True) -> tuple[list[str], bool]:
+    """``check_integrity``'s findings without the note: ``(problems, truncated)``, where ``truncated`` says
+    the pixel check stopped at ``MAX_PROBLEMS``."""
+    problems = _check_shards_and_index(reader)
+    more, truncated = _check_volumes_and_pixels(reader, read_pixels)
+    return problems + more, truncated
+
+
+def _check_shards_and_index(reader: StoreReader) -> list[str]:
     problems: list[str] = []
     sl = reader.slices
     n = reader.n_slices
@@ -120,7 +134,7 @@ def check_integrity(reader: StoreReader, read_pixels: bool = True) -> list[str]:
         with h5py.File(reader.path, "r") as f:
             if int(f.attrs.get("n_slices", -1)) != n:
                 # A run has published a newer index since this snapshot was taken; its mapping is not ours.
-                return problems + _check_volumes_and_pixels(reader, read_pixels)
+                return problems
             unmapped: set[str] = set()
             for name in DATASETS:
                 d = f[name]
@@ -139,11 +153,12 @@ def check_integrity(reader: StoreReader, read_pixels: bool = True) -> list[str]:
                                 f"from {reader.parts.name}")
     except OSError as exc:
         problems.append(f"{reader.path}: cannot reopen the index ({error_text(exc)})")
-    return problems + _check_volumes_and_pixels(reader, read_pixels)
+    return problems
 
 
-def _check_volumes_and_pixels(reader: StoreReader, read_pixels: bool) -> list[str]:
+def _check_volumes_and_pixels(reader: StoreReader, read_pixels: bool) -> tuple[list[str], bool]:
     problems: list[str] = []
+    truncated = False
     sl = reader.slices
     n = reader.n_slices
     # per volume: z = 0..n-1 once each
@@ -186,13 +201,13 @@ def _check_volumes_and_pixels(reader: StoreReader, read_pixels: bool) -> list[st
             elif "organs" in sl and int(sl["organs"][i]) != (0 if d["label"] is None else slice_organ_bits(d["label"])):
                 problems.append(f"{tag}: the organs column differs from the label map's values")
             if len(problems) >= MAX_PROBLEMS:
-                problems.append(STOPPED_NOTE)
+                truncated = True
                 break
         for reason, rows in unreadable.items():
             first = rows[0]
             where = (f"slice {first}" if len(rows) == 1 else f"{len(rows)} slices ({first}..{rows[-1]})")
             problems.append(f"{where}, from volume {sl['volume'][first]} z={sl['z'][first]}: unreadable ({reason})")
-    return problems
+    return problems, truncated
 
 
 def _vslices(vs) -> list:
@@ -204,9 +219,7 @@ def summarize(reader: StoreReader, path: Path, check_pixels: bool = True) -> dic
     """Everything ``inspect`` shows, as a JSON-able dict."""
     meta = reader.meta
     nsp = reader.slices["n_superpixels"]
-    problems = check_integrity(reader, read_pixels=check_pixels)
-    truncated = STOPPED_NOTE in problems
-    problems = [p for p in problems if p != STOPPED_NOTE]
+    problems, truncated = integrity_problems(reader, read_pixels=check_pixels)
     counts = {}
     for v in reader.slices["volume"]:
         counts[v] = counts.get(v, 0) + 1

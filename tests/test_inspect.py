@@ -347,6 +347,10 @@ def test_a_capped_problem_list_says_so_and_counts_only_problems(store, tmp_path,
     assert all(p.startswith("slice ") for p in s["problems"])
     assert inspect_store(str(copy)) == 1
     assert "integrity    4 problem(s), maybe more (the check stops at 4):" in capsys.readouterr().out
+    from engine.store_reader import StoreReader
+    with StoreReader(copy) as r:                   # the library's list ends with the note, once
+        found = inspect_mod.check_integrity(r)
+    assert len(found) == 5 and found[-1] == "... (stopped at 4)" and found[:4] == s["problems"]
     monkeypatch.setattr(inspect_mod, "MAX_PROBLEMS", 50)
     assert inspect_store(str(copy), as_json=True) == 1
     s = json.loads(capsys.readouterr().out)
