@@ -167,10 +167,10 @@ def _check_volumes_and_pixels(reader: StoreReader, read_pixels: bool) -> tuple[l
     for row in reader.volumes:
         idx = reader.slices_of(row["id"])
         zs = sl["z"][idx]
+        expected = row["n_slices"]
         if len(np.unique(zs)) != len(zs):
             problems.append(f"volume {row['id']}: duplicated slices")
-        expected = row["n_slices"]
-        if not np.array_equal(zs, np.arange(len(zs))):
+        elif not np.array_equal(zs, np.arange(len(zs))):
             problems.append(f"volume {row['id']}: slices are not z = 0..{len(zs) - 1} in order (gap)")
         elif len(zs) != expected and (complete or row["id"] != last_volume):
             problems.append(f"volume {row['id']}: {len(zs)} of its {expected} slices in the store")

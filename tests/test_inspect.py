@@ -389,3 +389,28 @@ def test_save_figure_closes_the_figure_when_the_write_fails(tmp_path):
     with pytest.raises(OSError):
         save_figure(fig, blocker / "sub" / "a.png", 50)          # its parent is a file
     assert not plt.fignum_exists(fig.number)
+
+
+@pytest.mark.parametrize("zs, expected", [
+    ([0, 1, 1, 3, 4], "volume 1: duplicated slices"),
+    ([0, 1, 3, 4, 5], "volume 1: slices are not z = 0..4 in order (gap)"),
+])
+def test_a_duplicated_or_missing_z_is_reported_once_as_what_it_is(store, tmp_path, zs, expected):
+    # a duplicated z was also reported as a gap
+    import shutil
+
+    import h5py
+
+    from engine.inspect import integrity_problems
+    from engine.store_reader import StoreReader
+    copy = tmp_path / store.name
+    shutil.copy(store, copy)
+    shutil.copytree(parts_dir(store), parts_dir(copy))
+    with h5py.File(copy, "r+") as f:
+        z = f["slices/z"][()]
+        first = np.flatnonzero(f["slices/volume"][()].astype(str) == "1")
+        z[first] = zs
+        f["slices/z"][...] = z
+    with StoreReader(copy) as r:
+        problems, truncated = integrity_problems(r, read_pixels=False)
+    assert [p for p in problems if p.startswith("volume 1")] == [expected] and not truncated
