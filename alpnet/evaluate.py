@@ -530,6 +530,11 @@ def _network(cfg: Any, checkpoint: str, setting: int | None, device: str) -> _Ch
         cfg.prepare.zscore = zscore
     method = store.get("method") or ckpt_cfg.get("superpixels", {}).get("method")
     method = METHOD_NAMES.get(str(method), method)
+    if ckpt_setting == 1 and ep.get("exclude_labels"):
+        # setting 1 takes every class as seen in training; this training did not see these organs' slices
+        notes.append(f"the checkpoint (setting 1) was trained without the slices holding labels "
+                     f"{sorted(ep['exclude_labels'])} (episodes.exclude_labels): those organs are scored as "
+                     "setting 1 all the same, though their training was nearer setting 2's")
     if setting == 1 and ckpt_setting == 2:
         notes.append("setting 1 asked of a setting-2 checkpoint: every class is evaluated; the organs its "
                      "training excluded are held out more strictly than setting 1 requires")

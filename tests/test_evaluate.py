@@ -486,6 +486,19 @@ def test_checkpoint_setting_and_fold_rules(tmp_path, capsys):
     assert "WARNING fold 1" in (tmp_path / "eval" / "results.md").read_text()
 
 
+
+def test_a_setting_1_checkpoint_trained_without_some_organs_says_so(tmp_path):
+    # was: scored as plain setting 1 without a word of the organs its training never saw
+    data = _make_dataset(tmp_path / "data")
+    ck = _checkpoint(tmp_path, "episodes.setting=1", "episodes.exclude_labels=[7]", "episodes.fold=0")
+    assert main(_cfg(tmp_path, data, fold="0"), str(ck), None, None, "cpu") == 0
+    res = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert res["setting"] == 1 and set(res["classes"]) == {"A", "B"}
+    assert ("the checkpoint (setting 1) was trained without the slices holding labels [7] "
+            "(episodes.exclude_labels): those organs are scored as setting 1 all the same, though their "
+            "training was nearer setting 2's") in res["notes"]
+
+
 def test_unreadable_checkpoint_one_line(tmp_path, capsys):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
