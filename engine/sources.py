@@ -30,8 +30,9 @@ import numpy as np
 from engine._prepare_kernels import labels_to_u8
 from engine.volume import Volume, VolumeError, one_line
 
-_NIFTI_RE = re.compile(r"^(image|label)_(.+?)\.nii(\.gz)?$")
-_NIFTI_SUFFIX = re.compile(r"\.nii(\.gz)?$")
+# the suffix in any case: scans copied from Windows or written by some converters end in .NII / .NII.GZ
+_NIFTI_RE = re.compile(r"^(image|label)_(.+?)\.(?i:nii(\.gz)?)$")
+_NIFTI_SUFFIX = re.compile(r"\.nii(\.gz)?$", re.IGNORECASE)
 _MAX_VOXELS = 1 << 30               # 4 GiB as float32: far beyond any abdominal scan, rejects absurd headers
 
 
@@ -154,7 +155,7 @@ def _header_problem(path: Path) -> str | None:
         return f"unreadable start: {one_line(exc)}"
     if _header_size(first) is None:
         return "no NIfTI-1 or NIfTI-2 header at its start"
-    if gz != path.name.endswith(".gz"):
+    if gz != path.name.lower().endswith(".gz"):
         return ("gzip-compressed but named .nii: rename it .nii.gz" if gz else
                 "named .gz but not gzip-compressed: rename it .nii")
     return None
@@ -298,6 +299,23 @@ def _to_uint8_labels(arr: np.ndarray, path: Path) -> np.ndarray:
     return rounded.astype(np.uint8)
 
 
+def _axcodes(affine) -> str:
+    import nibabel as nib
+
+    try:
+        return "".join(c or "?" for c in nib.aff2axcodes(np.asarray(affine, dtype=np.float64)))
+    except Exception:                      # a degenerate affine: record that rather than fail
+        return "???"
+
+
+def _states_orientation(header) -> bool:
+    """Whether the file sets a qform or sform (code > 0)."""
+    try:
+        return int(header["qform_code"]) > 0 or int(header["sform_code"]) > 0
+    except Exception:
+        return False
+
+
 def load_nifti(image_path: str | Path, label_path: str | Path | None, vid: str) -> Volume:
     """Read an image (and optional label) NIfTI into a Volume.
 
@@ -316,29 +334,33 @@ def load_nifti(image_path: str | Path, label_path: str | Path | None, vid: str) 
     Raises
     ------
     VolumeError
-        Unreadable/truncated file, not 3D, label shape or values invalid.
+        Unreadable/truncated file, not 3D, label shape, orientation or values invalid.
     """
-    import nibabel as nib
-
     image_path = Path(image_path)
     img, shape, checksum = _nifti_array(image_path, "image")
     data = _read_data(img, image_path, shape)
     if data.dtype != np.float64:              # float64 stays as stored: ``prepare`` converts it voxel by voxel
         data = data.astype(np.float32, copy=False)
     affine = np.asarray(img.affine if img.affine is not None else np.eye(4), dtype=np.float64)
-    try:
-        orientation = "".join(c or "?" for c in nib.aff2axcodes(affine))
-    except Exception:                      # a degenerate affine: record that rather than fail
-        orientation = "???"
+    orientation = _axcodes(affine)
     zooms = img.header.get_zooms()[:3]
-    # header zooms are float32: round to 6 decimals so 7.7 reads 7.7, not 7.699999809
-    spacing = tuple(round(float(z), 6) for z in zooms) + (1.0,) * (3 - len(zooms))
+    # header zooms are float32: round to 6 decimals so 7.7 reads 7.7, not 7.699999809. Without a qform nibabel
+    # passes pixdim on as written, sign included; a voxel size has none.
+    spacing = tuple(round(abs(float(z)), 6) for z in zooms) + (1.0,) * (3 - len(zooms))
     label = None
     if label_path is not None:
         label_path = Path(label_path)
         limg, lshape, label_sum = _nifti_array(label_path, "label")
         if lshape != shape:
             raise VolumeError(label_path, f"label shape {lshape} differs from image shape {shape}")
+        # Same shape but flipped or permuted axes (e.g. a label saved LPS beside a RAS image) would put every
+        # organ in the mirror position without a word. A file without a q/sform states no orientation (nibabel
+        # then assumes one): nothing to compare, the voxel grid is taken as the image's.
+        if _states_orientation(img.header) and _states_orientation(limg.header):
+            lorientation = _axcodes(limg.affine)
+            if "?" not in orientation + lorientation and lorientation != orientation:
+                raise VolumeError(label_path, f"label orientation {lorientation} differs from image orientation "
+                                              f"{orientation}: its voxels would not line up with the image's")
         label = _to_uint8_labels(_read_data(limg, label_path, lshape), label_path)
         checksum += "+" + label_sum
     return Volume(id=str(vid), image=data, spacing=spacing, affine=affine, orientation=orientation,
@@ -428,6 +450,9 @@ def _import_nifti_reader() -> None:
         labels_to_u8(np.zeros((2, 2, 2), dtype, order="F"), np.empty((2, 2, 2), np.uint8).transpose(1, 2, 0))
 
 
+_SIBLING_SUFFIXES = (".nii.gz", ".nii", ".NII.GZ", ".NII")
+
+
 class NiftiFileSource(Source):
     """One NIfTI file; ``image_<id>`` files pick up their ``label_<id>`` sibling."""
 
@@ -443,7 +468,7 @@ class NiftiFileSource(Source):
         self._label = None
         if m and m.group(1) == "image":
             self._id = m.group(2)
-            for ext in (".nii.gz", ".nii"):
+            for ext in _SIBLING_SUFFIXES:
                 cand = p.with_name(f"label_{self._id}{ext}")
                 if cand.is_file():
                     self._label = cand
@@ -451,7 +476,7 @@ class NiftiFileSource(Source):
         else:
             self._id = _NIFTI_SUFFIX.sub("", p.name)
             if m:                                     # label_<id>: most likely given in place of its image
-                image = [c for c in (p.with_name(f"image_{m.group(2)}{e}") for e in (".nii.gz", ".nii"))
+                image = [c for c in (p.with_name(f"image_{m.group(2)}{e}") for e in _SIBLING_SUFFIXES)
                          if c.is_file()]
                 self.warnings.append(f"{p}: named as a label volume, read here as an image"
                                      + (f" (its image is {image[0]})" if image else ""))

@@ -23,7 +23,7 @@ def _scans_not_store(path: Path) -> str | None:
         return f"the batch folder of the store {path.with_name(path.name[:-len('.parts')])}: give that file"
     if path.is_dir():
         what = "a folder"
-    elif path.name.endswith((".nii", ".nii.gz")):
+    elif path.name.lower().endswith((".nii", ".nii.gz")):      # as the sources read them, in any case
         what = "a NIfTI file"
     else:
         return None

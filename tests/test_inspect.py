@@ -170,7 +170,9 @@ def test_scans_or_a_batch_folder_given_as_the_store_say_what_to_give(store, tmp_
     scans.mkdir()
     nifti = scans / "image_1.nii.gz"
     nifti.write_bytes(b"")
-    for path, what in [(scans, "a folder"), (nifti, "a NIfTI file")]:
+    upper = scans / "image_2.NII.GZ"
+    upper.write_bytes(b"")
+    for path, what in [(scans, "a folder"), (nifti, "a NIfTI file"), (upper, "a NIfTI file")]:
         assert inspect_store(str(path)) == 2
         assert capsys.readouterr().err == (f"inspect: {path}: {what}, not a store; make a store of it with `cli.py "
                                            f"preprocess --input {path} --out STORE.h5` (`cli.py inspect --data "

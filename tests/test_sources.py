@@ -417,3 +417,55 @@ def test_id_order_does_not_depend_on_the_folder_listing_and_odd_digits_do_not_cr
     src = open_source(str(tmp_path), None)
     assert src.refs() == ["2", "10", "²"]
     assert src.load("²").id == "²"
+
+
+def test_upper_case_suffixes_are_scans_too(tmp_path):
+    # image_7.NII.GZ was left out of a folder without a word, and refused as "not a NIfTI file" when given alone
+    _write(tmp_path / "image_7.NII.GZ", _image(seed=7))
+    _write(tmp_path / "label_7.NII.GZ", np.ones((16, 12, 5), np.uint8))
+    _write(tmp_path / "image_8.nii", _image(seed=8))
+    src = open_source(str(tmp_path), None)
+    assert src.refs() == ["7", "8"] and src.warnings == []
+    v = src.load("7")
+    assert np.array_equal(v.image, _image(seed=7)) and v.label is not None and v.label.max() == 1
+    alone = open_source(str(tmp_path / "image_7.NII.GZ"), None)
+    assert alone.refs() == ["7"] and alone.load("7").label is not None
+    # the general reader's name check (a NIfTI-2 file takes that path) treats .GZ as .gz
+    nib.save(nib.Nifti2Image(_image(seed=2), LAS), str(tmp_path / "n2.nii.gz"))
+    (tmp_path / "n2.nii.gz").rename(tmp_path / "SCAN.NII.GZ")
+    assert np.array_equal(load_nifti(tmp_path / "SCAN.NII.GZ", None, "s").image, _image(seed=2))
+
+
+def test_label_in_another_orientation_is_refused(tmp_path):
+    ras, lps = np.diag([1.5, 1.5, 3.0, 1.0]), np.diag([-1.5, -1.5, 3.0, 1.0])
+    image = _write(tmp_path / "image_1.nii.gz", _image(), affine=ras)
+    lab = np.zeros((16, 12, 5), np.uint8)
+    lab[:4] = 1                                   # an organ on the low-x side, which LPS puts on the other side
+    flipped = _write(tmp_path / "label_1.nii.gz", lab, affine=lps)
+    with pytest.raises(VolumeError) as err:
+        load_nifti(image, flipped, "1")
+    assert str(err.value) == (f"{flipped}: label orientation LPS differs from image orientation RAS: its voxels "
+                              "would not line up with the image's")
+    # a label that states no orientation (no qform, no sform) is taken on the image's voxel grid
+    bare = nib.Nifti1Image(lab, None)
+    bare.header.set_qform(None, code=0)
+    bare.header.set_sform(None, code=0)
+    nib.save(bare, str(tmp_path / "label_2.nii.gz"))
+    assert np.array_equal(load_nifti(image, tmp_path / "label_2.nii.gz", "1").label, lab)
+    # same axes, another origin: not an orientation problem
+    shifted = ras.copy()
+    shifted[:3, 3] = [5.0, -3.0, 2.0]
+    _write(tmp_path / "label_3.nii.gz", lab, affine=shifted)
+    assert np.array_equal(load_nifti(image, tmp_path / "label_3.nii.gz", "1").label, lab)
+
+
+def test_negative_pixdim_gives_a_positive_spacing(tmp_path):
+    img = nib.Nifti1Image(_image().astype(np.float32), None)
+    img.header.set_qform(None, code=0)
+    img.header.set_sform(None, code=0)
+    path = tmp_path / "image_1.nii"
+    nib.save(img, str(path))
+    raw = bytearray(path.read_bytes())
+    raw[80:92] = np.array([-1.5, 2.0, 3.0], "<f4").tobytes()      # pixdim[1:4], as some writers leave it
+    path.write_bytes(bytes(raw))
+    assert load_nifti(path, None, "1").spacing == (1.5, 2.0, 3.0)
