@@ -78,9 +78,12 @@ def _read_slice(path: Path):
     try:
         ds = pydicom.dcmread(path)
     except InvalidDicomError:
-        raise VolumeError(path, "not a DICOM file") from None
+        ds = _read_bare_dataset(path)
+        if ds is None:
+            raise VolumeError(path, "not a DICOM file") from None
     except Exception as exc:                               # truncated or malformed: one line, not a traceback
         raise VolumeError(path, f"cannot read DICOM ({one_line(exc)})") from None
+    _assume_transfer_syntax(ds)
     iop = _float_list(ds, "ImageOrientationPatient", 6, path)
     ipp = _float_list(ds, "ImagePositionPatient", 3, path)
     ps = _float_list(ds, "PixelSpacing", 2, path)
@@ -89,7 +92,7 @@ def _read_slice(path: Path):
     try:
         pix = ds.pixel_array
     except Exception as exc:
-        raise VolumeError(path, f"cannot decode the pixel data ({one_line(exc)})") from None
+        raise VolumeError(path, f"cannot decode the pixel data ({_decode_error(exc)})") from None
     if pix.ndim != 2:
         raise VolumeError(path, f"expected one grey-level frame, got pixel data of shape {pix.shape}")
     slope = float(ds.get("RescaleSlope", 1) or 1)
@@ -99,6 +102,46 @@ def _read_slice(path: Path):
     uid = str(ds.get("SeriesInstanceUID", ""))
     return dict(path=path, iop=iop, ipp=ipp, ps=ps, pix=pix, uid=uid, rows=int(pix.shape[0]),
                 cols=int(pix.shape[1]))
+
+
+def _read_bare_dataset(path: Path):
+    """A file that is a DICOM dataset without the 128-byte preamble and file meta (older writers, some
+    exports), or None. pydicom reads anything when forced, so only a result with pixel data counts."""
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(path, force=True)
+        return ds if "PixelData" in ds else None
+    except Exception:
+        return None
+
+
+def _assume_transfer_syntax(ds) -> None:
+    """Give a file without a Transfer Syntax UID (no file meta: older or hand-made files) the encoding pydicom
+    read its dataset in, so that its pixel data can be decoded; such a file cannot hold compressed pixels."""
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    meta = getattr(ds, "file_meta", None)
+    if meta is not None and "TransferSyntaxUID" in meta:
+        return
+    implicit, little = getattr(ds, "original_encoding", None) or (getattr(ds, "read_implicit_vr", None),
+                                                                    getattr(ds, "read_little_endian", None))
+    if implicit is None or little is None:
+        return
+    if meta is None:
+        ds.file_meta = meta = FileMetaDataset()
+    meta.TransferSyntaxUID = (ImplicitVRLittleEndian if implicit else
+                              ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
+
+
+def _decode_error(exc: BaseException) -> str:
+    """``one_line`` of a pixel decoding error; pydicom lists the plugins a compressed transfer syntax needs on
+    the lines after its first, which is the part a user acts on, so they are kept (joined with '; ')."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    if len(lines) > 1 and lines[0].endswith(":"):
+        return f"{type(exc).__name__}: {lines[0]} {'; '.join(lines[1:])}"
+    return one_line(exc)
 
 
 def dicom_to_array(pixels: np.ndarray) -> np.ndarray:
@@ -157,7 +200,9 @@ def read_dicom_series(folder: str | Path) -> dict:
 
 def _series_files(folder: Path) -> list[Path]:
     """The ``*.dcm`` files of ``folder`` in natural name order; refused when there is none."""
-    files = sorted((p for p in folder.iterdir() if p.is_file() and p.suffix.lower() == ".dcm"),
+    # hidden files are skipped: macOS leaves a "._<name>" companion (not DICOM) beside each file it copies
+    files = sorted((p for p in folder.iterdir()
+                    if p.is_file() and p.suffix.lower() == ".dcm" and not p.name.startswith(".")),
                    key=lambda p: _natural_key(p.name)) if folder.is_dir() else []
     if not files:
         raise VolumeError(folder, "no .dcm files")
@@ -285,7 +330,8 @@ def read_mask_png(path: str | Path, rows: int, cols: int) -> np.ndarray:
 
 def _png_files(ground: Path) -> dict[str, Path]:
     """The PNG masks of ``ground`` by base name (``.png`` in any case)."""
-    return {p.stem: p for p in ground.iterdir() if p.is_file() and p.suffix.lower() == ".png"}
+    return {p.stem: p for p in ground.iterdir()
+            if p.is_file() and p.suffix.lower() == ".png" and not p.name.startswith(".")}   # as _series_files
 
 
 def read_masks(ground: Path, dicom_files: list[Path], rows: int, cols: int) -> np.ndarray | None:

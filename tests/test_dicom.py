@@ -6,6 +6,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import pytest
 
 from engine.config import PrepareConfig
 from engine.dicom import (array_to_dicom, dicom_to_array, normalize_chaos, read_chaos_subject,
@@ -341,3 +342,59 @@ def test_resampling_rules_reproduce_the_public_copy_slice_counts(chaos_dir):
         assert last_zero == bool(public[:, :, -1].max() == 0), vid
         n_zero += last_zero
     assert n_zero == 16
+
+
+def test_hidden_files_beside_the_slices_and_masks_are_skipped(tmp_path):
+    # macOS leaves a "._<name>" file (AppleDouble, not DICOM / PNG) beside each file it copies to some disks;
+    # each failed the whole subject ("not a DICOM file", "PNG mask has no DICOM slice of the same name")
+    image, label = synthetic_volume()
+    t2 = write_chaos_subject(tmp_path, "1", image, label)
+    clean = read_chaos_subject(t2, "1", small_cfg(size=48))
+    for folder in (t2 / "DICOM_anon", t2 / "Ground"):
+        first = sorted(folder.iterdir())[0]
+        (folder / f"._{first.name}").write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        ")
+    vol = read_chaos_subject(t2, "1", small_cfg(size=48))
+    assert np.array_equal(vol.image, clean.image) and np.array_equal(vol.label, clean.label)
+    assert vol.checksum == clean.checksum
+
+
+def test_slices_without_a_transfer_syntax_are_decoded(tmp_path):
+    # a file with no preamble and no file meta (older writers): refused as "not a DICOM file"; read when forced,
+    # pydicom still cannot decode its pixels without a Transfer Syntax UID
+    import pydicom
+    image, _ = synthetic_volume(shape=(20, 16, 4))
+    t2 = write_chaos_subject(tmp_path, "1", image, None)
+    for path in (t2 / "DICOM_anon").glob("*.dcm"):
+        ds = pydicom.dcmread(path)
+        ds.preamble = None                            # no preamble, no meta: the bare dataset, implicit VR
+        del ds.file_meta
+        pydicom.dcmwrite(path, ds, implicit_vr=True, little_endian=True)
+    with pytest.raises(pydicom.errors.InvalidDicomError):
+        pydicom.dcmread(next((t2 / "DICOM_anon").glob("*.dcm")))
+    series = read_dicom_series(t2 / "DICOM_anon")
+    assert np.array_equal(series["image"], image)
+
+
+def test_missing_decoder_plugin_is_named_in_one_line(tmp_path):
+    # pydicom lists the plugins a compressed transfer syntax needs after a colon, on the next lines; the
+    # one-line error kept only "... because all plugins are missing dependencies:"
+    import importlib.util
+
+    import pydicom
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import JPEGLSLossless
+    if any(importlib.util.find_spec(m) for m in ("gdcm", "pylibjpeg", "jpeg_ls")):
+        pytest.skip("a JPEG-LS decoder is installed here")
+    image, _ = synthetic_volume(shape=(20, 16, 3))
+    t2 = write_chaos_subject(tmp_path, "1", image, None)
+    first = sorted((t2 / "DICOM_anon").glob("*.dcm"))[0]
+    ds = pydicom.dcmread(first)
+    ds.file_meta.TransferSyntaxUID = JPEGLSLossless
+    ds.PixelData = encapsulate([b"\xff\xd8" + bytes(64)])
+    ds["PixelData"].VR = "OB"
+    ds.save_as(first, enforce_file_format=True)
+    with pytest.raises(VolumeError) as err:
+        read_dicom_series(t2 / "DICOM_anon")
+    text = str(err.value)
+    assert text.startswith(f"{first}: cannot decode the pixel data (RuntimeError: Unable to decompress 'JPEG-LS")
+    assert "pylibjpeg" in text and "\n" not in text and "\t" not in text
