@@ -9,8 +9,10 @@ Each image of a batch gets its own random parameters:
    argmax (border pixels, [0, 0], become background);
 4. gamma on the image only: r * ((x - min + 1e-5) / r) ** gamma + min, r = max - min + 1e-5, per image.
 
-Departures from the OpenCV reference, all sub-pixel: grid_sample's reflection mirrors about the pixel edges
-(OpenCV's default about the edge pixel centres); bilinear weights are computed in float32.
+Departures from the reference, all sub-pixel: rotation and zoom turn about the true centre ((W-1)/2, (H-1)/2),
+where the reference's cv2.getRotationMatrix2D gets (128, 128) on a 256 x 256 slice, half a pixel off; bilinear
+weights are computed in float32. The elastic resampling is not a departure: the reference uses scipy's
+map_coordinates with mode="reflect", which mirrors about the pixel edges as grid_sample's reflection does.
 """
 from __future__ import annotations
 

@@ -160,6 +160,12 @@ class ALPNet(nn.Module):
         (B, 2, h, w) logits [background, foreground].
         """
         cfg = self.cfg
+        # Episodes pair support b with query b: with unequal batches the loop below would silently drop the
+        # extra queries (or fail on a missing one), so one cached support must be expanded by the caller.
+        sizes = (support_feats.shape[0], support_fg.shape[0], query_feats.shape[0])
+        if len(set(sizes)) != 1:
+            raise ValueError(f"support features, support masks and query features must have the same batch "
+                             f"size (one support per query), got {sizes[0]}, {sizes[1]} and {sizes[2]}")
         out = []
         for b in range(support_feats.shape[0]):
             fg = support_fg[b]

@@ -143,3 +143,17 @@ def test_bad_augment_values_are_rejected():
         load(None, ["augment.zoom=[1.2, 0.9]"])
     with pytest.raises(ConfigError, match="elastic_kernel"):
         load(None, ["augment.elastic_kernel=20"])
+
+
+def test_warp_elastic_equals_the_reference_scipy_reflect_resampler():
+    # the reference resamples the elastic field with scipy map_coordinates(order=1, mode="reflect"), which
+    # mirrors about the outer pixel edges like grid_sample's reflection: equal on every pixel, borders included
+    ndimage = pytest.importorskip("scipy.ndimage")
+    img = torch.randn(1, 1, 30, 44, generator=torch.Generator().manual_seed(4))
+    d = 3.0 * A.elastic_displacement(1, 30, 44, 10.0, 5.0, 21, torch.Generator().manual_seed(5), torch.device("cpu"))
+    got = A.warp_elastic(img, d)[0, 0].numpy()
+    yy, xx = np.mgrid[0:30, 0:44].astype(np.float64)
+    dd = d[0].numpy().astype(np.float64)
+    ref = ndimage.map_coordinates(img[0, 0].numpy().astype(np.float64), [yy + dd[..., 1], xx + dd[..., 0]],
+                                  order=1, mode="reflect")
+    assert np.abs(got - ref).max() < 1e-4

@@ -260,3 +260,70 @@ def test_window_size_differs_between_train_and_test():
         test_out = model(img, fg, qimg, train=False)
     assert train_out["counters"]["fg_local_protos"] == 1 and test_out["counters"]["fg_local_protos"] == 4
     assert train_out["counters"]["bg_local_protos"] == 3 and test_out["counters"]["bg_local_protos"] == 12
+
+
+# ------------------------------------------------------------------------------------------ audit checks
+def _alp_by_hand(f, m, window, threshold, mode, rule=4):
+    """method.md 3.3 written as plain loops over windows (independent of avg_pool2d)."""
+    c, h, w = f.shape
+    mass = float(m.sum())
+    if mass <= 0:
+        return torch.zeros(0, c), "empty"
+    glob = (f * m).sum(dim=(1, 2)) / (mass + 1e-5)
+    if mode == "fg":
+        best = max(float(m[i:i + rule, j:j + rule].mean()) for i in range(0, h - rule + 1, rule)
+                   for j in range(0, w - rule + 1, rule))
+        if best < threshold:
+            return glob[None], "global_only"
+    local = [f[:, i:i + window, j:j + window].mean(dim=(1, 2))
+             for i in range(0, h - window + 1, window) for j in range(0, w - window + 1, window)
+             if float(m[i:i + window, j:j + window].mean()) > threshold]
+    local = torch.stack(local) if local else torch.zeros(0, c)
+    if mode == "fg":
+        return torch.cat([local, glob[None]]), "local"
+    return (local, "local") if len(local) else (glob[None], "fallback_global")
+
+
+def test_alp_pooling_matches_a_hand_loop_on_non_square_soft_masks():
+    gen = torch.Generator().manual_seed(7)
+    for trial in range(60):
+        h, w = (int(v) for v in torch.randint(4, 13, (2,), generator=gen))
+        f = torch.randn(5, h, w, generator=gen, dtype=torch.float64).float()
+        # soft values of a bilinear 2x2 sample (multiples of 1/4), in blocks so that some windows qualify
+        m = (torch.rand(h, w, generator=gen) < torch.rand(1, generator=gen)).float()
+        if trial % 2:
+            m = torch.round(torch.rand(h, w, generator=gen) * 4) / 4
+        for window in (2, 4):
+            for mode, mm in (("fg", m), ("bg", 1 - m)):
+                protos, case = class_prototypes(f, mm, window, 0.95, mode)
+                exp, exp_case = _alp_by_hand(f, mm, window, 0.95, mode)
+                assert case == exp_case and protos.shape == exp.shape
+                assert torch.allclose(protos, exp, atol=1e-5)
+
+
+def test_batched_non_square_episodes_equal_one_at_a_time():
+    model = tiny_model().eval()                            # eval: BatchNorm does not couple the episodes
+    torch.manual_seed(3)
+    img, qimg = torch.randn(3, 3, 48, 80), torch.randn(3, 3, 48, 80)
+    fg = torch.zeros(3, 48, 80)
+    fg[0, :32, :32] = 1
+    fg[1, 8:40, 16:72] = 1
+    fg[2, 20:, 50:] = 1
+    with torch.no_grad():
+        out = model(img, fg, qimg, fg.long(), train=True)
+        assert out["logits"].shape == (3, 2, 48, 80) and out["logits_low"].shape == (3, 2, 6, 10)
+        for b in range(3):
+            one = model(img[b:b + 1], fg[b:b + 1], qimg[b:b + 1], train=True)
+            assert torch.allclose(one["logits"], out["logits"][b:b + 1], atol=1e-5)
+
+
+def test_unequal_support_and_query_batches_are_refused():
+    # a single support for two queries used to return one prediction and drop the second query
+    model = tiny_model()
+    img, fg, qimg, _ = episode(batch=2)
+    with torch.no_grad():
+        feats = model.eval().encode(img[:1])
+    with pytest.raises(ValueError, match="same batch size"):
+        model.predict(None, fg[:1], qimg, support_feats=feats)
+    out = model.predict(None, fg[:1].expand(2, -1, -1), qimg, support_feats=feats.expand(2, -1, -1, -1))
+    assert out["pred"].shape == (2, 64, 64)
