@@ -105,6 +105,7 @@ class MemoryReader:
                          "orientation": "LAS", "path": "memory", "checksum": "",
                          "has_label": v.get("label") is not None} for v in volumes]
         self.meta = meta or {"schema_version": 0, "method": "memory", "params": {}}
+        self.shape = tuple(volumes[0]["image"].shape[:2]) if volumes else (0, 0)
         self.reads = 0
 
     def read(self, i: int, fields: tuple[str, ...] = ("image", "superpixels", "fg", "label")) -> dict:
@@ -298,6 +299,7 @@ class EpisodeStream(IterableDataset):
         try:
             self.index = build_index(reader, episodes_cfg, n_folds, name)
             self.store_meta = dict(getattr(reader, "meta", {}) or {})
+            self.slice_shape = tuple(int(v) for v in getattr(reader, "shape", ()))    # (H, W) of every slice
         finally:
             _close(reader)
         self._reader = None

@@ -498,6 +498,7 @@ def _network(cfg: Any, checkpoint: str, setting: int | None, device: str) -> _Ch
     were, whatever the evaluation config says."""
     from alpnet import report
     from alpnet.checkpoint import CheckpointError, load_checkpoint
+    from alpnet.model import smallest_slice
 
     path = Path(checkpoint)
     if path.is_dir():                 # most often the run folder: its checkpoint.pt is the file meant
@@ -511,6 +512,12 @@ def _network(cfg: Any, checkpoint: str, setting: int | None, device: str) -> _Ch
     except CheckpointError as exc:
         raise EvaluationError(str(exc)) from None
     ep = ckpt_cfg.get("episodes", {})
+    stride = int(ep.get("feature_stride", 8))
+    need = smallest_slice(model.cfg, stride)
+    if cfg.prepare.size < need:              # it ended in torch's pooling, after the scans were loaded
+        raise EvaluationError(f"prepare.size = {cfg.prepare.size}: slices too small for the checkpoint's model: "
+                              f"its {need // stride}-cell windows at feature stride {stride} need at least "
+                              f"{need} x {need} px")
     ckpt_setting = int(ep.get("setting", 1))
     eff_setting = ckpt_setting if setting is None else int(setting)
     if eff_setting == 2 and ckpt_setting != 2:

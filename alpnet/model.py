@@ -31,6 +31,13 @@ COUNTERS = ("episodes", "fg_local_protos", "fg_global_only", "fg_empty", "bg_loc
             "bg_empty", "par_fg_global_only", "par_fg_empty", "par_bg_fallback_global", "par_bg_empty")
 
 
+def smallest_slice(cfg, stride: int) -> int:
+    """Smallest slice side (px) the model can pool: its largest window (``local_size_train``,
+    ``local_size_test`` or ``fg_rule_window``, in feature cells) times the encoder's output ``stride``.
+    Smaller slices end inside torch's pooling ("Output size is too small")."""
+    return int(stride) * max(int(cfg.local_size_train), int(cfg.local_size_test), int(cfg.fg_rule_window))
+
+
 def safe_normalize(x: torch.Tensor, dim: int, eps: float = 1e-4) -> torch.Tensor:
     """x / max(||x||_2, eps) along ``dim`` (the reference's ``safe_norm``)."""
     return x / x.norm(p=2, dim=dim, keepdim=True).clamp_min(eps)

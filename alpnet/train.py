@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader
 from alpnet.backbones import EncoderError
 from alpnet.checkpoint import CheckpointError, read_checkpoint, save_checkpoint
 from alpnet.episodes import EpisodeError, EpisodeStream, collate_episodes, worker_init
-from alpnet.model import ALPNet, COUNTERS
+from alpnet.model import ALPNet, COUNTERS, smallest_slice
 from engine.config import to_dict
 from engine.figures import save_figure
 from engine.runinfo import write_run_info
@@ -348,6 +348,18 @@ def _log_window(log: RunLog, it: int, tc, win: dict, n: int, wall: float, lr: fl
              + (f"  GPU peak {gpu_mb:.0f} MiB" if gpu_mb is not None else ""))
 
 
+def _check_slice_size(stream: EpisodeStream, cfg) -> None:
+    """Refuse a store of slices too small to pool, before the model is built (it failed at the first step,
+    with a traceback from torch)."""
+    need = smallest_slice(cfg.model, cfg.episodes.feature_stride)
+    if stream.slice_shape and min(stream.slice_shape) < need:
+        h, w = stream.slice_shape
+        raise TrainError(f"{stream.name}: slices of {h} x {w} px are too small for the model: its "
+                         f"{need // cfg.episodes.feature_stride}-cell windows at feature stride "
+                         f"{cfg.episodes.feature_stride} need at least {need} x {need} (rebuild the store with a "
+                         f"larger prepare.size)")
+
+
 def _store_record(stream: EpisodeStream, path: str) -> dict:
     meta = stream.store_meta
     return _plain({"path": str(Path(path).resolve()), "method": meta.get("method"), "params": meta.get("params"),
@@ -551,6 +563,7 @@ def _main(cfg, resume: bool) -> int:
     stream = EpisodeStream.from_store(tc.store, cfg.episodes, cfg.augment, seed=tc.seed,
                                       batch_size=tc.batch_size, start_batch=start_it,
                                       n_batches=tc.iterations - start_it, n_folds=cfg.evaluate.n_folds)
+    _check_slice_size(stream, cfg)
     store = _store_record(stream, tc.store)
     run = _Run(cfg, device, state, store)
     out.mkdir(parents=True, exist_ok=True)

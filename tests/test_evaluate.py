@@ -499,6 +499,16 @@ def test_a_setting_1_checkpoint_trained_without_some_organs_says_so(tmp_path):
             "training was nearer setting 2's") in res["notes"]
 
 
+def test_test_slices_too_small_for_the_model_are_refused_before_loading(tmp_path, capsys):
+    # was: a traceback from torch's pooling once the scans were loaded and the support encoded
+    data = _make_dataset(tmp_path / "data")
+    ck = _checkpoint(tmp_path, "episodes.setting=1", "episodes.fold=0")
+    assert main(_cfg(tmp_path, data, extra=["prepare.size=24"]), str(ck), None, None, "cpu") == 2
+    assert capsys.readouterr().err.strip() == ("evaluate: prepare.size = 24: slices too small for the checkpoint's "
+                                               "model: its 4-cell windows at feature stride 8 need at least "
+                                               "32 x 32 px")
+
+
 def test_unreadable_checkpoint_one_line(tmp_path, capsys):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")

@@ -193,6 +193,18 @@ def test_error_paths_exit_2_with_one_line(store, tmp_path, capsys):
     assert "pretrained weights file not found" in capsys.readouterr().err
 
 
+def test_slices_too_small_to_pool_are_refused_before_any_step(tmp_path, capsys):
+    # was: a traceback from torch's pooling at the first step ("Output size is too small")
+    small = write_store(tmp_path / "small.h5", synthetic_volumes(n=2, size=24))
+    assert main(config(small, tmp_path / "run"), resume=False) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"train: {small}: slices of 24 x 24 px are too small for the model: its 4-cell windows at feature "
+        "stride 8 need at least 32 x 32 (rebuild the store with a larger prepare.size)")
+    assert not (tmp_path / "run").exists()
+    assert main(config(small, tmp_path / "run", 1, "model.local_size_train=2", "model.fg_rule_window=2"),
+                resume=False) == 0                     # 2-cell windows fit 24 px (3 x 3 cells)
+
+
 def test_checkpoint_files_are_validated(tmp_path):
     with pytest.raises(CheckpointError, match="checkpoint not found"):
         load_checkpoint(tmp_path / "none.pt")
